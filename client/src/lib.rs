@@ -1,0 +1,1 @@
+//! KerFS client library.

@@ -1,0 +1,1 @@
+//! Helpers for cluster-level tests.
