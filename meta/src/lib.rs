@@ -1,5 +1,14 @@
 //! KerFS metadata service: one raft-rs group of 3 or 5 nodes replicating the namespace
 //! state machine, persisted in an embedded store behind [`store::Engine`].
+//!
+//! - [`store`]: the engine trait (sled, memory) and the overlay commands are applied through.
+//! - [`raft_log`]: raft's log and hard state in the engine.
+//! - [`node`]: one node's raft core, I/O-free: feed it, persist, send what it returns.
+//! - [`namespace`]: the replicated state machine (inodes, entries, sessions).
 
 pub mod namespace;
+pub mod node;
+pub mod raft_log;
 pub mod store;
+
+pub use node::{AppliedCommand, MetaNode, NodeConfig, NodeError, ReadyOutput};

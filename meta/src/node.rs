@@ -1,0 +1,364 @@
+//! One metadata node's raft core, with I/O left to the caller: the server's driver thread
+//! and the deterministic simulation both feed it ticks, messages, proposals and read
+//! requests, and send what [`MetaNode::handle_ready`] returns.
+//!
+//! `handle_ready` follows the order raft-rs documents: apply a received snapshot, apply
+//! committed entries (state writes and the applied index in one batch), append entries and
+//! hard state durably, then hand out the messages, then advance. Messages are only released
+//! after the entries they acknowledge are on disk.
+
+use std::sync::Arc;
+
+use prost::Message as _;
+use protobuf::Message as _;
+use raft::prelude::*;
+use raft::{ReadOnlyOption, StateRole};
+use tracing::{debug, info, warn};
+
+use kerfs_proto::{Command, ReadOp, Reply};
+
+use crate::namespace::Namespace;
+use crate::raft_log::LogStore;
+use crate::store::{space, Engine, Overlay, SpaceView, StoreError, WriteBatch};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+}
+
+/// Raft timing and log settings of a node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub id: u64,
+    /// Every voter of the initial configuration, this node included.
+    pub voters: Vec<u64>,
+    /// Ticks without a heartbeat before a follower campaigns (randomised up to twice that).
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    /// Compact the log once it holds more applied entries than this.
+    pub compact_after: u64,
+}
+
+impl NodeConfig {
+    pub fn new(id: u64, voters: Vec<u64>) -> NodeConfig {
+        NodeConfig {
+            id,
+            voters,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            compact_after: 10_000,
+        }
+    }
+}
+
+/// A command that committed and was applied, with the reply for whoever proposed it.
+#[derive(Debug, Clone)]
+pub struct AppliedCommand {
+    pub index: u64,
+    pub client_id: u64,
+    pub seq: u64,
+    pub reply: Reply,
+}
+
+/// What one pass of [`MetaNode::handle_ready`] produced for the caller to act on.
+#[derive(Debug, Default)]
+pub struct ReadyOutput {
+    /// Raft messages to send to peers (already safe to send: their entries are durable).
+    pub messages: Vec<Message>,
+    pub applied: Vec<AppliedCommand>,
+    /// ReadIndex results: (request context, index that must be applied before serving).
+    pub reads: Vec<(Vec<u8>, u64)>,
+}
+
+pub struct MetaNode {
+    raw: RawNode<LogStore>,
+    namespace: Namespace,
+    config: NodeConfig,
+}
+
+impl MetaNode {
+    /// Opens (or creates) the node's state in `engine` and starts raft from it.
+    pub fn open(
+        config: NodeConfig,
+        engine: Arc<dyn Engine>,
+        namespace: Namespace,
+    ) -> Result<MetaNode, NodeError> {
+        let store = LogStore::open(engine, &config.voters)?;
+        let raft_config = Config {
+            id: config.id,
+            election_tick: config.election_ticks,
+            heartbeat_tick: config.heartbeat_ticks,
+            // Entries up to here are already in the state machine: never apply them twice.
+            applied: store.applied(),
+            max_size_per_msg: 4 * 1024 * 1024,
+            max_inflight_msgs: 256,
+            check_quorum: true,
+            pre_vote: true,
+            // ReadIndex: a leader confirms it still leads with a heartbeat round before
+            // serving a read. Unlike a lease it does not trust clocks.
+            read_only_option: ReadOnlyOption::Safe,
+            ..Default::default()
+        };
+        raft_config.validate()?;
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let raw = RawNode::new(&raft_config, store, &logger)?;
+        Ok(MetaNode {
+            raw,
+            namespace,
+            config,
+        })
+    }
+
+    pub fn id(&self) -> u64 {
+        self.config.id
+    }
+
+    pub fn tick(&mut self) {
+        self.raw.tick();
+    }
+
+    pub fn step(&mut self, msg: Message) -> Result<(), NodeError> {
+        match self.raw.step(msg) {
+            // A message for a peer this node does not know (or from an old term) is noise.
+            Err(raft::Error::StepPeerNotFound) | Err(raft::Error::StepLocalMsg) => Ok(()),
+            other => Ok(other?),
+        }
+    }
+
+    /// Proposes a command. `Err(ProposalDropped)` means: not leader or leadership moving;
+    /// the caller retries.
+    pub fn propose(&mut self, cmd: &Command) -> Result<(), NodeError> {
+        self.raw.propose(Vec::new(), cmd.encode_to_vec())?;
+        Ok(())
+    }
+
+    /// Asks for a ReadIndex; the answer comes back in [`ReadyOutput::reads`] with `ctx`.
+    /// raft drops the request silently without a leader: callers need a timeout.
+    pub fn read_index(&mut self, ctx: Vec<u8>) {
+        self.raw.read_index(ctx);
+    }
+
+    pub fn report_unreachable(&mut self, peer: u64) {
+        self.raw.report_unreachable(peer);
+    }
+
+    pub fn report_snapshot(&mut self, peer: u64, ok: bool) {
+        let status = if ok {
+            raft::SnapshotStatus::Finish
+        } else {
+            raft::SnapshotStatus::Failure
+        };
+        self.raw.report_snapshot(peer, status);
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    pub fn role(&self) -> StateRole {
+        self.raw.raft.state
+    }
+
+    /// The leader this node knows of, 0 if none.
+    pub fn leader_id(&self) -> u64 {
+        self.raw.raft.leader_id
+    }
+
+    pub fn term(&self) -> u64 {
+        self.raw.raft.term
+    }
+
+    pub fn commit_index(&self) -> u64 {
+        self.raw.raft.raft_log.committed
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        self.raw.store().applied()
+    }
+
+    pub fn first_index(&self) -> u64 {
+        self.raw.store().first()
+    }
+
+    pub fn snapshot_index(&self) -> u64 {
+        self.raw.store().snapshot_index()
+    }
+
+    /// How far each peer's log matches the leader's (leader only).
+    pub fn progress(&self) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = self
+            .raw
+            .raft
+            .prs()
+            .iter()
+            .map(|(id, pr)| (*id, pr.matched))
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    pub fn voters(&self) -> Vec<u64> {
+        self.raw.store().conf_state().voters.clone()
+    }
+
+    /// Serves a read from the applied state (the caller made it linearizable first).
+    pub fn read(&self, op: &ReadOp) -> Reply {
+        let engine = self.raw.store().engine();
+        let view = SpaceView::new(engine.as_ref(), space::STATE);
+        let mut reply = self.namespace.read(&view, op);
+        reply.applied_index = self.applied_index();
+        reply
+    }
+
+    pub fn has_ready(&self) -> bool {
+        self.raw.has_ready()
+    }
+
+    /// Persists, applies and collects everything raft has ready. Call after every batch of
+    /// ticks, steps and proposals, until [`MetaNode::has_ready`] is false.
+    pub fn handle_ready(&mut self) -> Result<ReadyOutput, NodeError> {
+        let mut out = ReadyOutput::default();
+        if !self.raw.has_ready() {
+            return Ok(out);
+        }
+        let mut rd = self.raw.ready();
+
+        // Sent now but released to the caller only with the rest, after persisting.
+        out.messages.extend(rd.take_messages());
+
+        if !rd.snapshot().is_empty() {
+            let snap = rd.snapshot().clone();
+            info!(
+                node = self.config.id,
+                index = snap.get_metadata().index,
+                "installing snapshot from leader"
+            );
+            self.raw.mut_store().install_snapshot(&snap)?;
+        }
+
+        for rs in rd.take_read_states() {
+            out.reads.push((rs.request_ctx, rs.index));
+        }
+
+        let committed = rd.take_committed_entries();
+        self.apply_entries(committed, &mut out)?;
+
+        let mut batch = WriteBatch::default();
+        self.raw
+            .store()
+            .stage_append(rd.entries(), rd.hs(), &mut batch);
+        if !batch.is_empty() {
+            let engine = self.raw.store().engine().clone();
+            engine.write(batch, true)?;
+        }
+        let entries = rd.take_entries();
+        let hs = rd.hs().cloned();
+        self.raw.mut_store().appended(&entries, hs.as_ref());
+        out.messages.extend(rd.take_persisted_messages());
+
+        let mut light = self.raw.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            let mut batch = WriteBatch::default();
+            self.raw.mut_store().stage_commit(commit, &mut batch);
+            self.raw.store().engine().clone().write(batch, false)?;
+        }
+        out.messages.extend(light.take_messages());
+        self.apply_entries(light.take_committed_entries(), &mut out)?;
+        self.raw.advance_apply();
+
+        self.maybe_compact()?;
+        Ok(out)
+    }
+
+    /// Applies committed entries: every state change and the new applied index go to the
+    /// engine in one batch, so a restart resumes exactly after the last applied entry.
+    fn apply_entries(&mut self, entries: Vec<Entry>, out: &mut ReadyOutput) -> Result<(), NodeError> {
+        let Some(last) = entries.last().map(|e| e.index) else {
+            return Ok(());
+        };
+        let engine = self.raw.store().engine().clone();
+        let view = SpaceView::new(engine.as_ref(), space::STATE);
+        let mut state = Overlay::new(&view);
+        let mut conf_state = None;
+        for entry in entries {
+            if entry.index <= self.applied_index() {
+                continue; // already in the state machine (replayed after a snapshot)
+            }
+            match entry.get_entry_type() {
+                EntryType::EntryNormal => {
+                    if entry.data.is_empty() {
+                        continue; // a new leader's empty entry
+                    }
+                    let reply = match Command::decode(entry.data.as_ref()) {
+                        Ok(cmd) => {
+                            let reply = self.namespace.apply(&mut state, &cmd);
+                            out.applied.push(AppliedCommand {
+                                index: entry.index,
+                                client_id: cmd.client_id,
+                                seq: cmd.seq,
+                                reply: reply.clone(),
+                            });
+                            reply
+                        }
+                        Err(e) => {
+                            // Only authenticated peers propose, so this is a bug, not an
+                            // attack; every replica skips the entry the same way.
+                            warn!(index = entry.index, error = %e, "undecodable command in log, skipped");
+                            continue;
+                        }
+                    };
+                    debug!(index = entry.index, errno = reply.errno, "applied");
+                }
+                EntryType::EntryConfChange => {
+                    let mut cc = ConfChange::default();
+                    cc.merge_from_bytes(&entry.data)
+                        .map_err(|e| raft::Error::CodecError(e))?;
+                    conf_state = Some(self.raw.apply_conf_change(&cc)?);
+                }
+                EntryType::EntryConfChangeV2 => {
+                    let mut cc = ConfChangeV2::default();
+                    cc.merge_from_bytes(&entry.data)
+                        .map_err(|e| raft::Error::CodecError(e))?;
+                    conf_state = Some(self.raw.apply_conf_change(&cc)?);
+                }
+            }
+        }
+        let writes = state.into_writes();
+        let mut batch = WriteBatch::default();
+        for (k, v) in writes {
+            let mut key = Vec::with_capacity(k.len() + 1);
+            key.push(space::STATE);
+            key.extend_from_slice(&k);
+            match v {
+                Some(v) => batch.put(key, v),
+                None => batch.delete(key),
+            }
+        }
+        let store = self.raw.mut_store();
+        if last > store.applied() {
+            store.stage_applied(last, &mut batch);
+        }
+        if let Some(cs) = conf_state {
+            store.stage_conf_state(cs, &mut batch);
+        }
+        // Not flushed here: the log holds these entries durably, and the next durable write
+        // (or the flush before compaction) makes this batch durable too, atomically.
+        engine.write(batch, false)?;
+        Ok(())
+    }
+
+    fn maybe_compact(&mut self) -> Result<(), NodeError> {
+        let store = self.raw.store();
+        let applied = store.applied();
+        if applied.saturating_sub(store.snapshot_index()) <= self.config.compact_after {
+            return Ok(());
+        }
+        // compact() writes durably, which also makes the applied state durable first.
+        self.raw.mut_store().compact(applied)?;
+        info!(node = self.config.id, index = applied, "compacted raft log");
+        Ok(())
+    }
+}
