@@ -1,1 +1,13 @@
-//! KerFS client library.
+//! KerFS client library: the one way programs reach the cluster. Tests, the FUSE mount, the
+//! admin CLI and the checkpoint tools all go through it.
+//!
+//! [`MetaClient`] speaks to the metadata service: it finds the leader, follows redirects,
+//! retries through elections until a deadline, and gives every write a (client, seq) pair
+//! so that a retried write is applied exactly once.
+
+mod error;
+mod meta;
+
+pub use error::{ClientError, ClientResult};
+pub use kerfs_proto as proto;
+pub use meta::{check, current_caller, MetaClient, MetaClientConfig};

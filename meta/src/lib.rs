@@ -5,10 +5,14 @@
 //! - [`raft_log`]: raft's log and hard state in the engine.
 //! - [`node`]: one node's raft core, I/O-free: feed it, persist, send what it returns.
 //! - [`namespace`]: the replicated state machine (inodes, entries, sessions).
+//! - [`server`]: a node as a gRPC service with its driver thread, transport and metrics.
 
+pub mod metrics;
 pub mod namespace;
 pub mod node;
 pub mod raft_log;
+pub mod server;
 pub mod store;
 
 pub use node::{AppliedCommand, MetaNode, NodeConfig, NodeError, ReadyOutput};
+pub use server::{run, ServerConfig, ServerError};

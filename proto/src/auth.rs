@@ -41,7 +41,9 @@ pub enum KeyError {
     },
     #[error("the cluster key file {path} can be read by other users (mode {mode:o}); run `chmod 600 {path}`")]
     TooOpen { path: PathBuf, mode: u32 },
-    #[error("no cluster key given: pass --key-file, set $KERFS_KEY_FILE, or put the key at {default}")]
+    #[error(
+        "no cluster key given: pass --key-file, set $KERFS_KEY_FILE, or put the key at {default}"
+    )]
     NotFound { default: PathBuf },
 }
 
@@ -126,9 +128,10 @@ impl ClusterKey {
             }
             // Another process created it first: use theirs.
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => ClusterKey::load(path),
-            Err(_) => Err(create_err(file.err().unwrap_or_else(|| {
-                std::io::Error::other("open failed")
-            }))),
+            Err(_) => Err(create_err(
+                file.err()
+                    .unwrap_or_else(|| std::io::Error::other("open failed")),
+            )),
         }
     }
 
@@ -182,36 +185,54 @@ impl ClusterKey {
         }
     }
 
-    /// A tonic interceptor that adds a token to every outgoing request.
-    pub fn client_interceptor(&self) -> impl tonic::service::Interceptor + Clone {
-        let key = self.clone();
-        move |mut req: Request<()>| -> Result<Request<()>, Status> {
-            let value = MetadataValue::try_from(key.token())
-                .map_err(|_| Status::internal("cannot encode auth token"))?;
-            req.metadata_mut().insert(AUTH_HEADER, value);
-            Ok(req)
-        }
+    /// The interceptor a client puts on its channels.
+    pub fn client_auth(&self) -> ClientAuth {
+        ClientAuth { key: self.clone() }
     }
 
-    /// A tonic interceptor that refuses requests without a valid token.
-    pub fn server_interceptor(&self) -> impl tonic::service::Interceptor + Clone {
-        let key = self.clone();
-        move |req: Request<()>| -> Result<Request<()>, Status> {
-            let Some(value) = req.metadata().get(AUTH_HEADER) else {
-                return Err(Status::unauthenticated(
-                    "no cluster key token: this KerFS cluster requires its key; pass --key-file or set $KERFS_KEY_FILE",
-                ));
-            };
-            let token = value
-                .to_str()
-                .map_err(|_| Status::unauthenticated("malformed cluster key token"))?;
-            key.verify(token).map_err(|why| {
-                Status::unauthenticated(format!(
-                    "cluster key refused ({why}): use the key file of this cluster"
-                ))
-            })?;
-            Ok(req)
-        }
+    /// The interceptor a server puts in front of its services.
+    pub fn server_auth(&self) -> ServerAuth {
+        ServerAuth { key: self.clone() }
+    }
+}
+
+/// Adds a fresh token to every outgoing request.
+#[derive(Clone, Debug)]
+pub struct ClientAuth {
+    key: ClusterKey,
+}
+
+impl tonic::service::Interceptor for ClientAuth {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        let value = MetadataValue::try_from(self.key.token())
+            .map_err(|_| Status::internal("cannot encode auth token"))?;
+        req.metadata_mut().insert(AUTH_HEADER, value);
+        Ok(req)
+    }
+}
+
+/// Refuses requests without a valid token, saying why.
+#[derive(Clone, Debug)]
+pub struct ServerAuth {
+    key: ClusterKey,
+}
+
+impl tonic::service::Interceptor for ServerAuth {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(value) = req.metadata().get(AUTH_HEADER) else {
+            return Err(Status::unauthenticated(
+                "no cluster key token: this KerFS cluster requires its key; pass --key-file or set $KERFS_KEY_FILE",
+            ));
+        };
+        let token = value
+            .to_str()
+            .map_err(|_| Status::unauthenticated("malformed cluster key token"))?;
+        self.key.verify(token).map_err(|why| {
+            Status::unauthenticated(format!(
+                "cluster key refused ({why}): use the key file of this cluster"
+            ))
+        })?;
+        Ok(req)
     }
 }
 

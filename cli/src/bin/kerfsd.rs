@@ -1,1 +1,276 @@
-fn main() {}
+//! `kerfsd`: the KerFS daemons. `kerfsd meta` runs a metadata node; `kerfsd dev` runs a
+//! whole local cluster for trying KerFS on one machine.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+use kerfs_client::{MetaClient, MetaClientConfig};
+use kerfs_meta::ServerConfig;
+
+#[derive(Parser)]
+#[command(name = "kerfsd", version, about = "KerFS daemons")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one metadata node (3 or 5 per cluster).
+    Meta(MetaArgs),
+    /// Run a local cluster (3 metadata nodes) under one directory, until Ctrl-C.
+    Dev(DevArgs),
+}
+
+#[derive(Args, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetaArgs {
+    /// TOML file with any of these settings (flags win): id, listen, peers, data,
+    /// key_file, metrics, compact_after, tick_ms.
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// This node's id (a positive integer, unique in the cluster).
+    #[arg(long)]
+    id: Option<u64>,
+    /// Address to listen on, e.g. 127.0.0.1:7001.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Every metadata node, this one included: ID=HOST:PORT,ID=HOST:PORT,...
+    #[arg(long)]
+    peers: Option<String>,
+    /// Data directory (created 0700).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Cluster key file (default: $KERFS_KEY_FILE, then /etc/kerfs/cluster.key or
+    /// ~/.config/kerfs/cluster.key); created when missing.
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// Address of the Prometheus text endpoint.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+    /// Compact the raft log after this many applied entries.
+    #[arg(long)]
+    compact_after: Option<u64>,
+    /// Raft tick in milliseconds (election after 10-20 ticks).
+    #[arg(long)]
+    tick_ms: Option<u64>,
+}
+
+#[derive(Args)]
+struct DevArgs {
+    /// Directory holding the data of every daemon.
+    #[arg(long, default_value = "/tmp/kerfs-dev")]
+    dir: PathBuf,
+    /// First port: metadata nodes listen on BASE+1..BASE+3, their metrics on BASE+101...
+    #[arg(long, default_value_t = 7000)]
+    base_port: u16,
+    /// Cluster key file (created when missing, where clients on this machine look for it).
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+}
+
+fn main() -> Result<()> {
+    kerfs_cli::init_logging();
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Meta(args) => run_meta(args),
+        Cmd::Dev(args) => run_dev(args),
+    }
+}
+
+fn parse_peers(list: &str) -> Result<BTreeMap<u64, String>> {
+    let mut peers = BTreeMap::new();
+    for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (id, addr) = item
+            .split_once('=')
+            .ok_or_else(|| anyhow!("peer {item:?} is not ID=HOST:PORT"))?;
+        let id: u64 = id
+            .parse()
+            .with_context(|| format!("peer id {id:?} is not a number"))?;
+        if id == 0 {
+            bail!("peer id 0 is reserved; number nodes from 1");
+        }
+        if peers.insert(id, addr.to_string()).is_some() {
+            bail!("peer id {id} appears twice in --peers");
+        }
+    }
+    if peers.is_empty() {
+        bail!("--peers lists no node");
+    }
+    Ok(peers)
+}
+
+fn run_meta(flags: MetaArgs) -> Result<()> {
+    let file: MetaArgs = match &flags.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading config file {}", path.display()))?;
+            toml::from_str(&text)
+                .with_context(|| format!("parsing config file {}", path.display()))?
+        }
+        None => MetaArgs::default(),
+    };
+    let id = flags
+        .id
+        .or(file.id)
+        .ok_or_else(|| anyhow!("--id is required"))?;
+    let listen = flags
+        .listen
+        .or(file.listen)
+        .ok_or_else(|| anyhow!("--listen is required"))?;
+    let peers = parse_peers(
+        flags
+            .peers
+            .as_deref()
+            .or(file.peers.as_deref())
+            .ok_or_else(|| anyhow!("--peers is required"))?,
+    )?;
+    let data = flags
+        .data
+        .or(file.data)
+        .ok_or_else(|| anyhow!("--data is required"))?;
+    let key_file = flags.key_file.or(file.key_file);
+    let (key, key_path) = kerfs_cli::daemon_key(key_file.as_deref())?;
+    tracing::info!(key = %key_path.display(), "using cluster key");
+
+    let mut config = ServerConfig::new(id, listen, peers, data, key);
+    config.metrics_listen = flags.metrics.or(file.metrics);
+    if let Some(c) = flags.compact_after.or(file.compact_after) {
+        config.compact_after = c;
+    }
+    if let Some(t) = flags.tick_ms.or(file.tick_ms) {
+        config.tick = Duration::from_millis(t.max(1));
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(kerfs_meta::run(config, kerfs_cli::shutdown_signal()))
+        .context("metadata node failed")?;
+    Ok(())
+}
+
+/// Children of `kerfsd dev`, stopped (SIGTERM, then SIGKILL) when dropped.
+struct Daemons(Vec<(String, Child)>);
+
+impl Drop for Daemons {
+    fn drop(&mut self) {
+        for (_, child) in &self.0 {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for (name, child) in &mut self.0 {
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    _ => {
+                        eprintln!("{name} did not stop in time; killing it");
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn run_dev(args: DevArgs) -> Result<()> {
+    let (_, key_path) = kerfs_cli::daemon_key(args.key_file.as_deref())?;
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("creating {}", args.dir.display()))?;
+    let exe = std::env::current_exe().context("finding the kerfsd executable")?;
+    let meta_addrs: Vec<String> = (1..=3)
+        .map(|i| format!("127.0.0.1:{}", args.base_port + i))
+        .collect();
+    let peers = meta_addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{}={a}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let logs = args.dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let mut daemons = Daemons(Vec::new());
+    for (i, addr) in meta_addrs.iter().enumerate() {
+        let id = i + 1;
+        let log = std::fs::File::create(logs.join(format!("meta{id}.log")))?;
+        let child = Command::new(&exe)
+            .arg("meta")
+            .args(["--id", &id.to_string(), "--listen", addr, "--peers", &peers])
+            .arg("--data")
+            .arg(args.dir.join(format!("meta{id}")))
+            .arg("--key-file")
+            .arg(&key_path)
+            .args([
+                "--metrics",
+                &format!("127.0.0.1:{}", args.base_port + 100 + id as u16),
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting metadata node {id}"))?;
+        daemons.0.push((format!("meta{id}"), child));
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let addrs = meta_addrs.join(",");
+    rt.block_on(async {
+        let key = kerfs_cli::client_key(Some(&key_path))?;
+        let mut config = MetaClientConfig::new(meta_addrs.clone(), key);
+        config.deadline = Duration::from_secs(20);
+        let client = MetaClient::connect(config)
+            .await
+            .context("the local cluster did not come up; see the logs")?;
+        let status = client.node_status(&meta_addrs[0]).await?;
+        println!(
+            "KerFS dev cluster up: leader {} (term {})",
+            status.leader_addr, status.term
+        );
+        println!("  metadata:  {addrs}");
+        println!("  key:       {}", key_path.display());
+        println!("  data/logs: {}", args.dir.display());
+        println!("  try:       kerfsctl --meta {addrs} status");
+        println!("Ctrl-C stops the cluster.");
+        anyhow::Ok(())
+    })
+    .inspect_err(|_| eprintln!("logs are in {}", logs.display()))?;
+
+    rt.block_on(async {
+        tokio::select! {
+            _ = kerfs_cli::shutdown_signal() => {}
+            name = watch_children(&mut daemons) => {
+                eprintln!("{name} exited unexpectedly; stopping the cluster (logs in {})", logs.display());
+            }
+        }
+    });
+    println!("stopping the dev cluster");
+    drop(daemons);
+    Ok(())
+}
+
+async fn watch_children(daemons: &mut Daemons) -> String {
+    loop {
+        for (name, child) in &mut daemons.0 {
+            if let Ok(Some(_)) = child.try_wait() {
+                return name.clone();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

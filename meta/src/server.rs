@@ -1,0 +1,793 @@
+//! A metadata node as a network service: the driver thread that owns the [`MetaNode`], the
+//! gRPC services (`Meta` for clients, `Raft` for peers), the peer transport and the metrics
+//! endpoint.
+//!
+//! The driver thread batches: it drains every queued event (raft messages, proposals,
+//! reads) before handling one Ready, so many concurrent proposals share one durable write,
+//! and many concurrent reads share one ReadIndex round.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use protobuf::Message as _;
+use raft::prelude::{Message, MessageType};
+use raft::StateRole;
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Request, Response, Status};
+use tracing::{debug, error, info, warn};
+
+use kerfs_proto::auth::{ClientAuth, ClusterKey};
+use kerfs_proto::meta_server::{Meta, MetaServer};
+use kerfs_proto::raft_client::RaftClient;
+use kerfs_proto::raft_server::{Raft, RaftServer};
+use kerfs_proto::{
+    command, meta_response, Command, ExpireClients, MetaResponse, NotLeader, PeerStatus, RaftAck,
+    RaftBatch, ReadOp, ReadRequest, Reply, StatusReply, StatusRequest, Timespec, WriteRequest,
+    MAX_MESSAGE_BYTES,
+};
+
+use crate::metrics::MetaMetrics;
+use crate::namespace::{Namespace, NamespaceConfig};
+use crate::node::{MetaNode, NodeConfig, NodeError, ReadyOutput};
+use crate::store::{Engine, SledEngine, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("data directory {path} belongs to metadata node {found}, not {expected}; give each node its own directory")]
+    WrongNode {
+        path: PathBuf,
+        found: String,
+        expected: u64,
+    },
+    #[error("this node's id {0} is not in --peers; list every metadata node, this one included")]
+    NotAPeer(u64),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error("transport: {0}")]
+    Transport(String),
+}
+
+/// Everything a metadata node needs to start.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub id: u64,
+    pub listen: SocketAddr,
+    /// Every metadata node (this one included): id -> address clients and peers dial.
+    pub peers: BTreeMap<u64, String>,
+    pub data_dir: PathBuf,
+    pub key: ClusterKey,
+    pub metrics_listen: Option<SocketAddr>,
+    pub tick: Duration,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    pub compact_after: u64,
+    pub namespace: NamespaceConfig,
+    /// How long a proposal or read may wait before the client is told to retry.
+    pub request_timeout: Duration,
+    /// How often the leader ends the sessions of clients whose lease ran out.
+    pub expire_clients_every: Duration,
+}
+
+impl ServerConfig {
+    pub fn new(
+        id: u64,
+        listen: SocketAddr,
+        peers: BTreeMap<u64, String>,
+        data_dir: PathBuf,
+        key: ClusterKey,
+    ) -> ServerConfig {
+        ServerConfig {
+            id,
+            listen,
+            peers,
+            data_dir,
+            key,
+            metrics_listen: None,
+            tick: Duration::from_millis(100),
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            compact_after: 10_000,
+            namespace: NamespaceConfig::default(),
+            request_timeout: Duration::from_secs(3),
+            expire_clients_every: Duration::from_secs(2),
+        }
+    }
+}
+
+type ReplyTx = oneshot::Sender<Result<MetaResponse, Status>>;
+
+enum Event {
+    Raft(Vec<Message>),
+    Propose(Command, ReplyTx),
+    Read(ReadOp, bool, ReplyTx),
+    Status(oneshot::Sender<StatusReply>),
+    Unreachable(u64),
+    SnapshotReport(u64, bool),
+    Shutdown,
+}
+
+/// Runs a metadata node until `shutdown` resolves, then stops cleanly (the store flushed).
+pub async fn run(
+    config: ServerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    if !config.peers.contains_key(&config.id) {
+        return Err(ServerError::NotAPeer(config.id));
+    }
+    let engine = open_data_dir(&config)?;
+    let metrics = Arc::new(MetaMetrics::default());
+    metrics.node_id.store(config.id, Ordering::Relaxed);
+
+    let node_config = NodeConfig {
+        id: config.id,
+        voters: config.peers.keys().copied().collect(),
+        election_ticks: config.election_ticks,
+        heartbeat_ticks: config.heartbeat_ticks,
+        compact_after: config.compact_after,
+    };
+    let node = MetaNode::open(
+        node_config,
+        engine.clone(),
+        Namespace::new(config.namespace.clone()),
+    )?;
+    info!(
+        node = config.id,
+        applied = node.applied_index(),
+        term = node.term(),
+        "metadata node opened its data"
+    );
+
+    let (events_tx, events_rx) = std_mpsc::channel::<Event>();
+
+    // One sender task per peer; the driver hands them messages without blocking.
+    let mut peer_txs = HashMap::new();
+    for (&peer, addr) in &config.peers {
+        if peer == config.id {
+            continue;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        peer_txs.insert(peer, tx);
+        tokio::spawn(peer_sender(
+            config.id,
+            peer,
+            addr.clone(),
+            config.key.client_auth(),
+            rx,
+            events_tx.clone(),
+        ));
+    }
+
+    let driver = Driver {
+        node,
+        engine,
+        events: events_rx,
+        peers: peer_txs,
+        peer_addrs: config.peers.clone(),
+        metrics: metrics.clone(),
+        pending_writes: HashMap::new(),
+        read_queue: Vec::new(),
+        reads_waiting_index: HashMap::new(),
+        reads_waiting_apply: Vec::new(),
+        next_read_ctx: 1,
+        config: config.clone(),
+        last_role: StateRole::Follower,
+    };
+    let driver_thread = std::thread::Builder::new()
+        .name(format!("meta-driver-{}", config.id))
+        .spawn(move || driver.run())
+        .map_err(|e| ServerError::Transport(e.to_string()))?;
+
+    if let Some(addr) = config.metrics_listen {
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(addr, m).await {
+                error!(%addr, error = %e, "metrics endpoint failed");
+            }
+        });
+    }
+
+    let service = MetaService {
+        events: events_tx.clone(),
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    info!(node = config.id, addr = %config.listen, "metadata node serving");
+    let auth = config.key.server_auth();
+    let serve = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            MetaServer::new(service.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            auth.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            RaftServer::new(service)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            auth,
+        ))
+        .serve_with_incoming_shutdown(tokio_stream_from(listener), shutdown);
+    let served = serve.await;
+    info!(node = config.id, "metadata node stopping");
+    let _ = events_tx.send(Event::Shutdown);
+    let driver_result = tokio::task::spawn_blocking(move || driver_thread.join())
+        .await
+        .map_err(|e| ServerError::Transport(e.to_string()))?;
+    served.map_err(|e| ServerError::Transport(e.to_string()))?;
+    match driver_result {
+        Ok(r) => r,
+        Err(_) => Err(ServerError::Transport("driver thread panicked".into())),
+    }
+}
+
+fn tokio_stream_from(
+    listener: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(listener, |l| async move {
+        let r = l.accept().await.map(|(s, _)| {
+            let _ = s.set_nodelay(true);
+            s
+        });
+        Some((r, l))
+    })
+}
+
+/// Creates or checks the data directory (0700, tagged with the node id) and opens the store.
+fn open_data_dir(config: &ServerConfig) -> Result<Arc<dyn Engine>, ServerError> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = &config.data_dir;
+    let io = |source| ServerError::DataDir {
+        path: dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+    let tag = dir.join("node-id");
+    match std::fs::read_to_string(&tag) {
+        Ok(found) => {
+            if found.trim() != config.id.to_string() {
+                return Err(ServerError::WrongNode {
+                    path: dir.clone(),
+                    found: found.trim().to_string(),
+                    expected: config.id,
+                });
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::write(&tag, format!("{}\n", config.id)).map_err(io)?;
+        }
+        Err(e) => return Err(io(e)),
+    }
+    let engine = SledEngine::open(&dir.join("meta.sled"))?;
+    Ok(Arc::new(engine))
+}
+
+/// Sends raft messages to one peer, batching whatever queued up while the last RPC ran.
+async fn peer_sender(
+    from: u64,
+    peer: u64,
+    addr: String,
+    auth: ClientAuth,
+    mut rx: mpsc::UnboundedReceiver<Message>,
+    events: std_mpsc::Sender<Event>,
+) {
+    let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{addr}")) {
+        Ok(e) => e.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true),
+        Err(e) => {
+            error!(peer, %addr, error = %e, "bad peer address; this peer will get no messages");
+            return;
+        }
+    };
+    let channel = endpoint.connect_lazy();
+    let mut client = RaftClient::with_interceptor(channel, auth)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let mut failing = false;
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 512 {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let snapshots: usize = batch
+            .iter()
+            .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
+            .count();
+        let messages: Vec<Vec<u8>> = batch
+            .iter()
+            .map(|m| m.write_to_bytes().unwrap_or_default())
+            .collect();
+        let mut req = Request::new(RaftBatch { from, messages });
+        req.set_timeout(if snapshots > 0 {
+            Duration::from_secs(60)
+        } else {
+            Duration::from_secs(2)
+        });
+        match client.send(req).await {
+            Ok(_) => {
+                if failing {
+                    info!(peer, %addr, "peer reachable again");
+                    failing = false;
+                }
+                for _ in 0..snapshots {
+                    let _ = events.send(Event::SnapshotReport(peer, true));
+                }
+            }
+            Err(status) => {
+                if !failing {
+                    warn!(peer, %addr, error = %status.message(), "cannot reach peer");
+                    failing = true;
+                }
+                let _ = events.send(Event::Unreachable(peer));
+                for _ in 0..snapshots {
+                    let _ = events.send(Event::SnapshotReport(peer, false));
+                }
+                // Do not spin against a dead peer; raft resends what matters.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+#[derive(Clone)]
+struct MetaService {
+    events: std_mpsc::Sender<Event>,
+}
+
+impl MetaService {
+    async fn ask(
+        &self,
+        make: impl FnOnce(ReplyTx) -> Event,
+    ) -> Result<Response<MetaResponse>, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.events.send(make(tx)).map_err(|_| {
+            Status::unavailable("metadata node is shutting down; retry on another node")
+        })?;
+        match rx.await {
+            Ok(Ok(r)) => Ok(Response::new(r)),
+            Ok(Err(status)) => Err(status),
+            Err(_) => Err(Status::unavailable(
+                "metadata node is shutting down; retry on another node",
+            )),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Meta for MetaService {
+    async fn write(&self, req: Request<WriteRequest>) -> Result<Response<MetaResponse>, Status> {
+        let Some(cmd) = req.into_inner().command else {
+            return Err(Status::invalid_argument("write request without a command"));
+        };
+        if cmd.op.is_none() {
+            return Err(Status::invalid_argument("command without an operation"));
+        }
+        // Only the leader stamps the time of internal commands; clients' are ignored too.
+        if matches!(cmd.op, Some(command::Op::ExpireClients(_))) {
+            return Err(Status::invalid_argument(
+                "ExpireClients is proposed by the leader only",
+            ));
+        }
+        self.ask(|tx| Event::Propose(cmd, tx)).await
+    }
+
+    async fn read(&self, req: Request<ReadRequest>) -> Result<Response<MetaResponse>, Status> {
+        let req = req.into_inner();
+        let Some(op) = req.op else {
+            return Err(Status::invalid_argument(
+                "read request without an operation",
+            ));
+        };
+        if op.op.is_none() {
+            return Err(Status::invalid_argument("read without an operation"));
+        }
+        self.ask(|tx| Event::Read(op, req.allow_stale, tx)).await
+    }
+
+    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.events
+            .send(Event::Status(tx))
+            .map_err(|_| Status::unavailable("metadata node is shutting down"))?;
+        rx.await
+            .map(Response::new)
+            .map_err(|_| Status::unavailable("metadata node is shutting down"))
+    }
+}
+
+#[tonic::async_trait]
+impl Raft for MetaService {
+    async fn send(&self, req: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
+        let batch = req.into_inner();
+        let mut msgs = Vec::with_capacity(batch.messages.len());
+        for bytes in &batch.messages {
+            let m = Message::parse_from_bytes(bytes).map_err(|e| {
+                Status::invalid_argument(format!(
+                    "malformed raft message from node {}: {e}",
+                    batch.from
+                ))
+            })?;
+            msgs.push(m);
+        }
+        self.events
+            .send(Event::Raft(msgs))
+            .map_err(|_| Status::unavailable("metadata node is shutting down"))?;
+        Ok(Response::new(RaftAck {}))
+    }
+}
+
+struct PendingRead {
+    op: ReadOp,
+    tx: ReplyTx,
+}
+
+struct Driver {
+    node: MetaNode,
+    engine: Arc<dyn Engine>,
+    events: std_mpsc::Receiver<Event>,
+    peers: HashMap<u64, mpsc::UnboundedSender<Message>>,
+    peer_addrs: BTreeMap<u64, String>,
+    metrics: Arc<MetaMetrics>,
+    /// Proposals waiting to be applied, by (client id, seq), with when they were proposed.
+    pending_writes: HashMap<(u64, u64), Vec<(ReplyTx, Instant)>>,
+    /// Reads not yet given a ReadIndex round.
+    read_queue: Vec<PendingRead>,
+    reads_waiting_index: HashMap<u64, (Vec<PendingRead>, Instant)>,
+    reads_waiting_apply: Vec<(u64, Vec<PendingRead>)>,
+    next_read_ctx: u64,
+    config: ServerConfig,
+    last_role: StateRole,
+}
+
+impl Driver {
+    fn run(mut self) -> Result<(), ServerError> {
+        let mut next_tick = Instant::now() + self.config.tick;
+        let mut next_expire = Instant::now() + self.config.expire_clients_every;
+        let mut rate_window = (Instant::now(), 0u64);
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(wait) {
+                Ok(Event::Shutdown) => break,
+                Ok(ev) => {
+                    self.handle_event(ev);
+                    // Drain what else is queued: one Ready (one durable write) for all of it.
+                    let mut stop = false;
+                    for _ in 0..8192 {
+                        match self.events.try_recv() {
+                            Ok(Event::Shutdown) => {
+                                stop = true;
+                                break;
+                            }
+                            Ok(ev) => self.handle_event(ev),
+                            Err(_) => break,
+                        }
+                    }
+                    if stop {
+                        break;
+                    }
+                }
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                self.node.tick();
+                next_tick = now + self.config.tick;
+                self.expire_requests(now);
+            }
+            if now >= next_expire {
+                next_expire = now + self.config.expire_clients_every;
+                if self.node.is_leader() {
+                    let cmd = Command {
+                        now: Some(Timespec::now()),
+                        op: Some(command::Op::ExpireClients(ExpireClients {})),
+                        ..Default::default()
+                    };
+                    // Dropped proposals are retried at the next period.
+                    let _ = self.node.propose(&cmd);
+                }
+            }
+            if now.duration_since(rate_window.0) >= Duration::from_secs(1) {
+                let total = self.metrics.proposals_total.load(Ordering::Relaxed);
+                let secs = now.duration_since(rate_window.0).as_secs_f64();
+                let rate = (total - rate_window.1) as f64 / secs;
+                self.metrics
+                    .proposals_per_sec_milli
+                    .store((rate * 1000.0) as u64, Ordering::Relaxed);
+                rate_window = (now, total);
+            }
+            self.start_read_round();
+            while self.node.has_ready() {
+                let out = self.node.handle_ready()?;
+                self.dispatch(out);
+            }
+            self.serve_applied_reads();
+            self.on_role_change();
+            self.update_metrics();
+        }
+        // Make everything durable before exiting.
+        self.engine.write(Default::default(), true)?;
+        self.fail_all("metadata node is shutting down; retry on another node");
+        info!(node = self.config.id, "driver stopped");
+        Ok(())
+    }
+
+    fn not_leader(&self) -> MetaResponse {
+        let leader = self.node.leader_id();
+        MetaResponse {
+            outcome: Some(meta_response::Outcome::NotLeader(NotLeader {
+                leader_id: leader,
+                leader_addr: self.peer_addrs.get(&leader).cloned().unwrap_or_default(),
+            })),
+        }
+    }
+
+    fn handle_event(&mut self, ev: Event) {
+        match ev {
+            Event::Raft(msgs) => {
+                for m in msgs {
+                    if let Err(e) = self.node.step(m) {
+                        debug!(error = %e, "raft step refused a message");
+                    }
+                }
+            }
+            Event::Propose(mut cmd, tx) => {
+                if !self.node.is_leader() {
+                    let _ = tx.send(Ok(self.not_leader()));
+                    return;
+                }
+                cmd.now = Some(Timespec::now());
+                match self.node.propose(&cmd) {
+                    Ok(()) => {
+                        self.metrics.proposals_total.fetch_add(1, Ordering::Relaxed);
+                        self.pending_writes
+                            .entry((cmd.client_id, cmd.seq))
+                            .or_default()
+                            .push((tx, Instant::now()));
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "proposal dropped");
+                        let _ = tx.send(Ok(self.not_leader()));
+                    }
+                }
+            }
+            Event::Read(op, allow_stale, tx) => {
+                if allow_stale {
+                    let reply = self.node.read(&op);
+                    let _ = tx.send(Ok(reply_response(reply)));
+                } else if !self.node.is_leader() {
+                    let _ = tx.send(Ok(self.not_leader()));
+                } else {
+                    self.read_queue.push(PendingRead { op, tx });
+                }
+            }
+            Event::Status(tx) => {
+                let _ = tx.send(self.status());
+            }
+            Event::Unreachable(peer) => self.node.report_unreachable(peer),
+            Event::SnapshotReport(peer, ok) => self.node.report_snapshot(peer, ok),
+            Event::Shutdown => {}
+        }
+    }
+
+    /// One ReadIndex round for every read queued since the last round.
+    fn start_read_round(&mut self) {
+        if self.read_queue.is_empty() {
+            return;
+        }
+        let ctx = self.next_read_ctx;
+        self.next_read_ctx += 1;
+        self.node.read_index(ctx.to_be_bytes().to_vec());
+        let batch = std::mem::take(&mut self.read_queue);
+        self.reads_waiting_index
+            .insert(ctx, (batch, Instant::now()));
+    }
+
+    fn dispatch(&mut self, out: ReadyOutput) {
+        for m in out.messages {
+            if let Some(tx) = self.peers.get(&m.to) {
+                let _ = tx.send(m);
+            }
+        }
+        for applied in out.applied {
+            if let Some(waiters) = self
+                .pending_writes
+                .remove(&(applied.client_id, applied.seq))
+            {
+                for (tx, _) in waiters {
+                    let _ = tx.send(Ok(reply_response(applied.reply.clone())));
+                }
+            }
+        }
+        for (ctx, index) in out.reads {
+            let Ok(ctx) = <[u8; 8]>::try_from(ctx.as_slice()) else {
+                continue;
+            };
+            if let Some((batch, _)) = self.reads_waiting_index.remove(&u64::from_be_bytes(ctx)) {
+                self.reads_waiting_apply.push((index, batch));
+            }
+        }
+    }
+
+    fn serve_applied_reads(&mut self) {
+        let applied = self.node.applied_index();
+        let mut i = 0;
+        while i < self.reads_waiting_apply.len() {
+            if self.reads_waiting_apply[i].0 <= applied {
+                let (_, batch) = self.reads_waiting_apply.swap_remove(i);
+                self.metrics
+                    .reads_total
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                for r in batch {
+                    let reply = self.node.read(&r.op);
+                    let _ = r.tx.send(Ok(reply_response(reply)));
+                }
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Tells waiting clients to retry when a request waited too long (a lost leadership, a
+    /// dropped ReadIndex). Writes are retried with the same seq, so a late commit is
+    /// answered from the reply cache, never applied twice.
+    fn expire_requests(&mut self, now: Instant) {
+        let timeout = self.config.request_timeout;
+        let retry = || {
+            Err(Status::unavailable(
+                "request timed out waiting for the raft group (election?); retry",
+            ))
+        };
+        self.pending_writes.retain(|_, waiters| {
+            let mut i = 0;
+            while i < waiters.len() {
+                if now.duration_since(waiters[i].1) > timeout {
+                    let (tx, _) = waiters.swap_remove(i);
+                    let _ = tx.send(retry());
+                } else {
+                    i += 1;
+                }
+            }
+            !waiters.is_empty()
+        });
+        let expired: Vec<u64> = self
+            .reads_waiting_index
+            .iter()
+            .filter(|(_, (_, t))| now.duration_since(*t) > timeout)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in expired {
+            if let Some((batch, _)) = self.reads_waiting_index.remove(&k) {
+                for r in batch {
+                    let _ = r.tx.send(retry());
+                }
+            }
+        }
+    }
+
+    fn on_role_change(&mut self) {
+        let role = self.node.role();
+        if role == self.last_role {
+            return;
+        }
+        info!(
+            node = self.config.id,
+            ?role,
+            term = self.node.term(),
+            leader = self.node.leader_id(),
+            "raft role changed"
+        );
+        if self.last_role == StateRole::Leader {
+            // Our proposals and reads may never complete here; send clients to the new leader.
+            // A proposal that does commit later is answered to the retry from the reply cache.
+            let nl = self.not_leader();
+            for (_, waiters) in self.pending_writes.drain() {
+                for (tx, _) in waiters {
+                    let _ = tx.send(Ok(nl.clone()));
+                }
+            }
+            let reads: Vec<PendingRead> = self
+                .reads_waiting_index
+                .drain()
+                .flat_map(|(_, (b, _))| b)
+                .chain(self.reads_waiting_apply.drain(..).flat_map(|(_, b)| b))
+                .chain(self.read_queue.drain(..))
+                .collect();
+            for r in reads {
+                let _ = r.tx.send(Ok(nl.clone()));
+            }
+        }
+        self.last_role = role;
+    }
+
+    fn fail_all(&mut self, why: &str) {
+        for (_, waiters) in self.pending_writes.drain() {
+            for (tx, _) in waiters {
+                let _ = tx.send(Err(Status::unavailable(why)));
+            }
+        }
+        let reads: Vec<PendingRead> = self
+            .reads_waiting_index
+            .drain()
+            .flat_map(|(_, (b, _))| b)
+            .chain(self.reads_waiting_apply.drain(..).flat_map(|(_, b)| b))
+            .chain(self.read_queue.drain(..))
+            .collect();
+        for r in reads {
+            let _ = r.tx.send(Err(Status::unavailable(why)));
+        }
+    }
+
+    fn update_metrics(&self) {
+        let m = &self.metrics;
+        m.term.store(self.node.term(), Ordering::Relaxed);
+        m.commit_index
+            .store(self.node.commit_index(), Ordering::Relaxed);
+        m.applied_index
+            .store(self.node.applied_index(), Ordering::Relaxed);
+        m.snapshot_index
+            .store(self.node.snapshot_index(), Ordering::Relaxed);
+        m.is_leader
+            .store(self.node.is_leader() as u64, Ordering::Relaxed);
+        m.leader_id.store(self.node.leader_id(), Ordering::Relaxed);
+    }
+
+    fn status(&self) -> StatusReply {
+        let leader = self.node.leader_id();
+        let matched: HashMap<u64, u64> = if self.node.is_leader() {
+            self.node.progress().into_iter().collect()
+        } else {
+            HashMap::new()
+        };
+        StatusReply {
+            id: self.config.id,
+            role: format!("{:?}", self.node.role()).to_lowercase(),
+            term: self.node.term(),
+            commit_index: self.node.commit_index(),
+            applied_index: self.node.applied_index(),
+            leader_id: leader,
+            leader_addr: self.peer_addrs.get(&leader).cloned().unwrap_or_default(),
+            peers: self
+                .peer_addrs
+                .iter()
+                .map(|(id, addr)| PeerStatus {
+                    id: *id,
+                    addr: addr.clone(),
+                    matched: matched.get(id).copied().unwrap_or(0),
+                })
+                .collect(),
+            first_index: self.node.first_index(),
+            snapshot_index: self.node.snapshot_index(),
+        }
+    }
+}
+
+fn reply_response(reply: Reply) -> MetaResponse {
+    MetaResponse {
+        outcome: Some(meta_response::Outcome::Reply(reply)),
+    }
+}
