@@ -1,1 +1,305 @@
-//! Helpers for cluster-level tests.
+//! Helpers for cluster-level tests: start real `kerfsd` processes on loopback ports with real
+//! data directories, kill -9 / stop / restart them, and connect clients to them.
+//!
+//! The binaries are looked up next to the test executable (target/<profile>/), so build them
+//! first: `cargo build --workspace --bins` (scripts/test does).
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use kerfs_client::{MetaClient, MetaClientConfig};
+use kerfs_proto::auth::ClusterKey;
+use tracing::info;
+
+/// `tracing` output for tests (RUST_LOG, default info), once per process.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
+/// Path of a workspace binary built next to the running test.
+pub fn bin_path(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| anyhow!("unexpected test executable path {}", exe.display()))?;
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} is missing: build the binaries first with `cargo build --workspace --bins` (scripts/test does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A free loopback port (bound then released; good enough on a test machine).
+pub fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// One `kerfsd meta` process and what it needs to be restarted the same way.
+pub struct MetaProc {
+    pub id: u64,
+    pub addr: String,
+    pub metrics_addr: String,
+    pub data: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+/// Options of a test cluster.
+#[derive(Clone, Debug)]
+pub struct MetaClusterOptions {
+    pub nodes: u64,
+    pub compact_after: u64,
+    pub tick_ms: u64,
+}
+
+impl Default for MetaClusterOptions {
+    fn default() -> Self {
+        MetaClusterOptions {
+            nodes: 3,
+            compact_after: 10_000,
+            tick_ms: 100,
+        }
+    }
+}
+
+/// A metadata cluster of real processes under a temporary directory.
+pub struct MetaCluster {
+    pub dir: tempfile::TempDir,
+    pub key_file: PathBuf,
+    pub key: ClusterKey,
+    pub nodes: BTreeMap<u64, MetaProc>,
+    peers: String,
+    options: MetaClusterOptions,
+    kerfsd: PathBuf,
+}
+
+impl MetaCluster {
+    pub fn start(options: MetaClusterOptions) -> Result<MetaCluster> {
+        let kerfsd = bin_path("kerfsd")?;
+        let dir = tempfile::Builder::new().prefix("kerfs-test-").tempdir()?;
+        let key_file = dir.path().join("cluster.key");
+        let key = ClusterKey::load_or_create(&key_file)?;
+        let mut nodes = BTreeMap::new();
+        for id in 1..=options.nodes {
+            let addr = format!("127.0.0.1:{}", free_port()?);
+            let metrics_addr = format!("127.0.0.1:{}", free_port()?);
+            nodes.insert(
+                id,
+                MetaProc {
+                    id,
+                    addr,
+                    metrics_addr,
+                    data: dir.path().join(format!("meta{id}")),
+                    log: dir.path().join(format!("meta{id}.log")),
+                    child: None,
+                },
+            );
+        }
+        let peers = nodes
+            .values()
+            .map(|n| format!("{}={}", n.id, n.addr))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = MetaCluster {
+            dir,
+            key_file,
+            key,
+            nodes,
+            peers,
+            options,
+            kerfsd,
+        };
+        let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
+        for id in ids {
+            cluster.spawn(id)?;
+        }
+        Ok(cluster)
+    }
+
+    fn spawn(&mut self, id: u64) -> Result<()> {
+        let node = self
+            .nodes
+            .get_mut(&id)
+            .ok_or_else(|| anyhow!("no node {id}"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)?;
+        let child = Command::new(&self.kerfsd)
+            .arg("meta")
+            .args(["--id", &id.to_string(), "--listen", &node.addr])
+            .args(["--peers", &self.peers])
+            .arg("--data")
+            .arg(&node.data)
+            .arg("--key-file")
+            .arg(&self.key_file)
+            .args(["--metrics", &node.metrics_addr])
+            .args(["--compact-after", &self.options.compact_after.to_string()])
+            .args(["--tick-ms", &self.options.tick_ms.to_string()])
+            .env("RUST_LOG", "info")
+            .env_remove("RUST_BACKTRACE")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting kerfsd meta {id}"))?;
+        info!(node = id, pid = child.id(), addr = %node.addr, "started metadata node");
+        node.child = Some(child);
+        Ok(())
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.nodes.values().map(|n| n.addr.clone()).collect()
+    }
+
+    pub fn addr(&self, id: u64) -> &str {
+        &self.nodes[&id].addr
+    }
+
+    /// kill -9: the process gets no chance to flush anything.
+    pub fn kill9(&mut self, id: u64) -> Result<()> {
+        let node = self.nodes.get_mut(&id).ok_or_else(|| anyhow!("no node {id}"))?;
+        if let Some(mut child) = node.child.take() {
+            child.kill()?;
+            child.wait()?;
+            info!(node = id, "killed metadata node with SIGKILL");
+        }
+        Ok(())
+    }
+
+    /// SIGTERM and wait: a clean shutdown.
+    pub fn stop(&mut self, id: u64) -> Result<()> {
+        let node = self.nodes.get_mut(&id).ok_or_else(|| anyhow!("no node {id}"))?;
+        if let Some(mut child) = node.child.take() {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Some(status) = child.try_wait()? {
+                    info!(node = id, ?status, "metadata node stopped");
+                    if !status.success() {
+                        bail!("node {id} exited with {status} on SIGTERM; see {}", node.log.display());
+                    }
+                    break;
+                }
+                if Instant::now() > deadline {
+                    child.kill()?;
+                    bail!("node {id} did not stop within 10 s of SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn restart(&mut self, id: u64) -> Result<()> {
+        self.spawn(id)
+    }
+
+    pub fn is_running(&mut self, id: u64) -> bool {
+        match self.nodes.get_mut(&id).and_then(|n| n.child.as_mut()) {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    pub fn client_config(&self) -> MetaClientConfig {
+        let mut c = MetaClientConfig::new(self.addrs(), self.key.clone());
+        c.deadline = Duration::from_secs(30);
+        c.description = "test client".into();
+        c
+    }
+
+    pub async fn client(&self) -> Result<MetaClient> {
+        Ok(MetaClient::connect(self.client_config()).await?)
+    }
+
+    /// Waits until a node reports itself leader, and returns its id.
+    pub async fn wait_leader(&self, client: &MetaClient, timeout: Duration) -> Result<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for node in self.nodes.values() {
+                if node.child.is_none() {
+                    continue;
+                }
+                if let Ok(s) = client.node_status(&node.addr).await {
+                    if s.role == "leader" {
+                        return Ok(s.id);
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("no leader within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until every running node has applied at least `index`, then returns each
+    /// running node's state digest, taken at the same applied index.
+    pub async fn converged_digests(
+        &self,
+        client: &MetaClient,
+        timeout: Duration,
+    ) -> Result<BTreeMap<u64, (Vec<u8>, u64)>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut digests = BTreeMap::new();
+            for node in self.nodes.values().filter(|n| n.child.is_some()) {
+                if let Ok(d) = client.node_digest(&node.addr).await {
+                    digests.insert(node.id, d);
+                }
+            }
+            let running = self.nodes.values().filter(|n| n.child.is_some()).count();
+            let indexes: std::collections::BTreeSet<u64> = digests.values().map(|d| d.1).collect();
+            if digests.len() == running && indexes.len() == 1 {
+                return Ok(digests);
+            }
+            if Instant::now() > deadline {
+                bail!("nodes did not converge to one applied index within {timeout:?}: {:?}",
+                    digests.iter().map(|(id, d)| (id, d.1)).collect::<Vec<_>>());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Fetches the metrics page of a node.
+    pub fn metrics(&self, id: u64) -> Result<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.nodes[&id].metrics_addr)?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    }
+
+    pub fn log_of(&self, id: u64) -> String {
+        std::fs::read_to_string(&self.nodes[&id].log).unwrap_or_default()
+    }
+}
+
+impl Drop for MetaCluster {
+    fn drop(&mut self) {
+        for node in self.nodes.values_mut() {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}

@@ -275,7 +275,11 @@ impl MetaNode {
 
     /// Applies committed entries: every state change and the new applied index go to the
     /// engine in one batch, so a restart resumes exactly after the last applied entry.
-    fn apply_entries(&mut self, entries: Vec<Entry>, out: &mut ReadyOutput) -> Result<(), NodeError> {
+    fn apply_entries(
+        &mut self,
+        entries: Vec<Entry>,
+        out: &mut ReadyOutput,
+    ) -> Result<(), NodeError> {
         let Some(last) = entries.last().map(|e| e.index) else {
             return Ok(());
         };

@@ -172,7 +172,9 @@ impl LogStore {
         if index <= self.snapshot_meta.index || index > self.applied {
             return Ok(());
         }
-        let term = self.term(index).map_err(|e| StoreError::Io(e.to_string()))?;
+        let term = self
+            .term(index)
+            .map_err(|e| StoreError::Io(e.to_string()))?;
         let mut batch = WriteBatch::default();
         for i in self.first()..=index {
             batch.delete(log_key(i));
@@ -193,10 +195,16 @@ impl LogStore {
         let pairs = decode_state(&snap.data)?;
         let mut batch = WriteBatch::default();
         // Wipe the old state machine and log.
-        for (k, _) in self.engine.scan(&[space::STATE], &[space::STATE + 1], usize::MAX)? {
+        for (k, _) in self
+            .engine
+            .scan(&[space::STATE], &[space::STATE + 1], usize::MAX)?
+        {
             batch.delete(k);
         }
-        for (k, _) in self.engine.scan(&[space::LOG], &[space::LOG + 1], usize::MAX)? {
+        for (k, _) in self
+            .engine
+            .scan(&[space::LOG], &[space::LOG + 1], usize::MAX)?
+        {
             batch.delete(k);
         }
         for (k, v) in pairs {

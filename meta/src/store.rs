@@ -113,7 +113,11 @@ impl KvRead for SledEngine {
         if !end.is_empty() && start >= end {
             return Ok(out);
         }
-        for kv in self.db.range::<&[u8], _>((Bound::Included(start), upper)).take(limit) {
+        for kv in self
+            .db
+            .range::<&[u8], _>((Bound::Included(start), upper))
+            .take(limit)
+        {
             let (k, v) = kv?;
             out.push((k.to_vec(), v.to_vec()));
         }
@@ -290,9 +294,11 @@ impl KvRead for Overlay<'_> {
             .range::<[u8], _>((Bound::Included(start), upper))
             .collect();
         let deletes = pending.iter().filter(|(_, v)| v.is_none()).count();
-        let base = self
-            .base
-            .scan(start, end, limit.saturating_add(deletes).saturating_add(pending.len()))?;
+        let base = self.base.scan(
+            start,
+            end,
+            limit.saturating_add(deletes).saturating_add(pending.len()),
+        )?;
         let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = base.into_iter().collect();
         for (k, v) in pending {
             match v {

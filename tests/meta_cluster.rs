@@ -1,0 +1,423 @@
+//! The metadata service as a cluster of real `kerfsd meta` processes on loopback: election,
+//! concurrent clients, kill -9 of the leader, snapshot catch-up, full restart, the cluster
+//! key, bad input, metrics and client-session expiry. Each test narrates its steps.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use kerfs_client::{ClientError, MetaClient, MetaClientConfig};
+use kerfs_proto::auth::ClusterKey;
+use kerfs_proto::{FileKind, ROOT_INO};
+use kerfs_tests::{init_tracing, MetaCluster, MetaClusterOptions};
+use tracing::info;
+
+fn names_of(entries: &[kerfs_proto::DirEntry]) -> BTreeSet<String> {
+    entries
+        .iter()
+        .map(|e| String::from_utf8_lossy(&e.name).into_owned())
+        .collect()
+}
+
+fn assert_all_equal(digests: &BTreeMap<u64, (Vec<u8>, u64)>) -> Result<()> {
+    let first = digests.values().next().context("no digest")?;
+    for (id, d) in digests {
+        ensure!(
+            d == first,
+            "node {id} state digest differs: {:?} vs {:?}",
+            d,
+            first
+        );
+    }
+    ensure!(first.0.len() == 32, "digest is not a blake3 hash: {:?}", first.0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_apply_concurrent_ops_once_and_agree() -> Result<()> {
+    init_tracing();
+    let cluster = MetaCluster::start(MetaClusterOptions::default())?;
+    let admin = cluster.client().await?;
+    let leader = cluster.wait_leader(&admin, Duration::from_secs(10)).await?;
+    info!(leader, "a leader was elected");
+
+    // 8 clients, 125 operations each, in a directory of their own: creates, mkdirs,
+    // renames, chmods, unlinks. Each client keeps a model of what its directory must hold.
+    let mut tasks = Vec::new();
+    for c in 0..8u32 {
+        let client = cluster.client().await?;
+        tasks.push(tokio::spawn(async move {
+            let dir = client.mkdir(ROOT_INO, format!("client{c}").as_bytes(), 0o755).await?;
+            let mut expected = BTreeSet::new();
+            for i in 0..124u32 {
+                let name = format!("f{i}");
+                match i % 4 {
+                    0 | 1 => {
+                        client.create_file(dir.ino, name.as_bytes(), 0o644).await?;
+                        expected.insert(name);
+                    }
+                    2 => {
+                        let prev = format!("f{}", i - 1);
+                        let new = format!("r{i}");
+                        client.rename(dir.ino, prev.as_bytes(), dir.ino, new.as_bytes(), 0).await?;
+                        expected.remove(&prev);
+                        expected.insert(new);
+                    }
+                    _ => {
+                        let victim = format!("f{}", i - 3);
+                        client.unlink(dir.ino, victim.as_bytes()).await?;
+                        expected.remove(&victim);
+                    }
+                }
+            }
+            let got = names_of(&client.readdir_all(dir.ino).await?);
+            anyhow::ensure!(got == expected, "client {c}: directory holds {got:?}, expected {expected:?}");
+            Ok::<usize, anyhow::Error>(expected.len())
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    info!(total, "1,000 operations from 8 clients applied, each directory as its model says");
+
+    // A create retried after success must not create twice: EEXIST proves it ran once.
+    let err = admin.create_file(ROOT_INO, b"client0", 0o644).await.unwrap_err();
+    assert_eq!(err.errno(), libc::EEXIST);
+
+    let digests = cluster.converged_digests(&admin, Duration::from_secs(10)).await?;
+    info!(?digests, "digests of the three nodes");
+    assert_all_equal(&digests)?;
+    ensure!(digests.len() == 3);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_killed_during_creates_loses_no_acknowledged_create() -> Result<()> {
+    init_tracing();
+    let mut cluster = MetaCluster::start(MetaClusterOptions::default())?;
+    let admin = cluster.client().await?;
+    let leader = cluster.wait_leader(&admin, Duration::from_secs(10)).await?;
+    let dir = admin.mkdir(ROOT_INO, b"stream", 0o755).await?;
+
+    // Four writers create files as fast as they can and record what was acknowledged.
+    let acked = Arc::new(Mutex::new(Vec::<(String, Instant)>::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let client = cluster.client().await?;
+        let acked = acked.clone();
+        let stop = stop.clone();
+        writers.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let name = format!("w{w}-{i}");
+                match client.create_file(dir.ino, name.as_bytes(), 0o644).await {
+                    Ok(_) => acked.lock().unwrap().push((name, Instant::now())),
+                    Err(e) => return Err(anyhow::anyhow!("create {name} failed: {e}")),
+                }
+                i += 1;
+            }
+            Ok(())
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = acked.lock().unwrap().len();
+    info!(leader, before, "killing the leader with SIGKILL");
+    let killed_at = Instant::now();
+    cluster.kill9(leader)?;
+
+    // Writers keep going; the first acknowledgement after the kill shows a new leader serves.
+    let deadline = killed_at + Duration::from_secs(15);
+    let resumed = loop {
+        if let Some(t) = acked.lock().unwrap().iter().map(|(_, t)| *t).find(|t| *t > killed_at + Duration::from_millis(1)) {
+            // Any ack after the kill came from the new leader (the old one is dead).
+            break t;
+        }
+        if Instant::now() > deadline {
+            bail!("no create acknowledged within 15 s of killing the leader");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let failover = resumed.duration_since(killed_at);
+    info!(?failover, "a new leader serves");
+    ensure!(failover < Duration::from_secs(10), "failover took {failover:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.await??;
+    }
+
+    let acked: Vec<String> = acked.lock().unwrap().iter().map(|(n, _)| n.clone()).collect();
+    let present = names_of(&admin.readdir_all(dir.ino).await?);
+    info!(acked = acked.len(), present = present.len(), "comparing acknowledged creates with the directory");
+    for name in &acked {
+        ensure!(present.contains(name), "acknowledged create {name} is missing");
+    }
+    ensure!(acked.len() > before, "no create acknowledged after the kill");
+
+    info!(leader, "restarting the killed node from its data dir");
+    cluster.restart(leader)?;
+    let digests = cluster.converged_digests(&admin, Duration::from_secs(20)).await?;
+    assert_all_equal(&digests)?;
+    ensure!(digests.contains_key(&leader), "restarted node did not catch up");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_down_during_compaction_catches_up_by_snapshot() -> Result<()> {
+    init_tracing();
+    let mut cluster = MetaCluster::start(MetaClusterOptions {
+        compact_after: 50,
+        ..Default::default()
+    })?;
+    let admin = cluster.client().await?;
+    let leader = cluster.wait_leader(&admin, Duration::from_secs(10)).await?;
+    let down = cluster.nodes.keys().copied().find(|id| *id != leader).context("no follower")?;
+    info!(down, "stopping a follower");
+    cluster.kill9(down)?;
+
+    let dir = admin.mkdir(ROOT_INO, b"snap", 0o755).await?;
+    for i in 0..300 {
+        admin.create_file(dir.ino, format!("f{i}").as_bytes(), 0o644).await?;
+    }
+    let status = admin.node_status(cluster.addr(leader)).await?;
+    info!(first_index = status.first_index, applied = status.applied_index, "leader compacted its log");
+    ensure!(status.snapshot_index > 0 && status.first_index > 2, "leader did not compact: {status:?}");
+
+    info!(down, "restarting the follower; its log is behind the leader's first index");
+    cluster.restart(down)?;
+    let digests = cluster.converged_digests(&admin, Duration::from_secs(30)).await?;
+    assert_all_equal(&digests)?;
+    let s = admin.node_status(cluster.addr(down)).await?;
+    ensure!(s.snapshot_index > 0, "the follower caught up without installing a snapshot: {s:?}");
+    ensure!(
+        cluster.log_of(down).contains("installing snapshot"),
+        "follower log does not show a snapshot install"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn whole_cluster_restart_keeps_the_namespace() -> Result<()> {
+    init_tracing();
+    let mut cluster = MetaCluster::start(MetaClusterOptions::default())?;
+    let admin = cluster.client().await?;
+    cluster.wait_leader(&admin, Duration::from_secs(10)).await?;
+    let a = admin.mkdir(ROOT_INO, b"a", 0o750).await?;
+    let b = admin.mkdir(a.ino, b"b", 0o700).await?;
+    admin.create_file(b.ino, b"file", 0o600).await?;
+    admin.symlink(a.ino, b"link", b"b/file").await?;
+    admin.setxattr(a.ino, b"user.color", b"blue", 0).await?;
+    let before = cluster.converged_digests(&admin, Duration::from_secs(10)).await?;
+    drop(admin);
+
+    info!("stopping all three nodes (SIGTERM), then two with SIGKILL after a restart");
+    for id in [1, 2, 3] {
+        cluster.stop(id)?;
+    }
+    for id in [1, 2, 3] {
+        cluster.restart(id)?;
+    }
+    let admin = cluster.client().await?;
+    let a2 = admin.resolve("/a").await?;
+    ensure!(a2.ino == a.ino && a2.mode == 0o750, "/a changed: {a2:?}");
+    let f = admin.resolve("/a/b/file").await?;
+    ensure!(f.kind == FileKind::Regular as i32 && f.mode == 0o600);
+    ensure!(admin.readlink(admin.resolve("/a/link").await?.ino).await? == b"b/file");
+    ensure!(admin.getxattr(a.ino, b"user.color").await? == b"blue");
+
+    // The same after kill -9 of every node: only what was flushed may survive, and
+    // everything acknowledged was flushed.
+    admin.create_file(b.ino, b"after-restart", 0o644).await?;
+    for id in [1, 2, 3] {
+        cluster.kill9(id)?;
+    }
+    for id in [1, 2, 3] {
+        cluster.restart(id)?;
+    }
+    let admin = cluster.client().await?;
+    admin.resolve("/a/b/after-restart").await?;
+    let after = cluster.converged_digests(&admin, Duration::from_secs(10)).await?;
+    assert_all_equal(&after)?;
+    ensure!(before.len() == 3);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wrong_or_missing_cluster_key_is_refused_and_changes_nothing() -> Result<()> {
+    init_tracing();
+    let cluster = MetaCluster::start(MetaClusterOptions::default())?;
+    let admin = cluster.client().await?;
+    cluster.wait_leader(&admin, Duration::from_secs(10)).await?;
+    let before = admin.readdir_all(ROOT_INO).await?;
+
+    info!("connecting with another cluster's key");
+    let mut config = MetaClientConfig::new(cluster.addrs(), ClusterKey::generate());
+    config.deadline = Duration::from_secs(3);
+    match MetaClient::connect(config).await {
+        Err(ClientError::Auth(msg)) => {
+            info!(%msg, "refused");
+            ensure!(msg.contains("key"), "refusal does not mention the key: {msg}");
+        }
+        Err(e) => bail!("wrong error for a foreign key: {e}"),
+        Ok(_) => bail!("a client with a foreign key was accepted"),
+    }
+
+    info!("calling without any token");
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.addr(1)))?
+        .connect()
+        .await?;
+    let mut raw = kerfs_proto::meta_client::MetaClient::new(channel.clone());
+    let status = raw
+        .write(kerfs_proto::WriteRequest {
+            command: Some(kerfs_proto::Command {
+                op: Some(kerfs_proto::command::Op::MakeNode(kerfs_proto::MakeNode {
+                    parent: ROOT_INO,
+                    name: b"intruder".to_vec(),
+                    kind: FileKind::Regular as i32,
+                    mode: 0o644,
+                    exclusive: true,
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    ensure!(status.code() == tonic::Code::Unauthenticated, "{status:?}");
+    let mut raft = kerfs_proto::raft_client::RaftClient::new(channel);
+    let status = raft
+        .send(kerfs_proto::RaftBatch { from: 9, messages: vec![vec![1, 2, 3]] })
+        .await
+        .unwrap_err();
+    ensure!(status.code() == tonic::Code::Unauthenticated, "{status:?}");
+
+    let after = admin.readdir_all(ROOT_INO).await?;
+    ensure!(names_of(&before) == names_of(&after), "the namespace changed");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_gets_clean_errors_and_nothing_half_applied() -> Result<()> {
+    init_tracing();
+    let cluster = MetaCluster::start(MetaClusterOptions::default())?;
+    let admin = cluster.client().await?;
+    cluster.wait_leader(&admin, Duration::from_secs(10)).await?;
+
+    let long = vec![b'x'; 256];
+    let cases: Vec<(&str, Vec<u8>, i32)> = vec![
+        ("name over 255 bytes", long.clone(), libc::ENAMETOOLONG),
+        ("name with a slash", b"a/b".to_vec(), libc::EINVAL),
+        ("name with a NUL", b"a\0b".to_vec(), libc::EINVAL),
+        ("empty name", b"".to_vec(), libc::EINVAL),
+    ];
+    for (what, name, errno) in cases {
+        let err = admin.create_file(ROOT_INO, &name, 0o644).await.unwrap_err();
+        info!(what, %err, "refused");
+        ensure!(err.errno() == errno, "{what}: errno {} instead of {errno}", err.errno());
+    }
+    ensure!(admin.create_file(ROOT_INO, &long[..255], 0o644).await.is_ok(), "255-byte name refused");
+
+    let err = admin.getattr(987_654_321).await.unwrap_err();
+    ensure!(err.errno() == libc::ENOENT, "missing inode: {err}");
+    let err = admin.create_file(987_654_321, b"x", 0o644).await.unwrap_err();
+    ensure!(err.errno() == libc::ENOENT, "create in missing dir: {err}");
+    let file = admin.resolve(&format!("/{}", String::from_utf8_lossy(&long[..255]))).await?;
+    let err = admin.create_file(file.ino, b"x", 0o644).await.unwrap_err();
+    ensure!(err.errno() == libc::ENOTDIR, "create under a file: {err}");
+    let err = admin.symlink(ROOT_INO, b"l", &vec![b'y'; 5000]).await.unwrap_err();
+    ensure!(err.errno() == libc::ENAMETOOLONG, "symlink target over PATH_MAX: {err}");
+    let err = admin.setxattr(ROOT_INO, b"user.big", &vec![0u8; 100_000], 0).await.unwrap_err();
+    ensure!(err.errno() == libc::E2BIG || err.errno() == libc::ENOSPC || err.errno() == libc::ERANGE, "huge xattr: {err}");
+
+    info!("a 300 MiB request is refused by the transport, not by a crash");
+    let huge = vec![b'z'; 300 * 1024 * 1024];
+    let err = admin.setxattr(ROOT_INO, b"user.huge", &huge, 0).await.unwrap_err();
+    info!(%err, "refused");
+    drop(huge);
+
+    info!("malformed raft bytes from an authenticated peer are refused");
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.addr(1)))?
+        .connect()
+        .await?;
+    let mut raft = kerfs_proto::raft_client::RaftClient::with_interceptor(channel, cluster.key.client_auth());
+    let status = raft
+        .send(kerfs_proto::RaftBatch { from: 2, messages: vec![vec![0xff; 64]] })
+        .await
+        .unwrap_err();
+    ensure!(status.code() == tonic::Code::InvalidArgument, "{status:?}");
+
+    // Nothing of the failed operations is visible, and every node is still alive and agrees.
+    let names = names_of(&admin.readdir_all(ROOT_INO).await?);
+    ensure!(names.len() == 1, "unexpected entries after refused operations: {names:?}");
+    ensure!(admin.listxattr(ROOT_INO).await?.is_empty());
+    let digests = cluster.converged_digests(&admin, Duration::from_secs(10)).await?;
+    assert_all_equal(&digests)?;
+    ensure!(digests.len() == 3, "a node died on bad input");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_endpoint_reports_raft_progress() -> Result<()> {
+    init_tracing();
+    let cluster = MetaCluster::start(MetaClusterOptions::default())?;
+    let admin = cluster.client().await?;
+    let leader = cluster.wait_leader(&admin, Duration::from_secs(10)).await?;
+    for i in 0..20 {
+        admin.mkdir(ROOT_INO, format!("d{i}").as_bytes(), 0o755).await?;
+    }
+    let page = cluster.metrics(leader)?;
+    let value = |name: &str| -> Result<f64> {
+        let line = page
+            .lines()
+            .find(|l| l.starts_with(name) && !l.starts_with('#'))
+            .with_context(|| format!("{name} missing from metrics:\n{page}"))?;
+        Ok(line.rsplit(' ').next().unwrap_or("").parse()?)
+    };
+    ensure!(value("kerfs_meta_raft_term")? >= 1.0);
+    ensure!(value("kerfs_meta_raft_applied_index")? >= 20.0);
+    ensure!(value("kerfs_meta_raft_commit_index")? >= value("kerfs_meta_raft_applied_index")?);
+    ensure!(value("kerfs_meta_is_leader")? == 1.0);
+    ensure!(value("kerfs_meta_proposals_total")? >= 20.0);
+    value("kerfs_meta_proposals_per_second")?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unlinked_open_file_lives_until_close_or_client_death() -> Result<()> {
+    init_tracing();
+    let cluster = MetaCluster::start(MetaClusterOptions::default())?;
+    let admin = cluster.client().await?;
+    cluster.wait_leader(&admin, Duration::from_secs(10)).await?;
+
+    info!("an open, unlinked file keeps its inode until the last close");
+    let f = admin.create_file(ROOT_INO, b"kept", 0o644).await?;
+    let (_, handle) = admin.open(f.ino, libc::O_RDWR as u32).await?;
+    admin.unlink(ROOT_INO, b"kept").await?;
+    let orphan = admin.getattr(f.ino).await?;
+    ensure!(orphan.nlink == 0, "unlinked inode has nlink {}", orphan.nlink);
+    admin.close(handle).await?;
+    ensure!(admin.getattr(f.ino).await.unwrap_err().errno() == libc::ENOENT);
+
+    info!("a client that dies with the file open: its session expires and the inode goes");
+    let mut config = cluster.client_config();
+    config.lease = Duration::from_secs(2);
+    let doomed = MetaClient::connect(config).await?;
+    let g = doomed.create_file(ROOT_INO, b"orphan", 0o644).await?;
+    doomed.open(g.ino, libc::O_RDONLY as u32).await?;
+    doomed.unlink(ROOT_INO, b"orphan").await?;
+    ensure!(admin.getattr(g.ino).await?.nlink == 0);
+    drop(doomed); // stops renewing, like a killed process
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match admin.getattr(g.ino).await {
+            Err(e) if e.errno() == libc::ENOENT => break,
+            _ if Instant::now() > deadline => bail!("the dead client's open file was never released"),
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    info!("the inode was released after the lease ran out");
+    Ok(())
+}
