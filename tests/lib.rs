@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -25,22 +25,20 @@ pub fn init_tracing() {
         .try_init();
 }
 
-/// Path of a workspace binary built next to the running test.
+/// Path of a workspace binary built next to the running test or benchmark
+/// (target/<profile>/deps/<test> or target/<profile>/<bench>).
 pub fn bin_path(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| anyhow!("unexpected test executable path {}", exe.display()))?;
-    let path = dir.join(name);
-    if !path.exists() {
-        bail!(
-            "{} is missing: build the binaries first with `cargo build --workspace --bins` (scripts/test does)",
-            path.display()
-        );
+    for dir in exe.ancestors().skip(1).take(2) {
+        let path = dir.join(name);
+        if path.is_file() {
+            return Ok(path);
+        }
     }
-    Ok(path)
+    bail!(
+        "{name} is not built next to {}: build the binaries first with `cargo build --workspace --bins` (scripts/test does)",
+        exe.display()
+    )
 }
 
 /// A free loopback port (bound then released; good enough on a test machine).
