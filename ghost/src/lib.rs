@@ -1,1 +1,89 @@
-//! Ghost processes.
+//! Ghost processes: export a live process into a ghost image and import an image back into a
+//! live process.
+//!
+//! This is the Kerrighed ghost process mechanism rebuilt in user space on ptrace and /proc. It
+//! knows nothing of the KerFS cluster.
+//!
+//! * [`export_process`] freezes a single-threaded process (PTRACE_SEIZE + PTRACE_INTERRUPT),
+//!   captures its registers and XSAVE state, address space (the present private pages only;
+//!   file mappings by path, offset and file identity), mm fields, auxv, vDSO layout, rseq,
+//!   fds, cwd, umask, rlimits, signal state, session and process group, streams the image to
+//!   a [`GhostWriter`] and leaves the process running, stopped or killed ([`After`]).
+//! * [`import_process`] reads an image from a [`GhostReader`], refuses it if it is damaged or
+//!   needs something this host lacks, and only then creates a child (with the recorded PID
+//!   when free), rebuilds its address space with injected syscalls and lets it run.
+//! * Resource access objects say where images go: [`FileWriter`]/[`FileReader`],
+//!   [`MemWriter`]/[`MemReader`], and [`TcpWriter`]/[`TcpReader`] for migration to a
+//!   `krg listen` on another node (see [`MigrationAck`]).
+//!
+//! Limits: one thread; no itimers/POSIX timers, SysV IPC, inotify/epoll/eventfd fds; pipes
+//! and sockets must be handed in at import ([`ImportOptions::inherit_fds`]); the restoring
+//! host must run the same kernel (same vDSO) on a CPU with the same XSAVE features.
+//! Needs root (or CAP_SYS_PTRACE + CAP_CHECKPOINT_RESTORE).
+
+mod compat;
+mod error;
+mod export;
+pub mod image;
+mod import;
+mod procfs;
+mod rao;
+mod sys;
+
+pub use error::{GhostError, Result};
+pub use export::{export_process, After, ExportOptions, ExportReport};
+pub use image::{load as load_image, LoadedImage, FORMAT_VERSION};
+pub use import::{import_image, import_process, ImportOptions, ImportReport, PidChoice};
+pub use rao::{
+    FileReader, FileWriter, GhostReader, GhostWriter, MemReader, MemWriter, MigrationAck,
+    TcpReader, TcpWriter,
+};
+
+/// Page size the image format counts in (x86_64 base pages).
+pub const PAGE: u64 = 4096;
+
+/// Receives one migration on `stream`: reads the image, imports it and answers the sender with
+/// a [`MigrationAck`]. Returns the import result as well.
+pub fn serve_migration(stream: std::net::TcpStream, opts: &ImportOptions) -> Result<ImportReport> {
+    let mut r = TcpReader::new(stream);
+    let res = import_process(&mut r, opts);
+    let ack = match &res {
+        Ok(rep) => MigrationAck::Restored(rep.image_pid),
+        Err(e) => MigrationAck::Failed(e.to_string()),
+    };
+    r.send_ack(&ack)?;
+    res
+}
+
+/// Stops a process with SIGSTOP and waits until it is stopped (`krg freeze`).
+pub fn freeze(pid: i32) -> Result<()> {
+    signal_and_wait(pid, libc::SIGSTOP, |s| s == 'T' || s == 't')
+}
+
+/// Resumes a process stopped by [`freeze`] (`krg unfreeze`).
+pub fn unfreeze(pid: i32) -> Result<()> {
+    signal_and_wait(pid, libc::SIGCONT, |s| s != 'T' && s != 't')
+}
+
+fn signal_and_wait(pid: i32, sig: i32, done: impl Fn(char) -> bool) -> Result<()> {
+    // SAFETY: plain kill(2).
+    if unsafe { libc::kill(pid, sig) } != 0 {
+        return Err(GhostError::Process {
+            pid,
+            msg: format!(
+                "cannot signal it: {} (check the PID and your permissions)",
+                std::io::Error::last_os_error()
+            ),
+        });
+    }
+    for _ in 0..500 {
+        if done(procfs::Stat::read(pid)?.state()) {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Err(GhostError::Process {
+        pid,
+        msg: "did not change state within 5 s".into(),
+    })
+}

@@ -1,0 +1,578 @@
+//! Export: freeze a live process with ptrace, capture its state and stream it as a ghost image.
+
+use std::collections::HashMap;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+
+use crate::compat;
+use crate::error::{GhostError, Result};
+use crate::image::{
+    AltStack, Fd, FdKind, FileId, ImageWriter, MapKind, Mapping, MmFields, PageRun, PendingSignal,
+    ProcessImage, Rlimit, Rseq, SigAction,
+};
+use crate::procfs::{self, MapLine, Stat, PM_FILE, PM_PRESENT, PM_SWAP};
+use crate::rao::GhostWriter;
+use crate::sys::{self, ProcMem, Regs, Remote};
+use crate::PAGE;
+
+/// What happens to the process once its image is complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum After {
+    /// It continues as if nothing happened (a checkpoint).
+    #[default]
+    LeaveRunning,
+    /// It is left stopped with SIGSTOP (resume with SIGCONT / `krg unfreeze`).
+    Stop,
+    /// It is killed (SIGKILL): checkpoint-and-kill, or the source side of a migration.
+    Kill,
+}
+
+/// Options of [`export_process`].
+#[derive(Debug, Clone, Default)]
+pub struct ExportOptions {
+    /// Fate of the process after a successful export. On failure it is always left running.
+    pub after: After,
+}
+
+/// What an export wrote.
+#[derive(Debug, Clone)]
+pub struct ExportReport {
+    /// Bytes of the whole image.
+    pub image_bytes: u64,
+    /// Bytes of page data in it.
+    pub page_bytes: u64,
+    /// Number of mappings.
+    pub mappings: usize,
+    /// PID in the process's own namespace (the one a restart takes back).
+    pub ns_pid: i32,
+}
+
+/// Files up to this size are hashed at export so that an identical copy on another node is
+/// accepted at import even though its inode differs.
+const HASH_FILES_UP_TO: u64 = 64 << 20;
+/// Pages are copied out in pieces of this size.
+const CHUNK: usize = 8 << 20;
+
+/// Detaches on drop so that any error leaves the process running.
+struct Traced {
+    pid: i32,
+    regs: Option<Regs>,
+    held: Vec<i32>,
+    active: bool,
+}
+
+impl Traced {
+    fn release(&mut self, sig: i32) -> Result<()> {
+        if !self.active {
+            return Ok(());
+        }
+        self.active = false;
+        if let Some(r) = &self.regs {
+            sys::set_regs(self.pid, r)?;
+        }
+        let r = sys::detach(self.pid, sig);
+        for s in self.held.drain(..) {
+            // SAFETY: plain kill(2).
+            unsafe { libc::kill(self.pid, s) };
+        }
+        r
+    }
+}
+
+impl Drop for Traced {
+    fn drop(&mut self) {
+        let _ = self.release(0);
+    }
+}
+
+/// Freezes `pid`, writes its ghost image to `out`, then leaves it running, stopped or killed as
+/// `opts.after` says. The process must be single-threaded and traceable by the caller.
+pub fn export_process(
+    pid: i32,
+    opts: &ExportOptions,
+    out: &mut dyn GhostWriter,
+) -> Result<ExportReport> {
+    let status = procfs::read_to_string(pid, "status").map_err(|_| GhostError::Process {
+        pid,
+        msg: "no such process (check the PID; inside `krg run` use the PID printed at start)"
+            .into(),
+    })?;
+    let threads = procfs::status_field(&status, "Threads")
+        .and_then(|t| t.parse::<u32>().ok())
+        .unwrap_or(1);
+    if threads != 1 {
+        return Err(GhostError::Unsupported(format!(
+            "process {pid} has {threads} threads; only single-threaded processes can be exported"
+        )));
+    }
+    sys::seize(pid)?;
+    let mut guard = Traced {
+        pid,
+        regs: None,
+        held: Vec::new(),
+        active: true,
+    };
+    sys::interrupt(pid)?;
+    let st = sys::wait(pid)?;
+    if !libc::WIFSTOPPED(st) {
+        guard.active = false;
+        return Err(GhostError::Process {
+            pid,
+            msg: format!("{} while being frozen", sys::describe_status(st)),
+        });
+    }
+    let regs = sys::get_regs(pid)?;
+    guard.regs = Some(regs);
+    let xstate = sys::get_xstate(pid)?;
+    let sigmask = sys::get_sigmask(pid)?;
+    let mut pending = Vec::new();
+    for shared in [false, true] {
+        for si in sys::peek_siginfo(pid, shared)? {
+            pending.push(PendingSignal {
+                shared,
+                siginfo: si,
+            });
+        }
+    }
+    let rseq = sys::rseq_config(pid)?.map(|(ptr, len, sig)| Rseq { ptr, len, sig });
+
+    // State only the process itself can report: ask it through injected syscalls.
+    let maps0 = procfs::maps(pid)?;
+    let mem = ProcMem::open(pid)?;
+    let vdso = maps0
+        .iter()
+        .find(|m| m.path == "[vdso]")
+        .ok_or_else(|| GhostError::Unsupported(format!("process {pid} has no [vdso] mapping")))?;
+    let mut vdso_text = vec![0u8; (vdso.end - vdso.start) as usize];
+    mem.read(vdso.start, &mut vdso_text)
+        .map_err(|e| GhostError::sys("reading [vdso]", pid, e))?;
+    let syscall_off = vdso_text
+        .windows(2)
+        .position(|w| w == [0x0f, 0x05])
+        .ok_or_else(|| GhostError::Unsupported("no syscall instruction in the vDSO".into()))?;
+    let remote = Remote {
+        pid,
+        syscall_at: vdso.start + syscall_off as u64,
+        base: regs,
+        held: Default::default(),
+    };
+    let asked = ask_process(&remote, &mem, &status);
+    guard.held = remote.held.take();
+    // Put the registers back now: the rest is read from the outside.
+    sys::set_regs(pid, &regs)?;
+    let (sigactions, altstack, brk) = asked?;
+
+    let maps = procfs::maps(pid)?;
+    let stat = Stat::read(pid)?;
+    let pm = fs::File::open(format!("/proc/{pid}/pagemap"))
+        .map_err(|e| GhostError::sys("open /proc/PID/pagemap", pid, e))?;
+    let mut file_ids: HashMap<String, FileId> = HashMap::new();
+    let mut mappings = Vec::new();
+    let mut page_bytes = 0u64;
+    for m in &maps {
+        let Some(kind) = classify(pid, m)? else {
+            continue;
+        };
+        let mut mp = Mapping {
+            start: m.start,
+            end: m.end,
+            prot: m.prot(),
+            kind: kind as i32,
+            path: m.path.clone(),
+            offset: m.offset,
+            file: None,
+            runs: Vec::new(),
+            growsdown: m.path == "[stack]",
+        };
+        if matches!(kind, MapKind::FilePrivate | MapKind::FileShared) {
+            let id = match file_ids.get(&m.path) {
+                Some(id) => id.clone(),
+                None => {
+                    let id = file_id(pid, m)?;
+                    file_ids.insert(m.path.clone(), id.clone());
+                    id
+                }
+            };
+            mp.file = Some(id);
+        }
+        if kind != MapKind::FileShared && kind != MapKind::Vdso {
+            let ents = procfs::pagemap(&pm, m.start, m.end)
+                .map_err(|e| GhostError::sys("reading /proc/PID/pagemap", pid, e))?;
+            let want = |e: u64| match kind {
+                // A private file page that is still the page-cache page comes back from the
+                // file; only copies the process wrote (anonymous now) are stored.
+                MapKind::FilePrivate => {
+                    (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAP != 0
+                }
+                _ => e & (PM_PRESENT | PM_SWAP) != 0,
+            };
+            let mut i = 0;
+            while i < ents.len() {
+                if !want(ents[i]) {
+                    i += 1;
+                    continue;
+                }
+                let s = i;
+                while i < ents.len() && want(ents[i]) {
+                    i += 1;
+                }
+                mp.runs.push(PageRun {
+                    addr: m.start + s as u64 * PAGE,
+                    npages: (i - s) as u64,
+                });
+                page_bytes += (i - s) as u64 * PAGE;
+            }
+        }
+        mappings.push(mp);
+    }
+
+    let fds = list_fds(pid)?;
+    let cwd = fs::read_link(format!("/proc/{pid}/cwd"))
+        .map_err(|e| GhostError::sys("readlink /proc/PID/cwd", pid, e))?
+        .to_string_lossy()
+        .into_owned();
+    let exe = fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let auxv = fs::read(format!("/proc/{pid}/auxv"))
+        .map_err(|e| GhostError::sys("reading /proc/PID/auxv", pid, e))?;
+    let personality = procfs::read_to_string(pid, "personality")
+        .ok()
+        .and_then(|s| u32::from_str_radix(s.trim(), 16).ok())
+        .unwrap_or(0);
+    let (robust_head, robust_len) = robust_list(pid);
+    let mut rlimits = Vec::new();
+    for res in 0..16u32 {
+        let mut old = libc::rlimit64 {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: prlimit64 with a NULL new limit only reads.
+        let r = unsafe { libc::prlimit64(pid, res as _, std::ptr::null(), &mut old) };
+        if r == 0 {
+            rlimits.push(Rlimit {
+                resource: res,
+                cur: old.rlim_cur,
+                max: old.rlim_max,
+            });
+        }
+    }
+    let meta = ProcessImage {
+        requirements: Some(compat::requirements(&xstate, &maps, &vdso_text)),
+        pid: procfs::status_ns_last(&status, "NSpid").unwrap_or(pid),
+        host_pid: pid,
+        comm: procfs::read_to_string(pid, "comm")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default(),
+        exe,
+        regs: sys::regs_to_bytes(&regs),
+        xstate,
+        mappings,
+        mm: Some(MmFields {
+            start_code: stat.field(26),
+            end_code: stat.field(27),
+            start_data: stat.field(45),
+            end_data: stat.field(46),
+            start_brk: stat.field(47),
+            brk,
+            start_stack: stat.field(28),
+            arg_start: stat.field(48),
+            arg_end: stat.field(49),
+            env_start: stat.field(50),
+            env_end: stat.field(51),
+        }),
+        auxv,
+        rseq,
+        fds,
+        cwd,
+        umask: procfs::status_field(&status, "Umask")
+            .and_then(|u| u32::from_str_radix(&u, 8).ok())
+            .unwrap_or(0o022),
+        rlimits,
+        sigactions,
+        sigmask,
+        pending,
+        sigaltstack: altstack,
+        sid: procfs::status_ns_last(&status, "NSsid").unwrap_or(0),
+        pgid: procfs::status_ns_last(&status, "NSpgid").unwrap_or(0),
+        personality,
+        robust_head,
+        robust_len,
+        page_bytes,
+        created_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+    };
+
+    let mut w = ImageWriter::begin(out, &meta)?;
+    let mut buf = vec![0u8; CHUNK];
+    for m in &meta.mappings {
+        // process_vm_readv cannot read pages the process itself cannot read; /proc/PID/mem can.
+        let readable = m.prot & libc::PROT_READ as u32 != 0;
+        for run in &m.runs {
+            let mut addr = run.addr;
+            let end = run.addr + run.npages * PAGE;
+            while addr < end {
+                let n = ((end - addr) as usize).min(CHUNK);
+                let b = &mut buf[..n];
+                if readable {
+                    sys::vm_read(pid, addr, b)
+                } else {
+                    mem.read(addr, b)
+                }
+                .map_err(|e| GhostError::sys(format!("reading memory at {addr:#x}"), pid, e))?;
+                w.pages(b)?;
+                addr += n as u64;
+            }
+        }
+    }
+    w.end()?;
+    let meta_len = prost::Message::encoded_len(&meta) as u64;
+    let report = ExportReport {
+        image_bytes: crate::image::HEADER_LEN as u64
+            + meta_len
+            + page_bytes
+            + crate::image::TRAILER_LEN as u64,
+        page_bytes,
+        mappings: meta.mappings.len(),
+        ns_pid: meta.pid,
+    };
+    finish(&mut guard, opts.after)?;
+    Ok(report)
+}
+
+/// Releases the process as asked.
+fn finish(guard: &mut Traced, after: After) -> Result<()> {
+    let pid = guard.pid;
+    match after {
+        After::LeaveRunning => guard.release(0),
+        After::Stop => {
+            // SAFETY: plain kill(2); the SIGSTOP is taken after the detach.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+            guard.release(0)
+        }
+        After::Kill => {
+            guard.active = false;
+            let ppid = Stat::read(pid).map(|s| s.field(4) as i32).unwrap_or(0);
+            // SAFETY: plain kill(2).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            // We are its tracer: collect the death notice. If we are also its parent the
+            // zombie stays for our caller to reap (WNOWAIT); otherwise consuming it here only
+            // ends the tracing and passes the zombie on to the real parent.
+            let flags = libc::WEXITED
+                | libc::__WALL
+                | if ppid == std::process::id() as i32 {
+                    libc::WNOWAIT
+                } else {
+                    0
+                };
+            loop {
+                // SAFETY: zeroed siginfo out buffer.
+                let mut si: libc::siginfo_t = unsafe { std::mem::zeroed() };
+                // SAFETY: valid pointers.
+                let r = unsafe { libc::waitid(libc::P_PID, pid as u32, &mut si, flags) };
+                if r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                    break;
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Signal dispositions, the alternate stack and the program break, asked from inside.
+fn ask_process(
+    remote: &Remote,
+    mem: &ProcMem,
+    status: &str,
+) -> Result<(Vec<SigAction>, Option<AltStack>, u64)> {
+    let mask = |k: &str| {
+        procfs::status_field(status, k)
+            .and_then(|v| u64::from_str_radix(&v, 16).ok())
+            .unwrap_or(0)
+    };
+    let non_default = mask("SigCgt") | mask("SigIgn");
+    let brk = remote.call_ok("brk(0)", libc::SYS_brk, [0; 6])?;
+    let scratch = remote.call_ok(
+        "mmap scratch page",
+        libc::SYS_mmap,
+        [
+            0,
+            PAGE,
+            (libc::PROT_READ | libc::PROT_WRITE) as u64,
+            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+            u64::MAX,
+            0,
+        ],
+    )?;
+    let res = (|| {
+        let mut acts = Vec::new();
+        for sig in 1..=64u32 {
+            if non_default & (1u64 << (sig - 1)) == 0 {
+                continue;
+            }
+            remote.call_ok(
+                "rt_sigaction",
+                libc::SYS_rt_sigaction,
+                [sig as u64, 0, scratch, 8, 0, 0],
+            )?;
+            let mut b = [0u8; 32];
+            mem.read(scratch, &mut b)
+                .map_err(|e| GhostError::sys("reading sigaction", remote.pid, e))?;
+            let q = |i: usize| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(&b[i * 8..i * 8 + 8]);
+                u64::from_le_bytes(a)
+            };
+            acts.push(SigAction {
+                sig,
+                handler: q(0),
+                flags: q(1),
+                restorer: q(2),
+                mask: q(3),
+            });
+        }
+        remote.call_ok(
+            "sigaltstack",
+            libc::SYS_sigaltstack,
+            [0, scratch, 0, 0, 0, 0],
+        )?;
+        let mut b = [0u8; 24];
+        mem.read(scratch, &mut b)
+            .map_err(|e| GhostError::sys("reading sigaltstack", remote.pid, e))?;
+        let sp = u64::from_le_bytes(b[0..8].try_into().unwrap_or_default());
+        let flags = i32::from_le_bytes(b[8..12].try_into().unwrap_or_default());
+        let size = u64::from_le_bytes(b[16..24].try_into().unwrap_or_default());
+        let alt = (flags & libc::SS_DISABLE == 0).then_some(AltStack { sp, flags, size });
+        Ok((acts, alt, brk))
+    })();
+    remote.call_ok(
+        "munmap scratch page",
+        libc::SYS_munmap,
+        [scratch, PAGE, 0, 0, 0, 0],
+    )?;
+    res
+}
+
+/// Decides how a mapping is rebuilt, or None to skip it.
+fn classify(pid: i32, m: &MapLine) -> Result<Option<MapKind>> {
+    let p = m.path.as_str();
+    Ok(Some(match p {
+        "[vsyscall]" => return Ok(None),
+        "[vvar]" | "[vvar_vclock]" | "[vdso]" => MapKind::Vdso,
+        "" | "[heap]" | "[stack]" => {
+            if m.shared {
+                MapKind::ShmemAnon
+            } else {
+                MapKind::Anon
+            }
+        }
+        _ if p.starts_with('[') => {
+            return Err(GhostError::Unsupported(format!(
+                "process {pid} has a special mapping {p} at {:#x}",
+                m.start
+            )))
+        }
+        _ if p.ends_with(" (deleted)") || m.inode == 0 => {
+            if m.shared {
+                // /dev/zero (deleted), memfd, SysV shm: contents live only in memory.
+                MapKind::ShmemAnon
+            } else {
+                return Err(GhostError::Unsupported(format!(
+                    "process {pid} maps deleted file {p} privately at {:#x}; its unchanged pages cannot be recovered",
+                    m.start
+                )));
+            }
+        }
+        _ => {
+            if m.shared {
+                MapKind::FileShared
+            } else {
+                MapKind::FilePrivate
+            }
+        }
+    }))
+}
+
+/// Identity of the file mapped at `m` (through map_files, which follows the mapping even if the
+/// path was renamed since).
+fn file_id(pid: i32, m: &MapLine) -> Result<FileId> {
+    let link = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+    let md = fs::metadata(&link)
+        .or_else(|_| fs::metadata(&m.path))
+        .map_err(|e| GhostError::sys(format!("stat of mapped file {}", m.path), pid, e))?;
+    let hash = if md.len() <= HASH_FILES_UP_TO {
+        fs::read(&link)
+            .or_else(|_| fs::read(&m.path))
+            .map(|b| blake3::hash(&b).as_bytes().to_vec())
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    Ok(FileId {
+        dev: md.dev(),
+        ino: md.ino(),
+        size: md.len(),
+        mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+        hash,
+    })
+}
+
+fn list_fds(pid: i32) -> Result<Vec<Fd>> {
+    let dir = format!("/proc/{pid}/fd");
+    let rd = fs::read_dir(&dir).map_err(|e| GhostError::sys(format!("listing {dir}"), pid, e))?;
+    let mut fds = Vec::new();
+    for ent in rd.flatten() {
+        let Some(fd) = ent.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(target) = fs::read_link(ent.path()) else {
+            continue;
+        };
+        let path = target.to_string_lossy().into_owned();
+        let (pos, flags) = procfs::fdinfo(pid, fd)?;
+        let kind = if path.starts_with("pipe:") {
+            FdKind::Pipe
+        } else if path.starts_with("socket:") {
+            FdKind::Socket
+        } else if path.starts_with("/dev/pts/")
+            || path.starts_with("/dev/tty")
+            || path == "/dev/console"
+        {
+            FdKind::Tty
+        } else if path.starts_with('/') && !path.ends_with(" (deleted)") {
+            FdKind::Path
+        } else {
+            FdKind::Other
+        };
+        fds.push(Fd {
+            fd,
+            kind: kind as i32,
+            path,
+            flags,
+            pos,
+        });
+    }
+    fds.sort_by_key(|f| f.fd);
+    Ok(fds)
+}
+
+fn robust_list(pid: i32) -> (u64, u64) {
+    let mut head = 0u64;
+    let mut len = 0usize;
+    // SAFETY: out pointers are valid.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            pid,
+            &mut head as *mut u64,
+            &mut len as *mut usize,
+        )
+    };
+    if r == 0 {
+        (head, len as u64)
+    } else {
+        (0, 0)
+    }
+}

@@ -1,0 +1,592 @@
+//! The ghost image format: a fixed header, prost metadata, page data and a checksummed trailer.
+//!
+//! ```text
+//! header  (32 B)  magic "KRGGHOST" | format version u32 | header size u32 | meta len u64 | pages len u64
+//! meta            ProcessImage (prost)
+//! pages           contents of the stored pages, in the order of Mapping.runs
+//! trailer (40 B)  blake3(header ‖ meta ‖ pages) | end magic "KRGGEND\0"
+//! ```
+//!
+//! The checksum sits at the end so an export can stream without knowing it up front; an import
+//! therefore reads the whole image and checks it before anything is created. All integers are
+//! little endian.
+
+use crate::error::{GhostError, Result};
+use crate::rao::{read_full, rio, wio, GhostReader, GhostWriter};
+
+/// First bytes of every ghost image.
+pub const MAGIC: &[u8; 8] = b"KRGGHOST";
+/// Last bytes of every ghost image.
+pub const END_MAGIC: &[u8; 8] = b"KRGGEND\0";
+/// Format version written by this crate; images with a higher version are refused.
+pub const FORMAT_VERSION: u32 = 1;
+/// Size of the fixed header.
+pub const HEADER_LEN: usize = 32;
+/// Size of the trailer.
+pub const TRAILER_LEN: usize = 40;
+/// Refuse metadata larger than this: no real process needs it and a damaged length must not
+/// make us allocate gigabytes.
+const MAX_META: u64 = 256 << 20;
+
+/// Everything about the process except page contents.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ProcessImage {
+    /// What the restoring host must offer.
+    #[prost(message, optional, tag = "1")]
+    pub requirements: Option<Requirements>,
+    /// PID in the process's own (innermost) PID namespace: the one to take back.
+    #[prost(int32, tag = "2")]
+    pub pid: i32,
+    /// PID as seen by the exporter, for messages.
+    #[prost(int32, tag = "3")]
+    pub host_pid: i32,
+    /// Command name (/proc/PID/comm).
+    #[prost(string, tag = "4")]
+    pub comm: String,
+    /// Executable path (/proc/PID/exe).
+    #[prost(string, tag = "5")]
+    pub exe: String,
+    /// `struct user_regs_struct` as returned by PTRACE_GETREGS (27 u64).
+    #[prost(bytes = "vec", tag = "6")]
+    pub regs: Vec<u8>,
+    /// The XSAVE area from PTRACE_GETREGSET NT_X86_XSTATE (FPU, SSE, AVX, AVX-512...).
+    #[prost(bytes = "vec", tag = "7")]
+    pub xstate: Vec<u8>,
+    /// Every mapping of the address space, in address order.
+    #[prost(message, repeated, tag = "8")]
+    pub mappings: Vec<Mapping>,
+    /// brk and the other fields of the mm, restored with PR_SET_MM_MAP.
+    #[prost(message, optional, tag = "9")]
+    pub mm: Option<MmFields>,
+    /// Raw /proc/PID/auxv.
+    #[prost(bytes = "vec", tag = "10")]
+    pub auxv: Vec<u8>,
+    /// The registered rseq area, if any.
+    #[prost(message, optional, tag = "11")]
+    pub rseq: Option<Rseq>,
+    /// Open file descriptors.
+    #[prost(message, repeated, tag = "12")]
+    pub fds: Vec<Fd>,
+    /// Working directory.
+    #[prost(string, tag = "13")]
+    pub cwd: String,
+    /// File creation mask.
+    #[prost(uint32, tag = "14")]
+    pub umask: u32,
+    /// Resource limits.
+    #[prost(message, repeated, tag = "15")]
+    pub rlimits: Vec<Rlimit>,
+    /// Signal dispositions that are not SIG_DFL.
+    #[prost(message, repeated, tag = "16")]
+    pub sigactions: Vec<SigAction>,
+    /// Blocked signal mask.
+    #[prost(uint64, tag = "17")]
+    pub sigmask: u64,
+    /// Pending signals with their siginfo.
+    #[prost(message, repeated, tag = "18")]
+    pub pending: Vec<PendingSignal>,
+    /// Alternate signal stack.
+    #[prost(message, optional, tag = "19")]
+    pub sigaltstack: Option<AltStack>,
+    /// Session id in the process's PID namespace.
+    #[prost(int32, tag = "20")]
+    pub sid: i32,
+    /// Process group id in the process's PID namespace.
+    #[prost(int32, tag = "21")]
+    pub pgid: i32,
+    /// personality(2) flags.
+    #[prost(uint32, tag = "22")]
+    pub personality: u32,
+    /// set_robust_list head and length.
+    #[prost(uint64, tag = "23")]
+    pub robust_head: u64,
+    /// Length passed to set_robust_list.
+    #[prost(uint64, tag = "24")]
+    pub robust_len: u64,
+    /// Total bytes of page data following the metadata.
+    #[prost(uint64, tag = "25")]
+    pub page_bytes: u64,
+    /// When the image was taken (ms since the epoch).
+    #[prost(uint64, tag = "26")]
+    pub created_unix_ms: u64,
+}
+
+/// Host properties the image depends on, checked before anything is created.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Requirements {
+    /// Machine architecture ("x86_64").
+    #[prost(string, tag = "1")]
+    pub arch: String,
+    /// uname release of the exporting kernel (informational).
+    #[prost(string, tag = "2")]
+    pub kernel_release: String,
+    /// XSAVE feature mask (XCR0) of the exporting host; the importer must offer all of them.
+    #[prost(uint64, tag = "3")]
+    pub xfeatures: u64,
+    /// Size of the XSAVE area; must match.
+    #[prost(uint32, tag = "4")]
+    pub xstate_size: u32,
+    /// Instruction-set flags from /proc/cpuinfo that programs pick code paths by.
+    #[prost(string, repeated, tag = "5")]
+    pub cpu_flags: Vec<String>,
+    /// vvar / vvar_vclock / vdso sizes in address order (name, size).
+    #[prost(message, repeated, tag = "6")]
+    pub vdso_parts: Vec<VdsoPart>,
+    /// blake3 of the vDSO text: code may hold return addresses into it.
+    #[prost(bytes = "vec", tag = "7")]
+    pub vdso_hash: Vec<u8>,
+}
+
+/// One of the kernel's special mappings.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct VdsoPart {
+    /// "[vvar]", "[vvar_vclock]" or "[vdso]".
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// Size in bytes.
+    #[prost(uint64, tag = "2")]
+    pub size: u64,
+}
+
+/// How a mapping is rebuilt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
+#[repr(i32)]
+pub enum MapKind {
+    /// Private anonymous memory (heap, stack, malloc arenas): stored pages.
+    Anon = 0,
+    /// A file mapped privately: remapped from the file, plus the pages the process changed.
+    FilePrivate = 1,
+    /// A file mapped shared: remapped, contents live in the file.
+    FileShared = 2,
+    /// Shared anonymous memory (or a deleted shmem file): recreated, every present page stored.
+    ShmemAnon = 3,
+    /// vvar / vvar_vclock / vdso: moved, never stored.
+    Vdso = 4,
+}
+
+/// One line of /proc/PID/maps.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Mapping {
+    /// First address.
+    #[prost(uint64, tag = "1")]
+    pub start: u64,
+    /// End (exclusive).
+    #[prost(uint64, tag = "2")]
+    pub end: u64,
+    /// PROT_* bits.
+    #[prost(uint32, tag = "3")]
+    pub prot: u32,
+    /// How to rebuild it.
+    #[prost(enumeration = "MapKind", tag = "4")]
+    pub kind: i32,
+    /// Path of the mapped file, or the pseudo name ("[heap]", "[stack]"...).
+    #[prost(string, tag = "5")]
+    pub path: String,
+    /// File offset.
+    #[prost(uint64, tag = "6")]
+    pub offset: u64,
+    /// Identity of the mapped file, checked at import.
+    #[prost(message, optional, tag = "7")]
+    pub file: Option<FileId>,
+    /// Runs of stored pages; their contents follow in the page data, in this order.
+    #[prost(message, repeated, tag = "8")]
+    pub runs: Vec<PageRun>,
+    /// The mapping grows down (stack).
+    #[prost(bool, tag = "9")]
+    pub growsdown: bool,
+}
+
+/// Identity of a file a mapping needs.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct FileId {
+    /// st_dev.
+    #[prost(uint64, tag = "1")]
+    pub dev: u64,
+    /// st_ino.
+    #[prost(uint64, tag = "2")]
+    pub ino: u64,
+    /// st_size.
+    #[prost(uint64, tag = "3")]
+    pub size: u64,
+    /// st_mtime in ns.
+    #[prost(int64, tag = "4")]
+    pub mtime_ns: i64,
+    /// blake3 of the whole file when it is small enough to hash at export (lets a copy of
+    /// the same file on another node pass).
+    #[prost(bytes = "vec", tag = "5")]
+    pub hash: Vec<u8>,
+}
+
+/// Consecutive stored pages.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PageRun {
+    /// First address.
+    #[prost(uint64, tag = "1")]
+    pub addr: u64,
+    /// Number of 4 KiB pages.
+    #[prost(uint64, tag = "2")]
+    pub npages: u64,
+}
+
+/// Fields of PR_SET_MM_MAP.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MmFields {
+    #[prost(uint64, tag = "1")]
+    #[allow(missing_docs)]
+    pub start_code: u64,
+    #[prost(uint64, tag = "2")]
+    #[allow(missing_docs)]
+    pub end_code: u64,
+    #[prost(uint64, tag = "3")]
+    #[allow(missing_docs)]
+    pub start_data: u64,
+    #[prost(uint64, tag = "4")]
+    #[allow(missing_docs)]
+    pub end_data: u64,
+    #[prost(uint64, tag = "5")]
+    #[allow(missing_docs)]
+    pub start_brk: u64,
+    /// Current program break (brk(0) in the process).
+    #[prost(uint64, tag = "6")]
+    pub brk: u64,
+    #[prost(uint64, tag = "7")]
+    #[allow(missing_docs)]
+    pub start_stack: u64,
+    #[prost(uint64, tag = "8")]
+    #[allow(missing_docs)]
+    pub arg_start: u64,
+    #[prost(uint64, tag = "9")]
+    #[allow(missing_docs)]
+    pub arg_end: u64,
+    #[prost(uint64, tag = "10")]
+    #[allow(missing_docs)]
+    pub env_start: u64,
+    #[prost(uint64, tag = "11")]
+    #[allow(missing_docs)]
+    pub env_end: u64,
+}
+
+/// Registered rseq area (PTRACE_GET_RSEQ_CONFIGURATION).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Rseq {
+    /// Address of struct rseq.
+    #[prost(uint64, tag = "1")]
+    pub ptr: u64,
+    /// Registered length.
+    #[prost(uint32, tag = "2")]
+    pub len: u32,
+    /// Abort signature.
+    #[prost(uint32, tag = "3")]
+    pub sig: u32,
+}
+
+/// What an fd refers to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
+#[repr(i32)]
+pub enum FdKind {
+    /// Something reopened by path: regular file, directory, /dev/null, other device.
+    Path = 0,
+    /// A terminal: reopened by path, or the restorer's own terminal.
+    Tty = 1,
+    /// A pipe: must be handed in by the restorer (inherit).
+    Pipe = 2,
+    /// A socket: must be handed in by the restorer (inherit).
+    Socket = 3,
+    /// Anything else (eventfd, epoll...): must be handed in.
+    Other = 4,
+}
+
+/// One open file descriptor.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Fd {
+    /// Descriptor number.
+    #[prost(int32, tag = "1")]
+    pub fd: i32,
+    /// What it is.
+    #[prost(enumeration = "FdKind", tag = "2")]
+    pub kind: i32,
+    /// readlink of /proc/PID/fd/N.
+    #[prost(string, tag = "3")]
+    pub path: String,
+    /// open(2) flags from fdinfo (O_CLOEXEC included).
+    #[prost(uint32, tag = "4")]
+    pub flags: u32,
+    /// File offset.
+    #[prost(int64, tag = "5")]
+    pub pos: i64,
+}
+
+/// One resource limit.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Rlimit {
+    /// RLIMIT_* number.
+    #[prost(uint32, tag = "1")]
+    pub resource: u32,
+    /// Soft limit.
+    #[prost(uint64, tag = "2")]
+    pub cur: u64,
+    /// Hard limit.
+    #[prost(uint64, tag = "3")]
+    pub max: u64,
+}
+
+/// A kernel `struct sigaction` for one signal.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SigAction {
+    /// Signal number.
+    #[prost(uint32, tag = "1")]
+    pub sig: u32,
+    /// Handler address (1 = SIG_IGN).
+    #[prost(uint64, tag = "2")]
+    pub handler: u64,
+    /// SA_* flags.
+    #[prost(uint64, tag = "3")]
+    pub flags: u64,
+    /// sa_restorer.
+    #[prost(uint64, tag = "4")]
+    pub restorer: u64,
+    /// sa_mask.
+    #[prost(uint64, tag = "5")]
+    pub mask: u64,
+}
+
+/// A pending signal.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PendingSignal {
+    /// From the process-wide queue (else the thread's).
+    #[prost(bool, tag = "1")]
+    pub shared: bool,
+    /// The 128-byte siginfo_t.
+    #[prost(bytes = "vec", tag = "2")]
+    pub siginfo: Vec<u8>,
+}
+
+/// sigaltstack(2) state.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AltStack {
+    /// ss_sp.
+    #[prost(uint64, tag = "1")]
+    pub sp: u64,
+    /// ss_flags.
+    #[prost(int32, tag = "2")]
+    pub flags: i32,
+    /// ss_size.
+    #[prost(uint64, tag = "3")]
+    pub size: u64,
+}
+
+/// Writes an image: header and metadata first, then page data in pieces, then the trailer.
+pub(crate) struct ImageWriter<'a> {
+    out: &'a mut dyn GhostWriter,
+    hasher: blake3::Hasher,
+    pages_left: u64,
+}
+
+impl<'a> ImageWriter<'a> {
+    /// Writes header and metadata; `meta.page_bytes` announces the page data that must follow.
+    pub fn begin(out: &'a mut dyn GhostWriter, meta: &ProcessImage) -> Result<Self> {
+        let meta_bytes = prost::Message::encode_to_vec(meta);
+        let mut header = Vec::with_capacity(HEADER_LEN);
+        header.extend_from_slice(MAGIC);
+        header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        header.extend_from_slice(&(HEADER_LEN as u32).to_le_bytes());
+        header.extend_from_slice(&(meta_bytes.len() as u64).to_le_bytes());
+        header.extend_from_slice(&meta.page_bytes.to_le_bytes());
+        let mut w = ImageWriter {
+            out,
+            hasher: blake3::Hasher::new(),
+            pages_left: meta.page_bytes,
+        };
+        w.put(&header, "writing the image header")?;
+        w.put(&meta_bytes, "writing the image metadata")?;
+        Ok(w)
+    }
+
+    fn put(&mut self, b: &[u8], what: &str) -> Result<()> {
+        self.hasher.update(b);
+        self.out.write_all(b).map_err(|e| wio(self.out, what, e))
+    }
+
+    /// Appends page data.
+    pub fn pages(&mut self, b: &[u8]) -> Result<()> {
+        if b.len() as u64 > self.pages_left {
+            return Err(GhostError::Unsupported(
+                "the process's memory changed while it was exported (more pages than announced)"
+                    .into(),
+            ));
+        }
+        self.pages_left -= b.len() as u64;
+        self.put(b, "writing page data")
+    }
+
+    /// Writes the trailer and finishes the writer.
+    pub fn end(self) -> Result<()> {
+        if self.pages_left != 0 {
+            return Err(GhostError::Unsupported(format!(
+                "{} bytes of announced page data were not written",
+                self.pages_left
+            )));
+        }
+        let hash = self.hasher.finalize();
+        let mut t = Vec::with_capacity(TRAILER_LEN);
+        t.extend_from_slice(hash.as_bytes());
+        t.extend_from_slice(END_MAGIC);
+        self.out
+            .write_all(&t)
+            .map_err(|e| wio(self.out, "writing the image trailer", e))?;
+        self.out
+            .finish()
+            .map_err(|e| wio(self.out, "finishing the image", e))
+    }
+}
+
+/// A whole image read and verified.
+pub struct LoadedImage {
+    /// The metadata.
+    pub meta: ProcessImage,
+    bytes: Vec<u8>,
+    pages_off: usize,
+    pages_len: usize,
+}
+
+impl LoadedImage {
+    /// The page data, in the order of the mappings' runs.
+    pub fn pages(&self) -> &[u8] {
+        &self.bytes[self.pages_off..self.pages_off + self.pages_len]
+    }
+    /// Total size of the image in bytes.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+    /// True for an image of no bytes (never, once loaded).
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
+/// Reads a whole image, checks magic, version, lengths and checksum, and decodes the metadata.
+/// Nothing about the host is checked here (see `compat`).
+pub fn load(r: &mut dyn GhostReader) -> Result<LoadedImage> {
+    let mut header = [0u8; HEADER_LEN];
+    let n = read_full(r, &mut header).map_err(|e| rio(r, "reading the image header", e))?;
+    if n < 8 || &header[..8] != MAGIC {
+        return Err(GhostError::BadImage(format!(
+            "{} is not a ghost image (wrong magic; expected a file written by `krg checkpoint`)",
+            r.describe()
+        )));
+    }
+    if n < HEADER_LEN {
+        return Err(GhostError::BadImage(format!(
+            "{} is truncated: {n} bytes, shorter than the {HEADER_LEN}-byte header",
+            r.describe()
+        )));
+    }
+    let le32 =
+        |o: usize| u32::from_le_bytes([header[o], header[o + 1], header[o + 2], header[o + 3]]);
+    let le64 = |o: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&header[o..o + 8]);
+        u64::from_le_bytes(b)
+    };
+    let version = le32(8);
+    if version > FORMAT_VERSION {
+        return Err(GhostError::BadImage(format!(
+            "{} has format version {version}, newer than this build understands ({FORMAT_VERSION}): restore it with a newer krg",
+            r.describe()
+        )));
+    }
+    if version == 0 || le32(12) as usize != HEADER_LEN {
+        return Err(GhostError::BadImage(format!(
+            "{} has a damaged header (version {version}, header size {})",
+            r.describe(),
+            le32(12)
+        )));
+    }
+    let meta_len = le64(16);
+    let pages_len = le64(24);
+    if meta_len > MAX_META || pages_len > (1u64 << 47) {
+        return Err(GhostError::BadImage(format!(
+            "{} has a damaged header (metadata {meta_len} bytes, pages {pages_len} bytes)",
+            r.describe()
+        )));
+    }
+    let total = HEADER_LEN as u64 + meta_len + pages_len + TRAILER_LEN as u64;
+    if let Some(have) = r.size_hint() {
+        if have < total {
+            return Err(GhostError::BadImage(format!(
+                "{} is truncated: {have} bytes, the header announces {total}",
+                r.describe()
+            )));
+        }
+    }
+    let total = usize::try_from(total)
+        .map_err(|_| GhostError::BadImage("image larger than the address space".into()))?;
+    let mut bytes = Vec::new();
+    bytes.try_reserve_exact(total).map_err(|_| {
+        GhostError::BadImage(format!(
+            "cannot allocate {total} bytes to read {} (not enough memory)",
+            r.describe()
+        ))
+    })?;
+    bytes.extend_from_slice(&header);
+    // Read straight into the vector's spare capacity; zeroing 1 GiB first would cost a pass.
+    bytes.resize(total, 0);
+    let got = read_full(r, &mut bytes[HEADER_LEN..]).map_err(|e| rio(r, "reading the image", e))?;
+    if got + HEADER_LEN < total {
+        return Err(GhostError::BadImage(format!(
+            "{} is truncated: {} bytes, the header announces {total}",
+            r.describe(),
+            got + HEADER_LEN
+        )));
+    }
+    let mut extra = [0u8; 1];
+    if read_full(r, &mut extra).map_err(|e| rio(r, "reading the image", e))? != 0 {
+        return Err(GhostError::BadImage(format!(
+            "{} has bytes after the end of the image (damaged or concatenated)",
+            r.describe()
+        )));
+    }
+    let body = total - TRAILER_LEN;
+    if &bytes[body + 32..] != END_MAGIC {
+        return Err(GhostError::BadImage(format!(
+            "{} is damaged: end marker missing",
+            r.describe()
+        )));
+    }
+    let hash = blake3::hash(&bytes[..body]);
+    if hash.as_bytes() != &bytes[body..body + 32] {
+        return Err(GhostError::BadImage(format!(
+            "{} is damaged: checksum mismatch (the file was altered or corrupted; use another checkpoint)",
+            r.describe()
+        )));
+    }
+    let meta_end = HEADER_LEN + meta_len as usize;
+    let meta: ProcessImage = prost::Message::decode(&bytes[HEADER_LEN..meta_end]).map_err(|e| {
+        GhostError::BadImage(format!("{}: metadata does not decode: {e}", r.describe()))
+    })?;
+    if meta.page_bytes != pages_len {
+        return Err(GhostError::BadImage(format!(
+            "{}: metadata announces {} page bytes, header {pages_len}",
+            r.describe(),
+            meta.page_bytes
+        )));
+    }
+    let run_bytes: u64 = meta
+        .mappings
+        .iter()
+        .flat_map(|m| m.runs.iter())
+        .map(|r| r.npages.saturating_mul(crate::PAGE))
+        .fold(0u64, |a, b| a.saturating_add(b));
+    if run_bytes != pages_len {
+        return Err(GhostError::BadImage(format!(
+            "{}: page runs cover {run_bytes} bytes but {pages_len} are stored",
+            r.describe()
+        )));
+    }
+    Ok(LoadedImage {
+        meta,
+        bytes,
+        pages_off: meta_end,
+        pages_len: pages_len as usize,
+    })
+}

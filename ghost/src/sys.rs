@@ -1,0 +1,429 @@
+//! Thin, checked wrappers over ptrace, remote memory access and syscall injection.
+//!
+//! Syscalls are injected by pointing the tracee's instruction pointer at a `syscall`
+//! instruction and single-stepping it: the kernel reports a SIGTRAP as soon as the syscall
+//! returns, so no breakpoint has to be written into the tracee's code (writing one into a
+//! file-backed text page would leave a private copy of that page behind).
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use crate::error::{GhostError, Result};
+
+pub(crate) const PTRACE_SEIZE: libc::c_uint = 0x4206;
+pub(crate) const PTRACE_INTERRUPT: libc::c_uint = 0x4207;
+pub(crate) const PTRACE_GETREGSET: libc::c_uint = 0x4204;
+pub(crate) const PTRACE_SETREGSET: libc::c_uint = 0x4205;
+pub(crate) const PTRACE_PEEKSIGINFO: libc::c_uint = 0x4209;
+pub(crate) const PTRACE_GETSIGMASK: libc::c_uint = 0x420a;
+pub(crate) const PTRACE_SETSIGMASK: libc::c_uint = 0x420b;
+pub(crate) const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
+pub(crate) const PTRACE_PEEKSIGINFO_SHARED: u32 = 1;
+pub(crate) const PTRACE_O_EXITKILL: libc::c_long = 1 << 20;
+const NT_X86_XSTATE: libc::c_long = 0x202;
+/// Big enough for every XSAVE layout up to AMX; the kernel shortens the iovec to the real size.
+const XSTATE_MAX: usize = 16384;
+
+/// `struct user_regs_struct` (x86_64), as PTRACE_GETREGS returns it.
+pub(crate) type Regs = libc::user_regs_struct;
+
+pub(crate) fn regs_to_bytes(r: &Regs) -> Vec<u8> {
+    let p = r as *const Regs as *const u8;
+    // SAFETY: user_regs_struct is plain old data of 27 u64.
+    unsafe { std::slice::from_raw_parts(p, std::mem::size_of::<Regs>()) }.to_vec()
+}
+
+pub(crate) fn regs_from_bytes(b: &[u8]) -> Option<Regs> {
+    if b.len() != std::mem::size_of::<Regs>() {
+        return None;
+    }
+    // SAFETY: every bit pattern is a valid user_regs_struct; length checked above.
+    Some(unsafe { std::ptr::read_unaligned(b.as_ptr() as *const Regs) })
+}
+
+fn ptrace(req: libc::c_uint, pid: i32, addr: usize, data: usize) -> libc::c_long {
+    // SAFETY: the callers pass addresses of live buffers of the size each request needs.
+    unsafe {
+        libc::ptrace(
+            req,
+            pid,
+            addr as *mut libc::c_void,
+            data as *mut libc::c_void,
+        )
+    }
+}
+
+fn check(r: libc::c_long, what: &str, pid: i32) -> Result<libc::c_long> {
+    if r == -1 {
+        Err(GhostError::last_os(what, pid))
+    } else {
+        Ok(r)
+    }
+}
+
+/// waitpid(pid, __WALL), retrying on EINTR.
+pub(crate) fn wait(pid: i32) -> Result<i32> {
+    let mut status = 0;
+    loop {
+        // SAFETY: status is a valid out pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
+        if r == pid {
+            return Ok(status);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(GhostError::sys("waitpid", pid, e));
+        }
+    }
+}
+
+/// Describes a wait status for error messages.
+pub(crate) fn describe_status(st: i32) -> String {
+    if libc::WIFEXITED(st) {
+        format!("exited with status {}", libc::WEXITSTATUS(st))
+    } else if libc::WIFSIGNALED(st) {
+        format!("was killed by signal {}", libc::WTERMSIG(st))
+    } else if libc::WIFSTOPPED(st) {
+        format!(
+            "stopped by signal {} (event {})",
+            libc::WSTOPSIG(st),
+            st >> 16
+        )
+    } else {
+        format!("changed state (status {st:#x})")
+    }
+}
+
+pub(crate) fn seize(pid: i32) -> Result<()> {
+    check(ptrace(PTRACE_SEIZE, pid, 0, 0), "PTRACE_SEIZE", pid).map_err(|e| match e {
+        GhostError::Sys { source, .. } => GhostError::Process {
+            pid,
+            msg: format!(
+                "cannot trace it ({source}); it must exist, be single-threaded, not already \
+                 traced (gdb, strace), and you need root or the same user with ptrace_scope 0"
+            ),
+        },
+        e => e,
+    })?;
+    Ok(())
+}
+
+pub(crate) fn interrupt(pid: i32) -> Result<()> {
+    check(ptrace(PTRACE_INTERRUPT, pid, 0, 0), "PTRACE_INTERRUPT", pid).map(|_| ())
+}
+
+pub(crate) fn detach(pid: i32, sig: i32) -> Result<()> {
+    check(
+        ptrace(libc::PTRACE_DETACH, pid, 0, sig as usize),
+        "PTRACE_DETACH",
+        pid,
+    )
+    .map(|_| ())
+}
+
+pub(crate) fn set_options(pid: i32, opts: libc::c_long) -> Result<()> {
+    check(
+        ptrace(libc::PTRACE_SETOPTIONS, pid, 0, opts as usize),
+        "PTRACE_SETOPTIONS",
+        pid,
+    )
+    .map(|_| ())
+}
+
+pub(crate) fn get_regs(pid: i32) -> Result<Regs> {
+    // SAFETY: zeroed POD.
+    let mut r: Regs = unsafe { std::mem::zeroed() };
+    check(
+        ptrace(libc::PTRACE_GETREGS, pid, 0, &mut r as *mut Regs as usize),
+        "PTRACE_GETREGS",
+        pid,
+    )?;
+    Ok(r)
+}
+
+pub(crate) fn set_regs(pid: i32, r: &Regs) -> Result<()> {
+    check(
+        ptrace(libc::PTRACE_SETREGS, pid, 0, r as *const Regs as usize),
+        "PTRACE_SETREGS",
+        pid,
+    )
+    .map(|_| ())
+}
+
+pub(crate) fn get_xstate(pid: i32) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; XSTATE_MAX];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    check(
+        ptrace(
+            PTRACE_GETREGSET,
+            pid,
+            NT_X86_XSTATE as usize,
+            &mut iov as *mut libc::iovec as usize,
+        ),
+        "PTRACE_GETREGSET NT_X86_XSTATE",
+        pid,
+    )?;
+    buf.truncate(iov.iov_len);
+    Ok(buf)
+}
+
+pub(crate) fn set_xstate(pid: i32, x: &[u8]) -> Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: x.as_ptr() as *mut libc::c_void,
+        iov_len: x.len(),
+    };
+    check(
+        ptrace(
+            PTRACE_SETREGSET,
+            pid,
+            NT_X86_XSTATE as usize,
+            &mut iov as *mut libc::iovec as usize,
+        ),
+        "PTRACE_SETREGSET NT_X86_XSTATE",
+        pid,
+    )
+    .map(|_| ())
+}
+
+pub(crate) fn get_sigmask(pid: i32) -> Result<u64> {
+    let mut m = 0u64;
+    check(
+        ptrace(PTRACE_GETSIGMASK, pid, 8, &mut m as *mut u64 as usize),
+        "PTRACE_GETSIGMASK",
+        pid,
+    )?;
+    Ok(m)
+}
+
+pub(crate) fn set_sigmask(pid: i32, m: u64) -> Result<()> {
+    check(
+        ptrace(PTRACE_SETSIGMASK, pid, 8, &m as *const u64 as usize),
+        "PTRACE_SETSIGMASK",
+        pid,
+    )
+    .map(|_| ())
+}
+
+/// All pending siginfos of one queue (private or shared), 128 bytes each.
+pub(crate) fn peek_siginfo(pid: i32, shared: bool) -> Result<Vec<Vec<u8>>> {
+    #[repr(C)]
+    struct Args {
+        off: u64,
+        flags: u32,
+        nr: i32,
+    }
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 128 * 32];
+    loop {
+        let args = Args {
+            off: out.len() as u64,
+            flags: if shared { PTRACE_PEEKSIGINFO_SHARED } else { 0 },
+            nr: 32,
+        };
+        let n = check(
+            ptrace(
+                PTRACE_PEEKSIGINFO,
+                pid,
+                &args as *const Args as usize,
+                buf.as_mut_ptr() as usize,
+            ),
+            "PTRACE_PEEKSIGINFO",
+            pid,
+        )? as usize;
+        for i in 0..n {
+            out.push(buf[i * 128..(i + 1) * 128].to_vec());
+        }
+        if n < 32 {
+            return Ok(out);
+        }
+    }
+}
+
+/// (rseq area, length, signature), or None when the thread has no rseq registered.
+pub(crate) fn rseq_config(pid: i32) -> Result<Option<(u64, u32, u32)>> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct Conf {
+        ptr: u64,
+        len: u32,
+        sig: u32,
+        flags: u32,
+        pad: u32,
+    }
+    let mut c = Conf::default();
+    check(
+        ptrace(
+            PTRACE_GET_RSEQ_CONFIGURATION,
+            pid,
+            std::mem::size_of::<Conf>(),
+            &mut c as *mut Conf as usize,
+        ),
+        "PTRACE_GET_RSEQ_CONFIGURATION",
+        pid,
+    )?;
+    Ok(if c.ptr == 0 || c.len == 0 {
+        None
+    } else {
+        Some((c.ptr, c.len, c.sig))
+    })
+}
+
+/// Reads remote memory with process_vm_readv (readable mappings only).
+pub(crate) fn vm_read(pid: i32, addr: u64, buf: &mut [u8]) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let local = libc::iovec {
+            iov_base: buf[done..].as_mut_ptr() as *mut libc::c_void,
+            iov_len: buf.len() - done,
+        };
+        let remote = libc::iovec {
+            iov_base: (addr as usize + done) as *mut libc::c_void,
+            iov_len: buf.len() - done,
+        };
+        // SAFETY: local iovec points into buf.
+        let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+        if n <= 0 {
+            return Err(if n == 0 {
+                io::Error::new(io::ErrorKind::UnexpectedEof, "short process_vm_readv")
+            } else {
+                io::Error::last_os_error()
+            });
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// Writes remote memory with process_vm_writev (writable mappings only).
+pub(crate) fn vm_write(pid: i32, addr: u64, buf: &[u8]) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let local = libc::iovec {
+            iov_base: buf[done..].as_ptr() as *mut libc::c_void,
+            iov_len: buf.len() - done,
+        };
+        let remote = libc::iovec {
+            iov_base: (addr as usize + done) as *mut libc::c_void,
+            iov_len: buf.len() - done,
+        };
+        // SAFETY: local iovec points into buf.
+        let n = unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) };
+        if n <= 0 {
+            return Err(if n == 0 {
+                io::Error::new(io::ErrorKind::UnexpectedEof, "short process_vm_writev")
+            } else {
+                io::Error::last_os_error()
+            });
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// /proc/PID/mem, which (unlike process_vm_*) reaches read-only and PROT_NONE pages.
+pub(crate) struct ProcMem {
+    file: File,
+}
+
+impl ProcMem {
+    pub fn open(pid: i32) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/{pid}/mem"))
+            .map_err(|e| GhostError::sys("open /proc/PID/mem", pid, e))?;
+        Ok(ProcMem { file })
+    }
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file.read_exact_at(buf, addr)
+    }
+    pub fn write(&self, addr: u64, buf: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(buf, addr)
+    }
+}
+
+/// Injects system calls into a stopped tracee.
+pub(crate) struct Remote {
+    pub pid: i32,
+    /// Address of a `syscall` instruction (0f 05) in the tracee.
+    pub syscall_at: u64,
+    /// Registers the injected calls start from (the tracee's state at the stop).
+    pub base: Regs,
+    /// Signals that arrived while we were stepping; they were held back and must be sent
+    /// again once the tracee is released, so the process loses none.
+    pub held: std::cell::RefCell<Vec<i32>>,
+}
+
+impl Remote {
+    /// Runs one system call in the tracee and returns its raw result (-errno on failure).
+    pub fn call(&self, nr: i64, args: [u64; 6]) -> Result<i64> {
+        let mut r = self.base;
+        r.rip = self.syscall_at;
+        r.rax = nr as u64;
+        // orig_rax = -1 keeps the kernel's syscall-restart logic away from our registers.
+        r.orig_rax = u64::MAX;
+        r.rdi = args[0];
+        r.rsi = args[1];
+        r.rdx = args[2];
+        r.r10 = args[3];
+        r.r8 = args[4];
+        r.r9 = args[5];
+        set_regs(self.pid, &r)?;
+        check(
+            ptrace(libc::PTRACE_SINGLESTEP, self.pid, 0, 0),
+            "PTRACE_SINGLESTEP",
+            self.pid,
+        )?;
+        loop {
+            let st = wait(self.pid)?;
+            if libc::WIFSTOPPED(st) && libc::WSTOPSIG(st) == libc::SIGTRAP {
+                break;
+            }
+            if libc::WIFSTOPPED(st) {
+                if st >> 16 == 0 {
+                    self.held.borrow_mut().push(libc::WSTOPSIG(st));
+                }
+                // Some other stop (a signal that is not blocked, a group stop): swallow it and
+                // keep stepping; the real signal state is restored separately.
+                check(
+                    ptrace(libc::PTRACE_SINGLESTEP, self.pid, 0, 0),
+                    "PTRACE_SINGLESTEP",
+                    self.pid,
+                )?;
+                continue;
+            }
+            return Err(GhostError::Process {
+                pid: self.pid,
+                msg: format!("{} during an injected syscall {nr}", describe_status(st)),
+            });
+        }
+        let after = get_regs(self.pid)?;
+        if after.rip != self.syscall_at + 2 {
+            return Err(GhostError::Process {
+                pid: self.pid,
+                msg: format!(
+                    "injected syscall {nr} did not return where expected (rip {:#x})",
+                    after.rip
+                ),
+            });
+        }
+        Ok(after.rax as i64)
+    }
+
+    /// Like `call` but turns -errno into an error naming `what`.
+    pub fn call_ok(&self, what: &str, nr: i64, args: [u64; 6]) -> Result<u64> {
+        let r = self.call(nr, args)?;
+        if (-4095..0).contains(&r) {
+            return Err(GhostError::Sys {
+                what: format!("{what} (injected)"),
+                pid: self.pid,
+                source: io::Error::from_raw_os_error(-r as i32),
+            });
+        }
+        Ok(r as u64)
+    }
+}
