@@ -319,13 +319,13 @@ impl MetaNode {
                 EntryType::EntryConfChange => {
                     let mut cc = ConfChange::default();
                     cc.merge_from_bytes(&entry.data)
-                        .map_err(|e| raft::Error::CodecError(e))?;
+                        .map_err(raft::Error::CodecError)?;
                     conf_state = Some(self.raw.apply_conf_change(&cc)?);
                 }
                 EntryType::EntryConfChangeV2 => {
                     let mut cc = ConfChangeV2::default();
                     cc.merge_from_bytes(&entry.data)
-                        .map_err(|e| raft::Error::CodecError(e))?;
+                        .map_err(raft::Error::CodecError)?;
                     conf_state = Some(self.raw.apply_conf_change(&cc)?);
                 }
             }

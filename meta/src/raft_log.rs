@@ -68,8 +68,10 @@ impl LogStore {
         let conf_state = match engine.get(KEY_CONF_STATE)? {
             Some(b) => decode(KEY_CONF_STATE, &b)?,
             None => {
-                let mut cs = ConfState::default();
-                cs.voters = voters.to_vec();
+                let cs = ConfState {
+                    voters: voters.to_vec(),
+                    ..Default::default()
+                };
                 let mut b = WriteBatch::default();
                 b.put(KEY_CONF_STATE.to_vec(), encode(&cs));
                 engine.write(b, true)?;
@@ -179,10 +181,12 @@ impl LogStore {
         for i in self.first()..=index {
             batch.delete(log_key(i));
         }
-        let mut meta = SnapshotMetadata::default();
-        meta.index = index;
-        meta.term = term;
-        meta.set_conf_state(self.conf_state.clone());
+        let meta = SnapshotMetadata {
+            index,
+            term,
+            conf_state: Some(self.conf_state.clone()).into(),
+            ..Default::default()
+        };
         batch.put(KEY_SNAPSHOT_META.to_vec(), encode(&meta));
         self.engine.write(batch, true)?;
         self.snapshot_meta = meta;
@@ -369,8 +373,10 @@ impl raft::Storage for LogStore {
         }
         let view = SpaceView::new(self.engine.as_ref(), space::STATE);
         let data = encode_state(&view).map_err(store_err)?;
-        let mut snap = Snapshot::default();
-        snap.data = data.into();
+        let mut snap = Snapshot {
+            data: data.into(),
+            ..Default::default()
+        };
         let meta = snap.mut_metadata();
         meta.index = self.applied;
         meta.term = self.term(self.applied)?;

@@ -60,10 +60,7 @@ impl WriteBatch {
 }
 
 /// `end` of a scan: an empty slice means "to the end of the key space".
-fn upper_bound<T: ?Sized>(end: &T) -> Bound<&T>
-where
-    T: AsRef<[u8]>,
-{
+fn upper_bound<T: ?Sized + AsRef<[u8]>>(end: &T) -> Bound<&T> {
     if end.as_ref().is_empty() {
         Bound::Unbounded
     } else {
