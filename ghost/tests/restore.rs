@@ -282,3 +282,43 @@ fn mgs_image_size_grows_with_matrix() {
         );
     }
 }
+
+/// Migration through the TCP resource access objects, library only: the receiving thread
+/// imports the ghost and acks, then the sender destroys the original.
+#[test]
+fn migrate_over_tcp_stream_library() {
+    require_root();
+    let d = tempfile::tempdir().unwrap();
+    let prog = build(d.path(), "counter", &[]);
+    let (log, app) = (d.path().join("log"), d.path().join("app"));
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    // The importing thread is the restored process's parent and tracer: it also reaps it.
+    let receiver = std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        let rep = serve_migration(s, &ImportOptions::default()).expect("remote import");
+        rep.pid
+    });
+    let mut child = spawn(&prog, &["16", log.to_str().unwrap(), app.to_str().unwrap()]);
+    let pid = child.id() as i32;
+    wait_for(&log, "counters", 20, |s| counters(s).len() >= 5);
+    let mut w = TcpWriter::connect(&addr).unwrap();
+    export_process(pid, &ExportOptions { after: After::Stop }, &mut w).expect("export");
+    let ack = w.wait_ack().unwrap();
+    // The stopped original still holds its PID, so the receiver had to take another one.
+    let MigrationAck::Restored(_) = ack else {
+        panic!("remote failed: {ack:?}")
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let new_pid = receiver.join().unwrap();
+    assert_ne!(new_pid, pid);
+    let n = counters(&read(&log)).len();
+    let s = wait_for(&log, "counting after migration", 20, |s| {
+        counters(s).len() >= n + 10
+    });
+    assert_consecutive(&s, n + 10);
+    // The receiving thread has exited; the restored process was reparented and is not ours.
+    // SAFETY: kill(2) of the migrated test program.
+    unsafe { libc::kill(new_pid, libc::SIGKILL) };
+}

@@ -99,3 +99,54 @@ pub fn alive(pid: i32) -> bool {
         .map(|s| !s.contains(") Z") && !s.contains(") X"))
         .unwrap_or(false)
 }
+
+/// The `krg` binary of this build (scripts/test builds every binary before the tests).
+pub fn krg() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let p = dir.join("krg");
+    assert!(
+        p.exists(),
+        "{} is missing: build it first with `cargo build -p kerfs-cli --bin krg` (scripts/test does)",
+        p.display()
+    );
+    p
+}
+
+/// PIDs of live processes running `prog`.
+pub fn pids_of(prog: &Path) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if std::fs::read_link(format!("/proc/{pid}/exe"))
+            .ok()
+            .as_deref()
+            == Some(prog)
+            && alive(pid)
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Innermost-namespace PID of `pid`.
+pub fn ns_pid(pid: i32) -> i32 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find(|l| l.starts_with("NSpid:"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|p| p.parse().ok())
+        .unwrap()
+}
+
+/// Checks a counter log is 1, 2, 3... with no gap or repeat and at least `min` lines.
+pub fn assert_consecutive(s: &str, min: usize) {
+    let c = counters(s);
+    assert!(c.len() >= min, "only {} counters", c.len());
+    for (i, v) in c.iter().enumerate() {
+        assert_eq!(*v, i as u64 + 1, "counter sequence broken at line {i}");
+    }
+}
