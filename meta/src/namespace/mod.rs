@@ -1,10 +1,33 @@
 //! The namespace state machine: inodes, directory entries, xattrs, open-file sessions and
 //! client sessions, changed only by committed [`Command`]s. Deterministic: the result of a
 //! command depends only on the state and the command (its time is stamped in it).
+//!
+//! Layout of the code:
+//! - `records`: keys and on-disk records;
+//! - `perm`: who may do what (POSIX permission, sticky and ownership rules);
+//! - `nodes`: create, link, remove, setattr (everything that changes inodes and entries);
+//! - `rename`: rename with its flags and the subtree rule;
+//! - `xattr`: extended attributes;
+//! - `sessions`: client sessions, exactly-once replies, open handles and orphan inodes;
+//! - `reads`: lookup, getattr, readdir, readlink, statfs, the state digest.
+//!
+//! readdir leaves "." and ".." to the FUSE layer: cookies 1 and 2 are never handed out,
+//! the first real entry of a directory has cookie 3.
 
-use kerfs_proto::{Command, ReadOp, Reply};
+mod nodes;
+mod perm;
+mod reads;
+mod records;
+mod rename;
+mod sessions;
+mod xattr;
 
-use crate::store::{KvRead, Overlay};
+#[cfg(test)]
+mod tests;
+
+use kerfs_proto::{command, read_op, Caller, Command, ReadOp, Reply, Timespec};
+
+use crate::store::{KvRead, Overlay, StoreError};
 
 /// Settings every replica must share (they shape results, so they are part of determinism).
 #[derive(Debug, Clone)]
@@ -30,6 +53,93 @@ pub struct Namespace {
     pub config: NamespaceConfig,
 }
 
+/// A failed operation: the errno to return and what failed.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Fail {
+    pub errno: i32,
+    pub message: String,
+}
+
+impl Fail {
+    pub fn new(errno: i32, message: impl Into<String>) -> Fail {
+        Fail {
+            errno,
+            message: message.into(),
+        }
+    }
+
+    /// A record that does not decode: the data directory is damaged.
+    pub fn corrupt(key: &[u8], why: &str) -> Fail {
+        Fail::new(
+            libc::EIO,
+            format!(
+                "metadata record {} is malformed ({why}); the data directory is damaged, \
+                 rebuild this node from its peers",
+                hex(key)
+            ),
+        )
+    }
+
+    pub fn into_reply(self) -> Reply {
+        Reply::error(self.errno, self.message)
+    }
+}
+
+impl From<StoreError> for Fail {
+    fn from(e: StoreError) -> Fail {
+        Fail::new(libc::EIO, e.to_string())
+    }
+}
+
+pub(crate) type R<T> = Result<T, Fail>;
+
+pub(crate) fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Shows a name in messages (names are bytes, maybe not UTF-8).
+pub(crate) fn show(name: &[u8]) -> String {
+    String::from_utf8_lossy(name).into_owned()
+}
+
+/// The credentials a request runs with; an absent caller is root (internal commands).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Who {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+impl Who {
+    pub fn from_caller(c: Option<&Caller>) -> Who {
+        match c {
+            Some(c) => Who {
+                uid: c.uid,
+                gid: c.gid,
+                groups: c.groups.clone(),
+            },
+            None => Who {
+                uid: 0,
+                gid: 0,
+                groups: Vec::new(),
+            },
+        }
+    }
+    pub fn is_root(&self) -> bool {
+        self.uid == 0
+    }
+    pub fn in_group(&self, gid: u32) -> bool {
+        self.gid == gid || self.groups.contains(&gid)
+    }
+}
+
+/// What one write command sees: its time and caller.
+pub(crate) struct Ctx {
+    pub now: Timespec,
+    pub who: Who,
+    pub client_id: u64,
+}
+
 impl Namespace {
     pub fn new(config: NamespaceConfig) -> Namespace {
         Namespace { config }
@@ -38,17 +148,70 @@ impl Namespace {
     /// Applies one committed command; writes only through `state`. A failing command
     /// leaves no write behind except its cached reply (for exactly-once retries).
     pub fn apply(&self, state: &mut Overlay<'_>, cmd: &Command) -> Reply {
-        let _ = (state, cmd);
-        Reply::error(libc_enosys(), "not implemented")
+        match self.apply_inner(state, cmd) {
+            Ok(reply) => reply,
+            Err(f) => f.into_reply(),
+        }
+    }
+
+    fn apply_inner(&self, state: &mut Overlay<'_>, cmd: &Command) -> R<Reply> {
+        // The root comes into being with the first command; it is not part of any
+        // command's own writes, so even a failing first command leaves it behind (on
+        // every replica alike).
+        nodes::ensure_root(state, cmd.now.unwrap_or_default())?;
+        let ctx = Ctx {
+            now: cmd.now.unwrap_or_default(),
+            who: Who::from_caller(cmd.caller.as_ref()),
+            client_id: cmd.client_id,
+        };
+        if cmd.client_id == 0 {
+            return Ok(run_op(&ctx, state, cmd));
+        }
+        sessions::with_exactly_once(&ctx, state, cmd, |ctx, state| run_op(ctx, state, cmd))
     }
 
     /// Serves one read from the applied state.
     pub fn read(&self, state: &dyn KvRead, op: &ReadOp) -> Reply {
-        let _ = (state, op);
-        Reply::error(libc_enosys(), "not implemented")
+        let who = Who::from_caller(op.caller.as_ref());
+        let result = match &op.op {
+            None => Err(Fail::new(libc::EINVAL, "read request without an operation")),
+            Some(read_op::Op::Lookup(l)) => reads::lookup(state, &who, l),
+            Some(read_op::Op::GetAttr(g)) => reads::getattr(state, g),
+            Some(read_op::Op::ReadDir(r)) => reads::readdir(state, &who, r),
+            Some(read_op::Op::ReadLink(r)) => reads::readlink(state, r),
+            Some(read_op::Op::GetXattr(g)) => xattr::get(state, &who, g),
+            Some(read_op::Op::ListXattr(l)) => xattr::list(state, &who, l),
+            Some(read_op::Op::StatFs(_)) => reads::statfs(state, &self.config),
+            Some(read_op::Op::StateDigest(_)) => reads::digest(state),
+        };
+        result.unwrap_or_else(Fail::into_reply)
     }
 }
 
-fn libc_enosys() -> i32 {
-    38
+/// Runs the operation in a child overlay, keeping its writes only if it succeeds.
+fn run_op(ctx: &Ctx, state: &mut Overlay<'_>, cmd: &Command) -> Reply {
+    let mut child = Overlay::new(state);
+    let result = match &cmd.op {
+        None => Err(Fail::new(libc::EINVAL, "command without an operation")),
+        Some(command::Op::MakeNode(m)) => nodes::make_node(ctx, &mut child, m),
+        Some(command::Op::Link(l)) => nodes::link(ctx, &mut child, l),
+        Some(command::Op::Remove(r)) => nodes::remove(ctx, &mut child, r),
+        Some(command::Op::Rename(r)) => rename::rename(ctx, &mut child, r),
+        Some(command::Op::SetAttr(s)) => nodes::setattr(ctx, &mut child, s),
+        Some(command::Op::SetXattr(s)) => xattr::set(ctx, &mut child, s),
+        Some(command::Op::RemoveXattr(r)) => xattr::remove(ctx, &mut child, r),
+        Some(command::Op::Open(o)) => sessions::open(ctx, &mut child, o),
+        Some(command::Op::Close(c)) => sessions::close(ctx, &mut child, c),
+        Some(command::Op::RegisterClient(r)) => sessions::register(ctx, &mut child, r),
+        Some(command::Op::RenewClient(_)) => sessions::renew(ctx, &mut child),
+        Some(command::Op::ExpireClients(_)) => sessions::expire(ctx, &mut child),
+    };
+    match result {
+        Ok(reply) => {
+            let writes = child.into_writes();
+            state.absorb(writes);
+            reply
+        }
+        Err(f) => f.into_reply(),
+    }
 }

@@ -1,0 +1,71 @@
+//! Who may do what: POSIX permission bits, the sticky-bit rule and ownership checks, with
+//! the errno Linux returns for each (EACCES for missing rwx bits, EPERM for ownership).
+
+use kerfs_proto::Attr;
+
+use super::{Fail, Who, R};
+
+pub const MAY_READ: u32 = 4;
+pub const MAY_WRITE: u32 = 2;
+pub const MAY_EXEC: u32 = 1;
+
+/// Whether `who` has every bit of `mask` (rwx as 4/2/1) on `attr`. Root has all of them
+/// (execute of regular files does not reach the metadata service).
+pub fn allowed(who: &Who, attr: &Attr, mask: u32) -> bool {
+    if who.is_root() {
+        return true;
+    }
+    let bits = if who.uid == attr.uid {
+        (attr.mode >> 6) & 7
+    } else if who.in_group(attr.gid) {
+        (attr.mode >> 3) & 7
+    } else {
+        attr.mode & 7
+    };
+    bits & mask == mask
+}
+
+pub fn need(who: &Who, attr: &Attr, mask: u32, what: &str) -> R<()> {
+    if allowed(who, attr, mask) {
+        Ok(())
+    } else {
+        let mut bits = String::new();
+        for (bit, c) in [(MAY_READ, 'r'), (MAY_WRITE, 'w'), (MAY_EXEC, 'x')] {
+            if mask & bit != 0 {
+                bits.push(c);
+            }
+        }
+        Err(Fail::new(
+            libc::EACCES,
+            format!(
+                "{what}: uid {} lacks {bits} permission on inode {} (mode {:o}, owner {}:{})",
+                who.uid, attr.ino, attr.mode, attr.uid, attr.gid
+            ),
+        ))
+    }
+}
+
+/// Search permission on a directory (every name looked up in it).
+pub fn need_search(who: &Who, dir: &Attr) -> R<()> {
+    need(who, dir, MAY_EXEC, "search directory")
+}
+
+/// The sticky-bit rule: in a sticky directory only the owner of the entry, the owner of the
+/// directory or root may remove or rename it away.
+pub fn check_sticky(who: &Who, dir: &Attr, victim: &Attr) -> R<()> {
+    const S_ISVTX: u32 = 0o1000;
+    if dir.mode & S_ISVTX == 0 || who.is_root() || who.uid == dir.uid || who.uid == victim.uid {
+        return Ok(());
+    }
+    Err(Fail::new(
+        libc::EPERM,
+        format!(
+            "directory {} is sticky and uid {} owns neither it nor inode {}",
+            dir.ino, who.uid, victim.ino
+        ),
+    ))
+}
+
+pub fn is_owner(who: &Who, attr: &Attr) -> bool {
+    who.is_root() || who.uid == attr.uid
+}

@@ -1,0 +1,291 @@
+//! On-disk layout of the namespace: key encodings and the prost records stored under them,
+//! plus typed load/store helpers that turn a malformed record into `EIO` instead of a panic.
+//!
+//! Keys (all without the state-space byte; integers big-endian so that key order is numeric
+//! order, which readdir and the digest rely on):
+//!
+//! | key | value |
+//! |---|---|
+//! | `M` | [`Counters`]: id counters, inode count, total file size |
+//! | `I` ino | [`InodeRec`] |
+//! | `D` dir name | [`DirentRec`]: entry by name (lookup) |
+//! | `C` dir seq | [`CookieRec`]: entry by creation sequence (readdir cookies) |
+//! | `X` ino name | xattr value |
+//! | `H` handle | [`HandleRec`]: one open file |
+//! | `h` client handle | empty: the handles a client holds (closed when it expires) |
+//! | `c` client | [`ClientRec`]: a client session |
+//! | `r` client seq | an encoded `Reply`: the exactly-once reply cache |
+
+use kerfs_proto::{Attr, FileKind, Timespec};
+use prost::Message;
+
+use super::{Fail, R};
+use crate::store::{KvRead, Overlay};
+
+pub const K_COUNTERS: &[u8] = b"M";
+pub const P_INODE: u8 = b'I';
+pub const P_DIRENT: u8 = b'D';
+pub const P_COOKIE: u8 = b'C';
+pub const P_XATTR: u8 = b'X';
+pub const P_HANDLE: u8 = b'H';
+pub const P_CLIENT_HANDLE: u8 = b'h';
+pub const P_CLIENT: u8 = b'c';
+pub const P_REPLY: u8 = b'r';
+
+/// First cookie handed to a real entry: 1 and 2 are left to the FUSE layer for "." and "..".
+pub const FIRST_SEQ: u64 = 3;
+
+/// Global counters. Ids come from here so every replica hands out the same ones.
+#[derive(Clone, PartialEq, Message)]
+pub struct Counters {
+    #[prost(uint64, tag = "1")]
+    pub next_ino: u64,
+    #[prost(uint64, tag = "2")]
+    pub next_generation: u64,
+    #[prost(uint64, tag = "3")]
+    pub next_handle: u64,
+    #[prost(uint64, tag = "4")]
+    pub next_client: u64,
+    #[prost(uint64, tag = "5")]
+    pub inodes: u64,
+    #[prost(uint64, tag = "6")]
+    pub total_size: u64,
+}
+
+/// One inode: its attributes and what the attributes cannot say.
+#[derive(Clone, PartialEq, Message)]
+pub struct InodeRec {
+    #[prost(message, optional, tag = "1")]
+    pub attr: Option<Attr>,
+    /// Directories: the parent directory (".." and the subtree check of rename).
+    #[prost(uint64, tag = "2")]
+    pub parent: u64,
+    /// Symlinks: the target.
+    #[prost(bytes = "vec", tag = "3")]
+    pub target: Vec<u8>,
+    /// Directories: the sequence number (readdir cookie) of the next entry created.
+    #[prost(uint64, tag = "4")]
+    pub next_seq: u64,
+    /// Open handles; an inode with nlink 0 lives while this is above 0.
+    #[prost(uint32, tag = "5")]
+    pub open_count: u32,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct DirentRec {
+    #[prost(uint64, tag = "1")]
+    pub ino: u64,
+    #[prost(enumeration = "FileKind", tag = "2")]
+    pub kind: i32,
+    #[prost(uint64, tag = "3")]
+    pub seq: u64,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct CookieRec {
+    #[prost(bytes = "vec", tag = "1")]
+    pub name: Vec<u8>,
+    #[prost(uint64, tag = "2")]
+    pub ino: u64,
+    #[prost(enumeration = "FileKind", tag = "3")]
+    pub kind: i32,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct HandleRec {
+    #[prost(uint64, tag = "1")]
+    pub ino: u64,
+    #[prost(uint64, tag = "2")]
+    pub client_id: u64,
+    #[prost(uint32, tag = "3")]
+    pub flags: u32,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct ClientRec {
+    #[prost(string, tag = "1")]
+    pub description: String,
+    #[prost(uint64, tag = "2")]
+    pub lease_ms: u64,
+    #[prost(message, optional, tag = "3")]
+    pub expires: Option<Timespec>,
+    /// Replies below this seq were acknowledged by the client and dropped.
+    #[prost(uint64, tag = "4")]
+    pub acked_below: u64,
+    #[prost(message, optional, tag = "5")]
+    pub registered: Option<Timespec>,
+}
+
+// ------------------------------------------------------------------ keys
+
+pub fn key_u64(prefix: u8, a: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
+    k.push(prefix);
+    k.extend_from_slice(&a.to_be_bytes());
+    k
+}
+
+pub fn key_u64_u64(prefix: u8, a: u64, b: u64) -> Vec<u8> {
+    let mut k = key_u64(prefix, a);
+    k.extend_from_slice(&b.to_be_bytes());
+    k
+}
+
+pub fn key_u64_bytes(prefix: u8, a: u64, b: &[u8]) -> Vec<u8> {
+    let mut k = key_u64(prefix, a);
+    k.extend_from_slice(b);
+    k
+}
+
+/// The exclusive end of every key starting with `prefix` + `a`.
+pub fn end_u64(prefix: u8, a: u64) -> Vec<u8> {
+    match a.checked_add(1) {
+        Some(n) => key_u64(prefix, n),
+        None => vec![prefix + 1],
+    }
+}
+
+/// The suffix of `key` after `prefix` + 8 bytes, or a corruption error.
+pub fn tail(key: &[u8]) -> &[u8] {
+    key.get(9..).unwrap_or(&[])
+}
+
+pub fn u64_at(key: &[u8], at: usize) -> R<u64> {
+    key.get(at..at + 8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| Fail::corrupt(key, "key too short"))
+}
+
+// ------------------------------------------------------------------ load / store
+
+pub fn decode<T: Message + Default>(key: &[u8], bytes: &[u8]) -> R<T> {
+    T::decode(bytes).map_err(|e| Fail::corrupt(key, &e.to_string()))
+}
+
+pub fn get<T: Message + Default>(state: &dyn KvRead, key: &[u8]) -> R<Option<T>> {
+    match state.get(key)? {
+        Some(v) => decode(key, &v).map(Some),
+        None => Ok(None),
+    }
+}
+
+pub fn put<T: Message>(state: &mut Overlay<'_>, key: Vec<u8>, value: &T) {
+    state.put(key, value.encode_to_vec());
+}
+
+pub fn counters(state: &dyn KvRead) -> R<Counters> {
+    Ok(get(state, K_COUNTERS)?.unwrap_or(Counters {
+        next_ino: kerfs_proto::ROOT_INO + 1,
+        next_generation: 2,
+        next_handle: 1,
+        next_client: 1,
+        inodes: 0,
+        total_size: 0,
+    }))
+}
+
+pub fn put_counters(state: &mut Overlay<'_>, c: &Counters) {
+    put(state, K_COUNTERS.to_vec(), c);
+}
+
+/// An inode as the rules use it: attributes always present and of a known kind.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Inode {
+    pub attr: Attr,
+    pub parent: u64,
+    pub target: Vec<u8>,
+    pub next_seq: u64,
+    pub open_count: u32,
+}
+
+impl Inode {
+    pub fn kind(&self) -> FileKind {
+        FileKind::try_from(self.attr.kind).unwrap_or(FileKind::Unknown)
+    }
+    pub fn is_dir(&self) -> bool {
+        self.kind() == FileKind::Directory
+    }
+    pub fn ino(&self) -> u64 {
+        self.attr.ino
+    }
+}
+
+pub fn load_inode(state: &dyn KvRead, ino: u64) -> R<Option<Inode>> {
+    let key = key_u64(P_INODE, ino);
+    let Some(rec) = get::<InodeRec>(state, &key)? else {
+        return Ok(None);
+    };
+    let Some(attr) = rec.attr else {
+        return Err(Fail::corrupt(&key, "inode record without attributes"));
+    };
+    match FileKind::try_from(attr.kind) {
+        Ok(FileKind::Unknown) | Err(_) => {
+            return Err(Fail::corrupt(&key, "inode record of unknown kind"))
+        }
+        Ok(_) => {}
+    }
+    if attr.ino != ino {
+        return Err(Fail::corrupt(&key, "inode record for another inode number"));
+    }
+    Ok(Some(Inode {
+        attr,
+        parent: rec.parent,
+        target: rec.target,
+        next_seq: rec.next_seq,
+        open_count: rec.open_count,
+    }))
+}
+
+pub fn store_inode(state: &mut Overlay<'_>, inode: &Inode) {
+    let rec = InodeRec {
+        attr: Some(inode.attr),
+        parent: inode.parent,
+        target: inode.target.clone(),
+        next_seq: inode.next_seq,
+        open_count: inode.open_count,
+    };
+    put(state, key_u64(P_INODE, inode.attr.ino), &rec);
+}
+
+pub fn dirent_key(dir: u64, name: &[u8]) -> Vec<u8> {
+    key_u64_bytes(P_DIRENT, dir, name)
+}
+
+pub fn cookie_key(dir: u64, seq: u64) -> Vec<u8> {
+    key_u64_u64(P_COOKIE, dir, seq)
+}
+
+pub fn load_dirent(state: &dyn KvRead, dir: u64, name: &[u8]) -> R<Option<DirentRec>> {
+    get(state, &dirent_key(dir, name))
+}
+
+/// Writes both indexes of one entry.
+pub fn store_dirent(state: &mut Overlay<'_>, dir: u64, name: &[u8], d: &DirentRec) {
+    put(state, dirent_key(dir, name), d);
+    put(
+        state,
+        cookie_key(dir, d.seq),
+        &CookieRec {
+            name: name.to_vec(),
+            ino: d.ino,
+            kind: d.kind,
+        },
+    );
+}
+
+pub fn delete_dirent(state: &mut Overlay<'_>, dir: u64, name: &[u8], seq: u64) {
+    state.delete(dirent_key(dir, name));
+    state.delete(cookie_key(dir, seq));
+}
+
+/// Whether a directory has any entry (one row of its cookie index).
+pub fn dir_is_empty(state: &dyn KvRead, dir: u64) -> R<bool> {
+    Ok(state
+        .scan(&key_u64(P_COOKIE, dir), &end_u64(P_COOKIE, dir), 1)?
+        .is_empty())
+}
+
+pub fn ts_nanos(t: &Option<Timespec>) -> i128 {
+    t.as_ref().map(|t| t.as_nanos()).unwrap_or(0)
+}
