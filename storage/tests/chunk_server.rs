@@ -587,3 +587,85 @@ async fn a_torn_write_after_a_crash_is_detected_and_scrubbed() {
     assert_eq!(node.metric("kerfs_chunk_scrub_runs_total").await, 0);
     node.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_report_chunks_and_carry_out_deletes() {
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    let key = ClusterKey::generate();
+    let sent: Arc<Mutex<Vec<kerfs_proto::ChunkHeartbeat>>> = Arc::default();
+    let mut cfg = config(7, CLUSTER, dir.path(), &key);
+    cfg.failure_domain = "rack-a".into();
+    let s = sent.clone();
+    cfg.heartbeat = Some(kerfs_storage::HeartbeatConfig {
+        interval: std::time::Duration::from_millis(100),
+        full_report_every: 1000,
+        send: Arc::new(move |hb| {
+            let s = s.clone();
+            Box::pin(async move {
+                let mut s = s.lock().unwrap();
+                // Once chunk 52 has been reported, ask to delete it (up to version 1).
+                let delete = if hb.chunks.iter().any(|c| c.chunk_id == 52) {
+                    vec![ChunkDeleteRequest {
+                        chunk_id: 52,
+                        max_version: 1,
+                    }]
+                } else {
+                    vec![]
+                };
+                s.push(hb);
+                Ok(kerfs_proto::ChunkHeartbeatReply {
+                    delete,
+                    want_full_report: false,
+                })
+            })
+        }),
+    });
+    let node = Node::start_with(cfg).await;
+    let mut c = node.client().await;
+    write(&mut c, header(51, 1, 0, &[]), &[1u8; 1000])
+        .await
+        .unwrap();
+    write(&mut c, header(52, 1, 0, &[]), &[2u8; 2000])
+        .await
+        .unwrap();
+    let mut deleted_seen = false;
+    for _ in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let s = sent.lock().unwrap();
+        if s.iter().any(|h| h.deleted.contains(&52)) {
+            deleted_seen = true;
+            break;
+        }
+    }
+    assert!(
+        deleted_seen,
+        "no heartbeat reported the deletion of chunk 52"
+    );
+    let s = sent.lock().unwrap().clone();
+    let first = &s[0];
+    assert!(first.full_report);
+    let info = first.server.as_ref().unwrap();
+    assert_eq!(info.id, 7);
+    assert_eq!(info.address, node.addr);
+    assert_eq!(info.failure_domain, "rack-a");
+    assert_eq!(info.cluster_id, CLUSTER);
+    assert!(info.capacity_bytes > 0 && info.available_bytes > 0);
+    // Some heartbeat (full or delta) carried both chunks with their versions and lengths.
+    let mut seen: std::collections::BTreeMap<u64, (u64, u64)> = Default::default();
+    assert!(s[1..].iter().all(|h| !h.full_report));
+    for h in &s {
+        for ch in &h.chunks {
+            seen.insert(ch.chunk_id, (ch.version, ch.length));
+        }
+    }
+    assert_eq!(seen.get(&51), Some(&(1, 1000)));
+    assert_eq!(seen.get(&52), Some(&(1, 2000)));
+    assert_eq!(
+        read(&mut c, 52, 1, 0, 10).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    assert_eq!(read(&mut c, 51, 1, 0, 10).await.unwrap(), vec![1u8; 10]);
+    drop(c);
+    node.stop().await.unwrap();
+}
