@@ -40,7 +40,9 @@
 //!   client in); the server deletes what the [`kerfs_proto::ChunkHeartbeatReply`] lists.
 //!
 //! Start a server with [`server::run`]; the data directory is tagged with the cluster id and
-//! the server id at first start and refused for any other.
+//! the server id at first start and refused for any other ([`server::read_identity`] reads
+//! them back, so a restarting daemon keeps its id). Chunk files can be located with
+//! [`store::chunk_data_path`] (tools, fault-injection tests).
 
 pub mod error;
 pub mod metrics;
@@ -49,5 +51,5 @@ pub mod server;
 pub mod store;
 
 pub use error::{StorageError, CORRUPT_BLOCK_HEADER, VERSION_HEADER};
-pub use server::{run, HeartbeatConfig, HeartbeatFn, ServerConfig};
+pub use server::{read_identity, run, HeartbeatConfig, HeartbeatFn, ServerConfig};
 pub use store::{ChunkStore, FileChunkStore, BLOCK_SIZE};

@@ -316,6 +316,25 @@ fn open_data_dir(config: &ServerConfig) -> Result<DirState> {
     })
 }
 
+/// The identity recorded in a data directory by an earlier start: (cluster id, server id),
+/// or None for a new directory. A daemon restarting on its directory uses this to keep its
+/// server id instead of registering as a new server.
+pub fn read_identity(data_dir: &Path) -> Result<Option<(String, u64)>> {
+    let (Some(cluster), Some(server)) = (
+        read_tag(data_dir, CLUSTER_ID_FILE)?,
+        read_tag(data_dir, SERVER_ID_FILE)?,
+    ) else {
+        return Ok(None);
+    };
+    let id = server.parse().map_err(|_| {
+        dir_err(
+            data_dir,
+            format!("its {SERVER_ID_FILE} file holds {server:?}, not a number; the directory is damaged"),
+        )
+    })?;
+    Ok(Some((cluster, id)))
+}
+
 fn read_tag(dir: &Path, name: &str) -> Result<Option<String>> {
     match std::fs::read_to_string(dir.join(name)) {
         Ok(s) => Ok(Some(s.trim().to_string())),

@@ -432,6 +432,12 @@ async fn restart_keeps_data_and_foreign_directories_are_refused() {
     assert!(list.more);
     assert_eq!(list.chunks[0].chunk_id, 31);
 
+    assert_eq!(
+        kerfs_storage::read_identity(dir.path()).unwrap(),
+        Some((CLUSTER.to_string(), 3))
+    );
+    let fresh = tempfile::tempdir().unwrap();
+    assert_eq!(kerfs_storage::read_identity(fresh.path()).unwrap(), None);
     // A second server on the same directory is refused while the first runs.
     let e = kerfs_storage::run(config(3, CLUSTER, dir.path(), &key), async {})
         .await
