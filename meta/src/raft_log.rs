@@ -82,6 +82,13 @@ impl LogStore {
             Some(b) => u64_from(KEY_APPLIED, &b)?,
             None => 0,
         };
+        // The applied state is written without a flush and the commit index after it, so a
+        // crash can leave applied > commit; every applied entry was committed, so the commit
+        // index can safely be raised to it (raft refuses to start otherwise).
+        let mut hard_state = hard_state;
+        if applied > hard_state.commit {
+            hard_state.commit = applied;
+        }
         let last = engine.scan(&log_key(0), &[space::LOG + 1], usize::MAX)?;
         let last_index = match last.last() {
             Some((k, _)) => u64_from(k, &k[1..])?,
