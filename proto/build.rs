@@ -5,6 +5,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY: build scripts are single-threaded; the variable only reaches this process.
     unsafe { std::env::set_var("PROTOC", protoc) };
     println!("cargo:rerun-if-changed=proto");
-    tonic_prost_build::configure().compile_protos(&["proto/kerfs.proto", "proto/chunk.proto"], &["proto"])?;
+    tonic_prost_build::configure().compile_protos(&["proto/kerfs.proto"], &["proto"])?;
     Ok(())
 }

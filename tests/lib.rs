@@ -171,7 +171,10 @@ impl MetaCluster {
 
     /// kill -9: the process gets no chance to flush anything.
     pub fn kill9(&mut self, id: u64) -> Result<()> {
-        let node = self.nodes.get_mut(&id).ok_or_else(|| anyhow!("no node {id}"))?;
+        let node = self
+            .nodes
+            .get_mut(&id)
+            .ok_or_else(|| anyhow!("no node {id}"))?;
         if let Some(mut child) = node.child.take() {
             child.kill()?;
             child.wait()?;
@@ -182,7 +185,10 @@ impl MetaCluster {
 
     /// SIGTERM and wait: a clean shutdown.
     pub fn stop(&mut self, id: u64) -> Result<()> {
-        let node = self.nodes.get_mut(&id).ok_or_else(|| anyhow!("no node {id}"))?;
+        let node = self
+            .nodes
+            .get_mut(&id)
+            .ok_or_else(|| anyhow!("no node {id}"))?;
         if let Some(mut child) = node.child.take() {
             // SAFETY: kill(2) on our own child.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -191,7 +197,10 @@ impl MetaCluster {
                 if let Some(status) = child.try_wait()? {
                     info!(node = id, ?status, "metadata node stopped");
                     if !status.success() {
-                        bail!("node {id} exited with {status} on SIGTERM; see {}", node.log.display());
+                        bail!(
+                            "node {id} exited with {status} on SIGTERM; see {}",
+                            node.log.display()
+                        );
                     }
                     break;
                 }
@@ -269,8 +278,10 @@ impl MetaCluster {
                 return Ok(digests);
             }
             if Instant::now() > deadline {
-                bail!("nodes did not converge to one applied index within {timeout:?}: {:?}",
-                    digests.iter().map(|(id, d)| (id, d.1)).collect::<Vec<_>>());
+                bail!(
+                    "nodes did not converge to one applied index within {timeout:?}: {:?}",
+                    digests.iter().map(|(id, d)| (id, d.1)).collect::<Vec<_>>()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -30,7 +30,11 @@ fn assert_all_equal(digests: &BTreeMap<u64, (Vec<u8>, u64)>) -> Result<()> {
             first
         );
     }
-    ensure!(first.0.len() == 32, "digest is not a blake3 hash: {:?}", first.0);
+    ensure!(
+        first.0.len() == 32,
+        "digest is not a blake3 hash: {:?}",
+        first.0
+    );
     Ok(())
 }
 
@@ -48,7 +52,9 @@ async fn three_nodes_apply_concurrent_ops_once_and_agree() -> Result<()> {
     for c in 0..8u32 {
         let client = cluster.client().await?;
         tasks.push(tokio::spawn(async move {
-            let dir = client.mkdir(ROOT_INO, format!("client{c}").as_bytes(), 0o755).await?;
+            let dir = client
+                .mkdir(ROOT_INO, format!("client{c}").as_bytes(), 0o755)
+                .await?;
             let mut expected = BTreeSet::new();
             for i in 0..124u32 {
                 let name = format!("f{i}");
@@ -60,7 +66,9 @@ async fn three_nodes_apply_concurrent_ops_once_and_agree() -> Result<()> {
                     2 => {
                         let prev = format!("f{}", i - 1);
                         let new = format!("r{i}");
-                        client.rename(dir.ino, prev.as_bytes(), dir.ino, new.as_bytes(), 0).await?;
+                        client
+                            .rename(dir.ino, prev.as_bytes(), dir.ino, new.as_bytes(), 0)
+                            .await?;
                         expected.remove(&prev);
                         expected.insert(new);
                     }
@@ -72,7 +80,10 @@ async fn three_nodes_apply_concurrent_ops_once_and_agree() -> Result<()> {
                 }
             }
             let got = names_of(&client.readdir_all(dir.ino).await?);
-            anyhow::ensure!(got == expected, "client {c}: directory holds {got:?}, expected {expected:?}");
+            anyhow::ensure!(
+                got == expected,
+                "client {c}: directory holds {got:?}, expected {expected:?}"
+            );
             Ok::<usize, anyhow::Error>(expected.len())
         }));
     }
@@ -80,13 +91,21 @@ async fn three_nodes_apply_concurrent_ops_once_and_agree() -> Result<()> {
     for t in tasks {
         total += t.await??;
     }
-    info!(total, "1,000 operations from 8 clients applied, each directory as its model says");
+    info!(
+        total,
+        "1,000 operations from 8 clients applied, each directory as its model says"
+    );
 
     // A create retried after success must not create twice: EEXIST proves it ran once.
-    let err = admin.create_file(ROOT_INO, b"client0", 0o644).await.unwrap_err();
+    let err = admin
+        .create_file(ROOT_INO, b"client0", 0o644)
+        .await
+        .unwrap_err();
     assert_eq!(err.errno(), libc::EEXIST);
 
-    let digests = cluster.converged_digests(&admin, Duration::from_secs(10)).await?;
+    let digests = cluster
+        .converged_digests(&admin, Duration::from_secs(10))
+        .await?;
     info!(?digests, "digests of the three nodes");
     assert_all_equal(&digests)?;
     ensure!(digests.len() == 3);
@@ -131,7 +150,13 @@ async fn leader_killed_during_creates_loses_no_acknowledged_create() -> Result<(
     // Writers keep going; the first acknowledgement after the kill shows a new leader serves.
     let deadline = killed_at + Duration::from_secs(15);
     let resumed = loop {
-        if let Some(t) = acked.lock().unwrap().iter().map(|(_, t)| *t).find(|t| *t > killed_at + Duration::from_millis(1)) {
+        if let Some(t) = acked
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, t)| *t)
+            .find(|t| *t > killed_at + Duration::from_millis(1))
+        {
             // Any ack after the kill came from the new leader (the old one is dead).
             break t;
         }
@@ -142,26 +167,49 @@ async fn leader_killed_during_creates_loses_no_acknowledged_create() -> Result<(
     };
     let failover = resumed.duration_since(killed_at);
     info!(?failover, "a new leader serves");
-    ensure!(failover < Duration::from_secs(10), "failover took {failover:?}");
+    ensure!(
+        failover < Duration::from_secs(10),
+        "failover took {failover:?}"
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for w in writers {
         w.await??;
     }
 
-    let acked: Vec<String> = acked.lock().unwrap().iter().map(|(n, _)| n.clone()).collect();
+    let acked: Vec<String> = acked
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(n, _)| n.clone())
+        .collect();
     let present = names_of(&admin.readdir_all(dir.ino).await?);
-    info!(acked = acked.len(), present = present.len(), "comparing acknowledged creates with the directory");
+    info!(
+        acked = acked.len(),
+        present = present.len(),
+        "comparing acknowledged creates with the directory"
+    );
     for name in &acked {
-        ensure!(present.contains(name), "acknowledged create {name} is missing");
+        ensure!(
+            present.contains(name),
+            "acknowledged create {name} is missing"
+        );
     }
-    ensure!(acked.len() > before, "no create acknowledged after the kill");
+    ensure!(
+        acked.len() > before,
+        "no create acknowledged after the kill"
+    );
 
     info!(leader, "restarting the killed node from its data dir");
     cluster.restart(leader)?;
-    let digests = cluster.converged_digests(&admin, Duration::from_secs(20)).await?;
+    let digests = cluster
+        .converged_digests(&admin, Duration::from_secs(20))
+        .await?;
     assert_all_equal(&digests)?;
-    ensure!(digests.contains_key(&leader), "restarted node did not catch up");
+    ensure!(
+        digests.contains_key(&leader),
+        "restarted node did not catch up"
+    );
     Ok(())
 }
 
@@ -174,24 +222,46 @@ async fn node_down_during_compaction_catches_up_by_snapshot() -> Result<()> {
     })?;
     let admin = cluster.client().await?;
     let leader = cluster.wait_leader(&admin, Duration::from_secs(10)).await?;
-    let down = cluster.nodes.keys().copied().find(|id| *id != leader).context("no follower")?;
+    let down = cluster
+        .nodes
+        .keys()
+        .copied()
+        .find(|id| *id != leader)
+        .context("no follower")?;
     info!(down, "stopping a follower");
     cluster.kill9(down)?;
 
     let dir = admin.mkdir(ROOT_INO, b"snap", 0o755).await?;
     for i in 0..300 {
-        admin.create_file(dir.ino, format!("f{i}").as_bytes(), 0o644).await?;
+        admin
+            .create_file(dir.ino, format!("f{i}").as_bytes(), 0o644)
+            .await?;
     }
     let status = admin.node_status(cluster.addr(leader)).await?;
-    info!(first_index = status.first_index, applied = status.applied_index, "leader compacted its log");
-    ensure!(status.snapshot_index > 0 && status.first_index > 2, "leader did not compact: {status:?}");
+    info!(
+        first_index = status.first_index,
+        applied = status.applied_index,
+        "leader compacted its log"
+    );
+    ensure!(
+        status.snapshot_index > 0 && status.first_index > 2,
+        "leader did not compact: {status:?}"
+    );
 
-    info!(down, "restarting the follower; its log is behind the leader's first index");
+    info!(
+        down,
+        "restarting the follower; its log is behind the leader's first index"
+    );
     cluster.restart(down)?;
-    let digests = cluster.converged_digests(&admin, Duration::from_secs(30)).await?;
+    let digests = cluster
+        .converged_digests(&admin, Duration::from_secs(30))
+        .await?;
     assert_all_equal(&digests)?;
     let s = admin.node_status(cluster.addr(down)).await?;
-    ensure!(s.snapshot_index > 0, "the follower caught up without installing a snapshot: {s:?}");
+    ensure!(
+        s.snapshot_index > 0,
+        "the follower caught up without installing a snapshot: {s:?}"
+    );
     ensure!(
         cluster.log_of(down).contains("installing snapshot"),
         "follower log does not show a snapshot install"
@@ -210,7 +280,9 @@ async fn whole_cluster_restart_keeps_the_namespace() -> Result<()> {
     admin.create_file(b.ino, b"file", 0o600).await?;
     admin.symlink(a.ino, b"link", b"b/file").await?;
     admin.setxattr(a.ino, b"user.color", b"blue", 0).await?;
-    let before = cluster.converged_digests(&admin, Duration::from_secs(10)).await?;
+    let before = cluster
+        .converged_digests(&admin, Duration::from_secs(10))
+        .await?;
     drop(admin);
 
     info!("stopping all three nodes (SIGTERM), then two with SIGKILL after a restart");
@@ -239,7 +311,9 @@ async fn whole_cluster_restart_keeps_the_namespace() -> Result<()> {
     }
     let admin = cluster.client().await?;
     admin.resolve("/a/b/after-restart").await?;
-    let after = cluster.converged_digests(&admin, Duration::from_secs(10)).await?;
+    let after = cluster
+        .converged_digests(&admin, Duration::from_secs(10))
+        .await?;
     assert_all_equal(&after)?;
     ensure!(before.len() == 3);
     Ok(())
@@ -259,7 +333,10 @@ async fn wrong_or_missing_cluster_key_is_refused_and_changes_nothing() -> Result
     match MetaClient::connect(config).await {
         Err(ClientError::Auth(msg)) => {
             info!(%msg, "refused");
-            ensure!(msg.contains("key"), "refusal does not mention the key: {msg}");
+            ensure!(
+                msg.contains("key"),
+                "refusal does not mention the key: {msg}"
+            );
         }
         Err(e) => bail!("wrong error for a foreign key: {e}"),
         Ok(_) => bail!("a client with a foreign key was accepted"),
@@ -289,13 +366,19 @@ async fn wrong_or_missing_cluster_key_is_refused_and_changes_nothing() -> Result
     ensure!(status.code() == tonic::Code::Unauthenticated, "{status:?}");
     let mut raft = kerfs_proto::raft_client::RaftClient::new(channel);
     let status = raft
-        .send(kerfs_proto::RaftBatch { from: 9, messages: vec![vec![1, 2, 3]] })
+        .send(kerfs_proto::RaftBatch {
+            from: 9,
+            messages: vec![vec![1, 2, 3]],
+        })
         .await
         .unwrap_err();
     ensure!(status.code() == tonic::Code::Unauthenticated, "{status:?}");
 
     let after = admin.readdir_all(ROOT_INO).await?;
-    ensure!(names_of(&before) == names_of(&after), "the namespace changed");
+    ensure!(
+        names_of(&before) == names_of(&after),
+        "the namespace changed"
+    );
     Ok(())
 }
 
@@ -316,25 +399,55 @@ async fn bad_input_gets_clean_errors_and_nothing_half_applied() -> Result<()> {
     for (what, name, errno) in cases {
         let err = admin.create_file(ROOT_INO, &name, 0o644).await.unwrap_err();
         info!(what, %err, "refused");
-        ensure!(err.errno() == errno, "{what}: errno {} instead of {errno}", err.errno());
+        ensure!(
+            err.errno() == errno,
+            "{what}: errno {} instead of {errno}",
+            err.errno()
+        );
     }
-    ensure!(admin.create_file(ROOT_INO, &long[..255], 0o644).await.is_ok(), "255-byte name refused");
+    ensure!(
+        admin
+            .create_file(ROOT_INO, &long[..255], 0o644)
+            .await
+            .is_ok(),
+        "255-byte name refused"
+    );
 
     let err = admin.getattr(987_654_321).await.unwrap_err();
     ensure!(err.errno() == libc::ENOENT, "missing inode: {err}");
-    let err = admin.create_file(987_654_321, b"x", 0o644).await.unwrap_err();
+    let err = admin
+        .create_file(987_654_321, b"x", 0o644)
+        .await
+        .unwrap_err();
     ensure!(err.errno() == libc::ENOENT, "create in missing dir: {err}");
-    let file = admin.resolve(&format!("/{}", String::from_utf8_lossy(&long[..255]))).await?;
+    let file = admin
+        .resolve(&format!("/{}", String::from_utf8_lossy(&long[..255])))
+        .await?;
     let err = admin.create_file(file.ino, b"x", 0o644).await.unwrap_err();
     ensure!(err.errno() == libc::ENOTDIR, "create under a file: {err}");
-    let err = admin.symlink(ROOT_INO, b"l", &vec![b'y'; 5000]).await.unwrap_err();
-    ensure!(err.errno() == libc::ENAMETOOLONG, "symlink target over PATH_MAX: {err}");
-    let err = admin.setxattr(ROOT_INO, b"user.big", &vec![0u8; 100_000], 0).await.unwrap_err();
-    ensure!(err.errno() == libc::E2BIG || err.errno() == libc::ENOSPC || err.errno() == libc::ERANGE, "huge xattr: {err}");
+    let err = admin
+        .symlink(ROOT_INO, b"l", &vec![b'y'; 5000])
+        .await
+        .unwrap_err();
+    ensure!(
+        err.errno() == libc::ENAMETOOLONG,
+        "symlink target over PATH_MAX: {err}"
+    );
+    let err = admin
+        .setxattr(ROOT_INO, b"user.big", &vec![0u8; 100_000], 0)
+        .await
+        .unwrap_err();
+    ensure!(
+        err.errno() == libc::E2BIG || err.errno() == libc::ENOSPC || err.errno() == libc::ERANGE,
+        "huge xattr: {err}"
+    );
 
     info!("a 300 MiB request is refused by the transport, not by a crash");
     let huge = vec![b'z'; 300 * 1024 * 1024];
-    let err = admin.setxattr(ROOT_INO, b"user.huge", &huge, 0).await.unwrap_err();
+    let err = admin
+        .setxattr(ROOT_INO, b"user.huge", &huge, 0)
+        .await
+        .unwrap_err();
     info!(%err, "refused");
     drop(huge);
 
@@ -342,18 +455,27 @@ async fn bad_input_gets_clean_errors_and_nothing_half_applied() -> Result<()> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.addr(1)))?
         .connect()
         .await?;
-    let mut raft = kerfs_proto::raft_client::RaftClient::with_interceptor(channel, cluster.key.client_auth());
+    let mut raft =
+        kerfs_proto::raft_client::RaftClient::with_interceptor(channel, cluster.key.client_auth());
     let status = raft
-        .send(kerfs_proto::RaftBatch { from: 2, messages: vec![vec![0xff; 64]] })
+        .send(kerfs_proto::RaftBatch {
+            from: 2,
+            messages: vec![vec![0xff; 64]],
+        })
         .await
         .unwrap_err();
     ensure!(status.code() == tonic::Code::InvalidArgument, "{status:?}");
 
     // Nothing of the failed operations is visible, and every node is still alive and agrees.
     let names = names_of(&admin.readdir_all(ROOT_INO).await?);
-    ensure!(names.len() == 1, "unexpected entries after refused operations: {names:?}");
+    ensure!(
+        names.len() == 1,
+        "unexpected entries after refused operations: {names:?}"
+    );
     ensure!(admin.listxattr(ROOT_INO).await?.is_empty());
-    let digests = cluster.converged_digests(&admin, Duration::from_secs(10)).await?;
+    let digests = cluster
+        .converged_digests(&admin, Duration::from_secs(10))
+        .await?;
     assert_all_equal(&digests)?;
     ensure!(digests.len() == 3, "a node died on bad input");
     Ok(())
@@ -366,7 +488,9 @@ async fn metrics_endpoint_reports_raft_progress() -> Result<()> {
     let admin = cluster.client().await?;
     let leader = cluster.wait_leader(&admin, Duration::from_secs(10)).await?;
     for i in 0..20 {
-        admin.mkdir(ROOT_INO, format!("d{i}").as_bytes(), 0o755).await?;
+        admin
+            .mkdir(ROOT_INO, format!("d{i}").as_bytes(), 0o755)
+            .await?;
     }
     let page = cluster.metrics(leader)?;
     let value = |name: &str| -> Result<f64> {
@@ -397,7 +521,11 @@ async fn unlinked_open_file_lives_until_close_or_client_death() -> Result<()> {
     let (_, handle) = admin.open(f.ino, libc::O_RDWR as u32).await?;
     admin.unlink(ROOT_INO, b"kept").await?;
     let orphan = admin.getattr(f.ino).await?;
-    ensure!(orphan.nlink == 0, "unlinked inode has nlink {}", orphan.nlink);
+    ensure!(
+        orphan.nlink == 0,
+        "unlinked inode has nlink {}",
+        orphan.nlink
+    );
     admin.close(handle).await?;
     ensure!(admin.getattr(f.ino).await.unwrap_err().errno() == libc::ENOENT);
 
@@ -414,7 +542,9 @@ async fn unlinked_open_file_lives_until_close_or_client_death() -> Result<()> {
     loop {
         match admin.getattr(g.ino).await {
             Err(e) if e.errno() == libc::ENOENT => break,
-            _ if Instant::now() > deadline => bail!("the dead client's open file was never released"),
+            _ if Instant::now() > deadline => {
+                bail!("the dead client's open file was never released")
+            }
             _ => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }

@@ -30,7 +30,10 @@ async fn main() -> Result<()> {
     cluster.wait_leader(&admin, Duration::from_secs(10)).await?;
     let local = tempfile::tempdir()?;
 
-    println!("{:<8} {:>8} {:>14} {:>14} {:>8}", "op", "clients", "kerfs ops/s", "local ops/s", "ratio");
+    println!(
+        "{:<8} {:>8} {:>14} {:>14} {:>8}",
+        "op", "clients", "kerfs ops/s", "local ops/s", "ratio"
+    );
     for &n in &args.clients {
         let run = format!("run{n}");
         let top = admin.mkdir(ROOT_INO, run.as_bytes(), 0o755).await?;
@@ -38,7 +41,12 @@ async fn main() -> Result<()> {
         let mut dirs = Vec::new();
         for c in 0..n {
             let client = cluster.client().await?;
-            dirs.push(client.mkdir(top.ino, format!("c{c}").as_bytes(), 0o755).await?.ino);
+            dirs.push(
+                client
+                    .mkdir(top.ino, format!("c{c}").as_bytes(), 0o755)
+                    .await?
+                    .ino,
+            );
             clients.push(client);
         }
 
@@ -49,7 +57,9 @@ async fn main() -> Result<()> {
             let ops = args.ops;
             tasks.push(tokio::spawn(async move {
                 for i in 0..ops {
-                    client.create_file(dir, format!("f{i}").as_bytes(), 0o644).await?;
+                    client
+                        .create_file(dir, format!("f{i}").as_bytes(), 0o644)
+                        .await?;
                 }
                 anyhow::Ok(())
             }));
@@ -91,7 +101,10 @@ async fn main() -> Result<()> {
 }
 
 fn report(op: &str, clients: usize, kerfs: f64, local: f64) {
-    println!("{op:<8} {clients:>8} {kerfs:>14.0} {local:>14.0} {:>8.3}", kerfs / local);
+    println!(
+        "{op:<8} {clients:>8} {kerfs:>14.0} {local:>14.0} {:>8.3}",
+        kerfs / local
+    );
 }
 
 /// The same workload on the local disk: `n` threads, each in its own directory.
@@ -117,7 +130,8 @@ fn local_phase(root: &std::path::Path, n: usize, ops: usize, create: bool) -> Re
             }));
         }
         for h in handles {
-            h.join().map_err(|_| anyhow::anyhow!("local worker panicked"))??;
+            h.join()
+                .map_err(|_| anyhow::anyhow!("local worker panicked"))??;
         }
         Ok(())
     })?;

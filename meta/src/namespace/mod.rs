@@ -183,6 +183,12 @@ impl Namespace {
             Some(read_op::Op::ListXattr(l)) => xattr::list(state, &who, l),
             Some(read_op::Op::StatFs(_)) => reads::statfs(state, &self.config),
             Some(read_op::Op::StateDigest(_)) => reads::digest(state),
+            Some(read_op::Op::GetChunks(_)) | Some(read_op::Op::ListChunkServers(_)) => {
+                Err(Fail::new(
+                    libc::ENOSYS,
+                    "the data path is not in this metadata service yet",
+                ))
+            }
         };
         result.unwrap_or_else(Fail::into_reply)
     }
@@ -205,6 +211,15 @@ fn run_op(ctx: &Ctx, state: &mut Overlay<'_>, cmd: &Command) -> Reply {
         Some(command::Op::RegisterClient(r)) => sessions::register(ctx, &mut child, r),
         Some(command::Op::RenewClient(_)) => sessions::renew(ctx, &mut child),
         Some(command::Op::ExpireClients(_)) => sessions::expire(ctx, &mut child),
+        Some(command::Op::SetLayout(_))
+        | Some(command::Op::AllocateChunks(_))
+        | Some(command::Op::CommitWrite(_))
+        | Some(command::Op::RegisterChunkServer(_))
+        | Some(command::Op::ChunkServerHeartbeat(_))
+        | Some(command::Op::ExpireChunkServers(_)) => Err(Fail::new(
+            libc::ENOSYS,
+            "the data path is not in this metadata service yet",
+        )),
     };
     match result {
         Ok(reply) => {
