@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -83,7 +83,7 @@ pub struct MetaCluster {
     pub nodes: BTreeMap<u64, MetaProc>,
     peers: String,
     options: MetaClusterOptions,
-    kerfsd: PathBuf,
+    pub kerfsd: PathBuf,
 }
 
 impl MetaCluster {
@@ -189,27 +189,8 @@ impl MetaCluster {
             .nodes
             .get_mut(&id)
             .ok_or_else(|| anyhow!("no node {id}"))?;
-        if let Some(mut child) = node.child.take() {
-            // SAFETY: kill(2) on our own child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if let Some(status) = child.try_wait()? {
-                    info!(node = id, ?status, "metadata node stopped");
-                    if !status.success() {
-                        bail!(
-                            "node {id} exited with {status} on SIGTERM; see {}",
-                            node.log.display()
-                        );
-                    }
-                    break;
-                }
-                if Instant::now() > deadline {
-                    child.kill()?;
-                    bail!("node {id} did not stop within 10 s of SIGTERM");
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+        if let Some(child) = node.child.take() {
+            stop_child(child, &format!("metadata node {id}"), &node.log)?;
         }
         Ok(())
     }
@@ -310,5 +291,224 @@ impl Drop for MetaCluster {
                 let _ = child.wait();
             }
         }
+    }
+}
+
+/// One `kerfsd chunk` process.
+pub struct ChunkProc {
+    pub index: u64,
+    pub addr: String,
+    pub metrics_addr: String,
+    pub data: PathBuf,
+    pub log: PathBuf,
+    pub failure_domain: String,
+    child: Option<Child>,
+}
+
+/// Options of a whole test cluster.
+#[derive(Clone, Debug)]
+pub struct KerfsClusterOptions {
+    pub meta: MetaClusterOptions,
+    pub chunk_servers: u64,
+    /// Failure domain of chunk server i (1-based) is `failure_domains[i-1]` if given.
+    pub failure_domains: Vec<String>,
+}
+
+impl Default for KerfsClusterOptions {
+    fn default() -> Self {
+        KerfsClusterOptions {
+            meta: MetaClusterOptions::default(),
+            chunk_servers: 3,
+            failure_domains: Vec::new(),
+        }
+    }
+}
+
+/// A whole cluster of real processes: metadata nodes and chunk servers.
+pub struct KerfsCluster {
+    pub meta: MetaCluster,
+    pub chunks: BTreeMap<u64, ChunkProc>,
+}
+
+impl KerfsCluster {
+    /// Starts the metadata nodes and the chunk servers, and waits until every chunk server
+    /// is registered and up.
+    pub async fn start(options: KerfsClusterOptions) -> Result<KerfsCluster> {
+        let meta = MetaCluster::start(options.meta.clone())?;
+        let mut chunks = BTreeMap::new();
+        for index in 1..=options.chunk_servers {
+            chunks.insert(
+                index,
+                ChunkProc {
+                    index,
+                    addr: format!("127.0.0.1:{}", free_port()?),
+                    metrics_addr: format!("127.0.0.1:{}", free_port()?),
+                    data: meta.dir.path().join(format!("chunk{index}")),
+                    log: meta.dir.path().join(format!("chunk{index}.log")),
+                    failure_domain: options
+                        .failure_domains
+                        .get(index as usize - 1)
+                        .cloned()
+                        .unwrap_or_default(),
+                    child: None,
+                },
+            );
+        }
+        let mut cluster = KerfsCluster { meta, chunks };
+        for index in 1..=options.chunk_servers {
+            cluster.spawn_chunk(index)?;
+        }
+        let client = cluster.client().await?;
+        cluster
+            .wait_chunk_servers_up(
+                &client,
+                options.chunk_servers as usize,
+                Duration::from_secs(30),
+            )
+            .await?;
+        Ok(cluster)
+    }
+
+    fn spawn_chunk(&mut self, index: u64) -> Result<()> {
+        let meta_addrs = self.meta.addrs().join(",");
+        let node = self
+            .chunks
+            .get_mut(&index)
+            .ok_or_else(|| anyhow!("no chunk server {index}"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)?;
+        let child = Command::new(&self.meta.kerfsd)
+            .arg("chunk")
+            .args(["--meta", &meta_addrs, "--listen", &node.addr])
+            .arg("--data")
+            .arg(&node.data)
+            .arg("--key-file")
+            .arg(&self.meta.key_file)
+            .args(["--metrics", &node.metrics_addr])
+            .args(["--failure-domain", &node.failure_domain])
+            .args(["--heartbeat-secs", "1"])
+            .env("RUST_LOG", "info")
+            .env_remove("RUST_BACKTRACE")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting kerfsd chunk {index}"))?;
+        info!(chunk = index, pid = child.id(), addr = %node.addr, "started chunk server");
+        node.child = Some(child);
+        Ok(())
+    }
+
+    pub async fn client(&self) -> Result<MetaClient> {
+        self.meta.client().await
+    }
+
+    pub fn chunk_addr(&self, index: u64) -> &str {
+        &self.chunks[&index].addr
+    }
+
+    pub fn chunk_data_dir(&self, index: u64) -> &Path {
+        &self.chunks[&index].data
+    }
+
+    /// kill -9 of a chunk server.
+    pub fn kill9_chunk(&mut self, index: u64) -> Result<()> {
+        let node = self
+            .chunks
+            .get_mut(&index)
+            .ok_or_else(|| anyhow!("no chunk server {index}"))?;
+        if let Some(mut child) = node.child.take() {
+            child.kill()?;
+            child.wait()?;
+            info!(chunk = index, "killed chunk server with SIGKILL");
+        }
+        Ok(())
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop_chunk(&mut self, index: u64) -> Result<()> {
+        let node = self
+            .chunks
+            .get_mut(&index)
+            .ok_or_else(|| anyhow!("no chunk server {index}"))?;
+        if let Some(child) = node.child.take() {
+            stop_child(child, &format!("chunk server {index}"), &node.log)?;
+        }
+        Ok(())
+    }
+
+    pub fn restart_chunk(&mut self, index: u64) -> Result<()> {
+        self.spawn_chunk(index)
+    }
+
+    pub fn chunk_log(&self, index: u64) -> String {
+        std::fs::read_to_string(&self.chunks[&index].log).unwrap_or_default()
+    }
+
+    /// Waits until at least `n` chunk servers are registered and up.
+    pub async fn wait_chunk_servers_up(
+        &self,
+        client: &MetaClient,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let reply = client
+                .read(kerfs_proto::read_op::Op::ListChunkServers(
+                    kerfs_proto::ListChunkServers {},
+                ))
+                .await?;
+            let up = reply.servers.iter().filter(|s| s.state == "up").count();
+            if reply.errno == 0 && up >= n {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "only {up} of {n} chunk servers up after {timeout:?} (errno {}: {}); logs in {}",
+                    reply.errno,
+                    reply.message,
+                    self.meta.dir.path().display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for KerfsCluster {
+    fn drop(&mut self) {
+        for node in self.chunks.values_mut() {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// SIGTERM, then wait up to 10 s for a clean exit.
+fn stop_child(mut child: Child, what: &str, log: &Path) -> Result<()> {
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            info!(what, ?status, "stopped");
+            if !status.success() {
+                bail!(
+                    "{what} exited with {status} on SIGTERM; see {}",
+                    log.display()
+                );
+            }
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            child.kill()?;
+            bail!("{what} did not stop within 10 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -26,9 +26,9 @@ use kerfs_proto::meta_server::{Meta, MetaServer};
 use kerfs_proto::raft_client::RaftClient;
 use kerfs_proto::raft_server::{Raft, RaftServer};
 use kerfs_proto::{
-    command, meta_response, Command, ExpireClients, MetaResponse, NotLeader, PeerStatus, RaftAck,
-    RaftBatch, ReadOp, ReadRequest, Reply, StatusReply, StatusRequest, Timespec, WriteRequest,
-    MAX_MESSAGE_BYTES,
+    command, meta_response, Command, ExpireChunkServers, ExpireClients, MetaResponse, NotLeader,
+    PeerStatus, RaftAck, RaftBatch, ReadOp, ReadRequest, Reply, StatusReply, StatusRequest,
+    Timespec, WriteRequest, MAX_MESSAGE_BYTES,
 };
 
 use crate::metrics::MetaMetrics;
@@ -387,9 +387,12 @@ impl Meta for MetaService {
             return Err(Status::invalid_argument("command without an operation"));
         }
         // Only the leader stamps the time of internal commands; clients' are ignored too.
-        if matches!(cmd.op, Some(command::Op::ExpireClients(_))) {
+        if matches!(
+            cmd.op,
+            Some(command::Op::ExpireClients(_)) | Some(command::Op::ExpireChunkServers(_))
+        ) {
             return Err(Status::invalid_argument(
-                "ExpireClients is proposed by the leader only",
+                "expiry commands are proposed by the leader only",
             ));
         }
         self.ask(|tx| Event::Propose(cmd, tx)).await
@@ -502,13 +505,18 @@ impl Driver {
             if now >= next_expire {
                 next_expire = now + self.config.expire_clients_every;
                 if self.node.is_leader() {
-                    let cmd = Command {
-                        now: Some(Timespec::now()),
-                        op: Some(command::Op::ExpireClients(ExpireClients {})),
-                        ..Default::default()
-                    };
                     // Dropped proposals are retried at the next period.
-                    let _ = self.node.propose(&cmd);
+                    for op in [
+                        command::Op::ExpireClients(ExpireClients {}),
+                        command::Op::ExpireChunkServers(ExpireChunkServers {}),
+                    ] {
+                        let cmd = Command {
+                            now: Some(Timespec::now()),
+                            op: Some(op),
+                            ..Default::default()
+                        };
+                        let _ = self.node.propose(&cmd);
+                    }
                 }
             }
             if now.duration_since(rate_window.0) >= Duration::from_secs(1) {

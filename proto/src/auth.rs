@@ -135,6 +135,14 @@ impl ClusterKey {
         }
     }
 
+    /// The cluster's id: a fingerprint of the key (16 hex digits), recorded by chunk servers
+    /// in their data directories so a disk of another cluster is never mixed in.
+    pub fn cluster_id(&self) -> String {
+        let mut h = blake3::Hasher::new_keyed(&self.key);
+        h.update(b"kerfs-v1 cluster id");
+        h.finalize().to_hex()[..16].to_string()
+    }
+
     /// A fresh token for one request.
     pub fn token(&self) -> String {
         let ts = SystemTime::now()

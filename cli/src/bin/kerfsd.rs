@@ -1,5 +1,5 @@
-//! `kerfsd`: the KerFS daemons. `kerfsd meta` runs a metadata node; `kerfsd dev` runs a
-//! whole local cluster for trying KerFS on one machine.
+//! `kerfsd`: the KerFS daemons. `kerfsd meta` runs a metadata node, `kerfsd chunk` a chunk
+//! server; `kerfsd dev` runs a whole local cluster for trying KerFS on one machine.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -25,8 +25,38 @@ struct Cli {
 enum Cmd {
     /// Run one metadata node (3 or 5 per cluster).
     Meta(MetaArgs),
-    /// Run a local cluster (3 metadata nodes) under one directory, until Ctrl-C.
+    /// Run one chunk server (one per disk or node).
+    Chunk(ChunkArgs),
+    /// Run a local cluster (3 metadata nodes, N chunk servers) under one directory, until Ctrl-C.
     Dev(DevArgs),
+}
+
+#[derive(Args)]
+struct ChunkArgs {
+    /// Metadata nodes: HOST:PORT[,HOST:PORT...]
+    #[arg(long)]
+    meta: String,
+    /// Address to listen on, e.g. 127.0.0.1:7201.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Address clients and peers dial (default: --listen).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Data directory: chunk files and their checksums (created 0700).
+    #[arg(long)]
+    data: PathBuf,
+    /// Failure domain (rack, host): replicas of a chunk go to distinct domains.
+    #[arg(long, default_value = "")]
+    failure_domain: String,
+    /// Cluster key file (default: $KERFS_KEY_FILE, then the standard place).
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// Address of the Prometheus text endpoint.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+    /// Seconds between heartbeats to the metadata service.
+    #[arg(long, default_value_t = 2)]
+    heartbeat_secs: u64,
 }
 
 #[derive(Args, Default, Deserialize)]
@@ -69,12 +99,16 @@ struct DevArgs {
     /// Directory holding the data of every daemon.
     #[arg(long, default_value = "/tmp/kerfs-dev")]
     dir: PathBuf,
-    /// First port: metadata nodes listen on BASE+1..BASE+3, their metrics on BASE+101...
+    /// First port: metadata nodes listen on BASE+1..BASE+3 (metrics BASE+101..), chunk
+    /// servers on BASE+201.. (metrics BASE+301..).
     #[arg(long, default_value_t = 7000)]
     base_port: u16,
     /// Cluster key file (created when missing, where clients on this machine look for it).
     #[arg(long)]
     key_file: Option<PathBuf>,
+    /// Chunk servers to start (on BASE+201...).
+    #[arg(long, default_value_t = 3)]
+    chunk_servers: u16,
 }
 
 fn main() -> Result<()> {
@@ -82,6 +116,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Meta(args) => run_meta(args),
+        Cmd::Chunk(args) => run_chunk(args),
         Cmd::Dev(args) => run_dev(args),
     }
 }
@@ -158,6 +193,87 @@ fn run_meta(flags: MetaArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_chunk(args: ChunkArgs) -> Result<()> {
+    let (key, key_path) = kerfs_cli::daemon_key(args.key_file.as_deref())?;
+    let cluster_id = key.cluster_id();
+    let known = kerfs_storage::read_identity(&args.data)
+        .with_context(|| format!("reading the identity of {}", args.data.display()))?;
+    let known_id = match known {
+        Some((cid, _)) if cid != cluster_id => bail!(
+            "{} belongs to cluster {cid}, but the key {} is of cluster {cluster_id}; use that cluster's key or another directory",
+            args.data.display(),
+            key_path.display()
+        ),
+        Some((_, id)) => id,
+        None => 0,
+    };
+    let advertise = args
+        .advertise
+        .clone()
+        .unwrap_or_else(|| args.listen.to_string());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let mut config =
+            MetaClientConfig::new(MetaClientConfig::parse_addrs(&args.meta)?, key.clone());
+        config.description = format!("chunk server {advertise}");
+        config.deadline = Duration::from_secs(60);
+        let meta = MetaClient::connect(config)
+            .await
+            .context("connecting to the metadata service")?;
+        let info = kerfs_proto::ChunkServerInfo {
+            id: known_id,
+            address: advertise.clone(),
+            failure_domain: args.failure_domain.clone(),
+            cluster_id: cluster_id.clone(),
+            ..Default::default()
+        };
+        let reply = meta
+            .write(kerfs_proto::command::Op::RegisterChunkServer(
+                kerfs_proto::RegisterChunkServer { info: Some(info) },
+            ))
+            .await?;
+        let server_id = kerfs_client::check(reply)
+            .context("registering with the metadata service")?
+            .server_id;
+        tracing::info!(server_id, %advertise, "registered with the metadata service");
+
+        let mut server = kerfs_storage::ServerConfig::new(
+            server_id,
+            cluster_id,
+            args.listen,
+            args.data.clone(),
+            key,
+        );
+        server.advertise = advertise;
+        server.failure_domain = args.failure_domain;
+        server.metrics_listen = args.metrics;
+        let send: kerfs_storage::HeartbeatFn = std::sync::Arc::new(move |hb| {
+            let meta = meta.clone();
+            Box::pin(async move {
+                let op = kerfs_proto::command::Op::ChunkServerHeartbeat(
+                    kerfs_proto::ChunkServerHeartbeat {
+                        heartbeat: Some(hb),
+                    },
+                );
+                let reply = meta.write(op).await.map_err(|e| e.to_string())?;
+                let reply = kerfs_client::check(reply).map_err(|e| e.to_string())?;
+                Ok(reply.heartbeat.unwrap_or_default())
+            })
+        });
+        server.heartbeat = Some(kerfs_storage::HeartbeatConfig {
+            interval: Duration::from_secs(args.heartbeat_secs.max(1)),
+            full_report_every: 30,
+            send,
+        });
+        kerfs_storage::run(server, kerfs_cli::shutdown_signal())
+            .await
+            .context("chunk server failed")
+    })
+}
+
 /// Children of `kerfsd dev`, stopped (SIGTERM, then SIGKILL) when dropped.
 struct Daemons(Vec<(String, Child)>);
 
@@ -226,10 +342,34 @@ fn run_dev(args: DevArgs) -> Result<()> {
         daemons.0.push((format!("meta{id}"), child));
     }
 
+    let addrs = meta_addrs.join(",");
+    for i in 1..=args.chunk_servers {
+        let log = std::fs::File::create(logs.join(format!("chunk{i}.log")))?;
+        let child = Command::new(&exe)
+            .arg("chunk")
+            .args(["--meta", &addrs])
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{}", args.base_port + 200 + i),
+            ])
+            .arg("--data")
+            .arg(args.dir.join(format!("chunk{i}")))
+            .arg("--key-file")
+            .arg(&key_path)
+            .args([
+                "--metrics",
+                &format!("127.0.0.1:{}", args.base_port + 300 + i),
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting chunk server {i}"))?;
+        daemons.0.push((format!("chunk{i}"), child));
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let addrs = meta_addrs.join(",");
     rt.block_on(async {
         let key = kerfs_cli::client_key(Some(&key_path))?;
         let mut config = MetaClientConfig::new(meta_addrs.clone(), key);
@@ -243,6 +383,11 @@ fn run_dev(args: DevArgs) -> Result<()> {
             status.leader_addr, status.term
         );
         println!("  metadata:  {addrs}");
+        println!(
+            "  chunk servers: {} on 127.0.0.1:{}..",
+            args.chunk_servers,
+            args.base_port + 201
+        );
         println!("  key:       {}", key_path.display());
         println!("  data/logs: {}", args.dir.display());
         println!("  try:       kerfsctl --meta {addrs} status");
