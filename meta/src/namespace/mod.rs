@@ -9,11 +9,13 @@
 //! - `rename`: rename with its flags and the subtree rule;
 //! - `xattr`: extended attributes;
 //! - `sessions`: client sessions, exactly-once replies, open handles and orphan inodes;
+//! - `chunks`: layouts, chunk servers, file chunk tables, placement, the deletion queue;
 //! - `reads`: lookup, getattr, readdir, readlink, statfs, the state digest.
 //!
 //! readdir leaves "." and ".." to the FUSE layer: cookies 1 and 2 are never handed out,
 //! the first real entry of a directory has cookie 3.
 
+mod chunks;
 mod nodes;
 mod perm;
 mod reads;
@@ -36,6 +38,8 @@ pub struct NamespaceConfig {
     pub capacity_bytes: u64,
     /// Inode count reported as the maximum by statfs.
     pub max_files: u64,
+    /// A chunk server whose last heartbeat is older than this is marked down.
+    pub chunk_server_timeout_ms: u64,
 }
 
 impl Default for NamespaceConfig {
@@ -43,6 +47,7 @@ impl Default for NamespaceConfig {
         NamespaceConfig {
             capacity_bytes: 1 << 40,
             max_files: 1 << 32,
+            chunk_server_timeout_ms: 10_000,
         }
     }
 }
@@ -164,10 +169,13 @@ impl Namespace {
             who: Who::from_caller(cmd.caller.as_ref()),
             client_id: cmd.client_id,
         };
+        let config = &self.config;
         if cmd.client_id == 0 {
-            return Ok(run_op(&ctx, state, cmd));
+            return Ok(run_op(config, &ctx, state, cmd));
         }
-        sessions::with_exactly_once(&ctx, state, cmd, |ctx, state| run_op(ctx, state, cmd))
+        sessions::with_exactly_once(&ctx, state, cmd, |ctx, state| {
+            run_op(config, ctx, state, cmd)
+        })
     }
 
     /// Serves one read from the applied state.
@@ -183,19 +191,15 @@ impl Namespace {
             Some(read_op::Op::ListXattr(l)) => xattr::list(state, &who, l),
             Some(read_op::Op::StatFs(_)) => reads::statfs(state, &self.config),
             Some(read_op::Op::StateDigest(_)) => reads::digest(state),
-            Some(read_op::Op::GetChunks(_)) | Some(read_op::Op::ListChunkServers(_)) => {
-                Err(Fail::new(
-                    libc::ENOSYS,
-                    "the data path is not in this metadata service yet",
-                ))
-            }
+            Some(read_op::Op::GetChunks(g)) => chunks::get_chunks(state, g),
+            Some(read_op::Op::ListChunkServers(_)) => chunks::list_servers(state),
         };
         result.unwrap_or_else(Fail::into_reply)
     }
 }
 
 /// Runs the operation in a child overlay, keeping its writes only if it succeeds.
-fn run_op(ctx: &Ctx, state: &mut Overlay<'_>, cmd: &Command) -> Reply {
+fn run_op(config: &NamespaceConfig, ctx: &Ctx, state: &mut Overlay<'_>, cmd: &Command) -> Reply {
     let mut child = Overlay::new(state);
     let result = match &cmd.op {
         None => Err(Fail::new(libc::EINVAL, "command without an operation")),
@@ -211,15 +215,12 @@ fn run_op(ctx: &Ctx, state: &mut Overlay<'_>, cmd: &Command) -> Reply {
         Some(command::Op::RegisterClient(r)) => sessions::register(ctx, &mut child, r),
         Some(command::Op::RenewClient(_)) => sessions::renew(ctx, &mut child),
         Some(command::Op::ExpireClients(_)) => sessions::expire(ctx, &mut child),
-        Some(command::Op::SetLayout(_))
-        | Some(command::Op::AllocateChunks(_))
-        | Some(command::Op::CommitWrite(_))
-        | Some(command::Op::RegisterChunkServer(_))
-        | Some(command::Op::ChunkServerHeartbeat(_))
-        | Some(command::Op::ExpireChunkServers(_)) => Err(Fail::new(
-            libc::ENOSYS,
-            "the data path is not in this metadata service yet",
-        )),
+        Some(command::Op::SetLayout(s)) => chunks::set_layout(ctx, &mut child, s),
+        Some(command::Op::AllocateChunks(a)) => chunks::allocate(ctx, &mut child, a),
+        Some(command::Op::CommitWrite(c)) => chunks::commit(ctx, &mut child, c),
+        Some(command::Op::RegisterChunkServer(r)) => chunks::register_server(ctx, &mut child, r),
+        Some(command::Op::ChunkServerHeartbeat(h)) => chunks::heartbeat(ctx, &mut child, h),
+        Some(command::Op::ExpireChunkServers(_)) => chunks::expire_servers(ctx, &mut child, config),
     };
     match result {
         Ok(reply) => {

@@ -9,7 +9,7 @@ use kerfs_proto::{
 
 use super::perm::{self, MAY_EXEC, MAY_WRITE};
 use super::records::{self as rec, DirentRec, Inode};
-use super::{sessions, show, Ctx, Fail, R};
+use super::{chunks, sessions, show, Ctx, Fail, R};
 use crate::store::{KvRead, Overlay};
 
 pub const S_ISUID: u32 = 0o4000;
@@ -140,6 +140,8 @@ pub fn take_seq(dir: &mut Inode) -> u64 {
 pub fn destroy_inode(state: &mut Overlay<'_>, inode: &Inode) -> R<()> {
     let ino = inode.ino();
     state.delete(rec::key_u64(rec::P_INODE, ino));
+    // Its data: chunk table, placements queued for deletion on their servers, layout.
+    chunks::forget_inode(state, ino)?;
     loop {
         let rows = state.scan(
             &rec::key_u64(rec::P_XATTR, ino),
@@ -323,6 +325,7 @@ pub fn make_node(ctx: &Ctx, state: &mut Overlay<'_>, m: &MakeNode) -> R<Reply> {
         next_seq: if is_dir { rec::FIRST_SEQ } else { 0 },
         open_count: 0,
     };
+    chunks::inherit_layout(state, m.parent, ino, kind)?;
     let seq = take_seq(&mut parent);
     touch_dir(&mut parent, now);
     if is_dir {
@@ -647,6 +650,7 @@ pub fn setattr(ctx: &Ctx, state: &mut Overlay<'_>, s: &SetAttr) -> R<Reply> {
             .saturating_sub(inode.attr.size)
             .saturating_add(size);
         rec::put_counters(state, &c);
+        chunks::truncate(state, inode.ino(), size)?;
         inode.attr.size = size;
         inode.attr.blocks = blocks_for(size);
         inode.attr.mtime = Some(now);

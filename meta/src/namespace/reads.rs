@@ -5,6 +5,7 @@ use kerfs_proto::{
     DirEntry, FileKind, FsStats, GetAttr, Lookup, ReadDir, ReadLink, Reply, NAME_MAX,
 };
 
+use super::chunks;
 use super::nodes::{must_dir, must_inode, name_kind, NameKind};
 use super::perm::{self, MAY_READ};
 use super::records::{self as rec, CookieRec};
@@ -111,8 +112,21 @@ pub fn statfs(state: &dyn KvRead, config: &NamespaceConfig) -> R<Reply> {
     let c = rec::counters(state)?;
     // An empty state still has its (implicit) root.
     let files = c.inodes.max(1);
-    let blocks = config.capacity_bytes / BLOCK;
-    let free = config.capacity_bytes.saturating_sub(c.total_size) / BLOCK;
+    let (blocks, free) = match chunks::server_space(state)? {
+        // Usable space: raw space of the up servers over the root layout's overhead, so
+        // df shows what files can still hold.
+        Some((cap, avail)) => {
+            let (copies, data) = chunks::root_overhead(state)?;
+            let usable = |raw: u64| {
+                (u128::from(raw) * u128::from(data) / u128::from(copies.max(1))) as u64 / BLOCK
+            };
+            (usable(cap), usable(avail))
+        }
+        None => (
+            config.capacity_bytes / BLOCK,
+            config.capacity_bytes.saturating_sub(c.total_size) / BLOCK,
+        ),
+    };
     Ok(Reply {
         stats: Some(FsStats {
             block_size: BLOCK,

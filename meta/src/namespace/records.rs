@@ -15,8 +15,13 @@
 //! | `h` client handle | empty: the handles a client holds (closed when it expires) |
 //! | `c` client | [`ClientRec`]: a client session |
 //! | `r` client seq | an encoded `Reply`: the exactly-once reply cache |
+//! | `L` ino | `Layout` of a directory or regular file (none: the default layout) |
+//! | `S` server | [`ServerRec`]: one chunk server |
+//! | `F` ino index | [`ChunkRec`]: chunk `index` of a file (version, placements) |
+//! | `O` chunk | [`ChunkOwner`]: which file chunk a chunk id belongs to (reports name ids) |
+//! | `G` server chunk | [`DeleteRec`]: a chunk the server must delete (deletion queue) |
 
-use kerfs_proto::{Attr, FileKind, Timespec};
+use kerfs_proto::{Attr, ChunkPlacement, ChunkServerRecord, FileKind, Timespec};
 use prost::Message;
 
 use super::{Fail, R};
@@ -31,6 +36,11 @@ pub const P_HANDLE: u8 = b'H';
 pub const P_CLIENT_HANDLE: u8 = b'h';
 pub const P_CLIENT: u8 = b'c';
 pub const P_REPLY: u8 = b'r';
+pub const P_LAYOUT: u8 = b'L';
+pub const P_SERVER: u8 = b'S';
+pub const P_CHUNK: u8 = b'F';
+pub const P_CHUNK_OWNER: u8 = b'O';
+pub const P_DELETE: u8 = b'G';
 
 /// First cookie handed to a real entry: 1 and 2 are left to the FUSE layer for "." and "..".
 pub const FIRST_SEQ: u64 = 3;
@@ -50,6 +60,12 @@ pub struct Counters {
     pub inodes: u64,
     #[prost(uint64, tag = "6")]
     pub total_size: u64,
+    /// Next chunk id (0 in states written before chunks existed: read as 1).
+    #[prost(uint64, tag = "7")]
+    pub next_chunk: u64,
+    /// Next chunk server id (0 in states written before chunks existed: read as 1).
+    #[prost(uint64, tag = "8")]
+    pub next_server: u64,
 }
 
 /// One inode: its attributes and what the attributes cannot say.
@@ -114,6 +130,42 @@ pub struct ClientRec {
     pub acked_below: u64,
     #[prost(message, optional, tag = "5")]
     pub registered: Option<Timespec>,
+}
+
+/// A chunk server as the state machine keeps it.
+#[derive(Clone, PartialEq, Message)]
+pub struct ServerRec {
+    #[prost(message, optional, tag = "1")]
+    pub server: Option<ChunkServerRecord>,
+    /// Ask for a full chunk report until one arrives (set when the server registers or
+    /// comes back from "down": meta must learn what it holds before trusting deltas).
+    #[prost(bool, tag = "2")]
+    pub want_full_report: bool,
+}
+
+/// One chunk of a file. Placements are stored without addresses (servers may move; reads
+/// fill them in from the server table).
+#[derive(Clone, PartialEq, Message)]
+pub struct ChunkRec {
+    #[prost(uint64, tag = "1")]
+    pub version: u64,
+    #[prost(message, repeated, tag = "2")]
+    pub replicas: Vec<ChunkPlacement>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct ChunkOwner {
+    #[prost(uint64, tag = "1")]
+    pub ino: u64,
+    #[prost(uint64, tag = "2")]
+    pub index: u64,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct DeleteRec {
+    /// The server deletes the chunk only if it holds at most this version.
+    #[prost(uint64, tag = "1")]
+    pub max_version: u64,
 }
 
 // ------------------------------------------------------------------ keys
@@ -182,6 +234,8 @@ pub fn counters(state: &dyn KvRead) -> R<Counters> {
         next_client: 1,
         inodes: 0,
         total_size: 0,
+        next_chunk: 1,
+        next_server: 1,
     }))
 }
 

@@ -278,6 +278,7 @@ pub fn open_inode(ctx: &Ctx, state: &mut Overlay<'_>, mut inode: Inode, flags: u
         let mut c = rec::counters(state)?;
         c.total_size = c.total_size.saturating_sub(inode.attr.size);
         rec::put_counters(state, &c);
+        super::chunks::truncate(state, inode.ino(), 0)?;
         inode.attr.size = 0;
         inode.attr.blocks = blocks_for(0);
         inode.attr.mtime = Some(ctx.now);
