@@ -25,6 +25,8 @@ mod sessions;
 mod xattr;
 
 #[cfg(test)]
+mod chunk_tests;
+#[cfg(test)]
 mod tests;
 
 use kerfs_proto::{command, read_op, Caller, Command, ReadOp, Reply, Timespec};

@@ -1,0 +1,921 @@
+//! Unit tests of the data path's metadata: placement (distinct, balanced, failure domains,
+//! EC), version epochs, commit, truncation and deletion queueing, heartbeats, expiry,
+//! layouts, and bad input.
+
+use kerfs_proto::{
+    command::Op, read_op, AllocateChunks, Caller, ChunkHeartbeat, ChunkInfo, ChunkServerHeartbeat,
+    ChunkServerInfo, ChunkWritten, Close, Command, CommitWrite, ExpireChunkServers, FileKind,
+    GetAttr, GetChunks, Layout, ListChunkServers, MakeNode, ReadOp, RegisterChunkServer,
+    RegisterClient, Remove, Reply, SetAttr, SetLayout, StatFs, Timespec, ROOT_INO,
+};
+
+use super::*;
+use crate::store::{Engine, MemEngine, WriteBatch};
+
+const MIB: u64 = 1 << 20;
+
+struct T {
+    eng: MemEngine,
+    ns: Namespace,
+    /// Seconds.
+    now: i64,
+    client: u64,
+    seq: u64,
+}
+
+impl T {
+    fn new() -> T {
+        let mut t = T {
+            eng: MemEngine::new(),
+            ns: Namespace::default(),
+            now: 1000,
+            client: 0,
+            seq: 0,
+        };
+        let r = t.internal(Op::RegisterClient(RegisterClient {
+            description: "test".into(),
+            lease_ms: 1 << 40,
+        }));
+        assert_eq!(r.errno, 0, "{}", r.message);
+        t.client = r.client_id;
+        t
+    }
+
+    fn apply(&mut self, cmd: Command) -> Reply {
+        let mut o = Overlay::new(&self.eng);
+        let reply = self.ns.apply(&mut o, &cmd);
+        let mut b = WriteBatch::default();
+        for (k, v) in o.into_writes() {
+            match v {
+                Some(v) => b.put(k, v),
+                None => b.delete(k),
+            }
+        }
+        self.eng.write(b, true).unwrap();
+        reply
+    }
+
+    fn ts(&self) -> Option<Timespec> {
+        Some(Timespec {
+            sec: self.now,
+            nsec: 0,
+        })
+    }
+
+    /// A command of client 0 (chunk servers, timers).
+    fn internal(&mut self, op: Op) -> Reply {
+        let cmd = Command {
+            now: self.ts(),
+            op: Some(op),
+            ..Default::default()
+        };
+        self.apply(cmd)
+    }
+
+    /// A command of the registered client session, as `caller`.
+    fn client_as(&mut self, caller: Option<Caller>, op: Op) -> Reply {
+        self.seq += 1;
+        let cmd = Command {
+            client_id: self.client,
+            seq: self.seq,
+            acked_below: self.seq,
+            now: self.ts(),
+            caller,
+            op: Some(op),
+        };
+        self.apply(cmd)
+    }
+
+    fn client(&mut self, op: Op) -> Reply {
+        self.client_as(None, op)
+    }
+
+    fn read(&self, op: read_op::Op) -> Reply {
+        self.ns.read(
+            &self.eng,
+            &ReadOp {
+                caller: None,
+                op: Some(op),
+            },
+        )
+    }
+
+    fn server(&mut self, addr: &str, domain: &str) -> u64 {
+        let r = self.internal(Op::RegisterChunkServer(RegisterChunkServer {
+            info: Some(ChunkServerInfo {
+                address: addr.into(),
+                failure_domain: domain.into(),
+                capacity_bytes: 1 << 40,
+                available_bytes: 1 << 39,
+                ..Default::default()
+            }),
+        }));
+        assert_eq!(r.errno, 0, "{}", r.message);
+        r.server_id
+    }
+
+    fn heartbeat(
+        &mut self,
+        id: u64,
+        full: bool,
+        chunks: Vec<ChunkInfo>,
+        deleted: Vec<u64>,
+    ) -> Reply {
+        self.internal(Op::ChunkServerHeartbeat(ChunkServerHeartbeat {
+            heartbeat: Some(ChunkHeartbeat {
+                server: Some(ChunkServerInfo {
+                    id,
+                    capacity_bytes: 1 << 40,
+                    available_bytes: 1 << 39,
+                    used_bytes: 1 << 30,
+                    ..Default::default()
+                }),
+                full_report: full,
+                chunks,
+                deleted,
+            }),
+        }))
+    }
+
+    fn mkdir(&mut self, parent: u64, name: &str) -> u64 {
+        let r = self.client(Op::MakeNode(MakeNode {
+            parent,
+            name: name.into(),
+            kind: FileKind::Directory as i32,
+            mode: 0o755,
+            exclusive: true,
+            ..Default::default()
+        }));
+        assert_eq!(r.errno, 0, "{}", r.message);
+        r.attr.unwrap().ino
+    }
+
+    /// Creates and opens a file read-write: (ino, handle).
+    fn create(&mut self, parent: u64, name: &str) -> (u64, u64) {
+        let r = self.client(Op::MakeNode(MakeNode {
+            parent,
+            name: name.into(),
+            kind: FileKind::Regular as i32,
+            mode: 0o644,
+            exclusive: true,
+            open: true,
+            open_flags: libc::O_RDWR as u32,
+            ..Default::default()
+        }));
+        assert_eq!(r.errno, 0, "{}", r.message);
+        (r.attr.unwrap().ino, r.handle)
+    }
+
+    fn alloc(&mut self, handle: u64, indexes: &[u64]) -> Reply {
+        self.client(Op::AllocateChunks(AllocateChunks {
+            handle,
+            indexes: indexes.to_vec(),
+        }))
+    }
+
+    fn commit(&mut self, handle: u64, size: u64, chunks: Vec<ChunkWritten>) -> Reply {
+        self.client(Op::CommitWrite(CommitWrite {
+            handle,
+            size,
+            chunks,
+        }))
+    }
+
+    fn chunks(&self, ino: u64) -> Reply {
+        let r = self.read(read_op::Op::GetChunks(GetChunks {
+            ino,
+            first_index: 0,
+            count: 0,
+        }));
+        assert_eq!(r.errno, 0, "{}", r.message);
+        r
+    }
+
+    fn servers(&self) -> Vec<kerfs_proto::ChunkServerRecord> {
+        self.read(read_op::Op::ListChunkServers(ListChunkServers {}))
+            .servers
+    }
+
+    fn set_layout(&mut self, ino: u64, layout: Layout) -> Reply {
+        self.client(Op::SetLayout(SetLayout {
+            ino,
+            layout: Some(layout),
+        }))
+    }
+}
+
+fn servers_of(c: &kerfs_proto::FileChunk) -> Vec<u64> {
+    c.replicas.iter().map(|p| p.server_id).collect()
+}
+
+fn ec(k: u32, m: u32, chunk_size: u64) -> Layout {
+    Layout {
+        replicas: 0,
+        ec_data: k,
+        ec_parity: m,
+        chunk_size,
+        stripe_width: 0,
+    }
+}
+
+#[test]
+fn register_assigns_ids_and_reregistration_keeps_them() {
+    let mut t = T::new();
+    let a = t.server("a:1", "");
+    let b = t.server("b:1", "");
+    assert_ne!(a, 0);
+    assert_ne!(a, b);
+    // Coming back with its id: same record, new address.
+    let r = t.internal(Op::RegisterChunkServer(RegisterChunkServer {
+        info: Some(ChunkServerInfo {
+            id: a,
+            address: "a:2".into(),
+            ..Default::default()
+        }),
+    }));
+    assert_eq!(r.server_id, a);
+    let list = t.servers();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0].info.as_ref().unwrap().address, "a:2");
+    assert_eq!(list[0].state, "up");
+    // A server id this state never handed out is kept, and never handed out again.
+    let r = t.internal(Op::RegisterChunkServer(RegisterChunkServer {
+        info: Some(ChunkServerInfo {
+            id: 40,
+            address: "z:1".into(),
+            ..Default::default()
+        }),
+    }));
+    assert_eq!(r.server_id, 40);
+    assert_eq!(t.server("c:1", ""), 41);
+    // No address or no info: EINVAL.
+    let r = t.internal(Op::RegisterChunkServer(RegisterChunkServer { info: None }));
+    assert_eq!(r.errno, libc::EINVAL);
+    let r = t.internal(Op::RegisterChunkServer(RegisterChunkServer {
+        info: Some(ChunkServerInfo::default()),
+    }));
+    assert_eq!(r.errno, libc::EINVAL);
+}
+
+#[test]
+fn placement_is_distinct_and_balanced() {
+    let mut t = T::new();
+    let ids: Vec<u64> = (0..3).map(|i| t.server(&format!("s{i}:1"), "")).collect();
+    let (ino, h) = t.create(ROOT_INO, "f");
+    let r = t.alloc(h, &[0, 1, 2, 3, 4, 5]);
+    assert_eq!(r.errno, 0, "{}", r.message);
+    assert_eq!(r.layout.unwrap().replicas, 2);
+    assert_eq!(r.chunks.len(), 6);
+    let mut per_server = std::collections::BTreeMap::new();
+    for (i, c) in r.chunks.iter().enumerate() {
+        assert_eq!(c.index, i as u64);
+        assert_eq!(c.version, 1);
+        assert!(c.fresh);
+        let s = servers_of(c);
+        assert_eq!(s.len(), 2);
+        assert_ne!(s[0], s[1], "replicas on distinct servers");
+        // Replicas of one chunk share its id; addresses are filled in.
+        assert_eq!(c.replicas[0].chunk_id, c.replicas[1].chunk_id);
+        assert!(c
+            .replicas
+            .iter()
+            .all(|p| p.current && !p.address.is_empty()));
+        for id in s {
+            *per_server.entry(id).or_insert(0) += 1;
+        }
+    }
+    // 12 placements over 3 servers: 4 each.
+    assert_eq!(
+        per_server.values().copied().collect::<Vec<_>>(),
+        vec![4, 4, 4]
+    );
+    for s in t.servers() {
+        assert_eq!(s.allocated_bytes, 4 * 64 * MIB);
+    }
+    // Distinct chunks get distinct ids.
+    let mut chunk_ids: Vec<u64> = r.chunks.iter().map(|c| c.replicas[0].chunk_id).collect();
+    chunk_ids.dedup();
+    assert_eq!(chunk_ids.len(), 6);
+    assert_eq!(t.chunks(ino).chunks.len(), 6);
+    let _ = ids;
+}
+
+#[test]
+fn placement_respects_failure_domains() {
+    let mut t = T::new();
+    // Two racks; rack a has three servers, rack b one.
+    for i in 0..3 {
+        t.server(&format!("a{i}:1"), "rack-a");
+    }
+    let b = t.server("b0:1", "rack-b");
+    let (_, h) = t.create(ROOT_INO, "f");
+    let r = t.alloc(h, &[0, 1, 2, 3]);
+    assert_eq!(r.errno, 0, "{}", r.message);
+    for c in &r.chunks {
+        // Each chunk has one replica in each rack, so rack b's server is in every chunk.
+        assert!(servers_of(c).contains(&b), "{:?}", servers_of(c));
+    }
+    // With more copies than racks, copies spread evenly over the racks.
+    let d = t.mkdir(ROOT_INO, "r4");
+    let l = Layout {
+        replicas: 4,
+        chunk_size: 64 * 1024,
+        ..Default::default()
+    };
+    assert_eq!(t.set_layout(d, l).errno, 0);
+    let (_, h) = t.create(d, "g");
+    let r = t.alloc(h, &[0]);
+    assert_eq!(r.errno, 0, "{}", r.message);
+    let mut s = servers_of(&r.chunks[0]);
+    s.sort();
+    s.dedup();
+    assert_eq!(s.len(), 4);
+}
+
+#[test]
+fn too_few_servers_is_enospc() {
+    let mut t = T::new();
+    let (_, h) = t.create(ROOT_INO, "f");
+    let r = t.alloc(h, &[0]);
+    assert_eq!(r.errno, libc::ENOSPC);
+    assert!(r.message.contains("needs 2"), "{}", r.message);
+    t.server("a:1", "");
+    let r = t.alloc(h, &[0]);
+    assert_eq!(r.errno, libc::ENOSPC);
+    assert!(r.message.contains("1 of 1 are up"), "{}", r.message);
+    // Nothing half-done stayed behind.
+    assert_eq!(t.servers()[0].allocated_bytes, 0);
+    t.server("b:1", "");
+    assert_eq!(t.alloc(h, &[0]).errno, 0);
+}
+
+#[test]
+fn erasure_coded_placement_uses_k_plus_m_servers() {
+    let mut t = T::new();
+    for i in 0..6 {
+        t.server(&format!("s{i}:1"), "");
+    }
+    let d = t.mkdir(ROOT_INO, "ec");
+    assert_eq!(t.set_layout(d, ec(4, 2, 4 * MIB)).errno, 0);
+    let (ino, h) = t.create(d, "f");
+    let r = t.alloc(h, &[0, 1]);
+    assert_eq!(r.errno, 0, "{}", r.message);
+    for c in &r.chunks {
+        assert_eq!(c.replicas.len(), 6);
+        let mut s = servers_of(c);
+        s.sort();
+        s.dedup();
+        assert_eq!(s.len(), 6, "k+m distinct servers");
+        let shards: Vec<u32> = c.replicas.iter().map(|p| p.shard_index).collect();
+        assert_eq!(shards, vec![0, 1, 2, 3, 4, 5]);
+        let mut ids: Vec<u64> = c.replicas.iter().map(|p| p.chunk_id).collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 6, "one chunk id per shard");
+    }
+    // Each shard is a quarter of the chunk.
+    for s in t.servers() {
+        assert_eq!(s.allocated_bytes, 2 * MIB);
+    }
+    assert_eq!(t.chunks(ino).layout.unwrap().ec_data, 4);
+    // Five servers are not enough for 4+2.
+    let (_, h7) = t.create(d, "g");
+    t.now += 60;
+    t.internal(Op::ExpireChunkServers(ExpireChunkServers {}));
+    for id in 1..=5 {
+        t.heartbeat(id, true, vec![], vec![]);
+    }
+    let r = t.alloc(h7, &[0]);
+    assert_eq!(r.errno, libc::ENOSPC);
+    assert!(
+        r.message.contains("needs 6") && r.message.contains("5 of 6"),
+        "{}",
+        r.message
+    );
+}
+
+#[test]
+fn versions_bump_by_one_per_epoch_and_commit_records_current_replicas() {
+    let mut t = T::new();
+    for i in 0..3 {
+        t.server(&format!("s{i}:1"), "");
+    }
+    let (ino, h) = t.create(ROOT_INO, "f");
+    let first = t.alloc(h, &[0]).chunks[0].clone();
+    assert!(first.fresh);
+    let again = t.alloc(h, &[0, 0]);
+    assert_eq!(again.chunks.len(), 1);
+    let c = &again.chunks[0];
+    assert_eq!(c.version, 2);
+    assert!(!c.fresh);
+    assert_eq!(servers_of(c), servers_of(&first));
+    assert_eq!(c.replicas[0].chunk_id, first.replicas[0].chunk_id);
+    // Only the first replica acknowledged.
+    let ok = servers_of(c)[0];
+    let r = t.commit(
+        h,
+        100,
+        vec![ChunkWritten {
+            index: 0,
+            version: 2,
+            servers_ok: vec![ok],
+        }],
+    );
+    assert_eq!(r.errno, 0, "{}", r.message);
+    assert_eq!(r.attr.unwrap().size, 100);
+    let got = t.chunks(ino).chunks[0].clone();
+    let cur: Vec<(u64, bool)> = got
+        .replicas
+        .iter()
+        .map(|p| (p.server_id, p.current))
+        .collect();
+    assert_eq!(cur, vec![(ok, true), (servers_of(c)[1], false)]);
+    // A commit of an old epoch changes nothing; an empty servers_ok means nobody has it.
+    t.commit(
+        h,
+        0,
+        vec![ChunkWritten {
+            index: 0,
+            version: 1,
+            servers_ok: servers_of(c),
+        }],
+    );
+    assert_eq!(t.chunks(ino).chunks[0], got);
+    t.commit(
+        h,
+        50,
+        vec![ChunkWritten {
+            index: 0,
+            version: 2,
+            servers_ok: vec![],
+        }],
+    );
+    let after = t.chunks(ino);
+    assert!(after.chunks[0].replicas.iter().all(|p| !p.current));
+    // Size only grows on commit.
+    assert_eq!(after.attr.unwrap().size, 100);
+    let stats = t.read(read_op::Op::StatFs(StatFs {})).stats.unwrap();
+    assert!(stats.blocks > 0);
+}
+
+#[test]
+fn commit_clears_setuid_for_non_root_writers() {
+    let mut t = T::new();
+    t.server("a:1", "");
+    t.server("b:1", "");
+    let r = t.client_as(
+        Some(Caller {
+            uid: 1000,
+            gid: 1000,
+            groups: vec![],
+        }),
+        Op::MakeNode(MakeNode {
+            parent: ROOT_INO,
+            name: b"s".to_vec(),
+            kind: FileKind::Regular as i32,
+            mode: 0o6755,
+            exclusive: true,
+            open: true,
+            open_flags: libc::O_WRONLY as u32,
+            ..Default::default()
+        }),
+    );
+    // The root directory is 0755 root: uid 1000 cannot create there.
+    assert_eq!(r.errno, libc::EACCES);
+    let (ino, h) = t.create(ROOT_INO, "s");
+    t.client(Op::SetAttr(SetAttr {
+        ino,
+        mode: Some(0o6755),
+        ..Default::default()
+    }));
+    let r = t.client_as(
+        Some(Caller {
+            uid: 1000,
+            gid: 1000,
+            groups: vec![],
+        }),
+        Op::CommitWrite(CommitWrite {
+            handle: h,
+            size: 10,
+            chunks: vec![],
+        }),
+    );
+    assert_eq!(r.errno, 0, "{}", r.message);
+    assert_eq!(r.attr.unwrap().mode & 0o7777, 0o0755);
+}
+
+#[test]
+fn truncation_drops_chunks_past_the_size_and_queues_deletions() {
+    let mut t = T::new();
+    let a = t.server("a:1", "");
+    let b = t.server("b:1", "");
+    let d = t.mkdir(ROOT_INO, "small");
+    let cs = 64 * 1024;
+    assert_eq!(
+        t.set_layout(
+            d,
+            Layout {
+                replicas: 2,
+                chunk_size: cs,
+                ..Default::default()
+            }
+        )
+        .errno,
+        0
+    );
+    let (ino, h) = t.create(d, "f");
+    let r = t.alloc(h, &[0, 1, 2, 3]);
+    assert_eq!(r.errno, 0, "{}", r.message);
+    let ids: Vec<u64> = r.chunks.iter().map(|c| c.replicas[0].chunk_id).collect();
+    t.commit(h, 4 * cs, vec![]);
+    // Bump chunk 3 so its queued deletion carries version 2.
+    t.alloc(h, &[3]);
+    // Truncate to 1.5 chunks: chunk 1 is the boundary and stays; 2 and 3 go.
+    let r = t.client(Op::SetAttr(SetAttr {
+        ino,
+        size: Some(cs + cs / 2),
+        ..Default::default()
+    }));
+    assert_eq!(r.errno, 0, "{}", r.message);
+    let left: Vec<u64> = t.chunks(ino).chunks.iter().map(|c| c.index).collect();
+    assert_eq!(left, vec![0, 1]);
+    for s in t.servers() {
+        assert_eq!(s.allocated_bytes, 2 * cs);
+    }
+    let hb = t.heartbeat(a, false, vec![], vec![]).heartbeat.unwrap();
+    let want: Vec<(u64, u64)> = vec![(ids[2], 1), (ids[3], 2)];
+    let got: Vec<(u64, u64)> = hb
+        .delete
+        .iter()
+        .map(|d| (d.chunk_id, d.max_version))
+        .collect();
+    assert_eq!(got, want);
+    // The server reports them deleted: they leave its queue, b's stays.
+    let hb = t
+        .heartbeat(a, false, vec![], vec![ids[2], ids[3]])
+        .heartbeat
+        .unwrap();
+    assert!(hb.delete.is_empty());
+    assert_eq!(
+        t.heartbeat(b, false, vec![], vec![])
+            .heartbeat
+            .unwrap()
+            .delete
+            .len(),
+        2
+    );
+    // Truncating to exactly one chunk drops chunk 1 as well; O_TRUNC drops everything.
+    t.client(Op::SetAttr(SetAttr {
+        ino,
+        size: Some(cs),
+        ..Default::default()
+    }));
+    assert_eq!(t.chunks(ino).chunks.len(), 1);
+    let r = t.client(Op::Open(kerfs_proto::Open {
+        ino,
+        flags: (libc::O_RDWR | libc::O_TRUNC) as u32,
+    }));
+    assert_eq!(r.errno, 0, "{}", r.message);
+    assert!(t.chunks(ino).chunks.is_empty());
+    for s in t.servers() {
+        assert_eq!(s.allocated_bytes, 0);
+    }
+}
+
+#[test]
+fn deleting_a_file_queues_its_chunks_once_the_last_handle_closes() {
+    let mut t = T::new();
+    let a = t.server("a:1", "");
+    t.server("b:1", "");
+    let (ino, h) = t.create(ROOT_INO, "f");
+    let r = t.alloc(h, &[0, 1]);
+    let ids: Vec<u64> = r.chunks.iter().map(|c| c.replicas[0].chunk_id).collect();
+    let r = t.client(Op::Remove(Remove {
+        parent: ROOT_INO,
+        name: b"f".to_vec(),
+        directory: false,
+    }));
+    assert_eq!(r.errno, 0);
+    // Still open: the data stays.
+    assert_eq!(t.chunks(ino).chunks.len(), 2);
+    assert!(t
+        .heartbeat(a, false, vec![], vec![])
+        .heartbeat
+        .unwrap()
+        .delete
+        .is_empty());
+    assert_eq!(t.client(Op::Close(Close { handle: h })).errno, 0);
+    let r = t.read(read_op::Op::GetChunks(GetChunks {
+        ino,
+        ..Default::default()
+    }));
+    assert_eq!(r.errno, libc::ENOENT);
+    let del: Vec<u64> = t
+        .heartbeat(a, false, vec![], vec![])
+        .heartbeat
+        .unwrap()
+        .delete
+        .iter()
+        .map(|d| d.chunk_id)
+        .collect();
+    assert_eq!(del, ids);
+    // No chunk table, owner index or layout of the inode is left.
+    let rows = t.eng.scan(&[], &[], usize::MAX).unwrap();
+    assert!(!rows.iter().any(|(k, _)| {
+        matches!(k[0], b'F' | b'L') && k.get(1..9) == Some(&ino.to_be_bytes()[..])
+    }));
+    assert!(!rows.iter().any(|(k, _)| k[0] == b'O'));
+}
+
+#[test]
+fn heartbeats_expiry_and_full_reports() {
+    let mut t = T::new();
+    let a = t.server("a:1", "");
+    let b = t.server("b:1", "");
+    // A new server is asked for a full report until it sends one.
+    let hb = t.heartbeat(a, false, vec![], vec![]).heartbeat.unwrap();
+    assert!(hb.want_full_report);
+    let hb = t.heartbeat(a, true, vec![], vec![]).heartbeat.unwrap();
+    assert!(!hb.want_full_report);
+    assert!(
+        !t.heartbeat(a, false, vec![], vec![])
+            .heartbeat
+            .unwrap()
+            .want_full_report
+    );
+    t.heartbeat(b, true, vec![], vec![]);
+    let (ino, h) = t.create(ROOT_INO, "f");
+    let c = t.alloc(h, &[0]).chunks[0].clone();
+    let id = c.replicas[0].chunk_id;
+    // Unknown server: ENOENT saying to register.
+    let r = t.heartbeat(99, false, vec![], vec![]);
+    assert_eq!(r.errno, libc::ENOENT);
+    assert!(r.message.contains("register first"));
+    // Expiry: nothing before the timeout, down after.
+    t.now += 5;
+    t.heartbeat(b, false, vec![], vec![]);
+    t.now += 6;
+    assert_eq!(
+        t.internal(Op::ExpireChunkServers(ExpireChunkServers {}))
+            .errno,
+        0
+    );
+    let states: Vec<String> = t.servers().into_iter().map(|s| s.state).collect();
+    assert_eq!(states, vec!["down", "up"]);
+    // A down server is still listed in placements but not chosen.
+    assert_eq!(t.chunks(ino).chunks[0].replicas.len(), 2);
+    assert_eq!(t.alloc(h, &[1]).errno, libc::ENOSPC);
+    let stats = t.read(read_op::Op::StatFs(StatFs {})).stats.unwrap();
+    // Only b is up: 1 TiB raw over R=2.
+    assert_eq!(stats.blocks, (1u64 << 40) / 2 / 4096);
+    assert_eq!(stats.blocks_free, (1u64 << 39) / 2 / 4096);
+    // It comes back: up, and asked for a full report.
+    let hb = t.heartbeat(a, false, vec![], vec![]).heartbeat.unwrap();
+    assert!(hb.want_full_report);
+    assert_eq!(t.servers()[0].state, "up");
+    // A corrupt copy is no longer current.
+    t.heartbeat(
+        a,
+        false,
+        vec![ChunkInfo {
+            chunk_id: id,
+            version: 1,
+            corrupt: true,
+            ..Default::default()
+        }],
+        vec![],
+    );
+    let cur: Vec<(u64, bool)> = t.chunks(ino).chunks[0]
+        .replicas
+        .iter()
+        .map(|p| (p.server_id, p.current))
+        .collect();
+    assert!(
+        cur.contains(&(a, false)) && cur.contains(&(b, true)),
+        "{cur:?}"
+    );
+    // A full report: chunks nobody placed there are garbage, queued with their version.
+    let hb = t
+        .heartbeat(
+            a,
+            true,
+            vec![
+                ChunkInfo {
+                    chunk_id: id,
+                    version: 1,
+                    ..Default::default()
+                },
+                ChunkInfo {
+                    chunk_id: 777,
+                    version: 3,
+                    ..Default::default()
+                },
+            ],
+            vec![],
+        )
+        .heartbeat
+        .unwrap();
+    let del: Vec<(u64, u64)> = hb
+        .delete
+        .iter()
+        .map(|d| (d.chunk_id, d.max_version))
+        .collect();
+    assert_eq!(del, vec![(777, 3)]);
+    assert!(!hb.want_full_report);
+    // The next full report without it ends the queued deletion.
+    let hb = t.heartbeat(a, true, vec![], vec![]).heartbeat.unwrap();
+    assert!(hb.delete.is_empty());
+}
+
+#[test]
+fn layouts_inherit_and_validate() {
+    let mut t = T::new();
+    let root = t.chunks(ROOT_INO).layout.unwrap();
+    assert_eq!(root.replicas, 2);
+    assert_eq!(root.chunk_size, 64 * MIB);
+    let d = t.mkdir(ROOT_INO, "d");
+    assert_eq!(t.chunks(d).layout.unwrap(), root);
+    let l3 = Layout {
+        replicas: 3,
+        chunk_size: MIB,
+        ..Default::default()
+    };
+    let r = t.set_layout(d, l3);
+    assert_eq!(r.errno, 0, "{}", r.message);
+    assert_eq!(r.layout, Some(l3));
+    let sub = t.mkdir(d, "sub");
+    let (f, h) = t.create(sub, "f");
+    assert_eq!(t.chunks(f).layout.unwrap(), l3);
+    // Changing the directory later leaves existing entries alone.
+    t.set_layout(d, ec(4, 2, 4 * MIB));
+    assert_eq!(t.chunks(sub).layout.unwrap(), l3);
+    // A file without chunks may change; with chunks it is EBUSY.
+    assert_eq!(t.set_layout(f, root).errno, 0);
+    for i in 0..3 {
+        t.server(&format!("s{i}:1"), "");
+    }
+    assert_eq!(t.alloc(h, &[0]).errno, 0);
+    assert_eq!(t.set_layout(f, l3).errno, libc::EBUSY);
+    // Validation.
+    let bad = [
+        Layout {
+            replicas: 0,
+            chunk_size: MIB,
+            ..Default::default()
+        },
+        Layout {
+            replicas: 17,
+            chunk_size: MIB,
+            ..Default::default()
+        },
+        Layout {
+            replicas: 2,
+            chunk_size: MIB + 1,
+            ..Default::default()
+        },
+        Layout {
+            replicas: 2,
+            chunk_size: 32 * 1024,
+            ..Default::default()
+        },
+        Layout {
+            replicas: 2,
+            chunk_size: 8 << 30,
+            ..Default::default()
+        },
+        ec(17, 2, 17 * MIB),
+        ec(4, 0, 4 * MIB),
+        ec(4, 9, 4 * MIB),
+        ec(3, 2, MIB),
+        Layout {
+            ec_parity: 2,
+            replicas: 2,
+            chunk_size: MIB,
+            ..Default::default()
+        },
+    ];
+    for l in bad {
+        let r = t.set_layout(d, l);
+        assert_eq!(r.errno, libc::EINVAL, "{l:?}");
+        assert!(!r.message.is_empty());
+    }
+    assert_eq!(t.set_layout(d, ec(3, 2, 3 * 64 * 1024)).errno, 0);
+    // Only the owner or root.
+    let r = t.client_as(
+        Some(Caller {
+            uid: 1000,
+            gid: 1000,
+            groups: vec![],
+        }),
+        Op::SetLayout(SetLayout {
+            ino: d,
+            layout: Some(root),
+        }),
+    );
+    assert_eq!(r.errno, libc::EPERM);
+    assert_eq!(
+        t.client(Op::SetLayout(SetLayout {
+            ino: d,
+            layout: None
+        }))
+        .errno,
+        libc::EINVAL
+    );
+}
+
+#[test]
+fn bad_handles_inodes_and_servers_are_errnos() {
+    let mut t = T::new();
+    t.server("a:1", "");
+    t.server("b:1", "");
+    assert_eq!(t.alloc(12345, &[0]).errno, libc::EBADF);
+    assert_eq!(t.commit(12345, 1, vec![]).errno, libc::EBADF);
+    // Read-only handle.
+    let (ino, h) = t.create(ROOT_INO, "f");
+    let ro = t.client(Op::Open(kerfs_proto::Open {
+        ino,
+        flags: libc::O_RDONLY as u32,
+    }));
+    assert_eq!(ro.errno, 0);
+    assert_eq!(t.alloc(ro.handle, &[0]).errno, libc::EBADF);
+    assert_eq!(t.commit(ro.handle, 1, vec![]).errno, libc::EBADF);
+    // Another client's handle.
+    let other = t
+        .internal(Op::RegisterClient(RegisterClient {
+            description: "other".into(),
+            lease_ms: 1 << 40,
+        }))
+        .client_id;
+    let r = t.apply(Command {
+        client_id: other,
+        seq: 1,
+        now: t.ts(),
+        op: Some(Op::AllocateChunks(AllocateChunks {
+            handle: h,
+            indexes: vec![0],
+        })),
+        ..Default::default()
+    });
+    assert_eq!(r.errno, libc::EBADF);
+    // Indexes too far out, too many.
+    assert_eq!(t.alloc(h, &[u64::MAX]).errno, libc::EFBIG);
+    let many: Vec<u64> = (0..5000).collect();
+    assert_eq!(t.alloc(h, &many).errno, libc::EINVAL);
+    assert_eq!(t.commit(h, u64::MAX, vec![]).errno, libc::EFBIG);
+    // Commits of chunks that do not exist are ignored.
+    let r = t.commit(
+        h,
+        5,
+        vec![ChunkWritten {
+            index: 9,
+            version: 1,
+            servers_ok: vec![1],
+        }],
+    );
+    assert_eq!(r.errno, 0);
+    // Unknown inode.
+    let r = t.read(read_op::Op::GetChunks(GetChunks {
+        ino: 999,
+        ..Default::default()
+    }));
+    assert_eq!(r.errno, libc::ENOENT);
+    assert_eq!(
+        t.set_layout(999, super::chunks::default_layout()).errno,
+        libc::ENOENT
+    );
+    // Heartbeats without content.
+    let r = t.internal(Op::ChunkServerHeartbeat(ChunkServerHeartbeat {
+        heartbeat: None,
+    }));
+    assert_eq!(r.errno, libc::EINVAL);
+    let r = t.internal(Op::ChunkServerHeartbeat(ChunkServerHeartbeat {
+        heartbeat: Some(ChunkHeartbeat::default()),
+    }));
+    assert_eq!(r.errno, libc::EINVAL);
+    let r = t.heartbeat(0, false, vec![], vec![]);
+    assert_eq!(r.errno, libc::ENOENT);
+    // Paged GetChunks reports eof.
+    assert_eq!(t.alloc(h, &[0, 1, 2]).errno, 0);
+    let r = t.read(read_op::Op::GetChunks(GetChunks {
+        ino,
+        first_index: 1,
+        count: 1,
+    }));
+    assert_eq!(r.chunks.len(), 1);
+    assert_eq!(r.chunks[0].index, 1);
+    assert!(!r.eof);
+    let r = t.read(read_op::Op::GetChunks(GetChunks {
+        ino,
+        first_index: 2,
+        count: 1,
+    }));
+    assert!(r.eof);
+    let _ = t.read(read_op::Op::GetAttr(GetAttr { ino }));
+}
+
+#[test]
+fn statfs_without_servers_keeps_the_configured_figures() {
+    let t = T::new();
+    let s = t.read(read_op::Op::StatFs(StatFs {})).stats.unwrap();
+    assert_eq!(s.blocks, NamespaceConfig::default().capacity_bytes / 4096);
+}
