@@ -23,6 +23,10 @@ pub enum ClientError {
     BadRequest(String),
     #[error("client configuration: {0}")]
     Config(String),
+    /// The data path failed: chunk servers unreachable, every replica bad, disk full. The
+    /// message names the file, the chunk and the servers, and what to check.
+    #[error("{message} (errno {errno})")]
+    Io { errno: i32, message: String },
 }
 
 impl ClientError {
@@ -34,6 +38,7 @@ impl ClientError {
             ClientError::Auth(_) => libc::EACCES,
             ClientError::BadRequest(_) => libc::EINVAL,
             ClientError::Config(_) => libc::EINVAL,
+            ClientError::Io { errno, .. } => *errno,
         }
     }
 }

@@ -4,10 +4,17 @@
 //! [`MetaClient`] speaks to the metadata service: it finds the leader, follows redirects,
 //! retries through elections until a deadline, and gives every write a (client, seq) pair
 //! so that a retried write is applied exactly once.
+//!
+//! [`DataClient`] opens files; a [`FileHandle`] reads and writes their bytes on the chunk
+//! servers (write-behind, read-ahead, replica failover, erasure coding).
 
+mod chunks;
+pub mod ec;
 mod error;
+mod file;
 mod meta;
 
 pub use error::{ClientError, ClientResult};
+pub use file::{DataClient, DataConfig, FileHandle};
 pub use kerfs_proto as proto;
 pub use meta::{check, current_caller, MetaClient, MetaClientConfig};

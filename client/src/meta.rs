@@ -140,6 +140,11 @@ impl MetaClient {
         &self.caller
     }
 
+    /// How this client reaches the cluster (the data path dials chunk servers with its key).
+    pub fn config(&self) -> &MetaClientConfig {
+        &self.inner.config
+    }
+
     /// This client's session id in the cluster.
     pub fn client_id(&self) -> u64 {
         self.inner.client_id.load(Ordering::Relaxed)
