@@ -241,6 +241,10 @@ impl Model {
         if n.kind == Kind::Dir {
             return Err(libc::EPERM);
         }
+        // Linux refuses to link an inode that is unlinked but still open.
+        if n.nlink == 0 {
+            return Err(libc::ENOENT);
+        }
         self.nodes
             .get_mut(&parent)
             .unwrap()
