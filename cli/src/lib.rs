@@ -6,10 +6,11 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use kerfs_proto::auth::{self, ClusterKey};
 
-/// `tracing` to stderr, filtered by $RUST_LOG (default: info).
-pub fn init_logging() {
+/// `tracing` to stderr, filtered by $RUST_LOG (default: `default`, e.g. "info" for daemons,
+/// "warn" for commands whose output is for people).
+pub fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use kerfs_client::{MetaClient, MetaClientConfig};
+use kerfs_proto::read_op;
 
 #[derive(Parser)]
 #[command(name = "kerfsctl", version, about = "Administer a KerFS cluster")]
@@ -47,10 +48,25 @@ enum Cmd {
     Mv { from: String, to: String },
     /// Filesystem statistics.
     Df,
+    /// Chunk servers: address, state, capacity, usage.
+    Nodes,
+    /// Show or set the data layout of a directory (inherited by new entries).
+    Layout {
+        path: String,
+        /// Copies of each chunk (replicated layout).
+        #[arg(long, conflicts_with = "ec")]
+        replicas: Option<u32>,
+        /// Erasure coding as K+M (e.g. 4+2).
+        #[arg(long)]
+        ec: Option<String>,
+        /// Chunk size, e.g. 64M, 1M, 256K.
+        #[arg(long)]
+        chunk_size: Option<String>,
+    },
 }
 
 fn main() -> Result<()> {
-    kerfs_cli::init_logging();
+    kerfs_cli::init_logging("warn");
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -138,8 +154,135 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Df => {
             let s = client.statfs().await?;
-            println!("{s:#?}");
+            let gib = |blocks: u64| (blocks * s.block_size) as f64 / (1u64 << 30) as f64;
+            println!(
+                "size {:.1} GiB, free {:.1} GiB, available {:.1} GiB, files {} (free {})",
+                gib(s.blocks),
+                gib(s.blocks_free),
+                gib(s.blocks_avail),
+                s.files,
+                s.files_free
+            );
+        }
+        Cmd::Nodes => {
+            let reply = kerfs_client::check(
+                client
+                    .read(read_op::Op::ListChunkServers(
+                        kerfs_proto::ListChunkServers {},
+                    ))
+                    .await?,
+            )?;
+            println!(
+                "{:<4} {:<22} {:<9} {:>12} {:>12} {:>12} {:>8}  domain",
+                "id", "address", "state", "capacity", "used", "allocated", "chunks"
+            );
+            for s in reply.servers {
+                let info = s.info.unwrap_or_default();
+                println!(
+                    "{:<4} {:<22} {:<9} {:>12} {:>12} {:>12} {:>8}  {}",
+                    info.id,
+                    info.address,
+                    s.state,
+                    human(info.capacity_bytes),
+                    human(info.used_bytes),
+                    human(s.allocated_bytes),
+                    info.chunk_count,
+                    info.failure_domain
+                );
+            }
+        }
+        Cmd::Layout {
+            path,
+            replicas,
+            ec,
+            chunk_size,
+        } => {
+            let dir = client.resolve(&path).await?;
+            let current = kerfs_client::check(
+                client
+                    .read(read_op::Op::GetChunks(kerfs_proto::GetChunks {
+                        ino: dir.ino,
+                        first_index: 0,
+                        count: 1,
+                    }))
+                    .await?,
+            )?
+            .layout
+            .unwrap_or_default();
+            if replicas.is_none() && ec.is_none() && chunk_size.is_none() {
+                println!("{}", show_layout(&current));
+                return Ok(());
+            }
+            let mut layout = current;
+            if let Some(r) = replicas {
+                layout.replicas = r;
+                layout.ec_data = 0;
+                layout.ec_parity = 0;
+            }
+            if let Some(ec) = ec {
+                let (k, m) = ec.split_once('+').context("--ec takes K+M, e.g. 4+2")?;
+                layout.ec_data = k.parse().context("--ec K is not a number")?;
+                layout.ec_parity = m.parse().context("--ec M is not a number")?;
+            }
+            if let Some(size) = chunk_size {
+                layout.chunk_size = parse_size(&size)?;
+            }
+            let reply = client
+                .write(kerfs_proto::command::Op::SetLayout(
+                    kerfs_proto::SetLayout {
+                        ino: dir.ino,
+                        layout: Some(layout),
+                    },
+                ))
+                .await?;
+            let reply = kerfs_client::check(reply)?;
+            println!("{}", show_layout(&reply.layout.unwrap_or_default()));
         }
     }
     Ok(())
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+fn parse_size(text: &str) -> Result<u64> {
+    let t = text.trim();
+    let (num, mult) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => {
+            let mult = match t[i..]
+                .to_ascii_uppercase()
+                .trim_end_matches("IB")
+                .trim_end_matches('B')
+            {
+                "K" => 1u64 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "" => 1,
+                other => anyhow::bail!("unknown size unit {other:?} in {text:?}; use K, M or G"),
+            };
+            (&t[..i], mult)
+        }
+        None => (t, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("{text:?} is not a size"))?;
+    Ok(n * mult)
+}
+
+fn show_layout(l: &kerfs_proto::Layout) -> String {
+    let scheme = if l.ec_data > 0 {
+        format!("erasure-coded {}+{}", l.ec_data, l.ec_parity)
+    } else {
+        format!("{} replicas", l.replicas)
+    };
+    format!("{scheme}, chunk size {}", human(l.chunk_size))
 }

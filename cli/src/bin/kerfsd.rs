@@ -112,7 +112,7 @@ struct DevArgs {
 }
 
 fn main() -> Result<()> {
-    kerfs_cli::init_logging();
+    kerfs_cli::init_logging("info");
     let cli = Cli::parse();
     match cli.command {
         Cmd::Meta(args) => run_meta(args),
