@@ -444,7 +444,7 @@ impl<'a> ImageWriter<'a> {
 pub struct LoadedImage {
     /// The metadata.
     pub meta: ProcessImage,
-    bytes: Vec<u8>,
+    bytes: Storage,
     pages_off: usize,
     pages_len: usize,
 }
@@ -452,15 +452,15 @@ pub struct LoadedImage {
 impl LoadedImage {
     /// The page data, in the order of the mappings' runs.
     pub fn pages(&self) -> &[u8] {
-        &self.bytes[self.pages_off..self.pages_off + self.pages_len]
+        &self.bytes.as_slice()[self.pages_off..self.pages_off + self.pages_len]
     }
     /// Total size of the image in bytes.
     pub fn len(&self) -> usize {
-        self.bytes.len()
+        self.bytes.as_slice().len()
     }
     /// True for an image of no bytes (never, once loaded).
     pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
+        self.bytes.as_slice().is_empty()
     }
 }
 
@@ -521,16 +521,27 @@ pub fn load(r: &mut dyn GhostReader) -> Result<LoadedImage> {
     }
     let total = usize::try_from(total)
         .map_err(|_| GhostError::BadImage("image larger than the address space".into()))?;
-    let mut bytes = Vec::new();
+    // A zeroed allocation of this size comes straight from mmap (fresh zero pages), so
+    // nothing is written twice; only the read touches the pages.
+    if let (Some(f), Some(have)) = (r.as_file(), r.size_hint()) {
+        if have == total as u64 {
+            // A local file is mapped rather than read: no copy and no page faults on a fresh
+            // buffer, page-cache pages are used in place (the restore writes from them).
+            if let Some(m) = Mapped::of(f, total) {
+                return finish_load(r, Storage::Map(m), meta_len, pages_len);
+            }
+        }
+    }
+    let mut bytes: Vec<u8> = Vec::new();
     bytes.try_reserve_exact(total).map_err(|_| {
         GhostError::BadImage(format!(
             "cannot allocate {total} bytes to read {} (not enough memory)",
             r.describe()
         ))
     })?;
-    bytes.extend_from_slice(&header);
-    // Read straight into the vector's spare capacity; zeroing 1 GiB first would cost a pass.
-    bytes.resize(total, 0);
+    drop(bytes);
+    let mut bytes = vec![0u8; total];
+    bytes[..HEADER_LEN].copy_from_slice(&header);
     let got = read_full(r, &mut bytes[HEADER_LEN..]).map_err(|e| rio(r, "reading the image", e))?;
     if got + HEADER_LEN < total {
         return Err(GhostError::BadImage(format!(
@@ -546,6 +557,18 @@ pub fn load(r: &mut dyn GhostReader) -> Result<LoadedImage> {
             r.describe()
         )));
     }
+    finish_load(r, Storage::Vec(bytes), meta_len, pages_len)
+}
+
+/// Checks end marker and checksum and decodes the metadata of a fully read image.
+fn finish_load(
+    r: &dyn GhostReader,
+    storage: Storage,
+    meta_len: u64,
+    pages_len: u64,
+) -> Result<LoadedImage> {
+    let bytes = storage.as_slice();
+    let total = bytes.len();
     let body = total - TRAILER_LEN;
     if &bytes[body + 32..] != END_MAGIC {
         return Err(GhostError::BadImage(format!(
@@ -585,8 +608,56 @@ pub fn load(r: &mut dyn GhostReader) -> Result<LoadedImage> {
     }
     Ok(LoadedImage {
         meta,
-        bytes,
+        bytes: storage,
         pages_off: meta_end,
         pages_len: pages_len as usize,
     })
+}
+
+/// Where a loaded image's bytes live.
+enum Storage {
+    Vec(Vec<u8>),
+    Map(Mapped),
+}
+
+impl Storage {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Storage::Vec(v) => v,
+            // SAFETY: the mapping is alive as long as self and `len` bytes long.
+            Storage::Map(m) => unsafe { std::slice::from_raw_parts(m.ptr as *const u8, m.len) },
+        }
+    }
+}
+
+/// A read-only shared mapping of a whole image file. If the file is truncated while mapped,
+/// reading the lost part raises SIGBUS: image files are written once and never rewritten.
+struct Mapped {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Mapped {
+    fn of(f: &std::fs::File, len: usize) -> Option<Self> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: read-only mapping of a file we hold open; checked for MAP_FAILED.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        (ptr != libc::MAP_FAILED).then_some(Mapped { ptr, len })
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `of` mapped.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
 }

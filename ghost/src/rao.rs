@@ -34,6 +34,10 @@ pub trait GhostReader {
     }
     /// Human-readable name of the source, for error messages.
     fn describe(&self) -> String;
+    /// The local file behind this source, if any: import maps it instead of reading it.
+    fn as_file(&self) -> Option<&File> {
+        None
+    }
 }
 
 /// Reads exactly `buf.len()` bytes, returning `Ok(false)` on a clean end of stream before any
@@ -143,6 +147,9 @@ impl GhostReader for FileReader {
     }
     fn describe(&self) -> String {
         format!("file {}", self.path.display())
+    }
+    fn as_file(&self) -> Option<&File> {
+        Some(&self.file)
     }
 }
 

@@ -229,6 +229,18 @@ fn damaged_images_are_refused() {
             "{what}: message {e} lacks '{needle}'"
         );
     }
+    // The same through a file, which import maps instead of reading.
+    let f = d.path().join("flipped");
+    let mut flip = good.clone();
+    let at = flip.len() - 100;
+    flip[at] ^= 0x80;
+    std::fs::write(&f, &flip).unwrap();
+    let e = import_process(
+        &mut FileReader::open(&f).unwrap(),
+        &ImportOptions::default(),
+    )
+    .expect_err("a damaged image file was imported");
+    assert!(e.to_string().contains("checksum"), "{e}");
     assert!(alive(pid), "refusing images must not touch the original");
     // The intact image is accepted but its PID is taken; SameOrAny gives another one.
     let imp = import_process(&mut MemReader::new(&good), &ImportOptions::default()).unwrap();
