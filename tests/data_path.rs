@@ -84,12 +84,15 @@ fn expected_hash(seed: u8, size: u64) -> blake3::Hash {
     h.finalize()
 }
 
+/// Something done once in the middle of a read (kill a server).
+type MidRead<'a> = Box<dyn FnMut() -> Result<()> + Send + 'a>;
+
 /// Reads the whole file in `step`-byte sequential requests; `at_fraction` runs once when
 /// that share of the file was read (to kill servers mid-read).
 async fn hash_file(
     f: &FileHandle,
     step: usize,
-    mut at_fraction: Option<(f64, Box<dyn FnMut() -> Result<()> + Send + '_>)>,
+    mut at_fraction: Option<(f64, MidRead<'_>)>,
 ) -> Result<blake3::Hash> {
     let size = f.size();
     let mut h = blake3::Hasher::new();
@@ -157,7 +160,7 @@ async fn large_file(layout: Layout, name: &str) -> Result<()> {
     let _serial = SERIAL.lock().await;
     let size = large_size();
     let (_cluster, meta, data) = start(6).await?;
-    let dir = layout_dir(&meta, name, layout.clone()).await?;
+    let dir = layout_dir(&meta, name, layout).await?;
     info!(?layout, size, "writing a large file with a random pattern");
     let mut rng = StdRng::seed_from_u64(7);
     let seed = 11u8;
