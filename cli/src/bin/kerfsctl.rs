@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use kerfs_client::{MetaClient, MetaClientConfig};
+use kerfs_client::{DataClient, MetaClient, MetaClientConfig};
 use kerfs_proto::read_op;
 
 #[derive(Parser)]
@@ -50,6 +50,10 @@ enum Cmd {
     Df,
     /// Chunk servers: address, state, capacity, usage.
     Nodes,
+    /// Copy a local file into KerFS (through the client library, not a mount).
+    Put { local: PathBuf, path: String },
+    /// Copy a KerFS file to a local file ("-" for stdout).
+    Get { path: String, local: PathBuf },
     /// Show or set the data layout of a directory (inherited by new entries).
     Layout {
         path: String,
@@ -163,6 +167,55 @@ async fn run(cli: Cli) -> Result<()> {
                 s.files,
                 s.files_free
             );
+        }
+        Cmd::Put { local, path } => {
+            use std::io::Read;
+            let (parent, name) = client.resolve_parent(&path).await?;
+            let data = DataClient::new(client.clone());
+            let file = data
+                .create(parent.ino, name.as_bytes(), 0o644, false)
+                .await?;
+            file.truncate(0).await?;
+            let mut src = std::fs::File::open(&local)
+                .with_context(|| format!("opening {}", local.display()))?;
+            let mut buf = vec![0u8; 4 << 20];
+            let mut offset = 0u64;
+            loop {
+                let n = src.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                file.write_at(offset, &buf[..n]).await?;
+                offset += n as u64;
+            }
+            file.close().await?;
+            println!("{offset} bytes -> {path}");
+        }
+        Cmd::Get { path, local } => {
+            use std::io::Write;
+            let attr = client.resolve(&path).await?;
+            let data = DataClient::new(client.clone());
+            let file = data.open(attr.ino, libc::O_RDONLY as u32).await?;
+            let mut out: Box<dyn Write> = if local.as_os_str() == "-" {
+                Box::new(std::io::stdout().lock())
+            } else {
+                Box::new(
+                    std::fs::File::create(&local)
+                        .with_context(|| format!("creating {}", local.display()))?,
+                )
+            };
+            let size = file.size();
+            let mut offset = 0u64;
+            while offset < size {
+                let chunk = file.read_at(offset, 4 << 20).await?;
+                if chunk.is_empty() {
+                    break;
+                }
+                out.write_all(&chunk)?;
+                offset += chunk.len() as u64;
+            }
+            out.flush()?;
+            file.close().await?;
         }
         Cmd::Nodes => {
             let reply = kerfs_client::check(
