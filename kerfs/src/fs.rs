@@ -1,0 +1,926 @@
+//! The filesystem logic of the mount, in plain async Rust over [`MetaClient`]: inode number
+//! mapping (for `subdir=`), attribute conversion, open file and directory handle tables,
+//! readdir offsets, and POSIX errors. Nothing here knows about kernel requests or replies;
+//! [`crate::fuse`] adapts this to fuser, so this part can be driven directly by tests.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{FileAttr, FileType, INodeNo};
+use kerfs_client::{DataClient, FileHandle, MetaClient};
+use kerfs_proto::{time_set, Attr, Caller, FileKind, FsStats, MakeNode, TimeSet, Timespec};
+
+use crate::error::{FsError, FsResult};
+
+/// Entries asked from the cluster per readdir call: the kernel's readdir buffer (one page
+/// for readdir, a few for readdirplus) holds about this many, so more would be fetched for
+/// nothing and fetched again from the next offset.
+const READDIR_PAGE: u32 = 128;
+
+/// `st_blksize`: the I/O size programs like cp pick their buffer from.
+const BLKSIZE: u32 = 64 * 1024;
+
+/// Offsets of the synthesized "." and ".." entries; the cluster's own cookies start at 3.
+const DOT_OFFSET: u64 = 1;
+const DOTDOT_OFFSET: u64 = 2;
+
+/// Behaviour fixed at mount time.
+#[derive(Debug, Clone)]
+pub struct FsConfig {
+    /// How long the kernel may cache attributes.
+    pub attr_ttl: Duration,
+    /// How long the kernel may cache name → inode lookups.
+    pub entry_ttl: Duration,
+}
+
+impl Default for FsConfig {
+    fn default() -> Self {
+        FsConfig {
+            attr_ttl: Duration::from_secs(1),
+            entry_ttl: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A name resolved to an inode, as the kernel wants it for lookup/create/mkdir...
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub attr: FileAttr,
+    pub generation: u64,
+}
+
+/// One line of a directory listing.
+#[derive(Debug, Clone)]
+pub struct DirItem {
+    pub ino: u64,
+    /// The offset to continue from after this entry.
+    pub offset: u64,
+    pub kind: FileType,
+    pub name: Vec<u8>,
+    /// Filled for readdirplus.
+    pub entry: Option<Entry>,
+}
+
+/// Attributes to change; `None` leaves a field alone (UTIME_OMIT included).
+#[derive(Debug, Clone, Default)]
+pub struct SetAttrIn {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeSet>,
+    pub mtime: Option<TimeSet>,
+    /// Set through an open file (ftruncate): the handle's access mode decides, not the
+    /// inode's permission bits.
+    pub fh: Option<u64>,
+}
+
+/// A time to set: now (the cluster's clock) or an explicit time.
+pub fn time_now() -> TimeSet {
+    TimeSet {
+        how: Some(time_set::How::Now(true)),
+    }
+}
+
+pub fn time_at(t: SystemTime) -> TimeSet {
+    TimeSet {
+        how: Some(time_set::How::At(Timespec::from_system_time(t))),
+    }
+}
+
+/// An open regular file (one per kernel `open`).
+struct OpenFile {
+    /// Cluster inode.
+    ino: u64,
+    /// The cluster handle opened as the caller: it checked the caller's access and keeps an
+    /// unlinked file alive until release.
+    handle: u64,
+    /// The inode's shared data handle (see [`DataSlot`]).
+    data: FileHandle,
+}
+
+/// The data handle of one inode, shared by every open of it in this mount. Sharing is what
+/// makes a write through one descriptor visible to a read through another before either is
+/// closed, as POSIX wants within one machine: each data handle has its own write-behind
+/// buffer, size and chunk table. It is opened read-write as the mount itself (access was
+/// checked by the caller's own open) and closed with the inode's last open.
+struct DataSlot {
+    handle: FileHandle,
+    refs: usize,
+}
+
+/// An open directory. Listing is stateless (the cluster's cookies are stable offsets), so
+/// the handle only remembers which directory it is.
+#[derive(Debug)]
+struct OpenDir {
+    ino: u64,
+}
+
+/// The mounted filesystem.
+pub struct KerFs {
+    client: MetaClient,
+    data: DataClient,
+    /// Data handles by cluster inode. An async lock: opening a slot awaits the cluster, and
+    /// two first opens of one inode must not make two slots.
+    slots: tokio::sync::Mutex<HashMap<u64, DataSlot>>,
+    config: FsConfig,
+    /// Cluster inode shown as the mount's root (1 unless `subdir=`).
+    root: u64,
+    files: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    dirs: Mutex<HashMap<u64, Arc<OpenDir>>>,
+    next_fh: AtomicU64,
+}
+
+impl KerFs {
+    /// A filesystem showing cluster directory `root` as the mount's root.
+    pub fn new(client: MetaClient, config: FsConfig, root: u64) -> KerFs {
+        KerFs {
+            data: DataClient::new(client.clone()),
+            slots: tokio::sync::Mutex::new(HashMap::new()),
+            client,
+            config,
+            root,
+            files: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    pub fn config(&self) -> &FsConfig {
+        &self.config
+    }
+
+    fn as_caller(&self, caller: &Caller) -> MetaClient {
+        self.client.with_caller(caller.clone())
+    }
+
+    // ------------------------------------------------------------- inode numbers
+
+    /// The kernel's inode number 1 is the mount root; with `subdir=` that is another
+    /// cluster inode, so the two numbers swap places (a bijection: no table needed).
+    pub fn to_cluster(&self, fuse_ino: u64) -> u64 {
+        swap_root(self.root, fuse_ino)
+    }
+
+    pub fn to_fuse(&self, cluster_ino: u64) -> u64 {
+        // The swap is its own inverse.
+        swap_root(self.root, cluster_ino)
+    }
+
+    // ------------------------------------------------------------- attributes
+
+    pub fn file_attr(&self, a: &Attr) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(self.to_fuse(a.ino)),
+            size: a.size,
+            blocks: a.blocks,
+            atime: system_time(a.atime.as_ref()),
+            mtime: system_time(a.mtime.as_ref()),
+            ctime: system_time(a.ctime.as_ref()),
+            crtime: system_time(a.crtime.as_ref()),
+            kind: file_type(a.kind),
+            perm: (a.mode & 0o7777) as u16,
+            nlink: a.nlink,
+            uid: a.uid,
+            gid: a.gid,
+            // The kernel's dev_t encoding (new_encode_dev) fits in 32 bits.
+            rdev: a.rdev as u32,
+            blksize: BLKSIZE,
+            flags: 0,
+        }
+    }
+
+    fn entry(&self, a: &Attr) -> Entry {
+        Entry {
+            attr: self.file_attr(a),
+            generation: a.generation,
+        }
+    }
+
+    // ------------------------------------------------------------- namespace
+
+    pub async fn lookup(&self, caller: &Caller, parent: u64, name: &[u8]) -> FsResult<Entry> {
+        let parent = self.to_cluster(parent);
+        if parent == self.root && name == b".." {
+            // Never let ".." climb above the subdir the mount shows.
+            let a = self.as_caller(caller).getattr(parent).await?;
+            return Ok(self.entry(&a));
+        }
+        let a = self.as_caller(caller).lookup(parent, name).await?;
+        Ok(self.entry(&a))
+    }
+
+    pub async fn getattr(&self, caller: &Caller, ino: u64) -> FsResult<FileAttr> {
+        let mut a = self.as_caller(caller).getattr(self.to_cluster(ino)).await?;
+        self.overlay_size(&mut a).await;
+        Ok(self.file_attr(&a))
+    }
+
+    /// While a file is open here, its size is what our data handle says (it includes
+    /// writes still in the write-behind buffer).
+    async fn overlay_size(&self, a: &mut Attr) {
+        if a.kind != FileKind::Regular as i32 {
+            return;
+        }
+        if let Some(slot) = self.slots.lock().await.get(&a.ino) {
+            let size = slot.handle.size();
+            if size != a.size {
+                a.size = size;
+                a.blocks = size.div_ceil(512);
+            }
+        }
+    }
+
+    pub async fn setattr(&self, caller: &Caller, ino: u64, s: SetAttrIn) -> FsResult<FileAttr> {
+        let ino = self.to_cluster(ino);
+        let file = s.fh.and_then(|fh| self.file(fh).ok());
+        if let Some(size) = s.size {
+            self.truncate(caller, ino, size, file.as_deref()).await?;
+        }
+        let req = kerfs_proto::SetAttr {
+            ino,
+            // The kernel hands over st_mode with the type bits; only permissions change.
+            mode: s.mode.map(|m| m & 0o7777),
+            uid: s.uid,
+            gid: s.gid,
+            size: None,
+            atime: s.atime,
+            mtime: s.mtime,
+            handle: file.map(|f| f.handle),
+        };
+        let client = self.as_caller(caller);
+        let mut a = if req.mode.is_none()
+            && req.uid.is_none()
+            && req.gid.is_none()
+            && req.atime.is_none()
+            && req.mtime.is_none()
+        {
+            client.getattr(ino).await?
+        } else {
+            client.setattr(req).await?
+        };
+        self.overlay_size(&mut a).await;
+        Ok(self.file_attr(&a))
+    }
+
+    /// truncate(2)/ftruncate(2). The bytes past the new end must go from the chunk servers
+    /// too (an extension later reads zeros), which only a data handle can do.
+    async fn truncate(
+        &self,
+        caller: &Caller,
+        ino: u64,
+        size: u64,
+        file: Option<&OpenFile>,
+    ) -> FsResult<()> {
+        let slot = self.slots.lock().await.get(&ino).map(|s| s.handle.clone());
+        match (file, slot) {
+            // ftruncate: the kernel checked that the descriptor is open for writing.
+            (Some(f), _) => Ok(f.data.truncate(size).await?),
+            (None, Some(data)) => {
+                let a = self.as_caller(caller).getattr(ino).await?;
+                check_truncate(caller, &a)?;
+                Ok(data.truncate(size).await?)
+            }
+            (None, None) => {
+                // The caller's own truncate checks its permission and cuts the metadata;
+                // a data handle then cuts the boundary chunk when the file shrank into it.
+                let client = self.as_caller(caller);
+                let before = client.getattr(ino).await?;
+                client
+                    .setattr(kerfs_proto::SetAttr {
+                        ino,
+                        size: Some(size),
+                        ..Default::default()
+                    })
+                    .await?;
+                if size < before.size {
+                    let data = self.data.open(ino, libc::O_RDWR as u32).await?;
+                    let cut = data.truncate(size).await;
+                    let closed = data.close().await;
+                    cut?;
+                    closed?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// mknod(2): `mode` carries the file type bits (S_IFREG, S_IFIFO...).
+    pub async fn mknod(
+        &self,
+        caller: &Caller,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        rdev: u64,
+    ) -> FsResult<Entry> {
+        let kind = match mode & libc::S_IFMT {
+            libc::S_IFREG | 0 => FileKind::Regular,
+            libc::S_IFIFO => FileKind::Fifo,
+            libc::S_IFSOCK => FileKind::Socket,
+            libc::S_IFCHR => FileKind::CharDevice,
+            libc::S_IFBLK => FileKind::BlockDevice,
+            libc::S_IFDIR => FileKind::Directory,
+            other => {
+                return Err(FsError::new(
+                    libc::EINVAL,
+                    format!("mknod of unsupported file type {other:o}"),
+                ))
+            }
+        };
+        let (a, _) = self
+            .as_caller(caller)
+            .make_node(MakeNode {
+                parent: self.to_cluster(parent),
+                name: name.to_vec(),
+                kind: kind as i32,
+                mode: mode & 0o7777,
+                rdev,
+                exclusive: true,
+                ..Default::default()
+            })
+            .await?;
+        Ok(self.entry(&a))
+    }
+
+    pub async fn mkdir(
+        &self,
+        caller: &Caller,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+    ) -> FsResult<Entry> {
+        let a = self
+            .as_caller(caller)
+            .mkdir(self.to_cluster(parent), name, mode & 0o7777)
+            .await?;
+        Ok(self.entry(&a))
+    }
+
+    pub async fn unlink(&self, caller: &Caller, parent: u64, name: &[u8]) -> FsResult<()> {
+        Ok(self
+            .as_caller(caller)
+            .unlink(self.to_cluster(parent), name)
+            .await?)
+    }
+
+    pub async fn rmdir(&self, caller: &Caller, parent: u64, name: &[u8]) -> FsResult<()> {
+        Ok(self
+            .as_caller(caller)
+            .rmdir(self.to_cluster(parent), name)
+            .await?)
+    }
+
+    pub async fn symlink(
+        &self,
+        caller: &Caller,
+        parent: u64,
+        name: &[u8],
+        target: &[u8],
+    ) -> FsResult<Entry> {
+        let a = self
+            .as_caller(caller)
+            .symlink(self.to_cluster(parent), name, target)
+            .await?;
+        Ok(self.entry(&a))
+    }
+
+    pub async fn readlink(&self, caller: &Caller, ino: u64) -> FsResult<Vec<u8>> {
+        Ok(self
+            .as_caller(caller)
+            .readlink(self.to_cluster(ino))
+            .await?)
+    }
+
+    pub async fn rename(
+        &self,
+        caller: &Caller,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        flags: u32,
+    ) -> FsResult<()> {
+        let known = kerfs_proto::RENAME_NOREPLACE | kerfs_proto::RENAME_EXCHANGE;
+        if flags & !known != 0 {
+            // RENAME_WHITEOUT is for overlayfs upper layers; we have no whiteouts.
+            return Err(FsError::new(
+                libc::EINVAL,
+                format!("rename flags {flags:#x} not supported"),
+            ));
+        }
+        Ok(self
+            .as_caller(caller)
+            .rename(
+                self.to_cluster(parent),
+                name,
+                self.to_cluster(new_parent),
+                new_name,
+                flags,
+            )
+            .await?)
+    }
+
+    pub async fn link(
+        &self,
+        caller: &Caller,
+        ino: u64,
+        new_parent: u64,
+        new_name: &[u8],
+    ) -> FsResult<Entry> {
+        let a = self
+            .as_caller(caller)
+            .link(self.to_cluster(ino), self.to_cluster(new_parent), new_name)
+            .await?;
+        Ok(self.entry(&a))
+    }
+
+    /// access(2): the cluster checks every operation itself; this answers the question
+    /// without doing anything, from the same permission bits.
+    pub async fn access(&self, caller: &Caller, ino: u64, mask: i32) -> FsResult<()> {
+        let a = self.as_caller(caller).getattr(self.to_cluster(ino)).await?;
+        if mask == libc::F_OK || permitted(caller, &a, mask as u32) {
+            Ok(())
+        } else {
+            Err(FsError::new(
+                libc::EACCES,
+                format!("access {mask:o} denied on inode {}", a.ino),
+            ))
+        }
+    }
+
+    pub async fn statfs(&self, caller: &Caller) -> FsResult<FsStats> {
+        Ok(self.as_caller(caller).statfs().await?)
+    }
+
+    // ------------------------------------------------------------- xattrs
+
+    pub async fn setxattr(
+        &self,
+        caller: &Caller,
+        ino: u64,
+        name: &[u8],
+        value: &[u8],
+        flags: u32,
+    ) -> FsResult<()> {
+        Ok(self
+            .as_caller(caller)
+            .setxattr(self.to_cluster(ino), name, value, flags)
+            .await?)
+    }
+
+    pub async fn getxattr(&self, caller: &Caller, ino: u64, name: &[u8]) -> FsResult<Vec<u8>> {
+        Ok(self
+            .as_caller(caller)
+            .getxattr(self.to_cluster(ino), name)
+            .await?)
+    }
+
+    /// The names, each NUL-terminated, as listxattr(2) returns them.
+    pub async fn listxattr(&self, caller: &Caller, ino: u64) -> FsResult<Vec<u8>> {
+        let names = self
+            .as_caller(caller)
+            .listxattr(self.to_cluster(ino))
+            .await?;
+        let mut out = Vec::new();
+        for n in names {
+            out.extend_from_slice(&n);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    pub async fn removexattr(&self, caller: &Caller, ino: u64, name: &[u8]) -> FsResult<()> {
+        Ok(self
+            .as_caller(caller)
+            .removexattr(self.to_cluster(ino), name)
+            .await?)
+    }
+
+    // ------------------------------------------------------------- files
+
+    fn new_fh(&self) -> u64 {
+        self.next_fh.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn file(&self, fh: u64) -> FsResult<Arc<OpenFile>> {
+        lock(&self.files)
+            .get(&fh)
+            .cloned()
+            .ok_or_else(|| FsError::new(libc::EBADF, format!("no open file handle {fh}")))
+    }
+
+    /// Registers an open: takes a reference on the inode's data slot (opening it if this
+    /// is the first open here), closing the caller's cluster handle if that fails.
+    async fn add_file(&self, ino: u64, handle: u64, flags: i32) -> FsResult<u64> {
+        match self.slot_ref(ino, flags).await {
+            Ok(data) => {
+                let fh = self.new_fh();
+                lock(&self.files).insert(fh, Arc::new(OpenFile { ino, handle, data }));
+                Ok(fh)
+            }
+            Err(e) => {
+                let _ = self.client.close(handle).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn slot_ref(&self, ino: u64, flags: i32) -> FsResult<FileHandle> {
+        let mut slots = self.slots.lock().await;
+        if let Some(slot) = slots.get_mut(&ino) {
+            slot.refs += 1;
+            let data = slot.handle.clone();
+            drop(slots);
+            if flags & libc::O_TRUNC != 0 {
+                // The caller's open truncated the file in the cluster; our shared handle
+                // still has the old size and chunk table.
+                data.truncate(0).await?;
+            }
+            return Ok(data);
+        }
+        let data = match self.data.open(ino, libc::O_RDWR as u32).await {
+            Ok(d) => d,
+            // A mount not run by root may not open everything read-write; it can still
+            // open the way the caller did.
+            Err(e) if e.errno() == libc::EACCES => {
+                self.data
+                    .open(ino, (flags & libc::O_ACCMODE) as u32)
+                    .await?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        slots.insert(
+            ino,
+            DataSlot {
+                handle: data.clone(),
+                refs: 1,
+            },
+        );
+        Ok(data)
+    }
+
+    /// Opens an existing file; the cluster checks access and applies O_TRUNC.
+    pub async fn open(&self, caller: &Caller, ino: u64, flags: i32) -> FsResult<u64> {
+        let ino = self.to_cluster(ino);
+        let (a, handle) = self.as_caller(caller).open(ino, flags as u32).await?;
+        if a.kind != FileKind::Regular as i32 {
+            // Device nodes, FIFOs and sockets are opened by the kernel itself; directories
+            // go through opendir. Nothing to read or write here.
+            let _ = self.client.close(handle).await;
+            return Err(FsError::new(
+                libc::EINVAL,
+                format!("inode {ino} is not a regular file"),
+            ));
+        }
+        self.add_file(ino, handle, flags).await
+    }
+
+    /// Creates (or with O_CREAT without O_EXCL, opens) and opens a regular file in one
+    /// cluster command.
+    pub async fn create(
+        &self,
+        caller: &Caller,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        flags: i32,
+    ) -> FsResult<(Entry, u64)> {
+        let (a, handle) = self
+            .as_caller(caller)
+            .make_node(MakeNode {
+                parent: self.to_cluster(parent),
+                name: name.to_vec(),
+                kind: FileKind::Regular as i32,
+                mode: mode & 0o7777,
+                exclusive: flags & libc::O_EXCL != 0,
+                open: true,
+                open_flags: flags as u32,
+                ..Default::default()
+            })
+            .await?;
+        let fh = self.add_file(a.ino, handle, flags).await?;
+        Ok((self.entry(&a), fh))
+    }
+
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let file = self.file(fh)?;
+        Ok(file.data.read_at(offset, size as usize).await?)
+    }
+
+    pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let file = self.file(fh)?;
+        let n = u32::try_from(data.len())
+            .map_err(|_| FsError::new(libc::EINVAL, "write larger than 4 GiB"))?;
+        file.data.write_at(offset, data).await?;
+        Ok(n)
+    }
+
+    /// close(2) of one descriptor: written data goes to the chunk servers and the size to
+    /// the cluster, so that an open on another mount after this close sees it.
+    pub async fn flush(&self, fh: u64) -> FsResult<()> {
+        Ok(self.file(fh)?.data.fsync().await?)
+    }
+
+    pub async fn fsync(&self, fh: u64) -> FsResult<()> {
+        Ok(self.file(fh)?.data.fsync().await?)
+    }
+
+    /// The last descriptor of an open file went away: drop the caller's cluster handle
+    /// (which lets the cluster reclaim the file if it was unlinked while open) and the
+    /// inode's data handle with its last open.
+    pub async fn release(&self, fh: u64) -> FsResult<()> {
+        let file = lock(&self.files).remove(&fh);
+        let Some(file) = file else {
+            return Err(FsError::new(
+                libc::EBADF,
+                format!("no open file handle {fh}"),
+            ));
+        };
+        let last = {
+            let mut slots = self.slots.lock().await;
+            match slots.get_mut(&file.ino) {
+                Some(slot) if slot.refs > 1 => {
+                    slot.refs -= 1;
+                    None
+                }
+                Some(_) => slots.remove(&file.ino).map(|s| s.handle),
+                None => None,
+            }
+        };
+        let closed = match last {
+            Some(data) => data.close().await.map_err(FsError::from),
+            None => Ok(()),
+        };
+        self.client.close(file.handle).await?;
+        closed
+    }
+
+    /// Closes every handle still open (the mount is going away).
+    pub async fn release_all(&self) {
+        let files: Vec<Arc<OpenFile>> = lock(&self.files).drain().map(|(_, f)| f).collect();
+        let slots: Vec<DataSlot> = self.slots.lock().await.drain().map(|(_, s)| s).collect();
+        for s in slots {
+            if let Err(e) = s.handle.close().await {
+                tracing::warn!(error = %e, ino = s.handle.ino(), "closing a file at unmount");
+            }
+        }
+        for f in files {
+            if let Err(e) = self.client.close(f.handle).await {
+                tracing::warn!(error = %e, ino = f.ino, "closing a file at unmount");
+            }
+        }
+        lock(&self.dirs).clear();
+    }
+
+    // ------------------------------------------------------------- directories
+
+    /// opendir(3): needs read permission on the directory, as open(2) would check.
+    pub async fn opendir(&self, caller: &Caller, ino: u64, flags: i32) -> FsResult<u64> {
+        let ino = self.to_cluster(ino);
+        let a = self.as_caller(caller).getattr(ino).await?;
+        if a.kind != FileKind::Directory as i32 {
+            return Err(FsError::new(
+                libc::ENOTDIR,
+                format!("inode {ino} is not a directory"),
+            ));
+        }
+        let mut want = 0;
+        match flags & libc::O_ACCMODE {
+            libc::O_RDONLY => want |= 4,
+            libc::O_WRONLY => want |= 2,
+            _ => want |= 6,
+        }
+        if !permitted(caller, &a, want) {
+            return Err(FsError::new(
+                libc::EACCES,
+                format!("no permission to open directory {ino}"),
+            ));
+        }
+        let fh = self.new_fh();
+        lock(&self.dirs).insert(fh, Arc::new(OpenDir { ino }));
+        Ok(fh)
+    }
+
+    /// Entries after `offset`: 0 starts with ".", 1 continues with "..", 2 with the
+    /// cluster's first entry, and any other value is a cluster cookie (the offset of the
+    /// last entry the kernel took).
+    pub async fn readdir(
+        &self,
+        caller: &Caller,
+        fh: u64,
+        offset: u64,
+        plus: bool,
+    ) -> FsResult<Vec<DirItem>> {
+        let dir = lock(&self.dirs)
+            .get(&fh)
+            .cloned()
+            .ok_or_else(|| FsError::new(libc::EBADF, format!("no open directory handle {fh}")))?;
+        let client = self.as_caller(caller);
+        let mut out = Vec::new();
+        if offset < DOTDOT_OFFSET {
+            let me = client.getattr(dir.ino).await?;
+            let parent = if dir.ino == self.root {
+                me
+            } else {
+                // The parent may have gone (a removed directory still open): show ourselves.
+                client.lookup(dir.ino, b"..").await.unwrap_or(me)
+            };
+            if offset < DOT_OFFSET {
+                out.push(self.dir_item(&me, DOT_OFFSET, b".", plus));
+            }
+            out.push(self.dir_item(&parent, DOTDOT_OFFSET, b"..", plus));
+        }
+        let cookie = if offset <= DOTDOT_OFFSET { 0 } else { offset };
+        let (entries, _eof) = client.readdir(dir.ino, cookie, READDIR_PAGE, plus).await?;
+        for e in entries {
+            out.push(DirItem {
+                ino: self.to_fuse(e.ino),
+                offset: e.cookie,
+                kind: file_type(e.kind),
+                entry: e.attr.as_ref().filter(|_| plus).map(|a| self.entry(a)),
+                name: e.name,
+            });
+        }
+        Ok(out)
+    }
+
+    fn dir_item(&self, a: &Attr, offset: u64, name: &[u8], plus: bool) -> DirItem {
+        DirItem {
+            ino: self.to_fuse(a.ino),
+            offset,
+            kind: FileType::Directory,
+            name: name.to_vec(),
+            entry: plus.then(|| self.entry(a)),
+        }
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        lock(&self.dirs).remove(&fh);
+    }
+}
+
+/// truncate(2) by path needs write permission on a regular file.
+fn check_truncate(caller: &Caller, a: &Attr) -> FsResult<()> {
+    if a.kind == FileKind::Directory as i32 {
+        return Err(FsError::new(
+            libc::EISDIR,
+            format!("inode {} is a directory", a.ino),
+        ));
+    }
+    if !permitted(caller, a, 2) {
+        return Err(FsError::new(
+            libc::EACCES,
+            format!("no write permission to truncate inode {}", a.ino),
+        ));
+    }
+    Ok(())
+}
+
+/// Exchanges inode 1 and `root`, leaving every other number alone.
+pub fn swap_root(root: u64, ino: u64) -> u64 {
+    if ino == kerfs_proto::ROOT_INO {
+        root
+    } else if ino == root {
+        kerfs_proto::ROOT_INO
+    } else {
+        ino
+    }
+}
+
+/// Whether `caller` has every permission in `mask` (4 read, 2 write, 1 execute) on `a`,
+/// as the kernel's generic_permission decides it (without ACLs).
+pub fn permitted(caller: &Caller, a: &Attr, mask: u32) -> bool {
+    let mask = mask & 7;
+    if caller.uid == 0 {
+        // Root may read and write anything, and execute what anyone may execute.
+        return mask & 1 == 0 || a.kind == FileKind::Directory as i32 || a.mode & 0o111 != 0;
+    }
+    let bits = if caller.uid == a.uid {
+        (a.mode >> 6) & 7
+    } else if caller.gid == a.gid || caller.groups.contains(&a.gid) {
+        (a.mode >> 3) & 7
+    } else {
+        a.mode & 7
+    };
+    bits & mask == mask
+}
+
+pub fn file_type(kind: i32) -> FileType {
+    match FileKind::try_from(kind) {
+        Ok(FileKind::Directory) => FileType::Directory,
+        Ok(FileKind::Symlink) => FileType::Symlink,
+        Ok(FileKind::Fifo) => FileType::NamedPipe,
+        Ok(FileKind::Socket) => FileType::Socket,
+        Ok(FileKind::CharDevice) => FileType::CharDevice,
+        Ok(FileKind::BlockDevice) => FileType::BlockDevice,
+        Ok(FileKind::Regular) | Ok(FileKind::Unknown) | Err(_) => FileType::RegularFile,
+    }
+}
+
+/// A cluster timestamp as SystemTime, nanoseconds included; times before 1970 work too.
+pub fn system_time(t: Option<&Timespec>) -> SystemTime {
+    let Some(t) = t else {
+        return UNIX_EPOCH;
+    };
+    let nsec = Duration::from_nanos(u64::from(t.nsec.min(999_999_999)));
+    let base = if t.sec >= 0 {
+        UNIX_EPOCH.checked_add(Duration::from_secs(t.sec as u64))
+    } else {
+        UNIX_EPOCH.checked_sub(Duration::from_secs(t.sec.unsigned_abs()))
+    };
+    base.and_then(|b| b.checked_add(nsec)).unwrap_or(UNIX_EPOCH)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section is a single map operation that cannot leave it half-changed.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attr(mode: u32, uid: u32, gid: u32, kind: FileKind) -> Attr {
+        Attr {
+            mode,
+            uid,
+            gid,
+            kind: kind as i32,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn permissions_follow_owner_group_other() {
+        let a = attr(0o640, 10, 20, FileKind::Regular);
+        let owner = Caller {
+            uid: 10,
+            gid: 99,
+            groups: vec![],
+        };
+        let member = Caller {
+            uid: 11,
+            gid: 99,
+            groups: vec![20],
+        };
+        let other = Caller {
+            uid: 12,
+            gid: 99,
+            groups: vec![],
+        };
+        let root = Caller {
+            uid: 0,
+            gid: 0,
+            groups: vec![],
+        };
+        assert!(permitted(&owner, &a, 6));
+        assert!(!permitted(&owner, &a, 1));
+        assert!(permitted(&member, &a, 4));
+        assert!(!permitted(&member, &a, 2));
+        assert!(!permitted(&other, &a, 4));
+        assert!(permitted(&root, &a, 6));
+        assert!(
+            !permitted(&root, &a, 1),
+            "root executes only what someone may"
+        );
+        assert!(permitted(&root, &attr(0o600, 1, 1, FileKind::Directory), 1));
+    }
+
+    #[test]
+    fn times_keep_nanoseconds_and_negative_seconds() {
+        let t = Timespec { sec: 5, nsec: 7 };
+        assert_eq!(
+            system_time(Some(&t)),
+            UNIX_EPOCH + Duration::from_secs(5) + Duration::from_nanos(7)
+        );
+        let t = Timespec {
+            sec: -2,
+            nsec: 500_000_000,
+        };
+        assert_eq!(
+            system_time(Some(&t)),
+            UNIX_EPOCH - Duration::from_millis(1500)
+        );
+        let back = Timespec::from_system_time(system_time(Some(&t)));
+        assert_eq!((back.sec, back.nsec), (-2, 500_000_000));
+    }
+
+    #[test]
+    fn subdir_root_swaps_with_inode_one() {
+        assert_eq!(swap_root(1, 1), 1);
+        assert_eq!(swap_root(1, 7), 7);
+        assert_eq!(swap_root(42, 1), 42);
+        assert_eq!(swap_root(42, 42), 1);
+        assert_eq!(swap_root(42, 7), 7);
+    }
+
+    #[test]
+    fn kinds_map_to_kernel_types() {
+        assert_eq!(file_type(FileKind::Directory as i32), FileType::Directory);
+        assert_eq!(file_type(FileKind::Fifo as i32), FileType::NamedPipe);
+        assert_eq!(file_type(999), FileType::RegularFile);
+    }
+}

@@ -1,0 +1,780 @@
+//! The fuser glue: every kernel request becomes a task on the tokio runtime that calls
+//! [`KerFs`] and sends the reply itself, so a slow cluster call never holds up the session
+//! loop that reads the next request. Request data the kernel lends (names, write buffers)
+//! is copied before the task starts.
+
+use std::ffi::OsStr;
+use std::future::Future;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    AccessFlags, BsdFileFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use kerfs_proto::Caller;
+use tokio::runtime::Handle;
+use tracing::{debug, warn};
+
+use crate::error::FsError;
+use crate::fs::{time_at, time_now, Entry, KerFs, SetAttrIn};
+
+/// Largest write the kernel sends in one request.
+pub const MAX_WRITE: u32 = 1 << 20;
+/// Requests the kernel keeps in flight in the background (read-ahead, write-back); the
+/// default of 12 starves a cluster that answers in parallel.
+const MAX_BACKGROUND: u16 = 64;
+
+/// The `fuser::Filesystem` of a KerFS mount.
+pub struct FuseFs {
+    fs: Arc<KerFs>,
+    rt: Handle,
+    local: LocalPool,
+}
+
+impl FuseFs {
+    pub fn new(fs: Arc<KerFs>, rt: Handle) -> std::io::Result<FuseFs> {
+        Ok(FuseFs {
+            fs,
+            rt,
+            local: LocalPool::start(DATA_THREADS)?,
+        })
+    }
+
+    fn spawn<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.rt.spawn(task);
+    }
+
+    /// Runs a task that goes through the data path (see [`LocalPool`]).
+    fn spawn_data<F, Fut>(&self, task: F)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + 'static,
+    {
+        self.local.spawn(task);
+    }
+
+    fn attr_ttl(&self) -> Duration {
+        self.fs.config().attr_ttl
+    }
+
+    fn entry_ttl(&self) -> Duration {
+        self.fs.config().entry_ttl
+    }
+}
+
+/// Threads running data path tasks.
+const DATA_THREADS: usize = 2;
+
+type Job = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()>>> + Send>;
+
+/// Single-threaded runtimes for the tasks that call the client's data path
+/// ([`kerfs_client::FileHandle`]). Its futures are in fact Send, but rustc cannot prove it
+/// (a closure over borrowed map entries inside its flush trips the higher-ranked lifetime
+/// limitation, rust-lang/rust#64552), so they cannot go to `tokio::spawn`; a `LocalSet`
+/// needs no Send. The session loop still never waits: it only queues the job.
+struct LocalPool {
+    senders: Vec<std::sync::mpsc::Sender<Job>>,
+    next: AtomicUsize,
+}
+
+impl LocalPool {
+    fn start(threads: usize) -> std::io::Result<LocalPool> {
+        let mut senders = Vec::new();
+        for i in 0..threads.max(1) {
+            let (tx, rx) = std::sync::mpsc::channel::<Job>();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            std::thread::Builder::new()
+                .name(format!("kerfs-data-{i}"))
+                .spawn(move || {
+                    let local = tokio::task::LocalSet::new();
+                    local.block_on(&rt, async {
+                        let (atx, mut arx) = tokio::sync::mpsc::unbounded_channel::<Job>();
+                        // Bridge the blocking receiver into the runtime without blocking it.
+                        std::thread::spawn(move || {
+                            while let Ok(job) = rx.recv() {
+                                if atx.send(job).is_err() {
+                                    return;
+                                }
+                            }
+                        });
+                        while let Some(job) = arx.recv().await {
+                            tokio::task::spawn_local(job());
+                        }
+                    });
+                })?;
+            senders.push(tx);
+        }
+        Ok(LocalPool {
+            senders,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    fn spawn<F, Fut>(&self, task: F)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + 'static,
+    {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.senders.len();
+        let job: Job = Box::new(move || Box::pin(task()));
+        if self.senders[i].send(job).is_err() {
+            // The thread is gone only if the process is exiting; the kernel request is
+            // then answered by the connection going away.
+            warn!("data path thread stopped; dropping a request");
+        }
+    }
+}
+
+/// The identity the cluster checks permissions against: the requesting process's ids and,
+/// read from /proc, its supplementary groups (the kernel does not send them).
+fn caller_of(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+        groups: groups_of(req.pid()),
+    }
+}
+
+fn groups_of(pid: u32) -> Vec<u32> {
+    if pid == 0 {
+        return Vec::new(); // a request the kernel makes on its own behalf
+    }
+    // Not cached: a process may change its groups between two calls (pjdfstest does), and
+    // reading this file costs far less than the cluster round trip that follows.
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return Vec::new(); // the process already exited
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| {
+            g.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn errno(e: &FsError, op: &str) -> Errno {
+    if e.is_unexpected() {
+        warn!(op, error = %e, "operation failed");
+    } else {
+        debug!(op, error = %e, "operation failed");
+    }
+    Errno::from_i32(e.errno)
+}
+
+fn reply_entry(
+    reply: ReplyEntry,
+    r: Result<Entry, FsError>,
+    attr_ttl: Duration,
+    entry_ttl: Duration,
+    op: &str,
+) {
+    match r {
+        Ok(e) => reply.entry_with_ttls(&attr_ttl, &entry_ttl, &e.attr, Generation(e.generation)),
+        Err(e) => reply.error(errno(&e, op)),
+    }
+}
+
+fn reply_empty(reply: ReplyEmpty, r: Result<(), FsError>, op: &str) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(&e, op)),
+    }
+}
+
+fn time_set(t: TimeOrNow) -> kerfs_proto::TimeSet {
+    match t {
+        TimeOrNow::Now => time_now(),
+        TimeOrNow::SpecificTime(t) => time_at(t),
+    }
+}
+
+fn bytes(name: &OsStr) -> Vec<u8> {
+    name.as_bytes().to_vec()
+}
+
+impl Filesystem for FuseFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        if let Err(nearest) = config.set_max_write(MAX_WRITE) {
+            let _ = config.set_max_write(nearest);
+        }
+        if let Err(nearest) = config.set_max_readahead(MAX_WRITE) {
+            let _ = config.set_max_readahead(nearest);
+        }
+        let _ = config.set_max_background(MAX_BACKGROUND);
+        // readdirplus saves the lookup per entry that `ls -l` would cause; atomic O_TRUNC
+        // makes open(O_TRUNC) one cluster command instead of setattr + open; parallel
+        // dirops lets lookups and creates in one directory run at once.
+        let wanted = InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_ATOMIC_O_TRUNC
+            | InitFlags::FUSE_PARALLEL_DIROPS;
+        if let Err(missing) = config.add_capabilities(wanted) {
+            let _ = config.add_capabilities(wanted - missing);
+        }
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        let fs = self.fs.clone();
+        // Called on the session thread as the mount goes away: wait for the handles to close
+        // so the cluster does not keep unlinked files until our lease runs out.
+        let _ = self.rt.block_on(async move {
+            tokio::time::timeout(Duration::from_secs(5), fs.release_all()).await
+        });
+    }
+
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let (fs, caller, name) = (self.fs.clone(), caller_of(req), bytes(name));
+        let (at, et) = (self.attr_ttl(), self.entry_ttl());
+        self.spawn(async move {
+            reply_entry(
+                reply,
+                fs.lookup(&caller, parent.0, &name).await,
+                at,
+                et,
+                "lookup",
+            );
+        });
+    }
+
+    fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let (fs, caller, ttl) = (self.fs.clone(), caller_of(req), self.attr_ttl());
+        self.spawn(async move {
+            match fs.getattr(&caller, ino.0).await {
+                Ok(a) => reply.attr(&ttl, &a),
+                Err(e) => reply.error(errno(&e, "getattr")),
+            }
+        });
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        // ctime is the cluster's business: it stamps every change itself.
+        let s = SetAttrIn {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: atime.map(time_set),
+            mtime: mtime.map(time_set),
+            fh: fh.map(|f| f.0),
+        };
+        let (fs, caller, ttl) = (self.fs.clone(), caller_of(req), self.attr_ttl());
+        self.spawn_data(move || async move {
+            match fs.setattr(&caller, ino.0, s).await {
+                Ok(a) => reply.attr(&ttl, &a),
+                Err(e) => reply.error(errno(&e, "setattr")),
+            }
+        });
+    }
+
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        let (fs, caller) = (self.fs.clone(), caller_of(req));
+        self.spawn(async move {
+            match fs.readlink(&caller, ino.0).await {
+                Ok(t) => reply.data(&t),
+                Err(e) => reply.error(errno(&e, "readlink")),
+            }
+        });
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        // The kernel already applied the umask (we do not ask for FUSE_DONT_MASK).
+        let (fs, caller, name) = (self.fs.clone(), caller_of(req), bytes(name));
+        let (at, et) = (self.attr_ttl(), self.entry_ttl());
+        self.spawn(async move {
+            let r = fs
+                .mknod(&caller, parent.0, &name, mode, u64::from(rdev))
+                .await;
+            reply_entry(reply, r, at, et, "mknod");
+        });
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let (fs, caller, name) = (self.fs.clone(), caller_of(req), bytes(name));
+        let (at, et) = (self.attr_ttl(), self.entry_ttl());
+        self.spawn(async move {
+            let r = fs.mkdir(&caller, parent.0, &name, mode).await;
+            reply_entry(reply, r, at, et, "mkdir");
+        });
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let (fs, caller, name) = (self.fs.clone(), caller_of(req), bytes(name));
+        self.spawn(async move {
+            reply_empty(reply, fs.unlink(&caller, parent.0, &name).await, "unlink");
+        });
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let (fs, caller, name) = (self.fs.clone(), caller_of(req), bytes(name));
+        self.spawn(async move {
+            reply_empty(reply, fs.rmdir(&caller, parent.0, &name).await, "rmdir");
+        });
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let (fs, caller, name) = (self.fs.clone(), caller_of(req), bytes(link_name));
+        let target = target.as_os_str().as_bytes().to_vec();
+        let (at, et) = (self.attr_ttl(), self.entry_ttl());
+        self.spawn(async move {
+            let r = fs.symlink(&caller, parent.0, &name, &target).await;
+            reply_entry(reply, r, at, et, "symlink");
+        });
+    }
+
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let (fs, caller) = (self.fs.clone(), caller_of(req));
+        let (name, newname) = (bytes(name), bytes(newname));
+        self.spawn(async move {
+            let r = fs
+                .rename(
+                    &caller,
+                    parent.0,
+                    &name,
+                    newparent.0,
+                    &newname,
+                    flags.bits(),
+                )
+                .await;
+            reply_empty(reply, r, "rename");
+        });
+    }
+
+    fn link(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let (fs, caller, name) = (self.fs.clone(), caller_of(req), bytes(newname));
+        let (at, et) = (self.attr_ttl(), self.entry_ttl());
+        self.spawn(async move {
+            let r = fs.link(&caller, ino.0, newparent.0, &name).await;
+            reply_entry(reply, r, at, et, "link");
+        });
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let (fs, caller) = (self.fs.clone(), caller_of(req));
+        self.spawn_data(move || async move {
+            match fs.open(&caller, ino.0, flags.0).await {
+                // No FOPEN_KEEP_CACHE: the kernel drops cached pages at open, which gives
+                // close-to-open consistency between mounts.
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply.error(errno(&e, "open")),
+            }
+        });
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let (fs, caller, name) = (self.fs.clone(), caller_of(req), bytes(name));
+        let ttl = self.entry_ttl();
+        self.spawn_data(move || async move {
+            match fs.create(&caller, parent.0, &name, mode, flags).await {
+                Ok((e, fh)) => reply.created(
+                    &ttl,
+                    &e.attr,
+                    Generation(e.generation),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                ),
+                Err(e) => reply.error(errno(&e, "create")),
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let fs = self.fs.clone();
+        self.spawn_data(move || async move {
+            match fs.read(fh.0, offset, size).await {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(errno(&e, "read")),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        // The buffer belongs to the session loop and is reused for the next request.
+        let data = data.to_vec();
+        let fs = self.fs.clone();
+        self.spawn_data(move || async move {
+            match fs.write(fh.0, offset, &data).await {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(errno(&e, "write")),
+            }
+        });
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        let fs = self.fs.clone();
+        self.spawn_data(move || async move { reply_empty(reply, fs.flush(fh.0).await, "flush") });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let fs = self.fs.clone();
+        self.spawn_data(
+            move || async move { reply_empty(reply, fs.release(fh.0).await, "release") },
+        );
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let fs = self.fs.clone();
+        self.spawn_data(move || async move { reply_empty(reply, fs.fsync(fh.0).await, "fsync") });
+    }
+
+    fn opendir(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let (fs, caller) = (self.fs.clone(), caller_of(req));
+        self.spawn(async move {
+            match fs.opendir(&caller, ino.0, flags.0).await {
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply.error(errno(&e, "opendir")),
+            }
+        });
+    }
+
+    fn readdir(
+        &self,
+        req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let (fs, caller) = (self.fs.clone(), caller_of(req));
+        self.spawn(async move {
+            match fs.readdir(&caller, fh.0, offset, false).await {
+                Ok(items) => {
+                    for it in items {
+                        let name = OsStr::from_bytes(&it.name);
+                        if reply.add(INodeNo(it.ino), it.offset, it.kind, name) {
+                            break; // buffer full: the kernel asks again from the last offset
+                        }
+                    }
+                    reply.ok();
+                }
+                Err(e) => reply.error(errno(&e, "readdir")),
+            }
+        });
+    }
+
+    fn readdirplus(
+        &self,
+        req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let (fs, caller) = (self.fs.clone(), caller_of(req));
+        let (at, et) = (self.attr_ttl(), self.entry_ttl());
+        // fuser gives one TTL for entry and attributes here: use the shorter.
+        let ttl = at.min(et);
+        self.spawn(async move {
+            match fs.readdir(&caller, fh.0, offset, true).await {
+                Ok(items) => {
+                    for it in items {
+                        let Some(e) = it.entry else { continue };
+                        let name = OsStr::from_bytes(&it.name);
+                        let full = reply.add(
+                            INodeNo(it.ino),
+                            it.offset,
+                            name,
+                            &ttl,
+                            &e.attr,
+                            Generation(e.generation),
+                        );
+                        if full {
+                            break;
+                        }
+                    }
+                    reply.ok();
+                }
+                Err(e) => reply.error(errno(&e, "readdirplus")),
+            }
+        });
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.releasedir(fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Namespace changes are committed by the cluster before they are answered.
+        reply.ok();
+    }
+
+    fn statfs(&self, req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let (fs, caller) = (self.fs.clone(), caller_of(req));
+        self.spawn(async move {
+            match fs.statfs(&caller).await {
+                Ok(s) => {
+                    let bsize = u32::try_from(s.block_size).unwrap_or(4096).max(512);
+                    reply.statfs(
+                        s.blocks,
+                        s.blocks_free,
+                        s.blocks_avail,
+                        s.files,
+                        s.files_free,
+                        bsize,
+                        s.name_max,
+                        bsize,
+                    )
+                }
+                Err(e) => reply.error(errno(&e, "statfs")),
+            }
+        });
+    }
+
+    fn setxattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let (fs, caller, name) = (self.fs.clone(), caller_of(req), bytes(name));
+        let value = value.to_vec();
+        self.spawn(async move {
+            let r = fs
+                .setxattr(&caller, ino.0, &name, &value, flags as u32)
+                .await;
+            reply_empty(reply, r, "setxattr");
+        });
+    }
+
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let (fs, caller, name) = (self.fs.clone(), caller_of(req), bytes(name));
+        self.spawn(async move {
+            let r = fs.getxattr(&caller, ino.0, &name).await;
+            reply_xattr(reply, r, size, "getxattr");
+        });
+    }
+
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let (fs, caller) = (self.fs.clone(), caller_of(req));
+        self.spawn(async move {
+            let r = fs.listxattr(&caller, ino.0).await;
+            reply_xattr(reply, r, size, "listxattr");
+        });
+    }
+
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let (fs, caller, name) = (self.fs.clone(), caller_of(req), bytes(name));
+        self.spawn(async move {
+            reply_empty(
+                reply,
+                fs.removexattr(&caller, ino.0, &name).await,
+                "removexattr",
+            );
+        });
+    }
+
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let (fs, caller) = (self.fs.clone(), caller_of(req));
+        self.spawn(async move {
+            reply_empty(
+                reply,
+                fs.access(&caller, ino.0, mask.bits()).await,
+                "access",
+            );
+        });
+    }
+
+    // Locks, fallocate and copy_file_range come later. ENOSYS for locks makes the kernel
+    // fall back to local (per-mount) locking, which is what a single mount needs today.
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        _start: u64,
+        _end: u64,
+        _typ: i32,
+        _pid: u32,
+        reply: ReplyLock,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn setlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        _start: u64,
+        _end: u64,
+        _typ: i32,
+        _pid: u32,
+        _sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _length: u64,
+        _mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+}
+
+/// getxattr/listxattr protocol: size 0 asks for the length, a too small buffer is ERANGE.
+fn reply_xattr(reply: ReplyXattr, r: Result<Vec<u8>, FsError>, size: u32, op: &str) {
+    match r {
+        Ok(v) if size == 0 => match u32::try_from(v.len()) {
+            Ok(n) => reply.size(n),
+            Err(_) => reply.error(Errno::E2BIG),
+        },
+        Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+        Ok(v) => reply.data(&v),
+        Err(e) => reply.error(errno(&e, op)),
+    }
+}
