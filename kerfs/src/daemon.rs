@@ -44,7 +44,7 @@ pub fn main(args: Args) -> i32 {
         }
     };
     if args.foreground {
-        init_logging(None);
+        init_logging(None, true);
         return match serve(plan, None) {
             Ok(()) => 0,
             Err(e) => {
@@ -61,7 +61,16 @@ pub fn main(args: Args) -> i32 {
         Ok(Forked::Parent(pipe)) => wait_for_child(pipe),
         Ok(Forked::Child(pipe)) => {
             let log = plan.options.log_file.clone();
-            init_logging(log.as_deref());
+            if log.is_some() {
+                // Everything the daemon says goes to its log from the start; failures
+                // before the mount also travel back through the pipe.
+                if let Err(e) = detach_stdio(log.as_deref()) {
+                    let mut pipe = pipe;
+                    let _ = write!(pipe, "{e:#}");
+                    return 1;
+                }
+            }
+            init_logging(log.as_deref(), false);
             let mut ready = Some(pipe);
             let result = serve(plan, Some(&mut ready));
             match result {
@@ -102,9 +111,16 @@ fn plan(args: &Args) -> Result<Plan> {
     })
 }
 
-fn init_logging(log_file: Option<&Path>) {
+fn init_logging(log_file: Option<&Path>, foreground: bool) {
+    // A daemon without a log file says nothing on the terminal of `mount` unless it fails
+    // (failures come back through the pipe).
+    let default = if foreground || log_file.is_some() {
+        "kerfs=info,kerfs_client=info,warn"
+    } else {
+        "error"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("kerfs=info,warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // Logs go to stderr; a daemon points stderr at its log file once mounted.
     let ansi = log_file.is_none() && unsafe { libc::isatty(2) } == 1;
     let _ = tracing_subscriber::fmt()
@@ -219,8 +235,6 @@ fn serve(plan: Plan, ready: Option<&mut Option<File>>) -> Result<()> {
     let fuse_fs = FuseFs::new(fs, rt.handle().clone()).context("starting the data threads")?;
     let mut session = fuser::Session::new(fuse_fs, &plan.mountpoint, &fuser_config)
         .with_context(|| format!("mounting on {}", plan.mountpoint.display()))?;
-    info!(mountpoint = %plan.mountpoint.display(), cluster = %plan.meta_addrs, "mounted");
-
     let unmounter = Arc::new(Mutex::new(session.unmount_callable()));
     let mountpoint = plan.mountpoint.clone();
     rt.spawn(unmount_on_signal(unmounter, mountpoint));
@@ -231,6 +245,7 @@ fn serve(plan: Plan, ready: Option<&mut Option<File>>) -> Result<()> {
             pipe.write_all(b"ok").context("telling the parent")?;
         }
     }
+    info!(mountpoint = %plan.mountpoint.display(), cluster = %plan.meta_addrs, "mounted");
     let result = session.run();
     info!("unmounted");
     rt.shutdown_timeout(Duration::from_secs(2));
