@@ -220,14 +220,30 @@ impl MetaNode {
     /// Persists, applies and collects everything raft has ready. Call after every batch of
     /// ticks, steps and proposals, until [`MetaNode::has_ready`] is false.
     pub fn handle_ready(&mut self) -> Result<ReadyOutput, NodeError> {
+        let mut early = Vec::new();
+        let mut out = self.handle_ready_sending(|msgs| early.extend(msgs))?;
+        early.append(&mut out.messages);
+        out.messages = early;
+        Ok(out)
+    }
+
+    /// Like [`MetaNode::handle_ready`], but hands the messages that may leave before this
+    /// node's log write (a leader's appends and heartbeats) to `send_early` right away, so
+    /// the leader's fsync overlaps with its followers' instead of preceding it.
+    pub fn handle_ready_sending(
+        &mut self,
+        mut send_early: impl FnMut(Vec<Message>),
+    ) -> Result<ReadyOutput, NodeError> {
         let mut out = ReadyOutput::default();
         if !self.raw.has_ready() {
             return Ok(out);
         }
         let mut rd = self.raw.ready();
 
-        // Sent now but released to the caller only with the rest, after persisting.
-        out.messages.extend(rd.take_messages());
+        let early = rd.take_messages();
+        if !early.is_empty() {
+            send_early(early);
+        }
 
         if !rd.snapshot().is_empty() {
             let snap = rd.snapshot().clone();

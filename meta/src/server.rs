@@ -530,7 +530,10 @@ impl Driver {
             }
             self.start_read_round();
             while self.node.has_ready() {
-                let out = self.node.handle_ready()?;
+                let peers = &self.peers;
+                let out = self
+                    .node
+                    .handle_ready_sending(|msgs| send_to_peers(peers, msgs))?;
                 self.dispatch(out);
             }
             self.serve_applied_reads();
@@ -616,11 +619,7 @@ impl Driver {
     }
 
     fn dispatch(&mut self, out: ReadyOutput) {
-        for m in out.messages {
-            if let Some(tx) = self.peers.get(&m.to) {
-                let _ = tx.send(m);
-            }
-        }
+        send_to_peers(&self.peers, out.messages);
         for applied in out.applied {
             if let Some(waiters) = self
                 .pending_writes
@@ -790,6 +789,14 @@ impl Driver {
                 .collect(),
             first_index: self.node.first_index(),
             snapshot_index: self.node.snapshot_index(),
+        }
+    }
+}
+
+fn send_to_peers(peers: &HashMap<u64, mpsc::UnboundedSender<Message>>, msgs: Vec<Message>) {
+    for m in msgs {
+        if let Some(tx) = peers.get(&m.to) {
+            let _ = tx.send(m);
         }
     }
 }
