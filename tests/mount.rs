@@ -429,5 +429,31 @@ async fn mount_command_subdir_and_signals() -> Result<()> {
     let status = child.wait()?;
     assert!(status.success(), "kerfs -f after SIGTERM: {status}");
     wait_unmounted(&dir)?;
+
+    // auto_unmount: a client killed with SIGKILL leaves no dead mount behind
+    // ("Transport endpoint is not connected"); fusermount3's watcher unmounts it.
+    let mut child = Command::new(&kerfs)
+        .arg(&addrs)
+        .arg(&dir)
+        .args(["-f", "-o"])
+        .arg(format!(
+            "auto_unmount,key_file={}",
+            cluster.meta.key_file.display()
+        ))
+        .stdin(Stdio::null())
+        .spawn()?;
+    let start = Instant::now();
+    while fstype(&dir).is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "kerfs -o auto_unmount did not mount"
+        );
+        assert!(child.try_wait()?.is_none(), "kerfs -o auto_unmount exited");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(dir.join("sub").is_dir());
+    child.kill()?;
+    child.wait()?;
+    wait_unmounted(&dir)?;
     Ok(())
 }

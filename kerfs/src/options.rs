@@ -166,15 +166,20 @@ impl MountOptions {
     /// What fuser mounts with: type `fuse.kerfs` (findmnt), source = the cluster addresses.
     pub fn fuser_config(&self, meta_addrs: &str) -> fuser::Config {
         let mut config = fuser::Config::default();
+        let mut fsname = self
+            .fsname
+            .clone()
+            .unwrap_or_else(|| meta_addrs.to_string());
+        if self.auto_unmount {
+            // auto_unmount goes through fusermount3, which gets the options as one string
+            // and splits it at commas unless they are escaped (the address list has some).
+            fsname = fsname.replace('\\', "\\\\").replace(',', "\\,");
+        }
         let mut opts = vec![
             // MountOption::Subtype is dropped when mounting directly as root; the kernel
             // takes subtype= as an ordinary option.
             MountOption::CUSTOM("subtype=kerfs".into()),
-            MountOption::FSName(
-                self.fsname
-                    .clone()
-                    .unwrap_or_else(|| meta_addrs.to_string()),
-            ),
+            MountOption::FSName(fsname),
         ];
         if self.read_only {
             opts.push(MountOption::RO);
@@ -254,5 +259,23 @@ mod tests {
             MountOptions::parse::<&str>(&[]).unwrap(),
             MountOptions::default()
         );
+    }
+
+    #[test]
+    fn fsname_commas_escaped_only_for_fusermount3() {
+        let fsname = |o: &MountOptions| {
+            o.fuser_config("a:1,b:2")
+                .mount_options
+                .into_iter()
+                .find_map(|m| match m {
+                    MountOption::FSName(n) => Some(n),
+                    _ => None,
+                })
+        };
+        let direct = MountOptions::parse(&["allow_other"]).unwrap();
+        assert_eq!(fsname(&direct).as_deref(), Some("a:1,b:2"));
+        let auto = MountOptions::parse(&["auto_unmount"]).unwrap();
+        assert_eq!(fsname(&auto).as_deref(), Some("a:1\\,b:2"));
+        assert_eq!(auto.fuser_config("x").acl, SessionACL::RootAndOwner);
     }
 }
