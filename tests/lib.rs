@@ -312,6 +312,9 @@ pub struct KerfsClusterOptions {
     pub chunk_servers: u64,
     /// Failure domain of chunk server i (1-based) is `failure_domains[i-1]` if given.
     pub failure_domains: Vec<String>,
+    /// Data directory of chunk server i (1-based) is `chunk_data_dirs[i-1]` if given (e.g. a
+    /// small tmpfs mounted by the test); otherwise `chunk<i>` under the cluster's directory.
+    pub chunk_data_dirs: Vec<Option<PathBuf>>,
 }
 
 impl Default for KerfsClusterOptions {
@@ -320,6 +323,7 @@ impl Default for KerfsClusterOptions {
             meta: MetaClusterOptions::default(),
             chunk_servers: 3,
             failure_domains: Vec::new(),
+            chunk_data_dirs: Vec::new(),
         }
     }
 }
@@ -343,7 +347,12 @@ impl KerfsCluster {
                     index,
                     addr: format!("127.0.0.1:{}", free_port()?),
                     metrics_addr: format!("127.0.0.1:{}", free_port()?),
-                    data: meta.dir.path().join(format!("chunk{index}")),
+                    data: options
+                        .chunk_data_dirs
+                        .get(index as usize - 1)
+                        .cloned()
+                        .flatten()
+                        .unwrap_or_else(|| meta.dir.path().join(format!("chunk{index}"))),
                     log: meta.dir.path().join(format!("chunk{index}.log")),
                     failure_domain: options
                         .failure_domains
