@@ -452,6 +452,13 @@ impl KerfsCluster {
         self.spawn_chunk(index)
     }
 
+    /// Process ids of every running metadata node and chunk server (for CPU accounting).
+    pub fn pids(&self) -> Vec<u32> {
+        let meta = self.meta.nodes.values().filter_map(|n| n.child.as_ref());
+        let chunks = self.chunks.values().filter_map(|n| n.child.as_ref());
+        meta.chain(chunks).map(|c| c.id()).collect()
+    }
+
     pub fn chunk_log(&self, index: u64) -> String {
         std::fs::read_to_string(&self.chunks[&index].log).unwrap_or_default()
     }
