@@ -109,6 +109,10 @@ struct DevArgs {
     /// Chunk servers to start (on BASE+201...).
     #[arg(long, default_value_t = 3)]
     chunk_servers: u16,
+    /// Also mount the cluster here (with the `kerfs` binary next to this one), unmounted
+    /// when the cluster stops.
+    #[arg(long)]
+    mount: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -391,10 +395,48 @@ fn run_dev(args: DevArgs) -> Result<()> {
         println!("  key:       {}", key_path.display());
         println!("  data/logs: {}", args.dir.display());
         println!("  try:       kerfsctl --meta {addrs} status");
-        println!("Ctrl-C stops the cluster.");
+        wait_chunk_servers(&client, args.chunk_servers as usize).await?;
         anyhow::Ok(())
     })
     .inspect_err(|_| eprintln!("logs are in {}", logs.display()))?;
+
+    // Stopped before the cluster (dropped first), so the unmount can still flush.
+    let mut mount = Daemons(Vec::new());
+    if let Some(dir) = &args.mount {
+        let kerfs = exe.with_file_name("kerfs");
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let log = std::fs::File::create(logs.join("kerfs.log"))?;
+        let child = Command::new(&kerfs)
+            .arg(&addrs)
+            .arg(dir)
+            .arg("-f")
+            .arg("-o")
+            .arg(format!("allow_other,key_file={}", key_path.display()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "starting {} (build it with cargo build -p kerfs)",
+                    kerfs.display()
+                )
+            })?;
+        mount.0.push(("kerfs mount".into(), child));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !is_mounted(dir) {
+            if Instant::now() > deadline {
+                bail!(
+                    "the mount on {} did not come up; see {}",
+                    dir.display(),
+                    logs.join("kerfs.log").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        println!("  mounted:   {} (fuse.kerfs)", dir.display());
+    }
+    println!("Ctrl-C stops the cluster.");
 
     rt.block_on(async {
         tokio::select! {
@@ -405,8 +447,48 @@ fn run_dev(args: DevArgs) -> Result<()> {
         }
     });
     println!("stopping the dev cluster");
+    drop(mount);
     drop(daemons);
     Ok(())
+}
+
+/// Whether `dir` is a mount point of type fuse.kerfs (from /proc/self/mountinfo).
+fn is_mounted(dir: &std::path::Path) -> bool {
+    let Ok(dir) = dir.canonicalize() else {
+        return false;
+    };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    info.lines().any(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let fstype = fields
+            .iter()
+            .position(|f| *f == "-")
+            .and_then(|i| fields.get(i + 1));
+        fields.get(4).map(std::path::Path::new) == Some(dir.as_path())
+            && fstype == Some(&"fuse.kerfs")
+    })
+}
+
+/// Waits until `n` chunk servers are registered and up.
+async fn wait_chunk_servers(client: &MetaClient, n: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let reply = client
+            .read(kerfs_proto::read_op::Op::ListChunkServers(
+                kerfs_proto::ListChunkServers {},
+            ))
+            .await?;
+        let up = reply.servers.iter().filter(|s| s.state == "up").count();
+        if up >= n {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("only {up} of {n} chunk servers came up; see their logs");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn watch_children(daemons: &mut Daemons) -> String {
