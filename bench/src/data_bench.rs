@@ -9,10 +9,12 @@
 //!
 //! For R=2 on 3 chunk servers and EC 4+2 on 6 (`--layouts r2,ec42`). All chunk servers share
 //! the local disk, so R=2 writes twice the bytes the local baseline writes, EC 4+2 1.5 times.
-//! Also: CPU-seconds per GiB written (utime+stime from /proc/PID/stat of every cluster process
-//! plus this one, before and after each write phase).
+//! Also: CPU-seconds per GiB written (and read) (utime+stime from /proc/PID/stat of every
+//! cluster process plus this one, before and after each phase; the local figure is this
+//! process only: neither counts kernel writeback threads).
 //!
-//! Run: `cargo build --release -p kerfs-cli --bin kerfsd -p kerfs-bench && target/release/data-bench`
+//! Run: `cargo build --release -p kerfs-cli -p kerfs-bench --bin kerfsd --bin data-bench &&
+//! target/release/data-bench` (as root, to drop the page cache).
 //! (quick: `--seq-mib 256 --writer-mib 32`).
 
 use std::io::{Read, Write};
@@ -59,7 +61,8 @@ struct Row {
     workload: String,
     kerfs_mib_s: f64,
     local_mib_s: f64,
-    kerfs_cpu_per_gib: Option<f64>,
+    /// Client (this process), metadata nodes, chunk servers.
+    kerfs_cpu_per_gib: Option<[f64; 3]>,
     local_cpu_per_gib: Option<f64>,
 }
 
@@ -122,9 +125,14 @@ async fn main() -> Result<()> {
     }
 
     println!();
-    println!("| layout | workload | KerFS MiB/s | local MiB/s | ratio | KerFS CPU-s/GiB | local CPU-s/GiB |");
+    println!("| layout | workload | KerFS MiB/s | local MiB/s | ratio | KerFS CPU-s per GiB moved (client+meta+chunk) | local CPU-s/GiB |");
     println!("|---|---|---|---|---|---|---|");
     let cpu = |c: Option<f64>| c.map_or("—".to_string(), |c| format!("{c:.2}"));
+    let split = |c: Option<[f64; 3]>| {
+        c.map_or("—".to_string(), |[a, b, d]| {
+            format!("{:.2} ({a:.2}+{b:.2}+{d:.2})", a + b + d)
+        })
+    };
     for r in &rows {
         println!(
             "| {} | {} | {:.0} | {:.0} | {:.2} | {} | {} |",
@@ -133,7 +141,7 @@ async fn main() -> Result<()> {
             r.kerfs_mib_s,
             r.local_mib_s,
             r.kerfs_mib_s / r.local_mib_s,
-            cpu(r.kerfs_cpu_per_gib),
+            split(r.kerfs_cpu_per_gib),
             cpu(r.local_cpu_per_gib)
         );
     }
@@ -154,10 +162,11 @@ async fn run_layout(
     let seq_bytes = args.seq_mib * MIB;
     let mut rows = Vec::new();
     let pids = cluster.pids();
+    let n_meta = cluster.meta.nodes.len();
 
     // Sequential write.
     eprintln!("[{label}] KerFS: sequential write of {} MiB", args.seq_mib);
-    let cpu0 = cpu_seconds(&pids)?;
+    let cpu0 = cluster_cpu(&pids, n_meta)?;
     let t = Instant::now();
     let f = data.create(dir, b"seq", 0o644, true).await?;
     let mut pos = 0u64;
@@ -168,7 +177,7 @@ async fn run_layout(
     }
     f.close().await?;
     let kerfs_w = seq_bytes as f64 / MIB as f64 / t.elapsed().as_secs_f64();
-    let kerfs_w_cpu = (cpu_seconds(&pids)? - cpu0) / (seq_bytes as f64 / GIB);
+    let kerfs_w_cpu = per_gib(cpu0, cluster_cpu(&pids, n_meta)?, seq_bytes);
     let ino = f.ino();
 
     eprintln!("[{label}] local: sequential write of {} MiB", args.seq_mib);
@@ -202,6 +211,7 @@ async fn run_layout(
     // Sequential read, cold caches.
     drop_caches(args)?;
     eprintln!("[{label}] KerFS: sequential read");
+    let cpu0 = cluster_cpu(&pids, n_meta)?;
     let t = Instant::now();
     let f = data.open(ino, libc_rdonly()).await?;
     ensure!(f.size() == seq_bytes, "KerFS file size {}", f.size());
@@ -217,9 +227,11 @@ async fn run_layout(
     }
     f.close().await?;
     let kerfs_r = seq_bytes as f64 / MIB as f64 / t.elapsed().as_secs_f64();
+    let kerfs_r_cpu = per_gib(cpu0, cluster_cpu(&pids, n_meta)?, seq_bytes);
 
     drop_caches(args)?;
     eprintln!("[{label}] local: sequential read");
+    let cpu0 = cpu_seconds(&[])?;
     let t = Instant::now();
     {
         let mut file = std::fs::File::open(&path)?;
@@ -233,6 +245,7 @@ async fn run_layout(
         }
     }
     let local_r = seq_bytes as f64 / MIB as f64 / t.elapsed().as_secs_f64();
+    let local_r_cpu = (cpu_seconds(&[])? - cpu0) / (seq_bytes as f64 / GIB);
     std::fs::remove_file(&path)?;
     rows.push(Row {
         layout: label.into(),
@@ -242,8 +255,8 @@ async fn run_layout(
         ),
         kerfs_mib_s: kerfs_r,
         local_mib_s: local_r,
-        kerfs_cpu_per_gib: None,
-        local_cpu_per_gib: None,
+        kerfs_cpu_per_gib: Some(kerfs_r_cpu),
+        local_cpu_per_gib: Some(local_r_cpu),
     });
 
     // Concurrent writers.
@@ -257,7 +270,7 @@ async fn run_layout(
     // kerfs/src/fuse.rs), so each writer is a thread with its own current-thread runtime and
     // its own client connections, as the FUSE mount runs its data path.
     let config = cluster.meta.client_config();
-    let cpu0 = cpu_seconds(&pids)?;
+    let cpu0 = cluster_cpu(&pids, n_meta)?;
     let t = Instant::now();
     let threads: Vec<_> = (0..args.writers)
         .map(|w| {
@@ -293,7 +306,7 @@ async fn run_layout(
         Ok(())
     })?;
     let kerfs_c = total as f64 / MIB as f64 / t.elapsed().as_secs_f64();
-    let kerfs_c_cpu = (cpu_seconds(&pids)? - cpu0) / (total as f64 / GIB);
+    let kerfs_c_cpu = per_gib(cpu0, cluster_cpu(&pids, n_meta)?, total);
 
     eprintln!(
         "[{label}] local: {} writers x {} MiB",
@@ -416,12 +429,17 @@ fn clock_ticks() -> f64 {
 
 /// utime + stime (seconds) of this process and of `pids`.
 fn cpu_seconds(pids: &[u32]) -> Result<f64> {
+    let mut paths = vec!["/proc/self/stat".to_string()];
+    paths.extend(pids.iter().map(|p| format!("/proc/{p}/stat")));
+    stat_seconds(&paths)
+}
+
+/// Sum of utime + stime (seconds) of the processes whose /proc/PID/stat are `paths`.
+fn stat_seconds(paths: &[String]) -> Result<f64> {
     let ticks = clock_ticks();
     let mut total = 0u64;
-    let paths = std::iter::once("/proc/self/stat".to_string())
-        .chain(pids.iter().map(|p| format!("/proc/{p}/stat")));
     for path in paths {
-        let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        let stat = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
         // Fields after the command name (which may hold spaces): state is field 3, utime 14,
         // stime 15.
         let rest = stat
@@ -434,6 +452,22 @@ fn cpu_seconds(pids: &[u32]) -> Result<f64> {
         total += utime + stime;
     }
     Ok(total as f64 / ticks)
+}
+
+/// CPU-seconds so far of this process (the client), the metadata nodes (the first `n_meta`
+/// of `pids`) and the chunk servers (the rest).
+fn cluster_cpu(pids: &[u32], n_meta: usize) -> Result<[f64; 3]> {
+    let stat = |p: &[u32]| -> Vec<String> { p.iter().map(|p| format!("/proc/{p}/stat")).collect() };
+    Ok([
+        stat_seconds(&["/proc/self/stat".to_string()])?,
+        stat_seconds(&stat(&pids[..n_meta]))?,
+        stat_seconds(&stat(&pids[n_meta..]))?,
+    ])
+}
+
+fn per_gib(before: [f64; 3], after: [f64; 3], bytes: u64) -> [f64; 3] {
+    let gib = bytes as f64 / GIB;
+    [0, 1, 2].map(|i| (after[i] - before[i]) / gib)
 }
 
 fn loadavg() -> String {
