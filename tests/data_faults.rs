@@ -16,8 +16,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use kerfs_client::{ClientError, DataClient, FileHandle, MetaClient};
 use kerfs_proto::chunk_client::ChunkClient;
-use kerfs_proto::{command, read_op, FileChunk, Layout, ROOT_INO};
-use kerfs_tests::{init_tracing, KerfsCluster, KerfsClusterOptions};
+use kerfs_proto::{read_op, FileChunk, Layout};
+use kerfs_tests::{
+    content, expected_hash, init_tracing, layout_dir, KerfsCluster, KerfsClusterOptions,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tracing::{info, warn};
@@ -43,39 +45,6 @@ fn erasure(k: u32, m: u32, chunk_size: u64) -> Layout {
         chunk_size,
         ..Default::default()
     }
-}
-
-/// A directory whose new files get `layout`.
-async fn layout_dir(meta: &MetaClient, name: &str, layout: Layout) -> Result<u64> {
-    let dir = meta.mkdir(ROOT_INO, name.as_bytes(), 0o755).await?;
-    let r = meta
-        .write(command::Op::SetLayout(kerfs_proto::SetLayout {
-            ino: dir.ino,
-            layout: Some(layout),
-        }))
-        .await?;
-    kerfs_client::check(r).context("set_layout")?;
-    Ok(dir.ino)
-}
-
-/// A keyed blake3 stream: any range of a file's expected bytes without keeping it in memory.
-fn content(seed: u8, offset: u64, len: usize) -> Vec<u8> {
-    let mut xof = blake3::Hasher::new_keyed(&[seed; 32]).finalize_xof();
-    xof.set_position(offset);
-    let mut out = vec![0u8; len];
-    xof.fill(&mut out);
-    out
-}
-
-fn expected_hash(seed: u8, size: u64) -> blake3::Hash {
-    let mut h = blake3::Hasher::new();
-    let mut pos = 0;
-    while pos < size {
-        let n = (size - pos).min(8 * MIB) as usize;
-        h.update(&content(seed, pos, n));
-        pos += n as u64;
-    }
-    h.finalize()
 }
 
 /// Writes `content(seed)` over `[from, from + len)` in 1 MiB requests.

@@ -11,8 +11,10 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use kerfs_client::{DataClient, DataConfig, FileHandle, MetaClient};
-use kerfs_proto::{command, Layout, ROOT_INO};
-use kerfs_tests::{init_tracing, KerfsCluster, KerfsClusterOptions};
+use kerfs_proto::Layout;
+use kerfs_tests::{
+    content, expected_hash, init_tracing, layout_dir, KerfsCluster, KerfsClusterOptions,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tracing::info;
@@ -48,40 +50,6 @@ async fn start(chunk_servers: u64) -> Result<(KerfsCluster, MetaClient, DataClie
     let meta = cluster.client().await?;
     let data = DataClient::new(meta.clone());
     Ok((cluster, meta, data))
-}
-
-/// A directory whose new files get `layout`.
-async fn layout_dir(meta: &MetaClient, name: &str, layout: Layout) -> Result<u64> {
-    let dir = meta.mkdir(ROOT_INO, name.as_bytes(), 0o755).await?;
-    let r = meta
-        .write(command::Op::SetLayout(kerfs_proto::SetLayout {
-            ino: dir.ino,
-            layout: Some(layout),
-        }))
-        .await?;
-    kerfs_client::check(r).context("set_layout")?;
-    Ok(dir.ino)
-}
-
-/// The bytes the large files must end up holding: a keyed blake3 stream, so any range can
-/// be produced without keeping the file in memory.
-fn content(seed: u8, offset: u64, len: usize) -> Vec<u8> {
-    let mut xof = blake3::Hasher::new_keyed(&[seed; 32]).finalize_xof();
-    xof.set_position(offset);
-    let mut out = vec![0u8; len];
-    xof.fill(&mut out);
-    out
-}
-
-fn expected_hash(seed: u8, size: u64) -> blake3::Hash {
-    let mut h = blake3::Hasher::new();
-    let mut pos = 0;
-    while pos < size {
-        let n = (size - pos).min(8 * MIB) as usize;
-        h.update(&content(seed, pos, n));
-        pos += n as u64;
-    }
-    h.finalize()
 }
 
 /// Something done once in the middle of a read (kill a server).

@@ -528,3 +528,37 @@ fn stop_child(mut child: Child, what: &str, log: &Path) -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A new directory under the root whose new files get `layout`; returns its inode.
+pub async fn layout_dir(meta: &MetaClient, name: &str, layout: kerfs_proto::Layout) -> Result<u64> {
+    let dir = meta
+        .mkdir(kerfs_proto::ROOT_INO, name.as_bytes(), 0o755)
+        .await?;
+    meta.set_layout(dir.ino, layout)
+        .await
+        .context("set_layout")?;
+    Ok(dir.ino)
+}
+
+/// The bytes a test file must hold: a keyed blake3 stream, so any range of a large file can
+/// be produced (and checked) without keeping the file in memory.
+pub fn content(seed: u8, offset: u64, len: usize) -> Vec<u8> {
+    let mut xof = blake3::Hasher::new_keyed(&[seed; 32]).finalize_xof();
+    xof.set_position(offset);
+    let mut out = vec![0u8; len];
+    xof.fill(&mut out);
+    out
+}
+
+/// blake3 of the first `size` bytes of `content(seed)`.
+pub fn expected_hash(seed: u8, size: u64) -> blake3::Hash {
+    const STEP: u64 = 8 << 20;
+    let mut h = blake3::Hasher::new();
+    let mut pos = 0;
+    while pos < size {
+        let n = (size - pos).min(STEP) as usize;
+        h.update(&content(seed, pos, n));
+        pos += n as u64;
+    }
+    h.finalize()
+}

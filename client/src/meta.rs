@@ -531,6 +531,24 @@ impl MetaClient {
         }
     }
 
+    /// Sets the data layout of a directory (inherited by new entries) or of a file without
+    /// data; returns the layout now in force.
+    pub async fn set_layout(
+        &self,
+        ino: u64,
+        layout: kerfs_proto::Layout,
+    ) -> ClientResult<kerfs_proto::Layout> {
+        let r = self
+            .write(command::Op::SetLayout(kerfs_proto::SetLayout {
+                ino,
+                layout: Some(layout),
+            }))
+            .await?;
+        check(r)?
+            .layout
+            .ok_or_else(|| ClientError::BadRequest("set_layout reply without a layout".into()))
+    }
+
     pub async fn readlink(&self, ino: u64) -> ClientResult<Vec<u8>> {
         let r = self
             .read(read_op::Op::ReadLink(kerfs_proto::ReadLink { ino }))

@@ -280,16 +280,8 @@ async fn run(cli: Cli) -> Result<()> {
             if let Some(size) = chunk_size {
                 layout.chunk_size = parse_size(&size)?;
             }
-            let reply = client
-                .write(kerfs_proto::command::Op::SetLayout(
-                    kerfs_proto::SetLayout {
-                        ino: dir.ino,
-                        layout: Some(layout),
-                    },
-                ))
-                .await?;
-            let reply = kerfs_client::check(reply)?;
-            println!("{}", show_layout(&reply.layout.unwrap_or_default()));
+            let layout = client.set_layout(dir.ino, layout).await?;
+            println!("{}", show_layout(&layout));
         }
     }
     Ok(())
