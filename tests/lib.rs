@@ -175,12 +175,7 @@ impl MetaCluster {
             .nodes
             .get_mut(&id)
             .ok_or_else(|| anyhow!("no node {id}"))?;
-        if let Some(mut child) = node.child.take() {
-            child.kill()?;
-            child.wait()?;
-            info!(node = id, "killed metadata node with SIGKILL");
-        }
-        Ok(())
+        sigkill(node.child.take(), &format!("metadata node {id}"))
     }
 
     /// SIGTERM and wait: a clean shutdown.
@@ -428,12 +423,7 @@ impl KerfsCluster {
             .chunks
             .get_mut(&index)
             .ok_or_else(|| anyhow!("no chunk server {index}"))?;
-        if let Some(mut child) = node.child.take() {
-            child.kill()?;
-            child.wait()?;
-            info!(chunk = index, "killed chunk server with SIGKILL");
-        }
-        Ok(())
+        sigkill(node.child.take(), &format!("chunk server {index}"))
     }
 
     /// SIGTERM and wait.
@@ -503,6 +493,16 @@ impl Drop for KerfsCluster {
             }
         }
     }
+}
+
+/// kill -9 and reap: the process gets no chance to flush anything.
+fn sigkill(child: Option<Child>, what: &str) -> Result<()> {
+    if let Some(mut child) = child {
+        child.kill()?;
+        child.wait()?;
+        info!(what, "killed with SIGKILL");
+    }
+    Ok(())
 }
 
 /// SIGTERM, then wait up to 10 s for a clean exit.
