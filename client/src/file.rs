@@ -501,13 +501,21 @@ impl FileHandle {
         let indexes: Vec<u64> = snap.keys().copied().collect();
         self.ensure_epochs(&indexes).await?;
         let cs = self.inner.chunk_size;
-        let results: Vec<(u64, ClientResult<u64>)> = futures::stream::iter(
-            snap.iter()
-                .map(|(&idx, ext)| async move { (idx, self.write_chunk(idx, ext).await) }),
-        )
-        .buffer_unordered(self.inner.config.parallel_chunks)
-        .collect()
-        .await;
+        // The per-chunk futures are collected (boxed) before they are streamed: with the
+        // closure inside the stream type, rustc cannot prove the flush future is Send
+        // (rust-lang/rust#64552), and then no caller could hand a file operation to
+        // `tokio::spawn`.
+        let jobs: Vec<futures::future::BoxFuture<'_, (u64, ClientResult<u64>)>> = snap
+            .iter()
+            .map(|(&idx, ext)| {
+                Box::pin(async move { (idx, self.write_chunk(idx, ext).await) })
+                    as futures::future::BoxFuture<'_, _>
+            })
+            .collect();
+        let results: Vec<(u64, ClientResult<u64>)> = futures::stream::iter(jobs)
+            .buffer_unordered(self.inner.config.parallel_chunks)
+            .collect()
+            .await;
         let mut written = Vec::new();
         let mut size = 0u64;
         let mut first_err = None;
@@ -1433,6 +1441,18 @@ fn apply_overlay(
             }
         }
     }
+}
+
+/// Compile-time check: every file operation can be handed to `tokio::spawn`.
+#[allow(dead_code)]
+fn file_operations_are_send(f: &FileHandle) {
+    fn send<T: Send>(_: T) {}
+    send(f.write_at(0, &[]));
+    send(f.read_at(0, 0));
+    send(f.fsync());
+    send(f.flush());
+    send(f.truncate(0));
+    send(f.close());
 }
 
 #[cfg(test)]
