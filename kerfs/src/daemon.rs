@@ -232,7 +232,7 @@ fn serve(plan: Plan, ready: Option<&mut Option<File>>) -> Result<()> {
         root.ino,
     ));
     let fuser_config = plan.options.fuser_config(&plan.meta_addrs);
-    let fuse_fs = FuseFs::new(fs, rt.handle().clone()).context("starting the data threads")?;
+    let fuse_fs = FuseFs::new(fs, rt.handle().clone());
     let mut session = fuser::Session::new(fuse_fs, &plan.mountpoint, &fuser_config)
         .with_context(|| format!("mounting on {}", plan.mountpoint.display()))?;
     let unmounter = Arc::new(Mutex::new(session.unmount_callable()));

@@ -7,8 +7,6 @@ use std::ffi::OsStr;
 use std::future::Future;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -35,16 +33,11 @@ const MAX_BACKGROUND: u16 = 64;
 pub struct FuseFs {
     fs: Arc<KerFs>,
     rt: Handle,
-    local: LocalPool,
 }
 
 impl FuseFs {
-    pub fn new(fs: Arc<KerFs>, rt: Handle) -> std::io::Result<FuseFs> {
-        Ok(FuseFs {
-            fs,
-            rt,
-            local: LocalPool::start(DATA_THREADS)?,
-        })
+    pub fn new(fs: Arc<KerFs>, rt: Handle) -> FuseFs {
+        FuseFs { fs, rt }
     }
 
     fn spawn<F>(&self, task: F)
@@ -54,86 +47,12 @@ impl FuseFs {
         self.rt.spawn(task);
     }
 
-    /// Runs a task that goes through the data path (see [`LocalPool`]).
-    fn spawn_data<F, Fut>(&self, task: F)
-    where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = ()> + 'static,
-    {
-        self.local.spawn(task);
-    }
-
     fn attr_ttl(&self) -> Duration {
         self.fs.config().attr_ttl
     }
 
     fn entry_ttl(&self) -> Duration {
         self.fs.config().entry_ttl
-    }
-}
-
-/// Threads running data path tasks.
-const DATA_THREADS: usize = 2;
-
-type Job = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()>>> + Send>;
-
-/// Single-threaded runtimes for the tasks that call the client's data path
-/// ([`kerfs_client::FileHandle`]). Its futures are in fact Send, but rustc cannot prove it
-/// (a closure over borrowed map entries inside its flush trips the higher-ranked lifetime
-/// limitation, rust-lang/rust#64552), so they cannot go to `tokio::spawn`; a `LocalSet`
-/// needs no Send. The session loop still never waits: it only queues the job.
-struct LocalPool {
-    senders: Vec<std::sync::mpsc::Sender<Job>>,
-    next: AtomicUsize,
-}
-
-impl LocalPool {
-    fn start(threads: usize) -> std::io::Result<LocalPool> {
-        let mut senders = Vec::new();
-        for i in 0..threads.max(1) {
-            let (tx, rx) = std::sync::mpsc::channel::<Job>();
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            std::thread::Builder::new()
-                .name(format!("kerfs-data-{i}"))
-                .spawn(move || {
-                    let local = tokio::task::LocalSet::new();
-                    local.block_on(&rt, async {
-                        let (atx, mut arx) = tokio::sync::mpsc::unbounded_channel::<Job>();
-                        // Bridge the blocking receiver into the runtime without blocking it.
-                        std::thread::spawn(move || {
-                            while let Ok(job) = rx.recv() {
-                                if atx.send(job).is_err() {
-                                    return;
-                                }
-                            }
-                        });
-                        while let Some(job) = arx.recv().await {
-                            tokio::task::spawn_local(job());
-                        }
-                    });
-                })?;
-            senders.push(tx);
-        }
-        Ok(LocalPool {
-            senders,
-            next: AtomicUsize::new(0),
-        })
-    }
-
-    fn spawn<F, Fut>(&self, task: F)
-    where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = ()> + 'static,
-    {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.senders.len();
-        let job: Job = Box::new(move || Box::pin(task()));
-        if self.senders[i].send(job).is_err() {
-            // The thread is gone only if the process is exiting; the kernel request is
-            // then answered by the connection going away.
-            warn!("data path thread stopped; dropping a request");
-        }
     }
 }
 
@@ -291,7 +210,7 @@ impl Filesystem for FuseFs {
             fh: fh.map(|f| f.0),
         };
         let (fs, caller, ttl) = (self.fs.clone(), caller_of(req), self.attr_ttl());
-        self.spawn_data(move || async move {
+        self.spawn(async move {
             match fs.setattr(&caller, ino.0, s).await {
                 Ok(a) => reply.attr(&ttl, &a),
                 Err(e) => reply.error(errno(&e, "setattr")),
@@ -423,7 +342,7 @@ impl Filesystem for FuseFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let (fs, caller) = (self.fs.clone(), caller_of(req));
-        self.spawn_data(move || async move {
+        self.spawn(async move {
             match fs.open(&caller, ino.0, flags.0).await {
                 // No FOPEN_KEEP_CACHE: the kernel drops cached pages at open, which gives
                 // close-to-open consistency between mounts.
@@ -445,7 +364,7 @@ impl Filesystem for FuseFs {
     ) {
         let (fs, caller, name) = (self.fs.clone(), caller_of(req), bytes(name));
         let ttl = self.entry_ttl();
-        self.spawn_data(move || async move {
+        self.spawn(async move {
             match fs.create(&caller, parent.0, &name, mode, flags).await {
                 Ok((e, fh)) => reply.created(
                     &ttl,
@@ -471,7 +390,7 @@ impl Filesystem for FuseFs {
         reply: ReplyData,
     ) {
         let fs = self.fs.clone();
-        self.spawn_data(move || async move {
+        self.spawn(async move {
             match fs.read(fh.0, offset, size).await {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(errno(&e, "read")),
@@ -494,7 +413,7 @@ impl Filesystem for FuseFs {
         // The buffer belongs to the session loop and is reused for the next request.
         let data = data.to_vec();
         let fs = self.fs.clone();
-        self.spawn_data(move || async move {
+        self.spawn(async move {
             match fs.write(fh.0, offset, &data).await {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(errno(&e, "write")),
@@ -511,7 +430,7 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         let fs = self.fs.clone();
-        self.spawn_data(move || async move { reply_empty(reply, fs.flush(fh.0).await, "flush") });
+        self.spawn(async move { reply_empty(reply, fs.flush(fh.0).await, "flush") });
     }
 
     fn release(
@@ -525,9 +444,7 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         let fs = self.fs.clone();
-        self.spawn_data(
-            move || async move { reply_empty(reply, fs.release(fh.0).await, "release") },
-        );
+        self.spawn(async move { reply_empty(reply, fs.release(fh.0).await, "release") });
     }
 
     fn fsync(
@@ -539,7 +456,7 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         let fs = self.fs.clone();
-        self.spawn_data(move || async move { reply_empty(reply, fs.fsync(fh.0).await, "fsync") });
+        self.spawn(async move { reply_empty(reply, fs.fsync(fh.0).await, "fsync") });
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
