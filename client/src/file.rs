@@ -491,6 +491,10 @@ impl FileHandle {
         let result = self.flush_snapshot(&snapshot).await;
         let mut st = lock(&self.inner.state);
         st.flushing.retain(|s| !Arc::ptr_eq(s, &snapshot));
+        // Read-ahead started before this point may have read the servers before this data
+        // reached them, and the overlay no longer holds it: such prefetched bytes are stale.
+        st.generation += 1;
+        st.prefetch.clear();
         if let Err(e) = &result {
             st.error = Some(e.clone());
         }
