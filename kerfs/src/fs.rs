@@ -239,6 +239,14 @@ impl KerFs {
         if let Some(size) = s.size {
             self.truncate(caller, ino, size, file.as_deref()).await?;
         }
+        if s.mtime.is_some() || s.atime.is_some() {
+            // Buffered writes are committed with the time of their flush, which would
+            // override the time set here (tar x, cp -p, rsync -t): commit them first.
+            let slot = self.slots.lock().await.get(&ino).map(|s| s.handle.clone());
+            if let Some(data) = slot {
+                data.flush().await?;
+            }
+        }
         let req = kerfs_proto::SetAttr {
             ino,
             // The kernel hands over st_mode with the type bits; only permissions change.
