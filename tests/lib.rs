@@ -562,3 +562,22 @@ pub fn expected_hash(seed: u8, size: u64) -> blake3::Hash {
     }
     h.finalize()
 }
+
+/// Panics (loudly: these tests must not be skipped) unless the process is root and FUSE
+/// mounts are possible.
+pub fn require_root_and_fuse() {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    assert_eq!(
+        uid, 0,
+        "the mount tests must run as root (they mount FUSE filesystems and call mount(8))"
+    );
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: load the fuse module (modprobe fuse) or give the container the device"
+    );
+    assert!(
+        Path::new("/sbin/mount.fuse3").exists() || Path::new("/usr/sbin/mount.fuse3").exists(),
+        "mount.fuse3 is missing: apt-get install fuse3"
+    );
+}

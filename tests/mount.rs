@@ -11,24 +11,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use kerfs_tests::{bin_path, init_tracing, KerfsCluster, KerfsClusterOptions};
-
-fn require_root_and_fuse() {
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
-    assert_eq!(
-        uid, 0,
-        "the mount tests must run as root (they mount FUSE filesystems and call mount(8))"
-    );
-    assert!(
-        Path::new("/dev/fuse").exists(),
-        "/dev/fuse is missing: load the fuse module (modprobe fuse) or give the container the device"
-    );
-    assert!(
-        Path::new("/sbin/mount.fuse3").exists() || Path::new("/usr/sbin/mount.fuse3").exists(),
-        "mount.fuse3 is missing: apt-get install fuse3"
-    );
-}
+use kerfs_tests::{
+    bin_path, init_tracing, require_root_and_fuse, KerfsCluster, KerfsClusterOptions,
+};
 
 /// The filesystem type findmnt reports at `dir`, if something is mounted there.
 fn fstype(dir: &Path) -> Option<String> {

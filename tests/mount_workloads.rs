@@ -18,7 +18,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use kerfs_tests::{bin_path, init_tracing, KerfsCluster, KerfsClusterOptions};
+use kerfs_tests::{
+    bin_path, init_tracing, require_root_and_fuse, KerfsCluster, KerfsClusterOptions,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tracing::info;
@@ -29,23 +31,6 @@ const MIB: u64 = 1024 * 1024;
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 // ------------------------------------------------------------------ mount plumbing
-
-fn require_root_and_fuse() {
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
-    assert_eq!(
-        uid, 0,
-        "the mount workload tests must run as root (they mount FUSE filesystems)"
-    );
-    assert!(
-        Path::new("/dev/fuse").exists(),
-        "/dev/fuse is missing: load the fuse module (modprobe fuse) or give the container the device"
-    );
-    assert!(
-        Path::new("/sbin/mount.fuse3").exists() || Path::new("/usr/sbin/mount.fuse3").exists(),
-        "mount.fuse3 is missing: apt-get install fuse3"
-    );
-}
 
 /// Panics naming the Debian package when a program the test runs is not installed.
 fn require_program(program: &str, package: &str) {
