@@ -3,6 +3,90 @@
 // fstat size below the model at op #826). Once fixed, move its fsx part into mount_workloads.rs
 // (only the fsx part is kept here; it uses mount_workloads.rs helpers: Mount, blocking, layout_dir) and delete this one.
 
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().map(|v| {
+        v.parse()
+            .unwrap_or_else(|_| panic!("{name}={v} is not a number"))
+    })
+}
+
+// ------------------------------------------------------------------ 1. fsx
+
+/// Largest file the model lets grow to: a little over 4 chunks of 1 MiB.
+const FSX_MAX_SIZE: u64 = 4 * MIB + 100 * KIB;
+/// Largest single transfer.
+const FSX_MAX_IO: u64 = 256 * KIB;
+const FSX_FILES: usize = 3;
+
+struct FsxFile {
+    path: PathBuf,
+    file: File,
+    model: Vec<u8>,
+}
+
+/// A mapping of part of a file, unmapped on drop.
+struct Mapping {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(file: &File, offset: u64, len: usize, write: bool) -> std::io::Result<(Mapping, usize)> {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
+        let start = offset & !(page - 1);
+        let delta = (offset - start) as usize;
+        let prot = libc::PROT_READ | if write { libc::PROT_WRITE } else { 0 };
+        // SAFETY: a fresh shared mapping of an open file; the kernel checks the arguments.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                delta + len,
+                prot,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                start as libc::off_t,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok((
+            Mapping {
+                ptr,
+                len: delta + len,
+            },
+            delta,
+        ))
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the mapping is `len` bytes long and lives as long as self.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, mapped writable by the caller that writes.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut u8, self.len) }
+    }
+
+    fn msync(&self) -> std::io::Result<()> {
+        // SAFETY: our own mapping.
+        if unsafe { libc::msync(self.ptr, self.len, libc::MS_SYNC) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping, unmapped once.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
+}
+
+/// The first byte where `got` and `want` differ, for the failure message.
 fn first_difference(got: &[u8], want: &[u8]) -> String {
     match got.iter().zip(want).position(|(a, b)| a != b) {
         Some(i) => format!(
