@@ -205,11 +205,14 @@ impl MetaClient {
     pub async fn write(&self, op: command::Op) -> ClientResult<Reply> {
         loop {
             let client_id = self.client_id();
-            let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
-            let acked_below = {
+            // The seq is taken under the in-flight lock: taken outside it, a later seq could
+            // be registered first and announce a floor above an earlier seq still on its way,
+            // which the cluster would then refuse as a stale retry (EINVAL).
+            let (seq, acked_below) = {
                 let mut in_flight = lock(&self.inner.in_flight);
+                let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
                 in_flight.insert(seq);
-                in_flight.first().copied().unwrap_or(seq)
+                (seq, in_flight.first().copied().unwrap_or(seq))
             };
             let cmd = Command {
                 client_id,
