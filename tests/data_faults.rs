@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use kerfs_client::{ClientError, DataClient, FileHandle, MetaClient};
 use kerfs_proto::chunk_client::ChunkClient;
-use kerfs_proto::{read_op, FileChunk, Layout};
+use kerfs_proto::{read_op, FileChunk};
 use kerfs_tests::{
-    content, expected_hash, init_tracing, layout_dir, KerfsCluster, KerfsClusterOptions,
+    content, erasure, expected_hash, init_tracing, layout_dir, replicated, KerfsCluster,
+    KerfsClusterOptions,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -29,23 +30,6 @@ const MIB: u64 = 1024 * 1024;
 
 /// Each test starts a dozen processes and moves a lot of data on 2 cores: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn replicated(r: u32, chunk_size: u64) -> Layout {
-    Layout {
-        replicas: r,
-        chunk_size,
-        ..Default::default()
-    }
-}
-
-fn erasure(k: u32, m: u32, chunk_size: u64) -> Layout {
-    Layout {
-        ec_data: k,
-        ec_parity: m,
-        chunk_size,
-        ..Default::default()
-    }
-}
 
 /// Writes `content(seed)` over `[from, from + len)` in 1 MiB requests.
 async fn write_stream(f: &FileHandle, seed: u8, from: u64, len: u64) -> Result<()> {

@@ -13,7 +13,8 @@ use anyhow::{ensure, Context, Result};
 use kerfs_client::{DataClient, DataConfig, FileHandle, MetaClient};
 use kerfs_proto::Layout;
 use kerfs_tests::{
-    content, expected_hash, init_tracing, layout_dir, KerfsCluster, KerfsClusterOptions,
+    content, erasure, expected_hash, init_tracing, layout_dir, replicated, KerfsCluster,
+    KerfsClusterOptions,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -23,23 +24,6 @@ const MIB: u64 = 1024 * 1024;
 
 /// Each test starts a dozen processes and moves a lot of data on 2 cores: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn replicated(r: u32, chunk_size: u64) -> Layout {
-    Layout {
-        replicas: r,
-        chunk_size,
-        ..Default::default()
-    }
-}
-
-fn erasure(k: u32, m: u32, chunk_size: u64) -> Layout {
-    Layout {
-        ec_data: k,
-        ec_parity: m,
-        chunk_size,
-        ..Default::default()
-    }
-}
 
 async fn start(chunk_servers: u64) -> Result<(KerfsCluster, MetaClient, DataClient)> {
     let cluster = KerfsCluster::start(KerfsClusterOptions {

@@ -529,6 +529,25 @@ fn stop_child(mut child: Child, what: &str, log: &Path) -> Result<()> {
     }
 }
 
+/// A replicated layout: `r` copies of every `chunk_size` chunk.
+pub fn replicated(r: u32, chunk_size: u64) -> kerfs_proto::Layout {
+    kerfs_proto::Layout {
+        replicas: r,
+        chunk_size,
+        ..Default::default()
+    }
+}
+
+/// An erasure-coded layout: `k` data and `m` parity shards per `chunk_size` chunk.
+pub fn erasure(k: u32, m: u32, chunk_size: u64) -> kerfs_proto::Layout {
+    kerfs_proto::Layout {
+        ec_data: k,
+        ec_parity: m,
+        chunk_size,
+        ..Default::default()
+    }
+}
+
 /// A new directory under the root whose new files get `layout`; returns its inode.
 pub async fn layout_dir(meta: &MetaClient, name: &str, layout: kerfs_proto::Layout) -> Result<u64> {
     let dir = meta
