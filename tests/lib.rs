@@ -134,12 +134,8 @@ impl MetaCluster {
             .nodes
             .get_mut(&id)
             .ok_or_else(|| anyhow!("no node {id}"))?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&node.log)?;
-        let child = Command::new(&self.kerfsd)
-            .arg("meta")
+        let mut cmd = Command::new(&self.kerfsd);
+        cmd.arg("meta")
             .args(["--id", &id.to_string(), "--listen", &node.addr])
             .args(["--peers", &self.peers])
             .arg("--data")
@@ -148,14 +144,8 @@ impl MetaCluster {
             .arg(&self.key_file)
             .args(["--metrics", &node.metrics_addr])
             .args(["--compact-after", &self.options.compact_after.to_string()])
-            .args(["--tick-ms", &self.options.tick_ms.to_string()])
-            .env("RUST_LOG", "info")
-            .env_remove("RUST_BACKTRACE")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting kerfsd meta {id}"))?;
+            .args(["--tick-ms", &self.options.tick_ms.to_string()]);
+        let child = start_daemon(cmd, &node.log, &format!("kerfsd meta {id}"))?;
         info!(node = id, pid = child.id(), addr = %node.addr, "started metadata node");
         node.child = Some(child);
         Ok(())
@@ -379,12 +369,8 @@ impl KerfsCluster {
             .chunks
             .get_mut(&index)
             .ok_or_else(|| anyhow!("no chunk server {index}"))?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&node.log)?;
-        let child = Command::new(&self.meta.kerfsd)
-            .arg("chunk")
+        let mut cmd = Command::new(&self.meta.kerfsd);
+        cmd.arg("chunk")
             .args(["--meta", &meta_addrs, "--listen", &node.addr])
             .arg("--data")
             .arg(&node.data)
@@ -392,14 +378,8 @@ impl KerfsCluster {
             .arg(&self.meta.key_file)
             .args(["--metrics", &node.metrics_addr])
             .args(["--failure-domain", &node.failure_domain])
-            .args(["--heartbeat-secs", "1"])
-            .env("RUST_LOG", "info")
-            .env_remove("RUST_BACKTRACE")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting kerfsd chunk {index}"))?;
+            .args(["--heartbeat-secs", "1"]);
+        let child = start_daemon(cmd, &node.log, &format!("kerfsd chunk {index}"))?;
         info!(chunk = index, pid = child.id(), addr = %node.addr, "started chunk server");
         node.child = Some(child);
         Ok(())
@@ -493,6 +473,21 @@ impl Drop for KerfsCluster {
             }
         }
     }
+}
+
+/// Starts a daemon with its output appended to `log` (restarts keep the earlier lines).
+fn start_daemon(mut cmd: Command, log: &Path, what: &str) -> Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    cmd.env("RUST_LOG", "info")
+        .env_remove("RUST_BACKTRACE")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {what}"))
 }
 
 /// kill -9 and reap: the process gets no chance to flush anything.
