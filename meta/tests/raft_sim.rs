@@ -1566,12 +1566,12 @@ fn sabotaged_storage_is_caught() {
         Sabotage::ForgetVote,
         Sabotage::LoseLogTail,
     ] {
-        let caught = (1..=3_000).find_map(|seed| match run_seed(seed, 5_000, sabotage).result {
+        let caught = (1..=12_000).find_map(|seed| match run_seed(seed, 5_000, sabotage).result {
             Ok(_) => None,
             Err(msg) => Some((seed, msg)),
         });
         let Some((seed, msg)) = caught else {
-            panic!("{sabotage:?} was not caught by 3000 seeds");
+            panic!("{sabotage:?} was not caught by 12000 seeds");
         };
         eprintln!(
             "{sabotage:?} caught at seed {seed}: {}",
