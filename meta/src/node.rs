@@ -35,8 +35,13 @@ pub struct NodeConfig {
     pub id: u64,
     /// Every voter of the initial configuration, this node included.
     pub voters: Vec<u64>,
-    /// Ticks without a heartbeat before a follower campaigns (randomised up to twice that).
+    /// Ticks without a heartbeat before a follower campaigns (randomised up to twice that
+    /// unless `election_jitter` is off).
     pub election_ticks: usize,
+    /// Draw each election timeout from [election_ticks, 2 * election_ticks), as raft
+    /// recommends against split votes. raft-rs draws it from an unseedable thread RNG, so a
+    /// deterministic simulation turns this off and varies `election_ticks` per node itself.
+    pub election_jitter: bool,
     pub heartbeat_ticks: usize,
     /// Compact the log once it holds more applied entries than this.
     pub compact_after: u64,
@@ -48,6 +53,7 @@ impl NodeConfig {
             id,
             voters,
             election_ticks: 10,
+            election_jitter: true,
             heartbeat_ticks: 2,
             compact_after: 10_000,
         }
@@ -90,6 +96,17 @@ impl MetaNode {
         let raft_config = Config {
             id: config.id,
             election_tick: config.election_ticks,
+            // 0 lets raft choose its default range; [n, n+1) is the fixed timeout n.
+            min_election_tick: if config.election_jitter {
+                0
+            } else {
+                config.election_ticks
+            },
+            max_election_tick: if config.election_jitter {
+                0
+            } else {
+                config.election_ticks + 1
+            },
             heartbeat_tick: config.heartbeat_ticks,
             // Entries up to here are already in the state machine: never apply them twice.
             applied: store.applied(),

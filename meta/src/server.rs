@@ -139,6 +139,7 @@ pub async fn run(
         id: config.id,
         voters: config.peers.keys().copied().collect(),
         election_ticks: config.election_ticks,
+        election_jitter: true,
         heartbeat_ticks: config.heartbeat_ticks,
         compact_after: config.compact_after,
     };
