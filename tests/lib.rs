@@ -41,10 +41,28 @@ pub fn bin_path(name: &str) -> Result<PathBuf> {
     )
 }
 
-/// A free loopback port (bound then released; good enough on a test machine).
+/// A free loopback port for a daemon to listen on. Taken below the kernel's ephemeral range
+/// (32768 and up), where a port the kernel hands out with `bind(:0)` could be given again to
+/// an outgoing connection between our check and the daemon's bind; each test process starts
+/// at its own place (by pid) and walks up, checking that the port binds.
 pub fn free_port() -> Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 22_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id() * 997) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free loopback port between {LOW} and {}", LOW + SPAN)
 }
 
 /// One `kerfsd meta` process and what it needs to be restarted the same way.
@@ -500,6 +518,14 @@ fn sigkill(child: Option<Child>, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// The last `n` lines of a daemon's log, for an error message (the temporary directory that
+/// holds the log is gone once the test fails).
+pub fn log_tail(log: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// SIGTERM, then wait up to 10 s for a clean exit.
 fn stop_child(mut child: Child, what: &str, log: &Path) -> Result<()> {
     // SAFETY: kill(2) on our own child.
@@ -510,8 +536,9 @@ fn stop_child(mut child: Child, what: &str, log: &Path) -> Result<()> {
             info!(what, ?status, "stopped");
             if !status.success() {
                 bail!(
-                    "{what} exited with {status} on SIGTERM; see {}",
-                    log.display()
+                    "{what} exited with {status} on SIGTERM; the end of {}:\n{}",
+                    log.display(),
+                    log_tail(log, 20)
                 );
             }
             return Ok(());

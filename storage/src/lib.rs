@@ -51,5 +51,5 @@ pub mod server;
 pub mod store;
 
 pub use error::{StorageError, CORRUPT_BLOCK_HEADER, VERSION_HEADER};
-pub use server::{read_identity, run, HeartbeatConfig, HeartbeatFn, ServerConfig};
+pub use server::{read_identity, run, run_on, HeartbeatConfig, HeartbeatFn, ServerConfig};
 pub use store::{ChunkStore, FileChunkStore, BLOCK_SIZE};

@@ -123,6 +123,22 @@ pub async fn run(
     config: ServerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StorageError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    run_on(listener, config, shutdown).await
+}
+
+/// [`run`] on a listener the caller bound already: a daemon binds before it registers, so a
+/// port that is taken fails the start instead of announcing an address nobody serves.
+pub async fn run_on(
+    listener: tokio::net::TcpListener,
+    config: ServerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let dir_state = open_data_dir(&config)?;
     let metrics = Arc::new(StorageMetrics::default());
     let store: Arc<dyn ChunkStore> = Arc::new(FileChunkStore::open(
@@ -184,12 +200,6 @@ pub async fn run(
         tasks.push(tokio::spawn(heartbeat_loop(inner.clone(), hb)));
     }
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| StorageError::Listen {
-            addr: config.listen,
-            source,
-        })?;
     info!(server = config.server_id, addr = %config.listen, "chunk server serving");
     let service = ChunkServer::new(ChunkService { inner })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)

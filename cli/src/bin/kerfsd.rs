@@ -220,6 +220,13 @@ fn run_chunk(args: ChunkArgs) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
+        // Bind before registering: a taken port must fail the start, not leave the cluster
+        // believing a server is up at an address nobody serves.
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| {
+                format!("listening on {}; choose a free --listen port", args.listen)
+            })?;
         let mut config =
             MetaClientConfig::new(MetaClientConfig::parse_addrs(&args.meta)?, key.clone());
         config.description = format!("chunk server {advertise}");
@@ -272,7 +279,7 @@ fn run_chunk(args: ChunkArgs) -> Result<()> {
             full_report_every: 30,
             send,
         });
-        kerfs_storage::run(server, kerfs_cli::shutdown_signal())
+        kerfs_storage::run_on(listener, server, kerfs_cli::shutdown_signal())
             .await
             .context("chunk server failed")
     })
