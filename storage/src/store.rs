@@ -577,6 +577,22 @@ impl FileChunkStore {
         self.get(id)?.ok_or(StorageError::NotFound { chunk: id })
     }
 
+    /// The open chunk; a missing one is created at `version` when `create` is set (the first
+    /// write of an epoch may be the chunk's first).
+    fn get_or_create(
+        &self,
+        id: u64,
+        version: u64,
+        create: bool,
+        shard_index: u32,
+    ) -> Result<Arc<Mutex<ChunkFile>>> {
+        match self.get(id)? {
+            Some(c) => Ok(c),
+            None if create => self.create(id, version, shard_index),
+            None => Err(StorageError::NotFound { chunk: id }),
+        }
+    }
+
     fn create(&self, id: u64, version: u64, shard_index: u32) -> Result<Arc<Mutex<ChunkFile>>> {
         let mut open = lock(&self.open);
         if let Some(c) = open.get(&id) {
@@ -803,11 +819,7 @@ impl ChunkStore for FileChunkStore {
         create: bool,
         shard_index: u32,
     ) -> Result<ChunkInfo> {
-        let c = match self.get(id)? {
-            Some(c) => c,
-            None if create => self.create(id, version, shard_index)?,
-            None => return Err(StorageError::NotFound { chunk: id }),
-        };
+        let c = self.get_or_create(id, version, create, shard_index)?;
         let c = lock(&c);
         c.check_version(version)?;
         Ok(c.info())
@@ -917,11 +929,7 @@ impl ChunkStore for FileChunkStore {
         create: bool,
         shard_index: u32,
     ) -> Result<ChunkInfo> {
-        let c = match self.get(id)? {
-            Some(c) => c,
-            None if create => self.create(id, to, shard_index)?,
-            None => return Err(StorageError::NotFound { chunk: id }),
-        };
+        let c = self.get_or_create(id, to, create, shard_index)?;
         let mut c = lock(&c);
         if c.deleted {
             return Err(StorageError::NotFound { chunk: id });
