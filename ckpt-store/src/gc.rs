@@ -20,8 +20,8 @@ use tracing::warn;
 use crate::error::{cluster, CkptError, Result};
 use crate::reader::referenced_packs;
 use crate::store::{
-    age_of, committed_number, errno_of, now_ms, Store, DELETED_PREFIX, GC_LOCK, HEARTBEAT, PACKS,
-    PARTIAL_PREFIX, STALE_AFTER, VERSIONS, WRITERS,
+    age_of, committed_number, errno_of, host_name, now_ms, Store, DELETED_PREFIX, GC_LOCK,
+    HEARTBEAT, PACKS, PARTIAL_PREFIX, STALE_AFTER, VERSIONS, WRITERS,
 };
 
 /// Which versions to keep. A version is kept if it is among the last `keep_last`, or its
@@ -171,7 +171,7 @@ impl Store {
         }
         // 2. Writers, listed after our lock exists.
         for (name, attr) in self.list(self.writers, WRITERS).await? {
-            if age_of(&attr) > STALE_AFTER {
+            if age_of(&attr) > STALE_AFTER || writer_died_here(&name) {
                 let _ = self.meta().unlink(self.writers, name.as_bytes()).await;
                 report.stale_writers.push(name);
             } else {
@@ -244,6 +244,20 @@ impl Store {
     }
 }
 
+/// True when marker `name` (`<host>-<pid>-<random>`) was made by a process of this host
+/// that no longer exists: a killed krg's marker need not wait a minute to go stale. A reused
+/// pid only keeps the marker alive longer, which is the safe side.
+fn writer_died_here(name: &str) -> bool {
+    let mut parts = name.rsplitn(3, '-');
+    let (_rand, pid, host) = (parts.next(), parts.next(), parts.next());
+    match (pid.and_then(|p| p.parse::<u32>().ok()), host) {
+        (Some(pid), Some(host)) => {
+            host == host_name() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        }
+        _ => false,
+    }
+}
+
 /// Parses "30s", "5m", "2h", "7d" (a bare number is seconds).
 pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     let s = s.trim();
@@ -297,6 +311,15 @@ mod tests {
         // now = 5 s: versions created at 1,2 s are older than 2 s; 5 is newest anyway.
         assert_eq!(r.to_remove(&vs(5), 5_000), vec![1, 2]);
         assert_eq!(r.to_remove(&vs(1), 1_000_000), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn dead_local_writers() {
+        let me = format!("{}-{}-abc", host_name(), std::process::id());
+        assert!(!writer_died_here(&me));
+        assert!(writer_died_here(&format!("{}-999999999-abc", host_name())));
+        assert!(!writer_died_here("otherhost-999999999-abc"));
+        assert!(!writer_died_here("garbage"));
     }
 
     #[test]
