@@ -110,7 +110,7 @@ fn check_memory(pid: i32, log: &Path) -> Result<String> {
     })?;
     Ok(s.lines()
         .filter(|l| l.starts_with("CHECK"))
-        .last()
+        .next_back()
         .unwrap_or_default()
         .to_string())
 }

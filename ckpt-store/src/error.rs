@@ -15,7 +15,7 @@ pub enum CkptError {
         path: String,
         /// The client library's error (it names the chunk and servers for data errors).
         #[source]
-        source: ClientError,
+        source: Box<ClientError>,
     },
     /// Page data of a version cannot be read from any replica.
     #[error("version {version} of {app} cannot be restored: pack {pack} bytes {offset}..{end} are unreadable on every replica ({source}). Restore an older version (`krg ls {app}`) or bring the chunk servers holding that data back")]
@@ -32,7 +32,7 @@ pub enum CkptError {
         end: u64,
         /// What the client library said.
         #[source]
-        source: ClientError,
+        source: Box<ClientError>,
     },
     /// A stored object (manifest, pack index, pack) is damaged or not what it should be.
     #[error("{object} is damaged: {msg}")]
@@ -87,5 +87,9 @@ pub type Result<T> = std::result::Result<T, CkptError>;
 /// Wraps a client error with what was done on which path.
 pub(crate) fn cluster(what: &str, path: &str) -> impl FnOnce(ClientError) -> CkptError {
     let (what, path) = (what.to_string(), path.to_string());
-    move |source| CkptError::Cluster { what, path, source }
+    move |source| CkptError::Cluster {
+        what,
+        path,
+        source: Box::new(source),
+    }
 }

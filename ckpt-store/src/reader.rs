@@ -246,12 +246,12 @@ impl ReadCtx {
                 let h = &self.packs[p.pack];
                 let name = format!("{PACKS}/{}.pack", self.pack_names[p.pack]);
                 let unreadable = |source| CkptError::PackUnreadable {
+                    source: Box::new(source),
                     app: self.app.clone(),
                     version: self.version,
                     pack: name.clone(),
                     offset: p.offset,
                     end: p.offset + p.len,
-                    source,
                 };
                 let got = h
                     .read_at(p.offset, p.len as usize)

@@ -201,7 +201,7 @@ impl Store {
     /// can never both hold N, and the partial directory is where the version is written.
     async fn claim_version(&self) -> Result<(u64, String, u64)> {
         let names = self.list(self.versions, VERSIONS).await?;
-        let mut next = names
+        let first = names
             .iter()
             .filter_map(|(n, _)| {
                 crate::store::committed_number(n)
@@ -210,7 +210,7 @@ impl Store {
             .max()
             .unwrap_or(0)
             + 1;
-        for _ in 0..1000 {
+        for next in first..first + 1000 {
             let name = format!("{PARTIAL_PREFIX}{next}");
             match self
                 .meta()
@@ -239,7 +239,6 @@ impl Store {
                     )(e))
                 }
             }
-            next += 1;
         }
         Err(CkptError::Busy(format!(
             "could not claim a version number in {} after 1000 tries",
@@ -441,7 +440,7 @@ async fn ingest_image(
                     };
                     let meta_len = le64(16);
                     pages_left = le64(24);
-                    if meta_len > 256 << 20 || pages_left % PAGE as u64 != 0 {
+                    if meta_len > 256 << 20 || !pages_left.is_multiple_of(PAGE as u64) {
                         return Err(CkptError::BadStream(format!(
                             "metadata {meta_len} bytes, pages {pages_left} bytes"
                         )));

@@ -34,8 +34,8 @@ pub fn meta_addrs(flag: Option<&str>) -> Result<Vec<String>> {
     }
     if let Ok(list) = std::env::var(META_ENV) {
         if !list.trim().is_empty() {
-            return Ok(kerfs_client::MetaClientConfig::parse_addrs(&list)
-                .with_context(|| format!("${META_ENV}"))?);
+            return kerfs_client::MetaClientConfig::parse_addrs(&list)
+                .with_context(|| format!("${META_ENV}"));
         }
     }
     let files = config_files();
@@ -55,8 +55,8 @@ pub fn meta_addrs(flag: Option<&str>) -> Result<Vec<String>> {
                     file.display()
                 )
             })?;
-            return Ok(kerfs_client::MetaClientConfig::parse_addrs(list)
-                .with_context(|| format!("meta in {}", file.display()))?);
+            return kerfs_client::MetaClientConfig::parse_addrs(list)
+                .with_context(|| format!("meta in {}", file.display()));
         }
     }
     anyhow::bail!(
