@@ -109,8 +109,7 @@ fn check_memory(pid: i32, log: &Path) -> Result<String> {
         s.matches("CHECK").count() > before
     })?;
     Ok(s.lines()
-        .filter(|l| l.starts_with("CHECK"))
-        .next_back()
+        .rfind(|l| l.starts_with("CHECK"))
         .unwrap_or_default()
         .to_string())
 }
