@@ -178,9 +178,11 @@ fn krg_ok(cluster: &KerfsCluster, args: &[&str]) -> Result<String> {
 }
 
 /// `krg restart ADDR --detach` in a mount namespace of its own: another "node" with its own
-/// client, sharing only the cluster.
+/// client, sharing only the cluster. Its stderr goes to a file, not a pipe: a restored
+/// process whose stdio cannot be reopened takes krg's, and would hold a pipe open forever.
 fn restart_elsewhere(cluster: &KerfsCluster, addr: &str) -> Result<Output> {
-    let out = Command::new("unshare")
+    let err = tempfile::NamedTempFile::new()?;
+    let status = Command::new("unshare")
         .args(["-m", "--"])
         .arg(bin_path("krg")?)
         .args(["restart", addr, "--detach"])
@@ -188,10 +190,15 @@ fn restart_elsewhere(cluster: &KerfsCluster, addr: &str) -> Result<Output> {
         .env("KERFS_KEY_FILE", &cluster.meta.key_file)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()?;
-    info!(addr, status = ?out.status, stderr = %String::from_utf8_lossy(&out.stderr), "krg restart");
-    Ok(out)
+        .stderr(err.reopen()?)
+        .status()?;
+    let stderr = std::fs::read(err.path())?;
+    info!(addr, ?status, stderr = %String::from_utf8_lossy(&stderr), "krg restart");
+    Ok(Output {
+        status,
+        stdout: Vec::new(),
+        stderr,
+    })
 }
 
 /// Restarts `addr` elsewhere and checks the restored program's memory; returns its pid.
@@ -675,5 +682,113 @@ async fn gc_during_checkpoint_keeps_the_pages_it_needs() -> Result<()> {
     kill_child(b);
     let pid = restore_and_check(&cluster, &format!("{addr}@{}", v.version), &prog, &log, 0)?;
     signal(pid, libc::SIGKILL);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_checkpoints_of_an_app_with_copied_files() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let (cluster, meta) = start(3).await?;
+    let d = tempfile::tempdir()?;
+    let prog = build(d.path(), "ckpt_heap")?;
+    let log = d.path().join("log");
+    let app = format!("t6app{}", std::process::id());
+    let mut run = krg_cmd(&cluster)?
+        .args(["run", "--app", &app, "--"])
+        .arg(&prog)
+        .args(["8", log.to_str().context("path")?, "9"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    {
+        use std::io::BufRead;
+        let err = run.stderr.take().context("stderr")?;
+        std::io::BufReader::new(err).read_line(&mut line)?;
+    }
+    // "krg: PROG runs as pid N (pid 2 in its own PID namespace)"
+    let pid: i32 = line
+        .split("as pid ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("unexpected krg run output: {line}"))?;
+    wait_log(&log, "counters", 30, |s| counters(s).len() >= 5)?;
+    let err = d.path().join("periodic.err");
+    let mut periodic = krg_cmd(&cluster)?
+        .args([
+            "checkpoint",
+            "--app",
+            &app,
+            "--copy-files",
+            "--periodic",
+            "1s",
+        ])
+        .args(["--keep-last", "2"])
+        .stderr(std::fs::File::create(&err)?)
+        .spawn()?;
+    let path = format!("/ckpt/{app}");
+    let t = Instant::now();
+    let store = loop {
+        if let Ok(store) = open_store(&meta, &path).await {
+            if store
+                .version_numbers()
+                .await?
+                .last()
+                .is_some_and(|&v| v >= 4)
+            {
+                break store;
+            }
+        }
+        ensure!(
+            periodic.try_wait()?.is_none(),
+            "periodic krg stopped early: {}",
+            read(&err)
+        );
+        ensure!(
+            t.elapsed() < Duration::from_secs(90),
+            "fewer than 4 versions in 90 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // The application ends: the periodic checkpoints stop by themselves.
+    signal(pid, libc::SIGKILL);
+    run.wait()?;
+    let t = Instant::now();
+    let status = loop {
+        if let Some(st) = periodic.try_wait()? {
+            break st;
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(30),
+            "periodic krg did not stop"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    ensure!(status.success(), "periodic krg failed: {}", read(&err));
+    let versions = store.version_numbers().await?;
+    ensure!(versions.len() == 2, "--keep-last 2 left {versions:?}");
+    ensure!(store.uncommitted_entries().await?.is_empty());
+    let latest = *versions.last().context("no version")?;
+    let m = store.manifest(latest).await?;
+    ensure!(
+        m.files.iter().any(|f| Path::new(&f.path) == log),
+        "the log was not copied: {:?}",
+        m.files.iter().map(|f| &f.path).collect::<Vec<_>>()
+    );
+    // The program went on writing after the last checkpoint; the restart puts the log back as
+    // it was then, so the restored program's lines follow on without a gap or a repeat.
+    let before = counters(&read(&log)).len();
+    let restored = restore_and_check_log(&cluster, &format!("kerfs:{path}"), &prog, &log, 0)?;
+    let c = counters(&read(&log));
+    for (i, v) in c.iter().enumerate() {
+        ensure!(
+            *v == i as u64 + 1,
+            "counter sequence broken at line {i}: {v}"
+        );
+    }
+    info!(before, after = c.len(), "log restored from the copy");
+    signal(restored, libc::SIGKILL);
     Ok(())
 }

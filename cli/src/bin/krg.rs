@@ -363,7 +363,13 @@ fn cmd_checkpoint_store(job: &StoreCheckpoint, cluster: &ClusterArgs) -> Result<
     let rt = runtime()?;
     let store = rt.block_on(open_store(cluster, &job.addr.path, true))?;
     loop {
-        checkpoint_once(&rt, &store, job)?;
+        if let Err(e) = checkpoint_once(&rt, &store, job) {
+            if job.periodic.is_some() && !process_alive(job.pid) {
+                eprintln!("krg: pid {} exited; periodic checkpoints stop", job.pid);
+                return Ok(0);
+            }
+            return Err(e);
+        }
         if let Some(n) = job.keep_last {
             let rep = rt.block_on(store.gc(&Retention {
                 keep_last: Some(n),
@@ -441,11 +447,14 @@ fn checkpoint_once(
     let mut ck = rt.block_on(store.begin_checkpoint())?;
     let version = ck.version();
     // A checkpoint-and-kill stops the process and kills it only once the version is
-    // committed: if anything fails before, it is resumed.
+    // committed: if anything fails before, it is resumed. Files are copied while the process
+    // is stopped, so they match the memory image (file offsets included).
     let export_after = match job.after {
         ghost::After::Kill => ghost::After::Stop,
+        ghost::After::LeaveRunning if job.copy_files => ghost::After::Stop,
         a => a,
     };
+    let stopped_by_us = export_after == ghost::After::Stop && job.after != ghost::After::Stop;
     let pb = progress(&format!("checkpoint pid {pid}"));
     let (mut sink, task) = ck.image_sink(rt.handle(), pb.clone())?;
     let exported = ghost::export_process(
@@ -461,7 +470,7 @@ fn checkpoint_once(
     }
     let added = rt.block_on(ck.add_image(task));
     let resume = || {
-        if job.after == ghost::After::Kill {
+        if stopped_by_us {
             // SAFETY: plain kill(2) on the process we stopped.
             unsafe { libc::kill(pid, libc::SIGCONT) };
         }
@@ -494,6 +503,10 @@ fn checkpoint_once(
             resume();
             return Err(anyhow!(e)).context("--copy-files failed; nothing was published");
         }
+    }
+    if job.after == ghost::After::LeaveRunning {
+        // Memory and files are captured: the process may go on while the version commits.
+        resume();
     }
     let commit = match rt.block_on(ck.commit()) {
         Ok(c) => c,
