@@ -376,8 +376,27 @@ async fn ten_incremental_checkpoints_store_only_new_pages() -> Result<()> {
         );
     }
     kill_child(child);
+    let t = Instant::now();
     let restored = restore_and_check(&cluster, "kerfs:/ckpt/t2", &prog, &log, 9)?;
+    let restore_time = t.elapsed();
     signal(restored, libc::SIGKILL);
+    // Baseline: the same bytes written through the client into the same layout.
+    let data = DataClient::new(meta.clone());
+    let dir = meta.resolve("/ckpt").await?;
+    let t = Instant::now();
+    let f = data.create(dir.ino, b"dd", 0o644, true).await?;
+    let block = content(1, 0, 8 << 20);
+    let mut off = 0;
+    while off < full {
+        f.write_at(off, &block).await?;
+        off += block.len() as u64;
+    }
+    f.close().await?;
+    eprintln!(
+        "MEASURED restore of the latest version (incl. restart, 5 counters and a memory check) {restore_time:?}; writing {} MiB through the client: {:?}",
+        off / MIB,
+        t.elapsed()
+    );
     // An older version restores too, with its own memory.
     let restored = restore_and_check(&cluster, "kerfs:/ckpt/t2@4", &prog, &log, 3)?;
     signal(restored, libc::SIGKILL);

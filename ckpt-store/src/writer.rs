@@ -35,6 +35,8 @@ use crate::store::{
 const GC_WAIT: Duration = Duration::from_secs(120);
 /// Pages are appended to the pack in batches of this size.
 const PACK_BATCH: usize = 8 << 20;
+/// Background pack writes in flight.
+const WRITES_IN_FLIGHT: usize = 3;
 /// Buffers in flight between the ptrace thread and the writer task.
 const CHANNEL_DEPTH: usize = 8;
 
@@ -77,13 +79,15 @@ struct Ingest {
     zero_pages: u64,
 }
 
-/// The pack of this checkpoint: created on the first new page.
+/// The pack of this checkpoint: created on the first new page. Full batches are handed to
+/// background writes (a few in flight) so that hashing the next pages overlaps the network.
 struct PackWriter {
     name: String,
     handle: FileHandle,
     hashes: Vec<[u8; 32]>,
     pending: Vec<u8>,
     written: u64,
+    in_flight: tokio::task::JoinSet<std::result::Result<(), kerfs_client::ClientError>>,
 }
 
 /// Summary of a committed version.
@@ -329,6 +333,7 @@ impl Ingest {
                 hashes: Vec::new(),
                 pending: Vec::with_capacity(PACK_BATCH),
                 written: 0,
+                in_flight: tokio::task::JoinSet::new(),
             });
         }
         let known = (self.known_packs.len() - 1) as u32;
@@ -348,26 +353,54 @@ impl Ingest {
         Ok(Some((number, at)))
     }
 
+    /// Hands the pending batch to a background write; waits while too many are in flight.
     async fn flush_pack(&mut self) -> Result<()> {
         let Some(pack) = self.pack.as_mut() else {
             return Ok(());
         };
-        if pack.pending.is_empty() {
-            return Ok(());
+        let rel = format!("{PACKS}/{}.pack", pack.name);
+        if !pack.pending.is_empty() {
+            let data = std::mem::replace(&mut pack.pending, Vec::with_capacity(PACK_BATCH));
+            let (handle, at) = (pack.handle.clone(), pack.written);
+            pack.written += data.len() as u64;
+            pack.in_flight
+                .spawn(async move { handle.write_at(at, &data).await });
         }
+        while pack.in_flight.len() > WRITES_IN_FLIGHT {
+            join_write(&mut pack.in_flight, &self.store.sub(&rel)).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every background write of the pack.
+    async fn drain_pack(&mut self) -> Result<()> {
+        self.flush_pack().await?;
+        let Some(pack) = self.pack.as_mut() else {
+            return Ok(());
+        };
+        let rel = format!("{PACKS}/{}.pack", pack.name);
+        while !pack.in_flight.is_empty() {
+            join_write(&mut pack.in_flight, &self.store.sub(&rel)).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes out and fsyncs what the pack holds so far.
+    async fn sync_pack(&mut self) -> Result<()> {
+        self.drain_pack().await?;
+        let Some(pack) = self.pack.as_ref() else {
+            return Ok(());
+        };
         let rel = format!("{PACKS}/{}.pack", pack.name);
         pack.handle
-            .write_at(pack.written, &pack.pending)
+            .fsync()
             .await
-            .map_err(cluster("writing pack", &self.store.sub(&rel)))?;
-        pack.written += pack.pending.len() as u64;
-        pack.pending.clear();
-        Ok(())
+            .map_err(cluster("syncing pack", &self.store.sub(&rel)))
     }
 
     /// Makes the pack durable on every replica, then writes its index.
     async fn close_pack(&mut self) -> Result<()> {
-        self.flush_pack().await?;
+        self.drain_pack().await?;
         let Some(pack) = self.pack.take() else {
             return Ok(());
         };
@@ -385,6 +418,20 @@ impl Ingest {
                 &format!("{PACKS}/{idx_name}"),
             )
             .await
+    }
+}
+
+/// Takes the result of one background pack write.
+async fn join_write(
+    set: &mut tokio::task::JoinSet<std::result::Result<(), kerfs_client::ClientError>>,
+    path: &str,
+) -> Result<()> {
+    match set.join_next().await {
+        None => Ok(()),
+        Some(Ok(res)) => res.map_err(cluster("writing pack", path)),
+        Some(Err(e)) => Err(CkptError::Writer(format!(
+            "a write of {path} panicked or was cancelled: {e}"
+        ))),
     }
 }
 
@@ -604,9 +651,10 @@ impl Checkpoint {
         let fail = failure.clone();
         let join = rt.spawn(async move {
             let res = ingest_image(&mut state, rx).await;
-            // `finish` promises the image is stored: the pages must be on the servers first.
+            // `finish` promises the image is stored: its pages are on every replica before it
+            // returns (the version still becomes visible only at commit).
             let res = match res {
-                Ok(r) => state.flush_pack().await.map(|_| r),
+                Ok(r) => state.sync_pack().await.map(|_| r),
                 Err(e) => Err(e),
             };
             let answer = res.as_ref().map(|_| ()).map_err(|e| e.to_string());
