@@ -10,7 +10,10 @@
 //! `writers/`. So either GC sees the writer (and deletes no pack and no partial version) or
 //! the writer sees the lock (and waits for GC to finish before it loads the pack index).
 //! Markers and the lock are touched every few seconds; one untouched for a minute belongs to
-//! a killed process.
+//! a killed process, and so does a marker of this host whose pid (in its name) is gone.
+//!
+//! While any writer is live, GC deletes no pack and no partial version at all (not only those
+//! the writer may use): the writer may deduplicate against any pack whose index it loaded.
 
 use std::time::Duration;
 
