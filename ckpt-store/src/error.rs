@@ -1,5 +1,6 @@
 //! The one error type of the checkpoint store. Every message says what failed, where (the
-//! KerFS path, version or pack) and what to do about it.
+//! KerFS path, version or pack) and what to do about it. The underlying error is part of the
+//! message (field `cause`) rather than a `source`, so that `{:#}` chains do not print it twice.
 
 use kerfs_client::ClientError;
 
@@ -7,18 +8,17 @@ use kerfs_client::ClientError;
 #[derive(Debug, thiserror::Error)]
 pub enum CkptError {
     /// A cluster operation on a path of the store failed.
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}: {cause}")]
     Cluster {
         /// What was being done ("creating", "reading"...).
         what: String,
         /// The KerFS path it was done on.
         path: String,
         /// The client library's error (it names the chunk and servers for data errors).
-        #[source]
-        source: Box<ClientError>,
+        cause: Box<ClientError>,
     },
     /// Page data of a version cannot be read from any replica.
-    #[error("version {version} of {app} cannot be restored: pack {pack} bytes {offset}..{end} are unreadable on every replica ({source}). Restore an older version (`krg ls {app}`) or bring the chunk servers holding that data back")]
+    #[error("version {version} of {app} cannot be restored: pack {pack} bytes {offset}..{end} are unreadable on every replica ({cause}). Restore an older version (`krg ls {app}`) or bring the chunk servers holding that data back")]
     PackUnreadable {
         /// The store path (kerfs:/...).
         app: String,
@@ -31,8 +31,7 @@ pub enum CkptError {
         /// End of the range (exclusive).
         end: u64,
         /// What the client library said.
-        #[source]
-        source: Box<ClientError>,
+        cause: Box<ClientError>,
     },
     /// A stored object (manifest, pack index, pack) is damaged or not what it should be.
     #[error("{object} is damaged: {msg}")]
@@ -63,15 +62,14 @@ pub enum CkptError {
     #[error("the ghost image stream is malformed: {0}")]
     BadStream(String),
     /// A local file could not be read or written.
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}: {cause}")]
     Local {
         /// What was being done.
         what: String,
         /// The local path.
         path: String,
         /// The io error.
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The background writer task ended before the checkpoint was complete.
     #[error("the checkpoint writer task stopped: {0}")]
@@ -87,9 +85,9 @@ pub type Result<T> = std::result::Result<T, CkptError>;
 /// Wraps a client error with what was done on which path.
 pub(crate) fn cluster(what: &str, path: &str) -> impl FnOnce(ClientError) -> CkptError {
     let (what, path) = (what.to_string(), path.to_string());
-    move |source| CkptError::Cluster {
+    move |cause| CkptError::Cluster {
         what,
         path,
-        source: Box::new(source),
+        cause: Box::new(cause),
     }
 }

@@ -141,10 +141,10 @@ impl OpenVersion {
                     ),
                 });
             }
-            let local = |source| CkptError::Local {
+            let local = |cause| CkptError::Local {
                 what: "restoring copied file".into(),
                 path: f.path.clone(),
-                source,
+                cause,
             };
             std::fs::write(&f.path, &bytes).map_err(local)?;
             std::fs::set_permissions(&f.path, std::fs::Permissions::from_mode(f.mode))
@@ -245,11 +245,11 @@ impl ReadCtx {
             .map(|p| async move {
                 let h = &self.packs[p.pack];
                 let name = format!("{PACKS}/{}.pack", self.pack_names[p.pack]);
-                let unreadable = |source| CkptError::PackUnreadable {
-                    source: Box::new(source),
+                let unreadable = |cause| CkptError::PackUnreadable {
+                    cause: Box::new(cause),
                     app: self.app.clone(),
                     version: self.version,
-                    pack: name.clone(),
+                    pack: format!("{}/{name}", self.app),
                     offset: p.offset,
                     end: p.offset + p.len,
                 };

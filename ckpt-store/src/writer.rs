@@ -697,10 +697,10 @@ impl Checkpoint {
     pub async fn copy_file(&mut self, local: &std::path::Path) -> Result<()> {
         use std::os::unix::fs::PermissionsExt;
         let shown = local.display().to_string();
-        let bytes = std::fs::read(local).map_err(|source| CkptError::Local {
+        let bytes = std::fs::read(local).map_err(|cause| CkptError::Local {
             what: "reading file to copy".into(),
             path: shown.clone(),
-            source,
+            cause,
         })?;
         let mode = std::fs::metadata(local)
             .map(|m| m.permissions().mode() & 0o7777)

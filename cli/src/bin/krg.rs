@@ -552,8 +552,11 @@ fn load_from_store(
         for i in 0..version.manifest.processes.len() {
             let pb = progress(&format!("restore {source}"));
             let mut r = version.reader(i, rt.handle(), pb.clone());
-            let img =
-                ghost::load_image(&mut r).with_context(|| format!("cannot restart from {source}"));
+            // The ghost error quotes the store's message and also chains it as its source:
+            // flattened to one level so that `{:#}` does not print it twice.
+            let img = ghost::load_image(&mut r)
+                .map_err(|e| anyhow!(e.to_string()))
+                .with_context(|| format!("cannot restart from {source}"));
             if let Some(pb) = &pb {
                 pb.finish_and_clear();
             }
