@@ -29,17 +29,24 @@ pub const META_ENV: &str = "KERFS_META";
 /// `meta = "host:port,..."` in ~/.config/kerfs/kerfs.toml ($XDG_CONFIG_HOME honoured), then
 /// in /etc/kerfs/kerfs.toml.
 pub fn meta_addrs(flag: Option<&str>) -> Result<Vec<String>> {
+    let env = std::env::var(META_ENV).ok();
+    meta_addrs_from(flag, env.as_deref(), &config_files())
+}
+
+/// [`meta_addrs`] with the environment value and the file list given.
+fn meta_addrs_from(
+    flag: Option<&str>,
+    env: Option<&str>,
+    files: &[std::path::PathBuf],
+) -> Result<Vec<String>> {
     if let Some(list) = flag {
         return Ok(kerfs_client::MetaClientConfig::parse_addrs(list)?);
     }
-    if let Ok(list) = std::env::var(META_ENV) {
-        if !list.trim().is_empty() {
-            return kerfs_client::MetaClientConfig::parse_addrs(&list)
-                .with_context(|| format!("${META_ENV}"));
-        }
+    if let Some(list) = env.filter(|l| !l.trim().is_empty()) {
+        return kerfs_client::MetaClientConfig::parse_addrs(list)
+            .with_context(|| format!("${META_ENV}"));
     }
-    let files = config_files();
-    for file in &files {
+    for file in files {
         let text = match std::fs::read_to_string(file) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -107,5 +114,45 @@ pub async fn shutdown_signal() {
             // Without signal handlers we can only wait for Ctrl-C through tokio's fallback.
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meta_addresses_flag_then_env_then_files() {
+        let d = tempfile::tempdir().unwrap();
+        let (none, user, system) = (
+            d.path().join("missing.toml"),
+            d.path().join("user.toml"),
+            d.path().join("system.toml"),
+        );
+        std::fs::write(&user, "meta = \"u:1, u:2\"\n").unwrap();
+        std::fs::write(&system, "meta = \"s:1\"\n").unwrap();
+        let files = vec![none.clone(), user.clone(), system.clone()];
+        assert_eq!(
+            meta_addrs_from(Some("f:1"), Some("e:1"), &files).unwrap(),
+            vec!["f:1"]
+        );
+        assert_eq!(
+            meta_addrs_from(None, Some("e:1"), &files).unwrap(),
+            vec!["e:1"]
+        );
+        assert_eq!(
+            meta_addrs_from(None, Some(" "), &files).unwrap(),
+            vec!["u:1", "u:2"]
+        );
+        assert_eq!(
+            meta_addrs_from(None, None, &[none.clone(), system]).unwrap(),
+            vec!["s:1"]
+        );
+        let e = meta_addrs_from(None, None, &[none])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--meta") && e.contains("missing.toml"), "{e}");
+        std::fs::write(&user, "meta = 3\n").unwrap();
+        assert!(meta_addrs_from(None, None, &[user]).is_err());
     }
 }
