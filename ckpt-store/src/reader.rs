@@ -10,7 +10,7 @@ use std::io;
 
 use futures::stream::{self, StreamExt, TryStreamExt};
 use indicatif::ProgressBar;
-use kerfs_client::FileHandle;
+use kerfs_client::{DataClient, DataConfig, FileHandle};
 use kerfs_ghost::GhostReader;
 use tokio::runtime::Handle;
 
@@ -18,8 +18,8 @@ use crate::error::{cluster, CkptError, Result};
 use crate::format::{Manifest, PageRefRun, ProcessEntry, PAGE};
 use crate::store::{Store, PACKS};
 
-/// Pages fetched per window.
-const WINDOW_PAGES: u64 = 8192;
+/// Pages fetched per window (64 MiB).
+const WINDOW_PAGES: u64 = 16384;
 /// Largest single read.
 const READ_PIECE: u64 = 8 << 20;
 /// Reads in flight.
@@ -41,11 +41,19 @@ impl Store {
             None => self.latest().await?,
         };
         let manifest = self.manifest(v).await?;
+        // The reader issues its own large parallel reads: the client's read-ahead would only
+        // fetch again what another of them is already fetching.
+        let data = DataClient::with_config(
+            self.meta().clone(),
+            DataConfig {
+                readahead: 0,
+                ..DataConfig::default()
+            },
+        );
         let mut packs = Vec::new();
         for name in &manifest.packs {
             let attr = self.pack_ino(name).await?;
-            let h = self
-                .data
+            let h = data
                 .open(attr.ino, libc::O_RDONLY as u32)
                 .await
                 .map_err(cluster(
