@@ -811,3 +811,55 @@ async fn periodic_checkpoints_of_an_app_with_copied_files() -> Result<()> {
     signal(restored, libc::SIGKILL);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_checkpoints_publish_distinct_versions() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let (cluster, meta) = start(3).await?;
+    let d = tempfile::tempdir()?;
+    let prog = build(d.path(), "ckpt_heap")?;
+    let addr = "kerfs:/ckpt/t7";
+    let logs = [d.path().join("log_a"), d.path().join("log_b")];
+    let mut apps = Vec::new();
+    for (i, log) in logs.iter().enumerate() {
+        apps.push(spawn_heap(&prog, 16, log, 10 + i as u64)?);
+        wait_log(log, "counters", 30, |s| counters(s).len() >= 3)?;
+    }
+    // Both writers start together and race for the same next version number.
+    let krgs: Vec<Child> = apps
+        .iter()
+        .map(|a| {
+            krg_cmd(&cluster)?
+                .args(["checkpoint", &a.id().to_string(), "--to", addr, "--kill"])
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(anyhow::Error::from)
+        })
+        .collect::<Result<_>>()?;
+    for mut k in krgs {
+        ensure!(k.wait()?.success(), "a concurrent checkpoint failed");
+    }
+    let app_pids: Vec<i32> = apps.iter().map(|a| a.id() as i32).collect();
+    for a in apps {
+        kill_child(a);
+    }
+    let store = open_store(&meta, "/ckpt/t7").await?;
+    ensure!(store.version_numbers().await? == vec![1, 2]);
+    let mut pids = Vec::new();
+    for v in [1, 2] {
+        let m = store.manifest(v).await?;
+        ensure!(m.processes.len() == 1);
+        pids.push(m.processes[0].host_pid);
+    }
+    ensure!(pids[0] != pids[1], "both versions hold the same process");
+    for (v, pid) in [1u64, 2].into_iter().zip(pids) {
+        // Each version restores its own process, which writes to its own log.
+        let i = app_pids
+            .iter()
+            .position(|&p| p == pid)
+            .with_context(|| format!("version {v} holds pid {pid}, not one of {app_pids:?}"))?;
+        let pid = restore_and_check(&cluster, &format!("{addr}@{v}"), &prog, &logs[i], 0)?;
+        signal(pid, libc::SIGKILL);
+    }
+    Ok(())
+}
