@@ -14,7 +14,9 @@
 //!
 //! Only `versions/<number>` entries are versions: a directory gets such a name by one rename
 //! once everything in it and every pack it references is durable, so a reader never sees half
-//! a version.
+//! a version. A writer claims number N by creating `.partial-N` (mkdir is exclusive), one above
+//! every committed or partial number it sees; after `krg rm` of the newest version, its number
+//! can be taken again (retention never removes the newest).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -181,6 +183,18 @@ impl Store {
             };
         }
         let sub = |n: &str| format!("{so_far}/{n}");
+        if !create {
+            // Reading a directory that is no store must not turn it into one.
+            match meta.lookup(ino, VERSIONS.as_bytes()).await {
+                Ok(_) => {}
+                Err(e) if errno_of(&e) == libc::ENOENT => {
+                    return Err(CkptError::Empty {
+                        app: format!("kerfs:{so_far}"),
+                    })
+                }
+                Err(e) => return Err(cluster("looking up", &sub(VERSIONS))(e)),
+            }
+        }
         let packs = mkdir_p(&meta, ino, PACKS, &sub(PACKS)).await?;
         let versions = mkdir_p(&meta, ino, VERSIONS, &sub(VERSIONS)).await?;
         let writers = mkdir_p(&meta, ino, WRITERS, &sub(WRITERS)).await?;
