@@ -1,5 +1,5 @@
-//! What the KerFS programs share: logging setup, the cluster key lookup, signal handling and
-//! address-list parsing. The programs themselves (src/bin) stay thin over the libraries.
+//! What the KerFS programs share: logging setup, the cluster key and metadata address lookups,
+//! signal handling and address-list parsing. The programs themselves (src/bin) stay thin over the libraries.
 
 use std::path::Path;
 
@@ -20,6 +20,74 @@ pub fn init_logging(default: &str) {
 /// The key a client program uses: --key-file, $KERFS_KEY_FILE, then the standard place.
 pub fn client_key(flag: Option<&Path>) -> Result<ClusterKey> {
     auth::load_client_key(flag).context("loading the cluster key")
+}
+
+/// Environment variable naming the metadata nodes.
+pub const META_ENV: &str = "KERFS_META";
+
+/// Where a client program finds the metadata nodes: `flag` (--meta), then $KERFS_META, then
+/// `meta = "host:port,..."` in ~/.config/kerfs/kerfs.toml ($XDG_CONFIG_HOME honoured), then
+/// in /etc/kerfs/kerfs.toml.
+pub fn meta_addrs(flag: Option<&str>) -> Result<Vec<String>> {
+    let env = std::env::var(META_ENV).ok();
+    meta_addrs_from(flag, env.as_deref(), &config_files())
+}
+
+/// [`meta_addrs`] with the environment value and the file list given.
+fn meta_addrs_from(
+    flag: Option<&str>,
+    env: Option<&str>,
+    files: &[std::path::PathBuf],
+) -> Result<Vec<String>> {
+    if let Some(list) = flag {
+        return Ok(kerfs_client::MetaClientConfig::parse_addrs(list)?);
+    }
+    if let Some(list) = env.filter(|l| !l.trim().is_empty()) {
+        return kerfs_client::MetaClientConfig::parse_addrs(list)
+            .with_context(|| format!("${META_ENV}"));
+    }
+    for file in files {
+        let text = match std::fs::read_to_string(file) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", file.display())),
+        };
+        let table: toml::Table = text
+            .parse()
+            .with_context(|| format!("{} is not valid TOML", file.display()))?;
+        if let Some(v) = table.get("meta") {
+            let list = v.as_str().with_context(|| {
+                format!(
+                    "{}: meta must be a string \"host:port,host:port\"",
+                    file.display()
+                )
+            })?;
+            return kerfs_client::MetaClientConfig::parse_addrs(list)
+                .with_context(|| format!("meta in {}", file.display()));
+        }
+    }
+    anyhow::bail!(
+        "no metadata address: pass --meta HOST:PORT[,HOST:PORT...], set ${META_ENV}, or put meta = \"HOST:PORT,...\" in {}",
+        files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" or ")
+    )
+}
+
+/// The configuration files looked at, in order.
+fn config_files() -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let user = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".config")));
+    if let Some(dir) = user {
+        out.push(dir.join("kerfs/kerfs.toml"));
+    }
+    out.push("/etc/kerfs/kerfs.toml".into());
+    out
 }
 
 /// The key a daemon uses, created (0600) where it is looked for when missing.
@@ -46,5 +114,45 @@ pub async fn shutdown_signal() {
             // Without signal handlers we can only wait for Ctrl-C through tokio's fallback.
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meta_addresses_flag_then_env_then_files() {
+        let d = tempfile::tempdir().unwrap();
+        let (none, user, system) = (
+            d.path().join("missing.toml"),
+            d.path().join("user.toml"),
+            d.path().join("system.toml"),
+        );
+        std::fs::write(&user, "meta = \"u:1, u:2\"\n").unwrap();
+        std::fs::write(&system, "meta = \"s:1\"\n").unwrap();
+        let files = vec![none.clone(), user.clone(), system.clone()];
+        assert_eq!(
+            meta_addrs_from(Some("f:1"), Some("e:1"), &files).unwrap(),
+            vec!["f:1"]
+        );
+        assert_eq!(
+            meta_addrs_from(None, Some("e:1"), &files).unwrap(),
+            vec!["e:1"]
+        );
+        assert_eq!(
+            meta_addrs_from(None, Some(" "), &files).unwrap(),
+            vec!["u:1", "u:2"]
+        );
+        assert_eq!(
+            meta_addrs_from(None, None, &[none.clone(), system]).unwrap(),
+            vec!["s:1"]
+        );
+        let e = meta_addrs_from(None, None, &[none])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--meta") && e.contains("missing.toml"), "{e}");
+        std::fs::write(&user, "meta = 3\n").unwrap();
+        assert!(meta_addrs_from(None, None, &[user]).is_err());
     }
 }

@@ -3,12 +3,20 @@
 //! `krg run` starts a program in its own PID namespace so that its PID can be taken back at
 //! restart; `krg restart` and `krg listen` likewise import every process into a fresh PID
 //! namespace, whose init is a small reaper forked from krg.
+//!
+//! Checkpoints go to a local FILE or to a checkpoint store in the cluster
+//! (`kerfs:/ckpt/myapp`, see kerfs-ckpt), written through the client library; `krg ls`,
+//! `krg rm` and `krg gc` manage a store's versions. Cluster work runs on a tokio runtime
+//! while ptrace stays on the main thread; before krg forks a PID namespace init the runtime
+//! is shut down, so the fork happens in a single-threaded process.
 
 use std::os::fd::RawFd;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use kerfs_ckpt::{Retention, Store, StoreAddr};
+use kerfs_client::{DataClient, MetaClient, MetaClientConfig};
 use kerfs_ghost as ghost;
 
 #[derive(Parser)]
@@ -26,17 +34,37 @@ enum Cmd {
     /// Run CMD in its own PID namespace so that it can be checkpointed and restarted with the
     /// same PID. Waits for it and exits with its status. CMD gets stdin/stdout/stderr only.
     Run {
+        /// Register the command under this application name (`krg checkpoint --app NAME`).
+        #[arg(long)]
+        app: Option<String>,
         /// The command and its arguments.
         #[arg(required = true, trailing_var_arg = true)]
         cmd: Vec<String>,
     },
-    /// Write the ghost image of a running process to a file.
+    /// Write the ghost image of a running process to a file or a checkpoint store
+    /// (kerfs:/PATH, a new version).
     Checkpoint {
         /// PID (as seen from here).
-        pid: i32,
-        /// Image file to write.
+        #[arg(required_unless_present = "app", conflicts_with = "app")]
+        pid: Option<i32>,
+        /// The application started with `krg run --app NAME` (default store kerfs:/ckpt/NAME).
         #[arg(long)]
-        to: String,
+        app: Option<String>,
+        /// Image file, or checkpoint store kerfs:/PATH.
+        #[arg(long, required_unless_present = "app")]
+        to: Option<String>,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        /// Copy the regular files the process has open into the version (not those on a
+        /// KerFS mount, which every node sees); a restart puts them back.
+        #[arg(long)]
+        copy_files: bool,
+        /// After each checkpoint, keep only the last N versions (and GC their packs).
+        #[arg(long)]
+        keep_last: Option<usize>,
+        /// Checkpoint again every DURATION (30s, 5m...) until the process exits.
+        #[arg(long, value_parser = kerfs_ckpt::parse_duration)]
+        periodic: Option<std::time::Duration>,
         /// Leave the process running afterwards (default).
         #[arg(long, group = "after")]
         leave_running: bool,
@@ -49,8 +77,10 @@ enum Cmd {
     },
     /// Restart a process from an image, in a fresh PID namespace with its old PID.
     Restart {
-        /// Image file.
+        /// Image file, or kerfs:/PATH[@VERSION] (latest version by default).
         file: String,
+        #[command(flatten)]
+        cluster: ClusterArgs,
         /// Return once the process runs instead of waiting for it to exit.
         #[arg(long)]
         detach: bool,
@@ -71,6 +101,37 @@ enum Cmd {
         /// Receiving `krg listen`.
         dest: String,
     },
+    /// List the versions of a checkpoint store.
+    Ls {
+        /// kerfs:/PATH
+        store: String,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+    /// Remove one version of a checkpoint store (its pages go at the next `krg gc`).
+    Rm {
+        /// kerfs:/PATH@VERSION
+        version: String,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+    /// Apply retention rules, then delete pages no version needs and leftovers of killed
+    /// checkpoints. Safe while a checkpoint is being written.
+    Gc {
+        /// kerfs:/PATH
+        store: String,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        /// Keep the newest N versions.
+        #[arg(long)]
+        keep_last: Option<usize>,
+        /// Keep versions whose number is a multiple of K.
+        #[arg(long)]
+        keep_every: Option<u64>,
+        /// Remove versions older than this (30m, 12h, 7d...); the newest is always kept.
+        #[arg(long, value_parser = kerfs_ckpt::parse_duration)]
+        max_age: Option<std::time::Duration>,
+    },
     /// Stop a process (SIGSTOP) and wait until it is stopped.
     Freeze {
         /// PID.
@@ -81,6 +142,18 @@ enum Cmd {
         /// PID.
         pid: i32,
     },
+}
+
+/// How to reach the cluster for kerfs: stores.
+#[derive(Args, Clone, Default)]
+struct ClusterArgs {
+    /// Metadata nodes HOST:PORT[,...] (default: $KERFS_META, then `meta` in
+    /// ~/.config/kerfs/kerfs.toml or /etc/kerfs/kerfs.toml).
+    #[arg(long)]
+    meta: Option<String>,
+    /// Cluster key file (default: $KERFS_KEY_FILE, then the standard place).
+    #[arg(long)]
+    key_file: Option<std::path::PathBuf>,
 }
 
 fn parse_inherit(s: &str) -> Result<(i32, RawFd), String> {
@@ -94,6 +167,7 @@ fn parse_inherit(s: &str) -> Result<(i32, RawFd), String> {
 }
 
 fn main() {
+    kerfs_cli::init_logging("warn");
     let cli = Cli::parse();
     let code = match run(cli) {
         Ok(code) => code,
@@ -107,17 +181,19 @@ fn main() {
 
 fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
-        Cmd::Run { cmd } => cmd_run(&cmd),
+        Cmd::Run { app, cmd } => cmd_run(&cmd, app.as_deref()),
         Cmd::Checkpoint {
             pid,
+            app,
             to,
+            cluster,
+            copy_files,
+            keep_last,
+            periodic,
             leave_running: _,
             stop,
             kill,
         } => {
-            if to.starts_with("kerfs:") {
-                bail!("kerfs: destinations need the checkpoint store, which is not built yet; write to a local FILE");
-            }
             let after = if kill {
                 ghost::After::Kill
             } else if stop {
@@ -125,6 +201,30 @@ fn run(cli: Cli) -> Result<i32> {
             } else {
                 ghost::After::LeaveRunning
             };
+            let pid = match (pid, &app) {
+                (Some(p), _) => p,
+                (None, Some(name)) => app_pid(name)?,
+                (None, None) => bail!("give a PID or --app NAME"),
+            };
+            let to = match (to, &app) {
+                (Some(t), _) => t,
+                (None, Some(name)) => format!("kerfs:/ckpt/{name}"),
+                (None, None) => bail!("give --to FILE or --to kerfs:/PATH"),
+            };
+            if to.starts_with("kerfs:") {
+                let job = StoreCheckpoint {
+                    pid,
+                    addr: StoreAddr::parse(&to)?,
+                    after,
+                    copy_files,
+                    keep_last,
+                    periodic,
+                };
+                return cmd_checkpoint_store(&job, &cluster);
+            }
+            if copy_files || keep_last.is_some() || periodic.is_some() {
+                bail!("--copy-files, --keep-last and --periodic need a kerfs:/PATH destination");
+            }
             let t = Instant::now();
             let mut w = ghost::FileWriter::create(&to)?;
             let rep = ghost::export_process(pid, &ghost::ExportOptions { after }, &mut w)
@@ -142,9 +242,58 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Restart {
             file,
+            cluster,
             detach,
             inherit_fd,
-        } => cmd_restart(&file, detach, inherit_fd),
+        } => {
+            let (images, source) = if file.starts_with("kerfs:") {
+                load_from_store(&StoreAddr::parse(&file)?, &cluster)?
+            } else {
+                let mut r = ghost::FileReader::open(&file)?;
+                let img = ghost::load_image(&mut r)
+                    .with_context(|| format!("cannot restart from {file}"))?;
+                (vec![img], file.clone())
+            };
+            cmd_restart(&images, &source, detach, inherit_fd)
+        }
+        Cmd::Ls { store, cluster } => cmd_ls(&StoreAddr::parse(&store)?, &cluster),
+        Cmd::Rm { version, cluster } => {
+            let addr = StoreAddr::parse(&version)?;
+            let Some(v) = addr.version else {
+                bail!("name the version to remove: {version}@VERSION (see `krg ls {version}`)");
+            };
+            let rt = runtime()?;
+            rt.block_on(async {
+                let store = open_store(&cluster, &addr.path, false).await?;
+                store.remove_version(v).await?;
+                eprintln!(
+                    "krg: removed {}@{v} (its pages go at the next `krg gc`)",
+                    store.addr()
+                );
+                Ok(0)
+            })
+        }
+        Cmd::Gc {
+            store,
+            cluster,
+            keep_last,
+            keep_every,
+            max_age,
+        } => {
+            let addr = StoreAddr::parse(&store)?;
+            let retention = Retention {
+                keep_last,
+                keep_every,
+                max_age,
+            };
+            let rt = runtime()?;
+            rt.block_on(async {
+                let store = open_store(&cluster, &addr.path, false).await?;
+                let rep = store.gc(&retention).await?;
+                print_gc(&store, &rep);
+                Ok(0)
+            })
+        }
         Cmd::Listen { addr } => cmd_listen(&addr),
         Cmd::Migrate { pid, dest } => cmd_migrate(pid, &dest),
         Cmd::Freeze { pid } => {
@@ -156,6 +305,382 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
+}
+
+/// Connects to the cluster and opens the store at `path`.
+async fn open_store(cluster: &ClusterArgs, path: &str, create: bool) -> Result<Store> {
+    let addrs = kerfs_cli::meta_addrs(cluster.meta.as_deref())?;
+    let key = kerfs_cli::client_key(cluster.key_file.as_deref())?;
+    let mut config = MetaClientConfig::new(addrs, key);
+    config.description = format!("krg pid {}", std::process::id());
+    let meta = MetaClient::connect(config)
+        .await
+        .context("connecting to the KerFS metadata service")?;
+    Ok(Store::open(DataClient::new(meta), path, create).await?)
+}
+
+/// A progress bar on stderr when it is a terminal.
+fn progress(what: &str) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let pb = indicatif::ProgressBar::new(0);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.set_message(what.to_string());
+    Some(pb)
+}
+
+/// What `krg checkpoint ... --to kerfs:` was asked to do.
+struct StoreCheckpoint {
+    pid: i32,
+    addr: StoreAddr,
+    after: ghost::After,
+    copy_files: bool,
+    keep_last: Option<usize>,
+    periodic: Option<std::time::Duration>,
+}
+
+fn cmd_checkpoint_store(job: &StoreCheckpoint, cluster: &ClusterArgs) -> Result<i32> {
+    if job.addr.version.is_some() {
+        bail!(
+            "a checkpoint makes a new version: give kerfs:{} without @VERSION",
+            job.addr.path
+        );
+    }
+    let rt = runtime()?;
+    let store = rt.block_on(open_store(cluster, &job.addr.path, true))?;
+    loop {
+        if let Err(e) = checkpoint_once(&rt, &store, job) {
+            if job.periodic.is_some() && !process_alive(job.pid) {
+                eprintln!("krg: pid {} exited; periodic checkpoints stop", job.pid);
+                return Ok(0);
+            }
+            return Err(e);
+        }
+        if let Some(n) = job.keep_last {
+            let rep = rt.block_on(store.gc(&Retention {
+                keep_last: Some(n),
+                ..Default::default()
+            }))?;
+            print_gc(&store, &rep);
+        }
+        let Some(every) = job.periodic else {
+            return Ok(0);
+        };
+        let deadline = Instant::now() + every;
+        while Instant::now() < deadline {
+            if !process_alive(job.pid) {
+                eprintln!("krg: pid {} exited; periodic checkpoints stop", job.pid);
+                return Ok(0);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        if !process_alive(job.pid) {
+            eprintln!("krg: pid {} exited; periodic checkpoints stop", job.pid);
+            return Ok(0);
+        }
+    }
+}
+
+fn process_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z") && !s.contains(") X"))
+        .unwrap_or(false)
+}
+
+/// Regular files `pid` has open that are not on a KerFS mount (those need no copy: every
+/// node sees the same cluster namespace).
+fn files_to_copy(pid: i32) -> Result<Vec<std::path::PathBuf>> {
+    let kerfs_mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            right
+                .starts_with("fuse.kerfs")
+                .then(|| left.split_whitespace().nth(4).map(str::to_string))
+                .flatten()
+        })
+        .collect();
+    let mut out = Vec::new();
+    let dir = format!("/proc/{pid}/fd");
+    for e in std::fs::read_dir(&dir).with_context(|| format!("listing {dir}"))? {
+        let Ok(target) = std::fs::read_link(e?.path()) else {
+            continue;
+        };
+        let is_file = std::fs::metadata(&target).is_ok_and(|m| m.is_file());
+        let on_kerfs = kerfs_mounts
+            .iter()
+            .any(|m| target.starts_with(m) && m != "/");
+        if is_file && !on_kerfs && !out.contains(&target) {
+            out.push(target);
+        }
+    }
+    Ok(out)
+}
+
+fn checkpoint_once(
+    rt: &tokio::runtime::Runtime,
+    store: &Store,
+    job: &StoreCheckpoint,
+) -> Result<()> {
+    let pid = job.pid;
+    let t = Instant::now();
+    let files = if job.copy_files {
+        files_to_copy(pid)?
+    } else {
+        Vec::new()
+    };
+    let mut ck = rt.block_on(store.begin_checkpoint())?;
+    let version = ck.version();
+    // A checkpoint-and-kill stops the process and kills it only once the version is
+    // committed: if anything fails before, it is resumed. Files are copied while the process
+    // is stopped, so they match the memory image (file offsets included).
+    let export_after = match job.after {
+        ghost::After::Kill => ghost::After::Stop,
+        ghost::After::LeaveRunning if job.copy_files => ghost::After::Stop,
+        a => a,
+    };
+    let stopped_by_us = export_after == ghost::After::Stop && job.after != ghost::After::Stop;
+    let pb = progress(&format!("checkpoint pid {pid}"));
+    let (mut sink, task) = ck.image_sink(rt.handle(), pb.clone())?;
+    let exported = ghost::export_process(
+        pid,
+        &ghost::ExportOptions {
+            after: export_after,
+        },
+        &mut sink,
+    );
+    drop(sink);
+    if let Some(pb) = &pb {
+        pb.finish_and_clear();
+    }
+    let added = rt.block_on(ck.add_image(task));
+    let resume = || {
+        if stopped_by_us {
+            // SAFETY: plain kill(2) on the process we stopped.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
+    };
+    let rep = match (exported, added) {
+        (Ok(rep), Ok(())) => rep,
+        (Err(e), _) => {
+            rt.block_on(ck.abort());
+            return Err(anyhow!(e)).with_context(|| {
+                format!(
+                    "checkpoint of pid {pid} to {}@{version} failed (the process was left running)",
+                    store.addr()
+                )
+            });
+        }
+        (Ok(_), Err(e)) => {
+            rt.block_on(ck.abort());
+            resume();
+            return Err(anyhow!(e)).with_context(|| {
+                format!(
+                    "checkpoint of pid {pid} to {}@{version} failed; nothing was published",
+                    store.addr()
+                )
+            });
+        }
+    };
+    for f in &files {
+        if let Err(e) = rt.block_on(ck.copy_file(f)) {
+            rt.block_on(ck.abort());
+            resume();
+            return Err(anyhow!(e)).context("--copy-files failed; nothing was published");
+        }
+    }
+    if job.after == ghost::After::LeaveRunning {
+        // Memory and files are captured: the process may go on while the version commits.
+        resume();
+    }
+    let commit = match rt.block_on(ck.commit()) {
+        Ok(c) => c,
+        Err(e) => {
+            resume();
+            return Err(anyhow!(e)).with_context(|| {
+                format!("checkpoint of pid {pid} to {} was not published (the process was left running)", store.addr())
+            });
+        }
+    };
+    if job.after == ghost::After::Kill {
+        // SAFETY: plain kill(2); the version holding the process is committed.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let s = commit.stats;
+    eprintln!(
+        "krg: checkpointed pid {pid} to {}@{}: image {:.1} MiB, {:.1} MiB new, {} pages deduplicated, {} zero pages, dedup {:.1}x, {} files copied, in {:.3} s",
+        store.addr(),
+        commit.version,
+        rep.image_bytes as f64 / 1048576.0,
+        s.new_bytes as f64 / 1048576.0,
+        s.dedup_pages,
+        s.zero_pages,
+        s.dedup_ratio(),
+        files.len(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Loads every process image of a version (and puts its copied files back).
+fn load_from_store(
+    addr: &StoreAddr,
+    cluster: &ClusterArgs,
+) -> Result<(Vec<ghost::LoadedImage>, String)> {
+    let rt = runtime()?;
+    let res = (|| {
+        let store = rt.block_on(open_store(cluster, &addr.path, false))?;
+        let version = rt.block_on(store.open_version(addr.version))?;
+        let source = format!("{}@{}", store.addr(), version.version());
+        rt.block_on(version.restore_files())?;
+        let mut images = Vec::new();
+        for i in 0..version.manifest.processes.len() {
+            let pb = progress(&format!("restore {source}"));
+            let mut r = version.reader(i, rt.handle(), pb.clone());
+            // The ghost error quotes the store's message and also chains it as its source:
+            // flattened to one level so that `{:#}` does not print it twice.
+            let img = ghost::load_image(&mut r)
+                .map_err(|e| anyhow!(e.to_string()))
+                .with_context(|| format!("cannot restart from {source}"));
+            if let Some(pb) = &pb {
+                pb.finish_and_clear();
+            }
+            images.push(img?);
+        }
+        rt.block_on(version.close());
+        if images.is_empty() {
+            bail!("{source} holds no process");
+        }
+        Ok((images, source))
+    })();
+    // The restart forks a PID namespace init next: no runtime thread may be left.
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    res
+}
+
+fn cmd_ls(addr: &StoreAddr, cluster: &ClusterArgs) -> Result<i32> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        let store = open_store(cluster, &addr.path, false).await?;
+        let versions = store.versions().await?;
+        let packs = store.pack_bytes().await?;
+        println!(
+            "{:>7}  {:<19}  {:>5}  {:>10}  {:>10}  {:>6}  {:>8}",
+            "VERSION", "CREATED (UTC)", "PROCS", "IMAGE MiB", "NEW MiB", "DEDUP", "TIME s"
+        );
+        for v in &versions {
+            println!(
+                "{:>7}  {:<19}  {:>5}  {:>10.1}  {:>10.1}  {:>5.1}x  {:>8.3}",
+                v.version,
+                utc(v.created_unix_ms),
+                v.processes,
+                v.stats.image_bytes as f64 / 1048576.0,
+                v.stats.new_bytes as f64 / 1048576.0,
+                v.stats.dedup_ratio(),
+                v.stats.elapsed_ms as f64 / 1000.0
+            );
+        }
+        let logical: u64 = versions.iter().map(|v| v.stats.image_bytes).sum();
+        println!(
+            "{} versions, {:.1} MiB of images stored in {:.1} MiB of packs ({:.1}x)",
+            versions.len(),
+            logical as f64 / 1048576.0,
+            packs as f64 / 1048576.0,
+            logical as f64 / packs.max(1) as f64
+        );
+        Ok(0)
+    })
+}
+
+fn print_gc(store: &Store, rep: &kerfs_ckpt::GcReport) {
+    eprintln!(
+        "krg: gc {}: removed versions {:?}, {} packs ({:.1} MiB), {} partial versions, {} stale writer markers",
+        store.addr(),
+        rep.removed_versions,
+        rep.removed_packs.len(),
+        rep.freed_bytes as f64 / 1048576.0,
+        rep.removed_partials.len(),
+        rep.stale_writers.len()
+    );
+    if !rep.live_writers.is_empty() {
+        eprintln!(
+            "krg: gc {}: {} checkpoint(s) being written ({}): no pack and no partial version deleted; run gc again later",
+            store.addr(),
+            rep.live_writers.len(),
+            rep.live_writers.join(", ")
+        );
+    }
+}
+
+/// "YYYY-MM-DD HH:MM:SS" of a UTC time in ms since the epoch.
+fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Directory of the files recording the root PID of `krg run --app` applications.
+fn apps_dir() -> std::path::PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        // SAFETY: geteuid has no preconditions.
+        Some(d) if unsafe { libc::geteuid() } != 0 && !d.is_empty() => {
+            std::path::Path::new(&d).join("kerfs/krg-apps")
+        }
+        _ => "/run/kerfs/krg-apps".into(),
+    }
+}
+
+/// The root PID of application `name`.
+fn app_pid(name: &str) -> Result<i32> {
+    let file = apps_dir().join(name);
+    let text = std::fs::read_to_string(&file).with_context(|| {
+        format!(
+            "no application {name:?} is registered ({} missing): start it with `krg run --app {name} -- CMD`",
+            file.display()
+        )
+    })?;
+    let pid: i32 = text
+        .trim()
+        .parse()
+        .with_context(|| format!("{} does not hold a PID", file.display()))?;
+    if !process_alive(pid) {
+        bail!(
+            "application {name:?} (pid {pid}, from {}) is no longer running",
+            file.display()
+        );
+    }
+    Ok(pid)
 }
 
 fn errno() -> std::io::Error {
@@ -234,7 +759,7 @@ fn wait_status(pid: i32) -> Result<i32> {
     })
 }
 
-fn cmd_run(cmd: &[String]) -> Result<i32> {
+fn cmd_run(cmd: &[String], app: Option<&str>) -> Result<i32> {
     let args: Vec<std::ffi::CString> = cmd
         .iter()
         .map(|a| std::ffi::CString::new(a.as_str()))
@@ -295,12 +820,39 @@ fn cmd_run(cmd: &[String]) -> Result<i32> {
         "krg: {} runs as pid {host_pid} (pid 2 in its own PID namespace)",
         cmd[0]
     );
-    wait_status(init)
+    let registered = match app {
+        Some(name) => {
+            if name.is_empty() || name.contains('/') {
+                bail!("application name {name:?} must be non-empty and contain no '/'");
+            }
+            let dir = apps_dir();
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let file = dir.join(name);
+            std::fs::write(&file, format!("{host_pid}\n"))
+                .with_context(|| format!("registering the application in {}", file.display()))?;
+            Some(file)
+        }
+        None => None,
+    };
+    let status = wait_status(init);
+    if let Some(file) = registered {
+        let _ = std::fs::remove_file(file);
+    }
+    status
 }
 
-fn cmd_restart(file: &str, detach: bool, inherit: Vec<(i32, RawFd)>) -> Result<i32> {
-    let mut r = ghost::FileReader::open(file)?;
-    let img = ghost::load_image(&mut r).with_context(|| format!("cannot restart from {file}"))?;
+fn cmd_restart(
+    images: &[ghost::LoadedImage],
+    file: &str,
+    detach: bool,
+    inherit: Vec<(i32, RawFd)>,
+) -> Result<i32> {
+    let [img] = images else {
+        bail!(
+            "{file} holds {} processes; restarting several processes together is not supported yet",
+            images.len()
+        );
+    };
     new_pid_namespace()?;
     let init = spawn_ns_init()?;
     let opts = ghost::ImportOptions {
@@ -308,7 +860,7 @@ fn cmd_restart(file: &str, detach: bool, inherit: Vec<(i32, RawFd)>) -> Result<i
         inherit_fds: inherit,
         stdio_fallback: true,
     };
-    let rep = match ghost::import_image(&img, &opts) {
+    let rep = match ghost::import_image(img, &opts) {
         Ok(rep) => rep,
         Err(e) => {
             kill_and_reap(init);
