@@ -22,12 +22,16 @@ pub fn client_key(flag: Option<&Path>) -> Result<ClusterKey> {
     auth::load_client_key(flag).context("loading the cluster key")
 }
 
+/// The metadata nodes of `kerfsd dev` with its default --base-port.
+pub const DEV_META_ADDRS: [&str; 3] = ["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"];
+
 /// Environment variable naming the metadata nodes.
 pub const META_ENV: &str = "KERFS_META";
 
 /// Where a client program finds the metadata nodes: `flag` (--meta), then $KERFS_META, then
 /// `meta = "host:port,..."` in ~/.config/kerfs/kerfs.toml ($XDG_CONFIG_HOME honoured), then
-/// in /etc/kerfs/kerfs.toml.
+/// in /etc/kerfs/kerfs.toml, and last the addresses `kerfsd dev` uses by default, so that
+/// every program works on one machine without configuration.
 pub fn meta_addrs(flag: Option<&str>) -> Result<Vec<String>> {
     let env = std::env::var(META_ENV).ok();
     meta_addrs_from(flag, env.as_deref(), &config_files())
@@ -66,14 +70,7 @@ fn meta_addrs_from(
                 .with_context(|| format!("meta in {}", file.display()));
         }
     }
-    anyhow::bail!(
-        "no metadata address: pass --meta HOST:PORT[,HOST:PORT...], set ${META_ENV}, or put meta = \"HOST:PORT,...\" in {}",
-        files
-            .iter()
-            .map(|f| f.display().to_string())
-            .collect::<Vec<_>>()
-            .join(" or ")
-    )
+    Ok(DEV_META_ADDRS.iter().map(|a| a.to_string()).collect())
 }
 
 /// The configuration files looked at, in order.
@@ -148,10 +145,10 @@ mod tests {
             meta_addrs_from(None, None, &[none.clone(), system]).unwrap(),
             vec!["s:1"]
         );
-        let e = meta_addrs_from(None, None, &[none])
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("--meta") && e.contains("missing.toml"), "{e}");
+        assert_eq!(
+            meta_addrs_from(None, None, &[none]).unwrap(),
+            DEV_META_ADDRS.to_vec()
+        );
         std::fs::write(&user, "meta = 3\n").unwrap();
         assert!(meta_addrs_from(None, None, &[user]).is_err());
     }

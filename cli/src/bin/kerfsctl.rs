@@ -13,13 +13,10 @@ use kerfs_proto::read_op;
 #[derive(Parser)]
 #[command(name = "kerfsctl", version, about = "Administer a KerFS cluster")]
 struct Cli {
-    /// Metadata nodes: HOST:PORT[,HOST:PORT...]
-    #[arg(
-        long,
-        env = "KERFS_META",
-        default_value = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003"
-    )]
-    meta: String,
+    /// Metadata nodes: HOST:PORT[,HOST:PORT...] (default: $KERFS_META, then `meta` in
+    /// ~/.config/kerfs/kerfs.toml or /etc/kerfs/kerfs.toml, then the `kerfsd dev` addresses).
+    #[arg(long)]
+    meta: Option<String>,
     /// Cluster key file (default: $KERFS_KEY_FILE, then the standard place).
     #[arg(long)]
     key_file: Option<PathBuf>,
@@ -81,7 +78,7 @@ fn main() -> Result<()> {
 
 async fn run(cli: Cli) -> Result<()> {
     let key = kerfs_cli::client_key(cli.key_file.as_deref())?;
-    let addrs = MetaClientConfig::parse_addrs(&cli.meta)?;
+    let addrs = kerfs_cli::meta_addrs(cli.meta.as_deref())?;
     let mut config = MetaClientConfig::new(addrs.clone(), key);
     config.deadline = Duration::from_secs(cli.timeout);
     config.description = "kerfsctl".into();
