@@ -192,9 +192,14 @@ impl KerFs {
         }
     }
 
-    fn entry(&self, a: &Attr) -> Entry {
+    /// An inode's attributes as an entry for the kernel, with the size of the file as this
+    /// mount sees it (see [`KerFs::overlay_size`]): the kernel applies the size of every
+    /// entry it is given (lookup, create, link, readdirplus) to its cached inode, so one
+    /// entry with the cluster's older size would shrink a file that is being written here.
+    async fn entry(&self, mut a: Attr) -> Entry {
+        self.overlay_size(&mut a).await;
         Entry {
-            attr: self.file_attr(a),
+            attr: self.file_attr(&a),
             generation: a.generation,
         }
     }
@@ -206,10 +211,10 @@ impl KerFs {
         if parent == self.root && name == b".." {
             // Never let ".." climb above the subdir the mount shows.
             let a = self.as_caller(caller).getattr(parent).await?;
-            return Ok(self.entry(&a));
+            return Ok(self.entry(a).await);
         }
         let a = self.as_caller(caller).lookup(parent, name).await?;
-        Ok(self.entry(&a))
+        Ok(self.entry(a).await)
     }
 
     pub async fn getattr(&self, caller: &Caller, ino: u64) -> FsResult<FileAttr> {
@@ -219,7 +224,8 @@ impl KerFs {
     }
 
     /// While a file is open here, its size is what our data handle says (it includes
-    /// writes still in the write-behind buffer).
+    /// writes still in the write-behind buffer, which the cluster does not know yet). Every
+    /// attribute reply for a regular file goes through this.
     async fn overlay_size(&self, a: &mut Attr) {
         if a.kind != FileKind::Regular as i32 {
             return;
@@ -350,7 +356,7 @@ impl KerFs {
                 ..Default::default()
             })
             .await?;
-        Ok(self.entry(&a))
+        Ok(self.entry(a).await)
     }
 
     pub async fn mkdir(
@@ -364,7 +370,7 @@ impl KerFs {
             .as_caller(caller)
             .mkdir(self.to_cluster(parent), name, mode & 0o7777)
             .await?;
-        Ok(self.entry(&a))
+        Ok(self.entry(a).await)
     }
 
     pub async fn unlink(&self, caller: &Caller, parent: u64, name: &[u8]) -> FsResult<()> {
@@ -392,7 +398,7 @@ impl KerFs {
             .as_caller(caller)
             .symlink(self.to_cluster(parent), name, target)
             .await?;
-        Ok(self.entry(&a))
+        Ok(self.entry(a).await)
     }
 
     pub async fn readlink(&self, caller: &Caller, ino: u64) -> FsResult<Vec<u8>> {
@@ -442,7 +448,7 @@ impl KerFs {
             .as_caller(caller)
             .link(self.to_cluster(ino), self.to_cluster(new_parent), new_name)
             .await?;
-        Ok(self.entry(&a))
+        Ok(self.entry(a).await)
     }
 
     /// access(2): the cluster checks every operation itself; this answers the question
@@ -610,7 +616,7 @@ impl KerFs {
             })
             .await?;
         let fh = self.add_file(a.ino, handle, flags).await?;
-        Ok((self.entry(&a), fh))
+        Ok((self.entry(a).await, fh))
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
@@ -737,31 +743,40 @@ impl KerFs {
                 client.lookup(dir.ino, b"..").await.unwrap_or(me)
             };
             if offset < DOT_OFFSET {
-                out.push(self.dir_item(&me, DOT_OFFSET, b".", plus));
+                out.push(self.dir_item(&me, DOT_OFFSET, b".", plus).await);
             }
-            out.push(self.dir_item(&parent, DOTDOT_OFFSET, b"..", plus));
+            out.push(self.dir_item(&parent, DOTDOT_OFFSET, b"..", plus).await);
         }
         let cookie = if offset <= DOTDOT_OFFSET { 0 } else { offset };
         let (entries, _eof) = client.readdir(dir.ino, cookie, READDIR_PAGE, plus).await?;
         for e in entries {
+            let entry = match e.attr.filter(|_| plus) {
+                Some(a) => Some(self.entry(a).await),
+                None => None,
+            };
             out.push(DirItem {
                 ino: self.to_fuse(e.ino),
                 offset: e.cookie,
                 kind: file_type(e.kind),
-                entry: e.attr.as_ref().filter(|_| plus).map(|a| self.entry(a)),
+                entry,
                 name: e.name,
             });
         }
         Ok(out)
     }
 
-    fn dir_item(&self, a: &Attr, offset: u64, name: &[u8], plus: bool) -> DirItem {
+    async fn dir_item(&self, a: &Attr, offset: u64, name: &[u8], plus: bool) -> DirItem {
+        let entry = if plus {
+            Some(self.entry(a.clone()).await)
+        } else {
+            None
+        };
         DirItem {
             ino: self.to_fuse(a.ino),
             offset,
             kind: FileType::Directory,
             name: name.to_vec(),
-            entry: plus.then(|| self.entry(a)),
+            entry,
         }
     }
 
