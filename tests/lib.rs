@@ -81,6 +81,10 @@ pub struct MetaClusterOptions {
     pub nodes: u64,
     pub compact_after: u64,
     pub tick_ms: u64,
+    /// Where the cluster's temporary directory (every daemon's data and log) is made; the
+    /// system's temporary directory when `None`. A tmpfs here makes fsync free, for tests of
+    /// semantics rather than durability.
+    pub parent_dir: Option<PathBuf>,
 }
 
 impl Default for MetaClusterOptions {
@@ -89,6 +93,7 @@ impl Default for MetaClusterOptions {
             nodes: 3,
             compact_after: 10_000,
             tick_ms: 100,
+            parent_dir: None,
         }
     }
 }
@@ -107,7 +112,12 @@ pub struct MetaCluster {
 impl MetaCluster {
     pub fn start(options: MetaClusterOptions) -> Result<MetaCluster> {
         let kerfsd = bin_path("kerfsd")?;
-        let dir = tempfile::Builder::new().prefix("kerfs-test-").tempdir()?;
+        let mut dir = tempfile::Builder::new();
+        dir.prefix("kerfs-test-");
+        let dir = match &options.parent_dir {
+            Some(parent) => dir.tempdir_in(parent),
+            None => dir.tempdir(),
+        }?;
         let key_file = dir.path().join("cluster.key");
         let key = ClusterKey::load_or_create(&key_file)?;
         let mut nodes = BTreeMap::new();

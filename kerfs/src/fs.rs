@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{FileAttr, FileType, INodeNo};
 use kerfs_client::{DataClient, FileHandle, MetaClient};
@@ -21,6 +21,9 @@ const READDIR_PAGE: u32 = 128;
 
 /// `st_blksize`: the I/O size programs like cp pick their buffer from.
 const BLKSIZE: u32 = 64 * 1024;
+
+/// Largest copy_file_range per request: the reply's byte count is 32 bits.
+const COPY_MAX: u64 = 1 << 30;
 
 /// Offsets of the synthesized "." and ".." entries; the cluster's own cookies start at 3.
 const DOT_OFFSET: u64 = 1;
@@ -131,7 +134,17 @@ pub struct KerFs {
     files: Mutex<HashMap<u64, Arc<OpenFile>>>,
     dirs: Mutex<HashMap<u64, Arc<OpenDir>>>,
     next_fh: AtomicU64,
+    /// Inodes found without a [`CAPS_XATTR`], and when: the kernel asks for it before every
+    /// write (to drop file capabilities), and asking the cluster each time cost a round trip
+    /// per write. Trusted for `attr_ttl`, like every other cached attribute.
+    no_caps: Mutex<HashMap<u64, Instant>>,
 }
+
+/// The extended attribute holding file capabilities.
+const CAPS_XATTR: &[u8] = b"security.capability";
+
+/// Entries in [`KerFs::no_caps`] before the stale ones are dropped.
+const NO_CAPS_MAX: usize = 4096;
 
 impl KerFs {
     /// A filesystem showing cluster directory `root` as the mount's root.
@@ -145,6 +158,7 @@ impl KerFs {
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            no_caps: Mutex::new(HashMap::new()),
         }
     }
 
@@ -479,17 +493,47 @@ impl KerFs {
         value: &[u8],
         flags: u32,
     ) -> FsResult<()> {
+        let ino = self.to_cluster(ino);
+        lock(&self.no_caps).remove(&ino);
         Ok(self
             .as_caller(caller)
-            .setxattr(self.to_cluster(ino), name, value, flags)
+            .setxattr(ino, name, value, flags)
             .await?)
     }
 
     pub async fn getxattr(&self, caller: &Caller, ino: u64, name: &[u8]) -> FsResult<Vec<u8>> {
-        Ok(self
-            .as_caller(caller)
-            .getxattr(self.to_cluster(ino), name)
-            .await?)
+        let ino = self.to_cluster(ino);
+        let caps = name == CAPS_XATTR;
+        if caps {
+            let ttl = self.config.attr_ttl;
+            let known = lock(&self.no_caps)
+                .get(&ino)
+                .is_some_and(|at| at.elapsed() < ttl);
+            if known {
+                return Err(FsError::new(
+                    libc::ENODATA,
+                    format!("inode {ino} has no file capabilities"),
+                ));
+            }
+        }
+        let r = self.as_caller(caller).getxattr(ino, name).await;
+        if caps {
+            match &r {
+                Err(e) if e.errno() == libc::ENODATA => {
+                    let mut no_caps = lock(&self.no_caps);
+                    if no_caps.len() >= NO_CAPS_MAX {
+                        // Bounded: entries past their time are of no use.
+                        let ttl = self.config.attr_ttl;
+                        no_caps.retain(|_, at| at.elapsed() < ttl);
+                    }
+                    no_caps.insert(ino, Instant::now());
+                }
+                _ => {
+                    lock(&self.no_caps).remove(&ino);
+                }
+            }
+        }
+        Ok(r?)
     }
 
     /// The names, each NUL-terminated, as listxattr(2) returns them.
@@ -507,10 +551,9 @@ impl KerFs {
     }
 
     pub async fn removexattr(&self, caller: &Caller, ino: u64, name: &[u8]) -> FsResult<()> {
-        Ok(self
-            .as_caller(caller)
-            .removexattr(self.to_cluster(ino), name)
-            .await?)
+        let ino = self.to_cluster(ino);
+        lock(&self.no_caps).remove(&ino);
+        Ok(self.as_caller(caller).removexattr(ino, name).await?)
     }
 
     // ------------------------------------------------------------- files
@@ -640,6 +683,98 @@ impl KerFs {
 
     pub async fn fsync(&self, fh: u64) -> FsResult<()> {
         Ok(self.file(fh)?.data.fsync().await?)
+    }
+
+    /// fallocate(2). Space is not reserved on the chunk servers (chunks are files there,
+    /// written on demand): mode 0 and KEEP_SIZE give the size semantics only, mode 0
+    /// extending the file with zeros. PUNCH_HOLE (always with KEEP_SIZE) and ZERO_RANGE
+    /// write zeros over the range through the file's data handle, so they are ordered with
+    /// every buffered write. Other modes (collapse, insert, unshare) are EOPNOTSUPP.
+    pub async fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> FsResult<()> {
+        let file = self.file(fh)?;
+        let end = offset
+            .checked_add(length)
+            .filter(|&e| e <= i64::MAX as u64)
+            .ok_or_else(|| {
+                FsError::new(
+                    libc::EFBIG,
+                    format!("fallocate past the largest file size ({offset} + {length})"),
+                )
+            })?;
+        if length == 0 {
+            return Err(FsError::new(libc::EINVAL, "fallocate of zero bytes"));
+        }
+        let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let data = &file.data;
+        let size = data.size();
+        match mode & !libc::FALLOC_FL_KEEP_SIZE {
+            0 => {}
+            libc::FALLOC_FL_PUNCH_HOLE if keep_size => {
+                data.write_zeros(offset, end.min(size).saturating_sub(offset))
+                    .await?;
+            }
+            libc::FALLOC_FL_ZERO_RANGE => {
+                data.write_zeros(offset, end.min(size).saturating_sub(offset))
+                    .await?;
+            }
+            _ => {
+                return Err(FsError::new(
+                    libc::EOPNOTSUPP,
+                    format!("fallocate mode {mode:#x} is not supported"),
+                ))
+            }
+        }
+        if !keep_size && end > size {
+            data.truncate(end).await?;
+        }
+        Ok(())
+    }
+
+    /// copy_file_range(2) between two files open here: the client reads and writes the
+    /// bytes in large blocks, without the kernel's page cache in between. Copies at most
+    /// [`COPY_MAX`] bytes per call (the reply counts in 32 bits; callers loop on short copies).
+    pub async fn copy_file_range(
+        &self,
+        fh_in: u64,
+        offset_in: u64,
+        fh_out: u64,
+        offset_out: u64,
+        len: u64,
+        flags: u64,
+    ) -> FsResult<u32> {
+        if flags != 0 {
+            return Err(FsError::new(
+                libc::EINVAL,
+                format!("copy_file_range flags {flags:#x}"),
+            ));
+        }
+        let (src, dst) = (self.file(fh_in)?, self.file(fh_out)?);
+        let len = len.min(COPY_MAX);
+        if offset_out
+            .checked_add(len)
+            .is_none_or(|e| e > i64::MAX as u64)
+        {
+            return Err(FsError::new(
+                libc::EFBIG,
+                format!("copy_file_range past the largest file size ({offset_out} + {len})"),
+            ));
+        }
+        // The kernel refuses overlapping copies within one file; a block-wise copy forward
+        // would read bytes it already overwrote.
+        let overlap = offset_in < offset_out.saturating_add(len)
+            && offset_out < offset_in.saturating_add(len);
+        if src.ino == dst.ino && overlap {
+            return Err(FsError::new(
+                libc::EINVAL,
+                format!("copy_file_range of overlapping ranges in inode {}", src.ino),
+            ));
+        }
+        let n = src
+            .data
+            .copy_range(offset_in, &dst.data, offset_out, len)
+            .await?;
+        // At most COPY_MAX, which fits.
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
     }
 
     /// The last descriptor of an open file went away: drop the caller's cluster handle
