@@ -902,7 +902,7 @@ impl KerFs {
 
     async fn dir_item(&self, a: &Attr, offset: u64, name: &[u8], plus: bool) -> DirItem {
         let entry = if plus {
-            Some(self.entry(a.clone()).await)
+            Some(self.entry(*a).await)
         } else {
             None
         };
