@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use kerfs_tests::{
-    blocking, env_u64, first_difference, init_tracing, layout_dir, replicated,
+    blocking, env_u64, erasure, first_difference, init_tracing, layout_dir, replicated,
     require_root_and_fuse, KerfsCluster, KerfsClusterOptions, Mount,
 };
 use rand::rngs::StdRng;
@@ -51,9 +51,20 @@ fn on_tmpfs() -> KerfsClusterOptions {
 /// A cluster and a mount of it, with directory `/d` whose files have R=2 and 1 MiB chunks,
 /// so that operations of a few hundred KiB cross chunk boundaries.
 async fn cluster_and_mount(name: &str, options: &str) -> Result<(KerfsCluster, Mount, PathBuf)> {
-    let cluster = KerfsCluster::start(on_tmpfs()).await?;
+    cluster_and_mount_with(name, options, replicated(2, MIB)).await
+}
+
+async fn cluster_and_mount_with(
+    name: &str,
+    options: &str,
+    layout: kerfs_proto::Layout,
+) -> Result<(KerfsCluster, Mount, PathBuf)> {
+    let mut cluster_options = on_tmpfs();
+    cluster_options.chunk_servers =
+        u64::from(layout.replicas.max(layout.ec_data + layout.ec_parity)).max(3);
+    let cluster = KerfsCluster::start(cluster_options).await?;
     let client = cluster.client().await?;
-    layout_dir(&client, "d", replicated(2, MIB)).await?;
+    layout_dir(&client, "d", layout).await?;
     let mount = Mount::new(&cluster, name, options)?;
     let dir = mount.path().join("d");
     Ok((cluster, mount, dir))
@@ -527,24 +538,39 @@ fn fsx(dir: &Path, seed: u64, ops: u64, mmap: bool) -> Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn fsx_against_a_model() -> Result<()> {
+/// One fsx run on files of `layout`: the seed from `KERFS_FSX_SEED` or random, `ops`
+/// operations unless `KERFS_FSX_OPS` says otherwise.
+async fn fsx_run(name: &str, layout: kerfs_proto::Layout, ops: u64) -> Result<()> {
     require_root_and_fuse();
     init_tracing();
     let _serial = SERIAL.lock().await;
     let seed = env_u64("KERFS_FSX_SEED").unwrap_or_else(|| rand::thread_rng().gen());
-    let ops = env_u64("KERFS_FSX_OPS").unwrap_or(20_000);
+    let ops = env_u64("KERFS_FSX_OPS").unwrap_or(ops);
     let mmap = env_u64("KERFS_FSX_MMAP").unwrap_or(1) != 0;
     eprintln!(
-        "fsx seed {seed} (replay with KERFS_FSX_SEED={seed}), {ops} operations, mappings {}",
+        "fsx {name}: seed {seed} (replay with KERFS_FSX_SEED={seed}), {ops} operations, \
+         mappings {}",
         if mmap { "on" } else { "off" }
     );
-    let (_cluster, mount, dir) = cluster_and_mount("fsx", "").await?;
+    let (_cluster, mount, dir) = cluster_and_mount_with(name, "", layout).await?;
     let start = Instant::now();
     blocking(&[&mount], move || fsx(&dir, seed, ops, mmap)).await;
-    info!(seed, ops, elapsed = ?start.elapsed(), "fsx: every operation matched the model");
+    info!(name, seed, ops, elapsed = ?start.elapsed(), "fsx: every operation matched the model");
     mount.unmount()?;
     Ok(())
+}
+
+/// The issue's 20,000 operations, on replicated files (R=2, 1 MiB chunks).
+#[tokio::test(flavor = "multi_thread")]
+async fn fsx_against_a_model() -> Result<()> {
+    fsx_run("fsx", replicated(2, MIB), 20_000).await
+}
+
+/// Fewer operations on erasure-coded files (4+2, 1 MiB chunks): partial stripes make every
+/// small write, truncate and hole a read-modify-write on the chunk servers.
+#[tokio::test(flavor = "multi_thread")]
+async fn fsx_against_a_model_erasure_coded() -> Result<()> {
+    fsx_run("fsx-ec", erasure(4, 2, MIB), 4_000).await
 }
 
 // ------------------------------------------------------------------ focused tests
