@@ -787,3 +787,70 @@ async fn fallocate_on_the_mount() -> Result<()> {
     mount.unmount()?;
     Ok(())
 }
+
+/// The mount remembers for a while that a file has no `security.capability` (the kernel asks
+/// before every write, to drop file capabilities): setting one must end that, so that the
+/// next write still drops it, as on any filesystem.
+#[tokio::test(flavor = "multi_thread")]
+async fn write_drops_file_capabilities() -> Result<()> {
+    require_root_and_fuse();
+    init_tracing();
+    let _serial = SERIAL.lock().await;
+    let (_cluster, mount, dir) = cluster_and_mount("caps", "").await?;
+    blocking(&[&mount], move || {
+        let path = dir.join("prog");
+        let f = open_rw(&path, true)?;
+        // Writes with no capabilities set: the mount now knows the file has none.
+        f.write_all_at(b"first", 0)?;
+        f.write_all_at(b"second", 5)?;
+        // struct vfs_cap_data, revision 2: CAP_NET_BIND_SERVICE (bit 10) permitted.
+        let mut caps = Vec::new();
+        caps.extend_from_slice(&0x0200_0000u32.to_le_bytes());
+        caps.extend_from_slice(&(1u32 << 10).to_le_bytes());
+        caps.extend_from_slice(&0u32.to_le_bytes());
+        caps.extend_from_slice(&0u32.to_le_bytes());
+        caps.extend_from_slice(&0u32.to_le_bytes());
+        let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+        let name = c"security.capability";
+        // SAFETY: valid C strings and a buffer of the given length.
+        let r = unsafe {
+            libc::setxattr(
+                c_path.as_ptr(),
+                name.as_ptr(),
+                caps.as_ptr().cast(),
+                caps.len(),
+                0,
+            )
+        };
+        ensure!(
+            r == 0,
+            "setxattr security.capability: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut buf = [0u8; 64];
+        // SAFETY: as above, into a buffer of the given length.
+        let size = |buf: &mut [u8]| unsafe {
+            libc::getxattr(
+                c_path.as_ptr(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        ensure!(
+            size(&mut buf) == caps.len() as isize,
+            "capabilities not set"
+        );
+        f.write_all_at(b"third", 11)?;
+        let after = size(&mut buf);
+        let errno = std::io::Error::last_os_error().raw_os_error();
+        ensure!(
+            after < 0 && errno == Some(libc::ENODATA),
+            "a write after setting file capabilities left them in place (getxattr {after})"
+        );
+        Ok(())
+    })
+    .await;
+    mount.unmount()?;
+    Ok(())
+}
