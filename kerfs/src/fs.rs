@@ -707,22 +707,21 @@ impl KerFs {
         let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
         let data = &file.data;
         let size = data.size();
-        match mode & !libc::FALLOC_FL_KEEP_SIZE {
-            0 => {}
-            libc::FALLOC_FL_PUNCH_HOLE if keep_size => {
-                data.write_zeros(offset, end.min(size).saturating_sub(offset))
-                    .await?;
-            }
-            libc::FALLOC_FL_ZERO_RANGE => {
-                data.write_zeros(offset, end.min(size).saturating_sub(offset))
-                    .await?;
-            }
+        let zero = match mode & !libc::FALLOC_FL_KEEP_SIZE {
+            0 => false,
+            libc::FALLOC_FL_PUNCH_HOLE if keep_size => true,
+            libc::FALLOC_FL_ZERO_RANGE => true,
             _ => {
                 return Err(FsError::new(
                     libc::EOPNOTSUPP,
                     format!("fallocate mode {mode:#x} is not supported"),
                 ))
             }
+        };
+        if zero {
+            // Only what lies inside the file: past its end there is nothing to zero.
+            data.write_zeros(offset, end.min(size).saturating_sub(offset))
+                .await?;
         }
         if !keep_size && end > size {
             data.truncate(end).await?;
@@ -773,8 +772,12 @@ impl KerFs {
             .data
             .copy_range(offset_in, &dst.data, offset_out, len)
             .await?;
-        // At most COPY_MAX, which fits.
-        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+        u32::try_from(n).map_err(|_| {
+            FsError::new(
+                libc::EIO,
+                format!("copy_file_range copied {n} bytes, more than it was asked"),
+            )
+        })
     }
 
     /// The last descriptor of an open file went away: drop the caller's cluster handle
