@@ -35,7 +35,7 @@ use futures::StreamExt;
 use tracing::{debug, warn};
 
 use kerfs_proto::{
-    command, read_op, ChunkPlacement, ChunkSetVersionRequest, ChunkTruncateRequest,
+    command, read_op, Attr, ChunkPlacement, ChunkSetVersionRequest, ChunkTruncateRequest,
     ChunkWriteHeader, ChunkWritten, FileChunk, FileKind, Layout, MakeNode,
 };
 
@@ -1297,8 +1297,9 @@ impl FileHandle {
 
     // ------------------------------------------------------------------ truncate
 
-    /// Sets the file size: data past it is dropped, a later extension reads zeros.
-    pub async fn truncate(&self, size: u64) -> ClientResult<()> {
+    /// Sets the file size: data past it is dropped, a later extension reads zeros. Returns
+    /// the file's attributes as meta has them after the cut.
+    pub async fn truncate(&self, size: u64) -> ClientResult<Attr> {
         self.check_open()?;
         // Buffered writes are not flushed first: those past the new end are dropped, and the
         // others stay buffered and reach the servers after the cut below, in the same write
@@ -1353,7 +1354,7 @@ impl FileHandle {
         // Meta dropped the chunks past the end: forget them (and our epochs on them).
         st.chunks.retain(|&i, _| i < keep);
         st.epochs.retain(|&i, _| i < keep);
-        Ok(())
+        Ok(attr)
     }
 
     /// Cuts chunk `idx` to `len` bytes on its servers in a write epoch, and commits.

@@ -256,9 +256,10 @@ impl KerFs {
     pub async fn setattr(&self, caller: &Caller, ino: u64, s: SetAttrIn) -> FsResult<FileAttr> {
         let ino = self.to_cluster(ino);
         let file = s.fh.and_then(|fh| self.file(fh).ok());
-        if let Some(size) = s.size {
-            self.truncate(caller, ino, size, file.as_deref()).await?;
-        }
+        let truncated = match s.size {
+            Some(size) => Some(self.truncate(caller, ino, size, file.as_deref()).await?),
+            None => None,
+        };
         if s.mtime.is_some() || s.atime.is_some() {
             // Buffered writes are committed with the time of their flush, which would
             // override the time set here (tar x, cp -p, rsync -t): commit them first.
@@ -285,7 +286,10 @@ impl KerFs {
             && req.atime.is_none()
             && req.mtime.is_none()
         {
-            client.getattr(ino).await?
+            match truncated {
+                Some(a) => a,
+                None => client.getattr(ino).await?,
+            }
         } else {
             client.setattr(req).await?
         };
@@ -294,14 +298,15 @@ impl KerFs {
     }
 
     /// truncate(2)/ftruncate(2). The bytes past the new end must go from the chunk servers
-    /// too (an extension later reads zeros), which only a data handle can do.
+    /// too (an extension later reads zeros), which only a data handle can do. Returns the
+    /// attributes after the cut, as its last step got them (which saves a getattr).
     async fn truncate(
         &self,
         caller: &Caller,
         ino: u64,
         size: u64,
         file: Option<&OpenFile>,
-    ) -> FsResult<()> {
+    ) -> FsResult<Attr> {
         let slot = self.slots.lock().await.get(&ino).map(|s| s.handle.clone());
         match (file, slot) {
             // ftruncate: the kernel checked that the descriptor is open for writing.
@@ -316,7 +321,7 @@ impl KerFs {
                 // a data handle then cuts the boundary chunk when the file shrank into it.
                 let client = self.as_caller(caller);
                 let before = client.getattr(ino).await?;
-                client
+                let after = client
                     .setattr(kerfs_proto::SetAttr {
                         ino,
                         size: Some(size),
@@ -327,10 +332,11 @@ impl KerFs {
                     let data = self.data.open(ino, libc::O_RDWR as u32).await?;
                     let cut = data.truncate(size).await;
                     let closed = data.close().await;
-                    cut?;
+                    let after = cut?;
                     closed?;
+                    return Ok(after);
                 }
-                Ok(())
+                Ok(after)
             }
         }
     }
