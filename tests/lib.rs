@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use kerfs_client::{MetaClient, MetaClientConfig};
 use kerfs_proto::auth::ClusterKey;
 use tracing::info;
@@ -81,6 +81,10 @@ pub struct MetaClusterOptions {
     pub nodes: u64,
     pub compact_after: u64,
     pub tick_ms: u64,
+    /// Where the cluster's temporary directory (every daemon's data and log) is made; the
+    /// system's temporary directory when `None`. A tmpfs here makes fsync free, for tests of
+    /// semantics rather than durability.
+    pub parent_dir: Option<PathBuf>,
 }
 
 impl Default for MetaClusterOptions {
@@ -89,6 +93,7 @@ impl Default for MetaClusterOptions {
             nodes: 3,
             compact_after: 10_000,
             tick_ms: 100,
+            parent_dir: None,
         }
     }
 }
@@ -107,7 +112,12 @@ pub struct MetaCluster {
 impl MetaCluster {
     pub fn start(options: MetaClusterOptions) -> Result<MetaCluster> {
         let kerfsd = bin_path("kerfsd")?;
-        let dir = tempfile::Builder::new().prefix("kerfs-test-").tempdir()?;
+        let mut dir = tempfile::Builder::new();
+        dir.prefix("kerfs-test-");
+        let dir = match &options.parent_dir {
+            Some(parent) => dir.tempdir_in(parent),
+            None => dir.tempdir(),
+        }?;
         let key_file = dir.path().join("cluster.key");
         let key = ClusterKey::load_or_create(&key_file)?;
         let mut nodes = BTreeMap::new();
@@ -621,4 +631,140 @@ pub fn require_root_and_fuse() {
         Path::new("/sbin/mount.fuse3").exists() || Path::new("/usr/sbin/mount.fuse3").exists(),
         "mount.fuse3 is missing: apt-get install fuse3"
     );
+}
+
+// ------------------------------------------------------------------ mounts
+
+/// The filesystem type findmnt reports at `dir`, if something is mounted there.
+pub fn fstype(dir: &Path) -> Option<String> {
+    let out = Command::new("findmnt")
+        .args(["-n", "-o", "FSTYPE", "--mountpoint"])
+        .arg(dir)
+        .output()
+        .ok()?;
+    let t = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.success() && !t.is_empty()).then_some(t)
+}
+
+/// A `kerfs` mount of a test cluster on a temporary directory. Dropping it unmounts lazily,
+/// so a test that fails halfway leaves nothing mounted; `unmount` is the checked way.
+pub struct Mount {
+    tmp: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl Mount {
+    /// Runs `kerfs ADDRS DIR -o key_file=..,log=..<extra>` (daemon mode: it returns once mounted).
+    pub fn new(cluster: &KerfsCluster, name: &str, extra: &str) -> Result<Mount> {
+        let kerfs = bin_path("kerfs")?;
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("kerfs-mnt-{name}-"))
+            .tempdir()?;
+        let log = cluster.meta.dir.path().join(format!("kerfs-{name}.log"));
+        let opts = format!(
+            "key_file={},log={}{extra}",
+            cluster.meta.key_file.display(),
+            log.display()
+        );
+        let out = Command::new(&kerfs)
+            .arg(cluster.meta.addrs().join(","))
+            .arg(tmp.path())
+            .args(["-o", &opts])
+            .stdin(Stdio::null())
+            .output()
+            .context("running kerfs")?;
+        ensure!(
+            out.status.success(),
+            "kerfs failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let m = Mount { tmp, log };
+        ensure!(
+            fstype(m.path()).as_deref() == Some("fuse.kerfs"),
+            "findmnt does not show a fuse.kerfs mount at {}",
+            m.path().display()
+        );
+        info!(mount = %m.path().display(), options = %opts, "mounted");
+        Ok(m)
+    }
+
+    pub fn path(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// The last 40 lines of this mount's `kerfs` log.
+    pub fn log_tail(&self) -> String {
+        log_tail(&self.log, 40)
+    }
+
+    /// umount(8), checked, and wait until findmnt no longer shows it.
+    pub fn unmount(&self) -> Result<()> {
+        let out = Command::new("umount").arg(self.path()).output()?;
+        ensure!(
+            out.status.success(),
+            "umount {} failed: {}",
+            self.path().display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let start = Instant::now();
+        while fstype(self.path()).is_some() {
+            ensure!(
+                start.elapsed() < Duration::from_secs(10),
+                "{} still mounted 10 s after umount",
+                self.path().display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        info!(mount = %self.path().display(), "unmounted");
+        Ok(())
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if fstype(self.path()).is_some() {
+            let _ = Command::new("umount").arg("-l").arg(self.path()).status();
+        }
+    }
+}
+
+/// Runs `f` on a blocking thread; on failure prints the tail of the mount logs and panics.
+pub async fn blocking<F>(mounts: &[&Mount], f: F)
+where
+    F: FnOnce() -> Result<()> + Send + 'static,
+{
+    let r = tokio::task::spawn_blocking(f).await.expect("test thread");
+    if let Err(e) = r {
+        for m in mounts {
+            eprintln!(
+                "--- tail of kerfs log {} ---\n{}",
+                m.log.display(),
+                m.log_tail()
+            );
+        }
+        panic!("{e:#}");
+    }
+}
+
+/// A numeric setting from the environment (seeds, sizes); a value that is not a number
+/// stops the test rather than being ignored.
+pub fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().map(|v| {
+        v.parse()
+            .unwrap_or_else(|_| panic!("{name}={v} is not a number"))
+    })
+}
+
+/// The first byte where `got` and `want` differ, for the failure message.
+pub fn first_difference(got: &[u8], want: &[u8]) -> String {
+    match got.iter().zip(want).position(|(a, b)| a != b) {
+        Some(i) => format!(
+            "first difference at +{i}: got {:#04x}, want {:#04x} ({} of {} bytes differ)",
+            got[i],
+            want[i],
+            got.iter().zip(want).filter(|(a, b)| a != b).count(),
+            want.len()
+        ),
+        None => format!("lengths differ: got {}, want {}", got.len(), want.len()),
+    }
 }

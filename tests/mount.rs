@@ -12,19 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use kerfs_tests::{
-    bin_path, init_tracing, require_root_and_fuse, KerfsCluster, KerfsClusterOptions,
+    bin_path, fstype, init_tracing, require_root_and_fuse, KerfsCluster, KerfsClusterOptions,
 };
-
-/// The filesystem type findmnt reports at `dir`, if something is mounted there.
-fn fstype(dir: &Path) -> Option<String> {
-    let out = Command::new("findmnt")
-        .args(["-n", "-o", "FSTYPE", "--mountpoint"])
-        .arg(dir)
-        .output()
-        .ok()?;
-    let t = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    (out.status.success() && !t.is_empty()).then_some(t)
-}
 
 fn wait_unmounted(dir: &Path) -> Result<()> {
     let start = Instant::now();

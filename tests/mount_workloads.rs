@@ -13,13 +13,14 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use kerfs_tests::{
-    bin_path, init_tracing, require_root_and_fuse, KerfsCluster, KerfsClusterOptions,
+    blocking, env_u64, first_difference, init_tracing, require_root_and_fuse, KerfsCluster,
+    KerfsClusterOptions, Mount,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -46,100 +47,6 @@ fn require_program(program: &str, package: &str) {
     );
 }
 
-/// The filesystem type findmnt reports at `dir`, if something is mounted there.
-fn fstype(dir: &Path) -> Option<String> {
-    let out = Command::new("findmnt")
-        .args(["-n", "-o", "FSTYPE", "--mountpoint"])
-        .arg(dir)
-        .output()
-        .ok()?;
-    let t = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    (out.status.success() && !t.is_empty()).then_some(t)
-}
-
-/// A `kerfs` mount of a test cluster on a temporary directory. Dropping it unmounts lazily,
-/// so a test that fails halfway leaves nothing mounted; `unmount` is the checked way.
-struct Mount {
-    tmp: tempfile::TempDir,
-    log: PathBuf,
-}
-
-impl Mount {
-    /// Runs `kerfs ADDRS DIR -o key_file=..,log=..<extra>` (daemon mode: it returns once mounted).
-    fn new(cluster: &KerfsCluster, name: &str, extra: &str) -> Result<Mount> {
-        let kerfs = bin_path("kerfs")?;
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!("kerfs-mnt-{name}-"))
-            .tempdir()?;
-        let log = cluster.meta.dir.path().join(format!("kerfs-{name}.log"));
-        let opts = format!(
-            "key_file={},log={}{extra}",
-            cluster.meta.key_file.display(),
-            log.display()
-        );
-        let out = Command::new(&kerfs)
-            .arg(cluster.meta.addrs().join(","))
-            .arg(tmp.path())
-            .args(["-o", &opts])
-            .stdin(Stdio::null())
-            .output()
-            .context("running kerfs")?;
-        ensure!(
-            out.status.success(),
-            "kerfs failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let m = Mount { tmp, log };
-        ensure!(
-            fstype(m.path()).as_deref() == Some("fuse.kerfs"),
-            "findmnt does not show a fuse.kerfs mount at {}",
-            m.path().display()
-        );
-        info!(mount = %m.path().display(), options = %opts, "mounted");
-        Ok(m)
-    }
-
-    fn path(&self) -> &Path {
-        self.tmp.path()
-    }
-
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-
-    /// umount(8), checked, and wait until findmnt no longer shows it.
-    fn unmount(&self) -> Result<()> {
-        let out = Command::new("umount").arg(self.path()).output()?;
-        ensure!(
-            out.status.success(),
-            "umount {} failed: {}",
-            self.path().display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let start = Instant::now();
-        while fstype(self.path()).is_some() {
-            ensure!(
-                start.elapsed() < Duration::from_secs(10),
-                "{} still mounted 10 s after umount",
-                self.path().display()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        info!(mount = %self.path().display(), "unmounted");
-        Ok(())
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        if fstype(self.path()).is_some() {
-            let _ = Command::new("umount").arg("-l").arg(self.path()).status();
-        }
-    }
-}
-
 /// Runs a program, fails with its output if it fails, returns its stdout.
 fn run(cmd: &mut Command) -> Result<String> {
     let what = format!("{cmd:?}");
@@ -161,46 +68,7 @@ fn errno_of<T>(r: std::io::Result<T>) -> Option<i32> {
     r.err().and_then(|e| e.raw_os_error())
 }
 
-/// Runs `f` on a blocking thread; on failure prints the tail of the mount logs and panics.
-async fn blocking<F>(mounts: &[&Mount], f: F)
-where
-    F: FnOnce() -> Result<()> + Send + 'static,
-{
-    let r = tokio::task::spawn_blocking(f).await.expect("test thread");
-    if let Err(e) = r {
-        for m in mounts {
-            eprintln!(
-                "--- tail of kerfs log {} ---\n{}",
-                m.log.display(),
-                m.log_tail()
-            );
-        }
-        panic!("{e:#}");
-    }
-}
-
-fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().map(|v| {
-        v.parse()
-            .unwrap_or_else(|_| panic!("{name}={v} is not a number"))
-    })
-}
-
 // ------------------------------------------------------------------ two mounts
-
-/// The first byte where `got` and `want` differ, for the failure message.
-fn first_difference(got: &[u8], want: &[u8]) -> String {
-    match got.iter().zip(want).position(|(a, b)| a != b) {
-        Some(i) => format!(
-            "first difference at +{i}: got {:#04x}, want {:#04x} ({} of {} bytes differ)",
-            got[i],
-            want[i],
-            got.iter().zip(want).filter(|(a, b)| a != b).count(),
-            want.len()
-        ),
-        None => format!("lengths differ: got {}, want {}", got.len(), want.len()),
-    }
-}
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     let mut out = vec![0u8; len];

@@ -35,7 +35,7 @@ use futures::StreamExt;
 use tracing::{debug, warn};
 
 use kerfs_proto::{
-    command, read_op, ChunkPlacement, ChunkSetVersionRequest, ChunkTruncateRequest,
+    command, read_op, Attr, ChunkPlacement, ChunkSetVersionRequest, ChunkTruncateRequest,
     ChunkWriteHeader, ChunkWritten, FileChunk, FileKind, Layout, MakeNode,
 };
 
@@ -64,6 +64,10 @@ impl Default for DataConfig {
         }
     }
 }
+
+/// Bytes per read and write of [`FileHandle::copy_range`] and [`FileHandle::write_zeros`]:
+/// several chunks' worth, so that one block keeps the chunk servers busy in parallel.
+const COPY_BLOCK: u64 = 8 << 20;
 
 /// Opens files; one per client process (shares the chunk-server connections).
 #[derive(Clone)]
@@ -350,6 +354,11 @@ impl Extents {
         }
     }
 
+    /// Dirty bytes held.
+    fn bytes(&self) -> usize {
+        self.0.values().map(Vec::len).sum()
+    }
+
     fn end(&self) -> u64 {
         self.0
             .iter()
@@ -452,6 +461,44 @@ impl FileHandle {
             self.flush().await?;
         }
         Ok(())
+    }
+
+    /// Writes zeros over `[offset, offset + len)`: fallocate's hole punching and range
+    /// zeroing. The range reads back as zeros; no space is given back to the servers.
+    pub async fn write_zeros(&self, offset: u64, len: u64) -> ClientResult<()> {
+        let zeros = vec![0u8; len.min(COPY_BLOCK) as usize];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(COPY_BLOCK) as usize;
+            self.write_at(offset + done, &zeros[..n]).await?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Copies up to `len` bytes at `offset` of this file to `dst_offset` of `dst`
+    /// (copy_file_range). The bytes are read and written here in large blocks, through the
+    /// same buffers as any read and write (so either file's buffered writes are seen), and
+    /// never pass through the kernel. Stops at this file's end; returns the bytes copied.
+    /// The ranges must not overlap when `dst` is this file.
+    pub async fn copy_range(
+        &self,
+        offset: u64,
+        dst: &FileHandle,
+        dst_offset: u64,
+        len: u64,
+    ) -> ClientResult<u64> {
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(COPY_BLOCK) as usize;
+            let data = self.read_at(offset + done, n).await?;
+            if data.is_empty() {
+                break;
+            }
+            dst.write_at(dst_offset + done, &data).await?;
+            done += data.len() as u64;
+        }
+        Ok(done)
     }
 
     /// Makes every write so far durable on the chunk servers and recorded in meta.
@@ -1250,22 +1297,27 @@ impl FileHandle {
 
     // ------------------------------------------------------------------ truncate
 
-    /// Sets the file size: data past it is dropped, a later extension reads zeros.
-    pub async fn truncate(&self, size: u64) -> ClientResult<()> {
+    /// Sets the file size: data past it is dropped, a later extension reads zeros. Returns
+    /// the file's attributes as meta has them after the cut.
+    pub async fn truncate(&self, size: u64) -> ClientResult<Attr> {
         self.check_open()?;
-        self.flush().await?;
+        // Buffered writes are not flushed first: those past the new end are dropped, and the
+        // others stay buffered and reach the servers after the cut below, in the same write
+        // epoch, which is the order they need (a flush here cost a round of chunk writes and
+        // a commit per truncate). The flush lock keeps any flush from overlapping the cut.
         let _serial = self.inner.flush_lock.lock().await;
         let cs = self.inner.chunk_size;
         let old = {
             let mut st = lock(&self.inner.state);
             st.generation += 1;
             st.prefetch.clear();
-            // Writes that raced in after the flush and lie past the new end are cut too.
             let keep = size.div_ceil(cs);
             st.dirty.retain(|&i, _| i < keep);
             if let Some(e) = st.dirty.get_mut(&(size / cs)) {
                 e.cut(size % cs);
             }
+            st.dirty.retain(|_, e| !e.0.is_empty());
+            st.dirty_bytes = st.dirty.values().map(Extents::bytes).sum();
             st.size
         };
         // The chunk holding the lower of the two ends must lose what lies past that end, so
@@ -1302,7 +1354,7 @@ impl FileHandle {
         // Meta dropped the chunks past the end: forget them (and our epochs on them).
         st.chunks.retain(|&i, _| i < keep);
         st.epochs.retain(|&i, _| i < keep);
-        Ok(())
+        Ok(attr)
     }
 
     /// Cuts chunk `idx` to `len` bytes on its servers in a write epoch, and commits.
@@ -1456,6 +1508,8 @@ fn file_operations_are_send(f: &FileHandle) {
     send(f.fsync());
     send(f.flush());
     send(f.truncate(0));
+    send(f.write_zeros(0, 0));
+    send(f.copy_range(0, f, 0, 0));
     send(f.close());
 }
 

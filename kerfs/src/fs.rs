@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{FileAttr, FileType, INodeNo};
 use kerfs_client::{DataClient, FileHandle, MetaClient};
@@ -21,6 +21,9 @@ const READDIR_PAGE: u32 = 128;
 
 /// `st_blksize`: the I/O size programs like cp pick their buffer from.
 const BLKSIZE: u32 = 64 * 1024;
+
+/// Largest copy_file_range per request: the reply's byte count is 32 bits.
+const COPY_MAX: u64 = 1 << 30;
 
 /// Offsets of the synthesized "." and ".." entries; the cluster's own cookies start at 3.
 const DOT_OFFSET: u64 = 1;
@@ -131,7 +134,17 @@ pub struct KerFs {
     files: Mutex<HashMap<u64, Arc<OpenFile>>>,
     dirs: Mutex<HashMap<u64, Arc<OpenDir>>>,
     next_fh: AtomicU64,
+    /// Inodes found without a [`CAPS_XATTR`], and when: the kernel asks for it before every
+    /// write (to drop file capabilities), and asking the cluster each time cost a round trip
+    /// per write. Trusted for `attr_ttl`, like every other cached attribute.
+    no_caps: Mutex<HashMap<u64, Instant>>,
 }
+
+/// The extended attribute holding file capabilities.
+const CAPS_XATTR: &[u8] = b"security.capability";
+
+/// Entries in [`KerFs::no_caps`] before the stale ones are dropped.
+const NO_CAPS_MAX: usize = 4096;
 
 impl KerFs {
     /// A filesystem showing cluster directory `root` as the mount's root.
@@ -145,6 +158,7 @@ impl KerFs {
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            no_caps: Mutex::new(HashMap::new()),
         }
     }
 
@@ -192,9 +206,14 @@ impl KerFs {
         }
     }
 
-    fn entry(&self, a: &Attr) -> Entry {
+    /// An inode's attributes as an entry for the kernel, with the size of the file as this
+    /// mount sees it (see [`KerFs::overlay_size`]): the kernel applies the size of every
+    /// entry it is given (lookup, create, link, readdirplus) to its cached inode, so one
+    /// entry with the cluster's older size would shrink a file that is being written here.
+    async fn entry(&self, mut a: Attr) -> Entry {
+        self.overlay_size(&mut a).await;
         Entry {
-            attr: self.file_attr(a),
+            attr: self.file_attr(&a),
             generation: a.generation,
         }
     }
@@ -206,10 +225,10 @@ impl KerFs {
         if parent == self.root && name == b".." {
             // Never let ".." climb above the subdir the mount shows.
             let a = self.as_caller(caller).getattr(parent).await?;
-            return Ok(self.entry(&a));
+            return Ok(self.entry(a).await);
         }
         let a = self.as_caller(caller).lookup(parent, name).await?;
-        Ok(self.entry(&a))
+        Ok(self.entry(a).await)
     }
 
     pub async fn getattr(&self, caller: &Caller, ino: u64) -> FsResult<FileAttr> {
@@ -219,7 +238,8 @@ impl KerFs {
     }
 
     /// While a file is open here, its size is what our data handle says (it includes
-    /// writes still in the write-behind buffer).
+    /// writes still in the write-behind buffer, which the cluster does not know yet). Every
+    /// attribute reply for a regular file goes through this.
     async fn overlay_size(&self, a: &mut Attr) {
         if a.kind != FileKind::Regular as i32 {
             return;
@@ -236,9 +256,10 @@ impl KerFs {
     pub async fn setattr(&self, caller: &Caller, ino: u64, s: SetAttrIn) -> FsResult<FileAttr> {
         let ino = self.to_cluster(ino);
         let file = s.fh.and_then(|fh| self.file(fh).ok());
-        if let Some(size) = s.size {
-            self.truncate(caller, ino, size, file.as_deref()).await?;
-        }
+        let truncated = match s.size {
+            Some(size) => Some(self.truncate(caller, ino, size, file.as_deref()).await?),
+            None => None,
+        };
         if s.mtime.is_some() || s.atime.is_some() {
             // Buffered writes are committed with the time of their flush, which would
             // override the time set here (tar x, cp -p, rsync -t): commit them first.
@@ -265,7 +286,10 @@ impl KerFs {
             && req.atime.is_none()
             && req.mtime.is_none()
         {
-            client.getattr(ino).await?
+            match truncated {
+                Some(a) => a,
+                None => client.getattr(ino).await?,
+            }
         } else {
             client.setattr(req).await?
         };
@@ -274,14 +298,15 @@ impl KerFs {
     }
 
     /// truncate(2)/ftruncate(2). The bytes past the new end must go from the chunk servers
-    /// too (an extension later reads zeros), which only a data handle can do.
+    /// too (an extension later reads zeros), which only a data handle can do. Returns the
+    /// attributes after the cut, as its last step got them (which saves a getattr).
     async fn truncate(
         &self,
         caller: &Caller,
         ino: u64,
         size: u64,
         file: Option<&OpenFile>,
-    ) -> FsResult<()> {
+    ) -> FsResult<Attr> {
         let slot = self.slots.lock().await.get(&ino).map(|s| s.handle.clone());
         match (file, slot) {
             // ftruncate: the kernel checked that the descriptor is open for writing.
@@ -296,7 +321,7 @@ impl KerFs {
                 // a data handle then cuts the boundary chunk when the file shrank into it.
                 let client = self.as_caller(caller);
                 let before = client.getattr(ino).await?;
-                client
+                let after = client
                     .setattr(kerfs_proto::SetAttr {
                         ino,
                         size: Some(size),
@@ -307,10 +332,11 @@ impl KerFs {
                     let data = self.data.open(ino, libc::O_RDWR as u32).await?;
                     let cut = data.truncate(size).await;
                     let closed = data.close().await;
-                    cut?;
+                    let after = cut?;
                     closed?;
+                    return Ok(after);
                 }
-                Ok(())
+                Ok(after)
             }
         }
     }
@@ -350,7 +376,7 @@ impl KerFs {
                 ..Default::default()
             })
             .await?;
-        Ok(self.entry(&a))
+        Ok(self.entry(a).await)
     }
 
     pub async fn mkdir(
@@ -364,7 +390,7 @@ impl KerFs {
             .as_caller(caller)
             .mkdir(self.to_cluster(parent), name, mode & 0o7777)
             .await?;
-        Ok(self.entry(&a))
+        Ok(self.entry(a).await)
     }
 
     pub async fn unlink(&self, caller: &Caller, parent: u64, name: &[u8]) -> FsResult<()> {
@@ -392,7 +418,7 @@ impl KerFs {
             .as_caller(caller)
             .symlink(self.to_cluster(parent), name, target)
             .await?;
-        Ok(self.entry(&a))
+        Ok(self.entry(a).await)
     }
 
     pub async fn readlink(&self, caller: &Caller, ino: u64) -> FsResult<Vec<u8>> {
@@ -442,7 +468,7 @@ impl KerFs {
             .as_caller(caller)
             .link(self.to_cluster(ino), self.to_cluster(new_parent), new_name)
             .await?;
-        Ok(self.entry(&a))
+        Ok(self.entry(a).await)
     }
 
     /// access(2): the cluster checks every operation itself; this answers the question
@@ -473,17 +499,47 @@ impl KerFs {
         value: &[u8],
         flags: u32,
     ) -> FsResult<()> {
+        let ino = self.to_cluster(ino);
+        lock(&self.no_caps).remove(&ino);
         Ok(self
             .as_caller(caller)
-            .setxattr(self.to_cluster(ino), name, value, flags)
+            .setxattr(ino, name, value, flags)
             .await?)
     }
 
     pub async fn getxattr(&self, caller: &Caller, ino: u64, name: &[u8]) -> FsResult<Vec<u8>> {
-        Ok(self
-            .as_caller(caller)
-            .getxattr(self.to_cluster(ino), name)
-            .await?)
+        let ino = self.to_cluster(ino);
+        let caps = name == CAPS_XATTR;
+        if caps {
+            let ttl = self.config.attr_ttl;
+            let known = lock(&self.no_caps)
+                .get(&ino)
+                .is_some_and(|at| at.elapsed() < ttl);
+            if known {
+                return Err(FsError::new(
+                    libc::ENODATA,
+                    format!("inode {ino} has no file capabilities"),
+                ));
+            }
+        }
+        let r = self.as_caller(caller).getxattr(ino, name).await;
+        if caps {
+            match &r {
+                Err(e) if e.errno() == libc::ENODATA => {
+                    let mut no_caps = lock(&self.no_caps);
+                    if no_caps.len() >= NO_CAPS_MAX {
+                        // Bounded: entries past their time are of no use.
+                        let ttl = self.config.attr_ttl;
+                        no_caps.retain(|_, at| at.elapsed() < ttl);
+                    }
+                    no_caps.insert(ino, Instant::now());
+                }
+                _ => {
+                    lock(&self.no_caps).remove(&ino);
+                }
+            }
+        }
+        Ok(r?)
     }
 
     /// The names, each NUL-terminated, as listxattr(2) returns them.
@@ -501,10 +557,9 @@ impl KerFs {
     }
 
     pub async fn removexattr(&self, caller: &Caller, ino: u64, name: &[u8]) -> FsResult<()> {
-        Ok(self
-            .as_caller(caller)
-            .removexattr(self.to_cluster(ino), name)
-            .await?)
+        let ino = self.to_cluster(ino);
+        lock(&self.no_caps).remove(&ino);
+        Ok(self.as_caller(caller).removexattr(ino, name).await?)
     }
 
     // ------------------------------------------------------------- files
@@ -610,7 +665,7 @@ impl KerFs {
             })
             .await?;
         let fh = self.add_file(a.ino, handle, flags).await?;
-        Ok((self.entry(&a), fh))
+        Ok((self.entry(a).await, fh))
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
@@ -634,6 +689,101 @@ impl KerFs {
 
     pub async fn fsync(&self, fh: u64) -> FsResult<()> {
         Ok(self.file(fh)?.data.fsync().await?)
+    }
+
+    /// fallocate(2). Space is not reserved on the chunk servers (chunks are files there,
+    /// written on demand): mode 0 and KEEP_SIZE give the size semantics only, mode 0
+    /// extending the file with zeros. PUNCH_HOLE (always with KEEP_SIZE) and ZERO_RANGE
+    /// write zeros over the range through the file's data handle, so they are ordered with
+    /// every buffered write. Other modes (collapse, insert, unshare) are EOPNOTSUPP.
+    pub async fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> FsResult<()> {
+        let file = self.file(fh)?;
+        let end = offset
+            .checked_add(length)
+            .filter(|&e| e <= i64::MAX as u64)
+            .ok_or_else(|| {
+                FsError::new(
+                    libc::EFBIG,
+                    format!("fallocate past the largest file size ({offset} + {length})"),
+                )
+            })?;
+        if length == 0 {
+            return Err(FsError::new(libc::EINVAL, "fallocate of zero bytes"));
+        }
+        let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let data = &file.data;
+        let size = data.size();
+        let zero = match mode & !libc::FALLOC_FL_KEEP_SIZE {
+            0 => false,
+            libc::FALLOC_FL_PUNCH_HOLE if keep_size => true,
+            libc::FALLOC_FL_ZERO_RANGE => true,
+            _ => {
+                return Err(FsError::new(
+                    libc::EOPNOTSUPP,
+                    format!("fallocate mode {mode:#x} is not supported"),
+                ))
+            }
+        };
+        if zero {
+            // Only what lies inside the file: past its end there is nothing to zero.
+            data.write_zeros(offset, end.min(size).saturating_sub(offset))
+                .await?;
+        }
+        if !keep_size && end > size {
+            data.truncate(end).await?;
+        }
+        Ok(())
+    }
+
+    /// copy_file_range(2) between two files open here: the client reads and writes the
+    /// bytes in large blocks, without the kernel's page cache in between. Copies at most
+    /// [`COPY_MAX`] bytes per call (the reply counts in 32 bits; callers loop on short copies).
+    pub async fn copy_file_range(
+        &self,
+        fh_in: u64,
+        offset_in: u64,
+        fh_out: u64,
+        offset_out: u64,
+        len: u64,
+        flags: u64,
+    ) -> FsResult<u32> {
+        if flags != 0 {
+            return Err(FsError::new(
+                libc::EINVAL,
+                format!("copy_file_range flags {flags:#x}"),
+            ));
+        }
+        let (src, dst) = (self.file(fh_in)?, self.file(fh_out)?);
+        let len = len.min(COPY_MAX);
+        if offset_out
+            .checked_add(len)
+            .is_none_or(|e| e > i64::MAX as u64)
+        {
+            return Err(FsError::new(
+                libc::EFBIG,
+                format!("copy_file_range past the largest file size ({offset_out} + {len})"),
+            ));
+        }
+        // The kernel refuses overlapping copies within one file; a block-wise copy forward
+        // would read bytes it already overwrote.
+        let overlap = offset_in < offset_out.saturating_add(len)
+            && offset_out < offset_in.saturating_add(len);
+        if src.ino == dst.ino && overlap {
+            return Err(FsError::new(
+                libc::EINVAL,
+                format!("copy_file_range of overlapping ranges in inode {}", src.ino),
+            ));
+        }
+        let n = src
+            .data
+            .copy_range(offset_in, &dst.data, offset_out, len)
+            .await?;
+        u32::try_from(n).map_err(|_| {
+            FsError::new(
+                libc::EIO,
+                format!("copy_file_range copied {n} bytes, more than it was asked"),
+            )
+        })
     }
 
     /// The last descriptor of an open file went away: drop the caller's cluster handle
@@ -737,31 +887,40 @@ impl KerFs {
                 client.lookup(dir.ino, b"..").await.unwrap_or(me)
             };
             if offset < DOT_OFFSET {
-                out.push(self.dir_item(&me, DOT_OFFSET, b".", plus));
+                out.push(self.dir_item(&me, DOT_OFFSET, b".", plus).await);
             }
-            out.push(self.dir_item(&parent, DOTDOT_OFFSET, b"..", plus));
+            out.push(self.dir_item(&parent, DOTDOT_OFFSET, b"..", plus).await);
         }
         let cookie = if offset <= DOTDOT_OFFSET { 0 } else { offset };
         let (entries, _eof) = client.readdir(dir.ino, cookie, READDIR_PAGE, plus).await?;
         for e in entries {
+            let entry = match e.attr.filter(|_| plus) {
+                Some(a) => Some(self.entry(a).await),
+                None => None,
+            };
             out.push(DirItem {
                 ino: self.to_fuse(e.ino),
                 offset: e.cookie,
                 kind: file_type(e.kind),
-                entry: e.attr.as_ref().filter(|_| plus).map(|a| self.entry(a)),
+                entry,
                 name: e.name,
             });
         }
         Ok(out)
     }
 
-    fn dir_item(&self, a: &Attr, offset: u64, name: &[u8], plus: bool) -> DirItem {
+    async fn dir_item(&self, a: &Attr, offset: u64, name: &[u8], plus: bool) -> DirItem {
+        let entry = if plus {
+            Some(self.entry(*a).await)
+        } else {
+            None
+        };
         DirItem {
             ino: self.to_fuse(a.ino),
             offset,
             kind: FileType::Directory,
             name: name.to_vec(),
-            entry: plus.then(|| self.entry(a)),
+            entry,
         }
     }
 

@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    AccessFlags, BsdFileFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileHandle, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use kerfs_proto::Caller;
 use tokio::runtime::Handle;
@@ -635,8 +635,8 @@ impl Filesystem for FuseFs {
         });
     }
 
-    // Locks, fallocate and copy_file_range come later. ENOSYS for locks makes the kernel
-    // fall back to local (per-mount) locking, which is what a single mount needs today.
+    // Locks come later. ENOSYS for locks makes the kernel fall back to local (per-mount)
+    // locking, which is what a single mount needs today.
 
     fn getlk(
         &self,
@@ -673,13 +673,42 @@ impl Filesystem for FuseFs {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _length: u64,
-        _mode: i32,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::ENOSYS);
+        let fs = self.fs.clone();
+        self.spawn(async move {
+            let r = fs.fallocate(fh.0, offset, length, mode).await;
+            reply_empty(reply, r, "fallocate");
+        });
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        _ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let fs = self.fs.clone();
+        self.spawn(async move {
+            let r = fs
+                .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len, flags.bits())
+                .await;
+            match r {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(errno(&e, "copy_file_range")),
+            }
+        });
     }
 }
 
