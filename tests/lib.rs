@@ -81,6 +81,8 @@ pub struct MetaClusterOptions {
     pub nodes: u64,
     pub compact_after: u64,
     pub tick_ms: u64,
+    /// `--chunk-server-timeout-ms` of every metadata node (None: the daemon's default).
+    pub chunk_server_timeout_ms: Option<u64>,
 }
 
 impl Default for MetaClusterOptions {
@@ -89,6 +91,7 @@ impl Default for MetaClusterOptions {
             nodes: 3,
             compact_after: 10_000,
             tick_ms: 100,
+            chunk_server_timeout_ms: None,
         }
     }
 }
@@ -163,6 +166,9 @@ impl MetaCluster {
             .args(["--metrics", &node.metrics_addr])
             .args(["--compact-after", &self.options.compact_after.to_string()])
             .args(["--tick-ms", &self.options.tick_ms.to_string()]);
+        if let Some(t) = self.options.chunk_server_timeout_ms {
+            cmd.args(["--chunk-server-timeout-ms", &t.to_string()]);
+        }
         let child = start_daemon(cmd, &node.log, &format!("kerfsd meta {id}"))?;
         info!(node = id, pid = child.id(), addr = %node.addr, "started metadata node");
         node.child = Some(child);

@@ -27,8 +27,8 @@ use kerfs_proto::raft_client::RaftClient;
 use kerfs_proto::raft_server::{Raft, RaftServer};
 use kerfs_proto::{
     command, meta_response, Command, ExpireChunkServers, ExpireClients, MetaResponse, NotLeader,
-    PeerStatus, RaftAck, RaftBatch, ReadOp, ReadRequest, Reply, StatusReply, StatusRequest,
-    Timespec, WriteRequest, MAX_MESSAGE_BYTES,
+    PeerStatus, RaftAck, RaftBatch, ReadOp, ReadRequest, RepairChunks, Reply, StatusReply,
+    StatusRequest, Timespec, WriteRequest, MAX_MESSAGE_BYTES,
 };
 
 use crate::metrics::MetaMetrics;
@@ -510,6 +510,7 @@ impl Driver {
                     for op in [
                         command::Op::ExpireClients(ExpireClients {}),
                         command::Op::ExpireChunkServers(ExpireChunkServers {}),
+                        command::Op::RepairChunks(RepairChunks { rescan: false }),
                     ] {
                         let cmd = Command {
                             now: Some(Timespec::now()),
