@@ -395,6 +395,10 @@ pub fn heartbeat(ctx: &Ctx, state: &mut Overlay<'_>, h: &ChunkServerHeartbeat) -
         });
     }
     let want_full_report = r.want_full_report;
+    // A repair accepted above moved placement bytes onto this server: keep them.
+    if let Some((_, now)) = load_server(state, id)? {
+        s.allocated_bytes = now.allocated_bytes;
+    }
     store_server(state, r, s);
     let repair = repair::orders_for(state, id)?;
     Ok(Reply {
