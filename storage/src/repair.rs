@@ -12,7 +12,7 @@
 //! a placement it does not count as current here. The outcome goes back in the next
 //! heartbeat; meta accepts the copy only if the chunk was not written meanwhile.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use kerfs_proto::{
@@ -30,12 +30,16 @@ use crate::store::BLOCK_SIZE;
 const STEP: u64 = 16 * BLOCK_SIZE;
 /// Copies this server makes at once.
 const PARALLEL: usize = 2;
+/// Finished task ids remembered (an order can come back in a reply that was on its way
+/// while the task finished; running it again would rewrite a copy meta counts as current).
+const REMEMBER_FINISHED: usize = 4096;
 
 /// Repairs running on this server and outcomes not yet reported.
 pub(crate) struct Repairs {
     /// Chunk ids being copied: a repeated order for one of them is ignored.
     running: Mutex<HashSet<u64>>,
     done: Mutex<Vec<ChunkRepairDone>>,
+    finished: Mutex<VecDeque<u64>>,
     slots: Arc<Semaphore>,
 }
 
@@ -44,6 +48,7 @@ impl Default for Repairs {
         Repairs {
             running: Mutex::new(HashSet::new()),
             done: Mutex::new(Vec::new()),
+            finished: Mutex::new(VecDeque::new()),
             slots: Arc::new(Semaphore::new(PARALLEL)),
         }
     }
@@ -70,6 +75,9 @@ impl Repairs {
 /// Starts the orders of one heartbeat reply (in the background, a few at a time).
 pub(crate) fn start(inner: &Arc<Inner>, orders: Vec<ChunkRepairOrder>) {
     for o in orders {
+        if lock(&inner.repairs.finished).contains(&o.task_id) {
+            continue; // done already; meta has or will have the outcome
+        }
         if !lock(&inner.repairs.running).insert(o.chunk_id) {
             continue; // already copying it (the order repeats until reported)
         }
@@ -124,6 +132,13 @@ pub(crate) fn start(inner: &Arc<Inner>, orders: Vec<ChunkRepairOrder>) {
                     }
                 }
             };
+            {
+                let mut f = lock(&inner.repairs.finished);
+                f.push_back(o.task_id);
+                if f.len() > REMEMBER_FINISHED {
+                    f.pop_front();
+                }
+            }
             lock(&inner.repairs.done).push(done);
             lock(&inner.repairs.running).remove(&o.chunk_id);
         });

@@ -307,7 +307,8 @@ pub fn tick(ctx: &Ctx, state: &mut Overlay<'_>, r: &RepairChunks) -> R<Reply> {
     }
 
     let rows = state.scan(&[P_UNDER], &[P_UNDER + 1], MAX_SCAN_PER_TICK)?;
-    let mut counters = counters(state)?;
+    let initial = counters(state)?;
+    let mut counters = initial.clone();
     let mut assigned = 0usize;
     for (k, v) in rows {
         let (ino, index) = (rec::u64_at(&k, 1)?, rec::u64_at(&k, 9)?);
@@ -370,7 +371,9 @@ pub fn tick(ctx: &Ctx, state: &mut Overlay<'_>, r: &RepairChunks) -> R<Reply> {
             rec::put(state, k, &u);
         }
     }
-    rec::put(state, K_COUNTERS.to_vec(), &counters);
+    if counters != initial {
+        rec::put(state, K_COUNTERS.to_vec(), &counters);
+    }
     Ok(Reply::default())
 }
 
@@ -489,7 +492,7 @@ pub(super) fn orders_for(state: &dyn KvRead, server: u64) -> R<Vec<ChunkRepairOr
 /// Outcomes reported by `server`: accepted copies become current placements (the replaced
 /// one is queued for deletion); refused ones are thrown away.
 pub(super) fn completed(
-    _ctx: &Ctx,
+    ctx: &Ctx,
     state: &mut Overlay<'_>,
     server: u64,
     done: &[ChunkRepairDone],
@@ -567,6 +570,9 @@ pub(super) fn completed(
         }
     }
     rec::put(state, K_COUNTERS.to_vec(), &counters);
+    // The server has free slots now: hand out the next tasks at once (they go back in this
+    // very heartbeat's reply) instead of waiting for the leader's timer.
+    tick(ctx, state, &RepairChunks { rescan: false })?;
     Ok(())
 }
 
