@@ -1210,3 +1210,39 @@ fn writer_replaces_a_failed_replica_and_its_commit_makes_it_current() {
     }));
     assert_eq!(r.errno, libc::ESTALE, "{}", r.message);
 }
+
+#[test]
+fn a_server_back_without_its_chunks_has_them_marked_missing_and_repaired() {
+    let (mut t, ino, _h, on, spare) = repair_setup();
+    let chunk_id = t.chunks(ino).chunks[0].replicas[0].chunk_id;
+    // A routine full report that lists the chunk changes nothing...
+    let held = ChunkInfo {
+        chunk_id,
+        version: 1,
+        ..Default::default()
+    };
+    t.heartbeat(on[0], true, vec![held.clone()], vec![]);
+    t.heartbeat(on[1], true, vec![held], vec![]);
+    assert_eq!(repair_report(&t).under_replicated, 0);
+    // ...but on[0] restarts on an empty disk: its first full report lacks the chunk.
+    let r = t.internal(Op::RegisterChunkServer(RegisterChunkServer {
+        info: Some(ChunkServerInfo {
+            id: on[0],
+            address: format!("s{}:1", on[0] - 1),
+            ..Default::default()
+        }),
+    }));
+    assert_eq!(r.errno, 0, "{}", r.message);
+    t.heartbeat(on[0], true, vec![], vec![]);
+    let c = t.chunks(ino).chunks[0].clone();
+    let p = c.replicas.iter().find(|p| p.server_id == on[0]).unwrap();
+    assert!(
+        !p.current,
+        "a copy the server does not have is still counted current"
+    );
+    assert_eq!(repair_report(&t).under_replicated, 1);
+    tick(&mut t);
+    let task = repair_report(&t).chunks[0].task.clone().unwrap();
+    assert_eq!(task.target_server, spare, "the spare first, not in place");
+    assert_eq!(task.old_server, on[0]);
+}

@@ -378,6 +378,13 @@ pub fn heartbeat(ctx: &Ctx, state: &mut Overlay<'_>, h: &ChunkServerHeartbeat) -
     repair::completed(ctx, state, id, &hb.repaired)?;
     if hb.full_report {
         reconcile_full_report(state, id, hb)?;
+        if r.want_full_report || was_down {
+            // The report meta asked for after a (re)registration: copies meta counts as
+            // current there but the server no longer has (a wiped or replaced disk) are
+            // marked missing, so that repair restores them.
+            let held: BTreeSet<u64> = hb.chunks.iter().map(|c| c.chunk_id).collect();
+            repair::note_missing(state, id, &held)?;
+        }
     }
     r.want_full_report = (r.want_full_report || was_down) && !hb.full_report;
 

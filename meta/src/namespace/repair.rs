@@ -105,6 +105,10 @@ pub struct RepairCounters {
     pub repaired: u64,
     #[prost(uint64, tag = "3")]
     pub failed: u64,
+    /// Where the next tick starts looking (the last key looked at), so that a long queue
+    /// is walked round-robin rather than always from its first entries.
+    #[prost(bytes = "vec", tag = "4")]
+    pub cursor: Vec<u8>,
 }
 
 fn under_key(ino: u64, index: u64) -> Vec<u8> {
@@ -200,6 +204,37 @@ pub(super) fn note_servers_down(state: &mut Overlay<'_>, down: &BTreeSet<u64>) -
     scan_chunks(state, |c| {
         c.replicas.iter().any(|p| down.contains(&p.server_id))
     })
+}
+
+/// The first full report of a server that registered or came back: placements counted as
+/// current there that it does not hold are not current any more (and get repaired).
+pub(super) fn note_missing(state: &mut Overlay<'_>, server: u64, held: &BTreeSet<u64>) -> R<()> {
+    let states = server_states(state)?;
+    let mut start = vec![rec::P_CHUNK];
+    let end = vec![rec::P_CHUNK + 1];
+    loop {
+        let rows = state.scan(&start, &end, 1024)?;
+        let Some((last, _)) = rows.last() else { break };
+        start = last.clone();
+        start.push(0);
+        for (k, v) in rows {
+            let mut c: ChunkRec = rec::decode(&k, &v)?;
+            let mut changed = false;
+            for p in c.replicas.iter_mut() {
+                if p.server_id == server && p.current && !held.contains(&p.chunk_id) {
+                    p.current = false;
+                    changed = true;
+                }
+            }
+            if changed {
+                c.writes = c.writes.wrapping_add(1);
+                let (ino, index) = (rec::u64_at(&k, 1)?, rec::u64_at(&k, 9)?);
+                rec::put(state, k, &c);
+                note_with(state, ino, index, &c, &states)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Re-checks every chunk that `pick` selects (all of them for a rescan).
@@ -306,9 +341,24 @@ pub fn tick(ctx: &Ctx, state: &mut Overlay<'_>, r: &RepairChunks) -> R<Reply> {
         *busy.entry(rec::u64_at(&k, 1)?).or_default() += 1;
     }
 
-    let rows = state.scan(&[P_UNDER], &[P_UNDER + 1], MAX_SCAN_PER_TICK)?;
     let initial = counters(state)?;
     let mut counters = initial.clone();
+    let mut from = counters.cursor.clone();
+    if from.first() != Some(&P_UNDER) {
+        from = vec![P_UNDER];
+    } else {
+        from.push(0);
+    }
+    let mut rows = state.scan(&from, &[P_UNDER + 1], MAX_SCAN_PER_TICK)?;
+    if rows.len() < MAX_SCAN_PER_TICK {
+        // Wrap around to the entries before the cursor.
+        let more = state.scan(&[P_UNDER], &from, MAX_SCAN_PER_TICK - rows.len())?;
+        rows.extend(more);
+    }
+    counters.cursor = match rows.last() {
+        Some((k, _)) if rows.len() >= MAX_SCAN_PER_TICK => k.clone(),
+        _ => Vec::new(),
+    };
     let mut assigned = 0usize;
     for (k, v) in rows {
         let (ino, index) = (rec::u64_at(&k, 1)?, rec::u64_at(&k, 9)?);
