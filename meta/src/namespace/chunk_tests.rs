@@ -1221,7 +1221,7 @@ fn a_server_back_without_its_chunks_has_them_marked_missing_and_repaired() {
         version: 1,
         ..Default::default()
     };
-    t.heartbeat(on[0], true, vec![held.clone()], vec![]);
+    t.heartbeat(on[0], true, vec![held], vec![]);
     t.heartbeat(on[1], true, vec![held], vec![]);
     assert_eq!(repair_report(&t).under_replicated, 0);
     // ...but on[0] restarts on an empty disk: its first full report lacks the chunk.
@@ -1242,7 +1242,7 @@ fn a_server_back_without_its_chunks_has_them_marked_missing_and_repaired() {
     );
     assert_eq!(repair_report(&t).under_replicated, 1);
     tick(&mut t);
-    let task = repair_report(&t).chunks[0].task.clone().unwrap();
+    let task = repair_report(&t).chunks[0].task.unwrap();
     assert_eq!(task.target_server, spare, "the spare first, not in place");
     assert_eq!(task.old_server, on[0]);
 }
