@@ -835,9 +835,15 @@ impl FileHandle {
                 .and_then(check);
             let new = match reply {
                 Ok(r) => r.chunks.into_iter().find(|c| c.index == idx).and_then(|c| {
+                    // The placement of the same shard on a server no other member uses
+                    // (possibly the failed one's own, to be rewritten in place).
                     c.replicas.into_iter().find(|p| {
                         p.shard_index == failed.shard_index
-                            && !ep.members.iter().any(|m| m.server_id == p.server_id)
+                            && !ep
+                                .members
+                                .iter()
+                                .enumerate()
+                                .any(|(i, m)| i != lost && m.server_id == p.server_id)
                     })
                 }),
                 Err(e) => {

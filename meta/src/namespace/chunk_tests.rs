@@ -1192,13 +1192,51 @@ fn writer_replaces_a_failed_replica_and_its_commit_makes_it_current() {
     assert_eq!(r.errno, 0, "{}", r.message);
     assert!(t.chunks(ino).chunks[0].replicas.iter().all(|p| p.current));
     assert_eq!(repair_report(&t).under_replicated, 0);
-    // With the replaced server down, no spare is left for another replacement: ENOSPC.
-    kill(&mut t, on[0]);
+    // A live member can be rewritten in place when no other server is free.
     let r = t.client(Op::ReplaceReplica(kerfs_proto::ReplaceReplica {
         handle: h,
         index: 0,
         version: c.version,
         server_id: spare,
+    }));
+    assert_eq!(r.errno, 0, "{}", r.message);
+    let p = r.chunks[0]
+        .replicas
+        .iter()
+        .find(|p| p.server_id == on[0])
+        .expect("the free server takes it");
+    assert!(!p.current);
+    // The spare goes down: on[0] itself is all that is left for its own replacement.
+    kill(&mut t, spare);
+    let r = t.client(Op::ReplaceReplica(kerfs_proto::ReplaceReplica {
+        handle: h,
+        index: 0,
+        version: c.version,
+        server_id: on[0],
+    }));
+    assert_eq!(r.errno, 0, "{}", r.message);
+    assert!(
+        servers_of(&r.chunks[0]).contains(&on[0]),
+        "in place: the same server, rewritten"
+    );
+    let del = t
+        .heartbeat(on[0], false, vec![], vec![])
+        .heartbeat
+        .unwrap()
+        .delete;
+    assert!(
+        del.is_empty(),
+        "an in-place replacement must not queue its own copy for deletion"
+    );
+    // With on[1] down too, nothing is left for it: ENOSPC.
+    t.now += 60;
+    t.heartbeat(on[0], false, vec![], vec![]);
+    t.internal(Op::ExpireChunkServers(ExpireChunkServers {}));
+    let r = t.client(Op::ReplaceReplica(kerfs_proto::ReplaceReplica {
+        handle: h,
+        index: 0,
+        version: c.version,
+        server_id: on[1],
     }));
     assert_eq!(r.errno, libc::ENOSPC, "{}", r.message);
     // A stale epoch is refused.
@@ -1206,7 +1244,7 @@ fn writer_replaces_a_failed_replica_and_its_commit_makes_it_current() {
         handle: h,
         index: 0,
         version: c.version - 1,
-        server_id: spare,
+        server_id: on[1],
     }));
     assert_eq!(r.errno, libc::ESTALE, "{}", r.message);
 }

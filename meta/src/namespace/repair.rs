@@ -658,7 +658,9 @@ pub fn replace_replica(ctx: &Ctx, state: &mut Overlay<'_>, r: &ReplaceReplica) -
     let layout = layout_of(state, ino)?;
     let bytes = placement_bytes(&layout);
     let servers: Vec<ChunkServerRecord> = all_servers(state)?.into_iter().map(|(_, s)| s).collect();
-    let Some(target) = pick_target(&servers, &c, j, bytes, false, &BTreeMap::new()) else {
+    // In place (the same server, rewritten) only as the last resort: it is what a stale
+    // but live member needs; for a dead one the writer's copy fails and repair takes over.
+    let Some(target) = pick_target(&servers, &c, j, bytes, true, &BTreeMap::new()) else {
         return Err(Fail::new(
             libc::ENOSPC,
             format!(
@@ -668,15 +670,17 @@ pub fn replace_replica(ctx: &Ctx, state: &mut Overlay<'_>, r: &ReplaceReplica) -
         ));
     };
     let old = c.replicas[j].clone();
-    queue_delete(state, old.server_id, old.chunk_id, c.version)?;
     state.delete(delete_key(target, old.chunk_id));
-    if let Some((rr, mut s)) = load_server(state, old.server_id)? {
-        s.allocated_bytes = s.allocated_bytes.saturating_sub(bytes);
-        store_server(state, rr, s);
-    }
-    if let Some((rr, mut s)) = load_server(state, target)? {
-        s.allocated_bytes = s.allocated_bytes.saturating_add(bytes);
-        store_server(state, rr, s);
+    if target != old.server_id {
+        queue_delete(state, old.server_id, old.chunk_id, c.version)?;
+        if let Some((rr, mut s)) = load_server(state, old.server_id)? {
+            s.allocated_bytes = s.allocated_bytes.saturating_sub(bytes);
+            store_server(state, rr, s);
+        }
+        if let Some((rr, mut s)) = load_server(state, target)? {
+            s.allocated_bytes = s.allocated_bytes.saturating_add(bytes);
+            store_server(state, rr, s);
+        }
     }
     // Not current until the writer's commit names it (it has no data yet).
     c.replicas[j] = ChunkPlacement {
