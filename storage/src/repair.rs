@@ -8,8 +8,9 @@
 //! verified once more before it is reported. Holes stay holes: all-zero blocks are not
 //! written, the length is set at the end.
 //!
-//! Whatever this server held under the id is discarded first: meta only sends an order for
-//! a placement it does not count as current here. The outcome goes back in the next
+//! An older copy this server held under the id is discarded first: meta only sends an
+//! order for a placement it does not count as current here. A newer one belongs to a writer
+//! who took the placement over, and is left alone (the repair fails, meta ignores it). The outcome goes back in the next
 //! heartbeat; meta accepts the copy only if the chunk was not written meanwhile.
 
 use std::collections::{HashSet, VecDeque};
@@ -117,9 +118,10 @@ pub(crate) fn start(inner: &Arc<Inner>, orders: Vec<ChunkRepairOrder>) {
                 }
                 Err(e) => {
                     warn!(chunk = format_args!("{:016x}", o.chunk_id), task = o.task_id, error = %e, "repair failed");
+                    // Our partial copy goes; a newer copy (a writer's) stays.
                     let store = inner.store.clone();
-                    let id = o.chunk_id;
-                    let _ = tokio::task::spawn_blocking(move || store.delete(id, 0)).await;
+                    let (id, version) = (o.chunk_id, o.version);
+                    let _ = tokio::task::spawn_blocking(move || store.delete(id, version)).await;
                     ChunkRepairDone {
                         task_id: o.task_id,
                         ino: o.ino,
@@ -212,7 +214,9 @@ async fn read_range(
 async fn fresh_local(inner: &Inner, o: &ChunkRepairOrder) -> Result<()> {
     let (store, id, version, shard) = (inner.store.clone(), o.chunk_id, o.version, o.shard_index);
     blocking(move || {
-        store.delete(id, 0)?;
+        // Only an older (or corrupt) copy goes: a newer one is a writer's, who took this
+        // placement over meanwhile; the repair is then moot (Newer error).
+        store.delete(id, version)?;
         store.prepare_write(id, version, true, shard).map(|_| ())
     })
     .await

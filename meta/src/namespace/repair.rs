@@ -291,6 +291,7 @@ fn pick_target(
     bytes: u64,
     in_place_ok: bool,
     busy: &BTreeMap<u64, usize>,
+    avoid: Option<u64>,
 ) -> Option<u64> {
     let others: BTreeSet<u64> = c
         .replicas
@@ -311,6 +312,7 @@ fn pick_target(
         .filter(|s| s.state == STATE_UP && has_room(s, bytes))
         .filter(|s| !others.contains(&server_id(s)))
         .filter(|s| in_place_ok || Some(server_id(s)) != old)
+        .filter(|s| Some(server_id(s)) != avoid)
         .filter(|s| busy.get(&server_id(s)).copied().unwrap_or(0) < MAX_TASKS_PER_SERVER)
         .min_by_key(|s| {
             (
@@ -467,7 +469,7 @@ fn plan(
         ));
     };
     let bytes = placement_bytes(layout);
-    let Some(target) = pick_target(servers, c, bad, bytes, true, busy) else {
+    let Some(target) = pick_target(servers, c, bad, bytes, true, busy, None) else {
         return Err(
             "no chunk server is up with room that holds no copy of this chunk (or all are busy); start another chunk server"
                 .to_string(),
@@ -660,7 +662,14 @@ pub fn replace_replica(ctx: &Ctx, state: &mut Overlay<'_>, r: &ReplaceReplica) -
     let servers: Vec<ChunkServerRecord> = all_servers(state)?.into_iter().map(|(_, s)| s).collect();
     // In place (the same server, rewritten) only as the last resort: it is what a stale
     // but live member needs; for a dead one the writer's copy fails and repair takes over.
-    let Some(target) = pick_target(&servers, &c, j, bytes, true, &BTreeMap::new()) else {
+    // Not where a repair of this chunk may still be copying (its late writes would mix
+    // with the writer's copy).
+    let ukey = under_key(ino, r.index);
+    let repairing_on = rec::get::<UnderRec>(state, &ukey)?
+        .and_then(|u| u.task)
+        .map(|t| t.target);
+    let Some(target) = pick_target(&servers, &c, j, bytes, true, &BTreeMap::new(), repairing_on)
+    else {
         return Err(Fail::new(
             libc::ENOSPC,
             format!(
@@ -693,7 +702,6 @@ pub fn replace_replica(ctx: &Ctx, state: &mut Overlay<'_>, r: &ReplaceReplica) -
     c.writes = c.writes.wrapping_add(1);
     rec::put(state, key, &c);
     note_chunk(state, ino, r.index, &c)?;
-    let ukey = under_key(ino, r.index);
     if let Some(mut u) = rec::get::<UnderRec>(state, &ukey)? {
         drop_task(state, &mut u);
         u.not_before = Some(add_ns(&ctx.now, WRITER_GRACE_NS));
