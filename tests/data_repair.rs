@@ -352,6 +352,22 @@ async fn r2_lost_server_is_re_replicated_then_a_second_loss_reads_back() -> Resu
         before.len()
     );
 
+    // Once meta marks it down, kerfsctl shows its copies as missing (or already replaced).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = kerfsctl(&cluster, &["status"])?;
+        let table = kerfsctl(&cluster, &["chunks", "/r2/f2"])?;
+        if table.contains("MISSING") || !out.contains("chunks under-replicated: 0") {
+            info!("kerfsctl during repair:\n{out}{table}");
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "kerfsctl never showed the loss:\n{out}{table}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // Detection (3 s) + a repair tick (2 s) + copies: well within 60 s.
     let took = wait_whole(&meta, &inos, &live, Duration::from_secs(60)).await?;
     let bytes = held as u64 * MIB;
@@ -370,6 +386,14 @@ async fn r2_lost_server_is_re_replicated_then_a_second_loss_reads_back() -> Resu
     ensure!(
         status.contains("chunks under-replicated: 0"),
         "kerfsctl status does not show the repaired state:\n{status}"
+    );
+    let queue = kerfsctl(
+        &cluster,
+        &["repair", "--now", "--wait", "--wait-secs", "30"],
+    )?;
+    ensure!(
+        queue.contains("chunks under-replicated: 0"),
+        "kerfsctl repair --now --wait:\n{queue}"
     );
     let chunks = kerfsctl(&cluster, &["chunks", "/r2/f2"])?;
     ensure!(

@@ -776,6 +776,7 @@ pub fn commit(ctx: &Ctx, state: &mut Overlay<'_>, cw: &CommitWrite) -> R<Reply> 
             format!("size {} is too large", cw.size),
         ));
     }
+    let mut states = None;
     for w in &cw.chunks {
         let key = chunk_key(ino, w.index);
         // A chunk truncated away meanwhile, or rewritten by a newer epoch, is not this
@@ -792,7 +793,12 @@ pub fn commit(ctx: &Ctx, state: &mut Overlay<'_>, cw: &CommitWrite) -> R<Reply> 
         // A repair copy made before this commit may lack what it wrote: refuse it.
         c.writes = c.writes.wrapping_add(1);
         rec::put(state, key, &c);
-        repair::note_chunk(state, ino, w.index, &c)?;
+        if states.is_none() {
+            states = Some(repair::server_states(state)?);
+        }
+        if let Some(states) = &states {
+            repair::note_with(state, ino, w.index, &c, states)?;
+        }
     }
     if cw.size > inode.attr.size {
         let mut c = rec::counters(state)?;

@@ -56,6 +56,7 @@ const MAX_TASKS_PER_SERVER: usize = 4;
 /// Tasks handed out by one tick, and under-replicated chunks one tick looks at.
 const MAX_ASSIGN_PER_TICK: usize = 256;
 const MAX_SCAN_PER_TICK: usize = 16_384;
+const MAX_SCAN_ON_REPORT: usize = 256;
 /// Orders carried by one heartbeat reply.
 const MAX_ORDERS_PER_HEARTBEAT: usize = 64;
 
@@ -132,7 +133,7 @@ fn add_ns(t: &Timespec, ns: i128) -> Timespec {
 }
 
 /// State of every server, by id.
-fn server_states(state: &dyn KvRead) -> R<BTreeMap<u64, String>> {
+pub(super) fn server_states(state: &dyn KvRead) -> R<BTreeMap<u64, String>> {
     Ok(all_servers(state)?
         .into_iter()
         .map(|(_, s)| (server_id(&s), s.state))
@@ -166,7 +167,7 @@ pub(super) fn note_chunk(state: &mut Overlay<'_>, ino: u64, index: u64, c: &Chun
     note_with(state, ino, index, c, &states)
 }
 
-fn note_with(
+pub(super) fn note_with(
     state: &mut Overlay<'_>,
     ino: u64,
     index: u64,
@@ -330,6 +331,12 @@ pub fn tick(ctx: &Ctx, state: &mut Overlay<'_>, r: &RepairChunks) -> R<Reply> {
     if r.rescan {
         scan_chunks(state, |_| true)?;
     }
+    assign(ctx, state, MAX_SCAN_PER_TICK)
+}
+
+/// Walks up to `scan` entries of the queue (round-robin from the cursor): forgets healthy
+/// chunks, abandons expired tasks, hands out new ones.
+fn assign(ctx: &Ctx, state: &mut Overlay<'_>, scan: usize) -> R<Reply> {
     let servers: Vec<ChunkServerRecord> = all_servers(state)?.into_iter().map(|(_, s)| s).collect();
     let states: BTreeMap<u64, String> = servers
         .iter()
@@ -351,14 +358,14 @@ pub fn tick(ctx: &Ctx, state: &mut Overlay<'_>, r: &RepairChunks) -> R<Reply> {
     } else {
         from.push(0);
     }
-    let mut rows = state.scan(&from, &[P_UNDER + 1], MAX_SCAN_PER_TICK)?;
-    if rows.len() < MAX_SCAN_PER_TICK {
+    let mut rows = state.scan(&from, &[P_UNDER + 1], scan)?;
+    if rows.len() < scan {
         // Wrap around to the entries before the cursor.
-        let more = state.scan(&[P_UNDER], &from, MAX_SCAN_PER_TICK - rows.len())?;
+        let more = state.scan(&[P_UNDER], &from, scan - rows.len())?;
         rows.extend(more);
     }
     counters.cursor = match rows.last() {
-        Some((k, _)) if rows.len() >= MAX_SCAN_PER_TICK => k.clone(),
+        Some((k, _)) if rows.len() >= scan => k.clone(),
         _ => Vec::new(),
     };
     let mut assigned = 0usize;
@@ -623,8 +630,9 @@ pub(super) fn completed(
     }
     rec::put(state, K_COUNTERS.to_vec(), &counters);
     // The server has free slots now: hand out the next tasks at once (they go back in this
-    // very heartbeat's reply) instead of waiting for the leader's timer.
-    tick(ctx, state, &RepairChunks { rescan: false })?;
+    // very heartbeat's reply) instead of waiting for the leader's timer. A short walk: this
+    // runs for every reporting heartbeat.
+    assign(ctx, state, MAX_SCAN_ON_REPORT)?;
     Ok(())
 }
 
