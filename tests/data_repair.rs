@@ -387,6 +387,27 @@ async fn r2_lost_server_is_re_replicated_then_a_second_loss_reads_back() -> Resu
         status.contains("chunks under-replicated: 0"),
         "kerfsctl status does not show the repaired state:\n{status}"
     );
+    // The metadata nodes' metrics say the same (refreshed every 2 s from applied state).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let page = cluster.meta.metrics(1)?;
+        let value = |name: &str| -> Option<u64> {
+            page.lines()
+                .find(|l| l.starts_with(name) && l.contains('{'))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse().ok())
+        };
+        if value("kerfs_meta_chunks_under_replicated") == Some(0)
+            && value("kerfs_meta_repairs_total").is_some_and(|n| n >= held as u64)
+        {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "metadata node 1's metrics do not show the repairs:\n{page}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let queue = kerfsctl(
         &cluster,
         &["repair", "--now", "--wait", "--wait-secs", "30"],
