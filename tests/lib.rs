@@ -85,6 +85,8 @@ pub struct MetaClusterOptions {
     /// system's temporary directory when `None`. A tmpfs here makes fsync free, for tests of
     /// semantics rather than durability.
     pub parent_dir: Option<PathBuf>,
+    /// `--chunk-server-timeout-ms` of every metadata node (None: the daemon's default).
+    pub chunk_server_timeout_ms: Option<u64>,
 }
 
 impl Default for MetaClusterOptions {
@@ -94,6 +96,7 @@ impl Default for MetaClusterOptions {
             compact_after: 10_000,
             tick_ms: 100,
             parent_dir: None,
+            chunk_server_timeout_ms: None,
         }
     }
 }
@@ -173,6 +176,9 @@ impl MetaCluster {
             .args(["--metrics", &node.metrics_addr])
             .args(["--compact-after", &self.options.compact_after.to_string()])
             .args(["--tick-ms", &self.options.tick_ms.to_string()]);
+        if let Some(t) = self.options.chunk_server_timeout_ms {
+            cmd.args(["--chunk-server-timeout-ms", &t.to_string()]);
+        }
         let child = start_daemon(cmd, &node.log, &format!("kerfsd meta {id}"))?;
         info!(node = id, pid = child.id(), addr = %node.addr, "started metadata node");
         node.child = Some(child);

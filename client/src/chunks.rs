@@ -182,6 +182,40 @@ impl ChunkPool {
         }
     }
 
+    /// What the server holds of one chunk (version, length).
+    pub async fn stat(
+        &self,
+        addr: &str,
+        chunk_id: u64,
+    ) -> Result<kerfs_proto::ChunkInfo, RpcError> {
+        let mut grpc = self.client(addr)?;
+        let req = kerfs_proto::ChunkStatRequest { chunk_id };
+        match tokio::time::timeout(self.rpc_timeout, grpc.stat(req)).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) => Err(s.into()),
+            Err(_) => Err(RpcError::timeout(addr, self.rpc_timeout)),
+        }
+    }
+
+    /// Removes a chunk (with `max_version` 0: whatever version it has).
+    pub async fn delete(
+        &self,
+        addr: &str,
+        chunk_id: u64,
+        max_version: u64,
+    ) -> Result<bool, RpcError> {
+        let mut grpc = self.client(addr)?;
+        let req = kerfs_proto::ChunkDeleteRequest {
+            chunk_id,
+            max_version,
+        };
+        match tokio::time::timeout(self.rpc_timeout, grpc.delete(req)).await {
+            Ok(Ok(r)) => Ok(r.into_inner().existed),
+            Ok(Err(s)) => Err(s.into()),
+            Err(_) => Err(RpcError::timeout(addr, self.rpc_timeout)),
+        }
+    }
+
     pub async fn set_version(
         &self,
         addr: &str,

@@ -259,6 +259,9 @@ struct Epoch {
     broken: bool,
     /// Something was written in this epoch (a fresh chunk exists on its servers).
     created: bool,
+    /// Meta had no spare server for a lost replica (or the copy failed): stop asking in this
+    /// epoch; background repair restores the copies after the commit.
+    no_spare: bool,
 }
 
 impl Epoch {
@@ -704,6 +707,7 @@ impl FileHandle {
                 alive,
                 broken,
                 created: false,
+                no_spare: false,
             }
             .with_index(c.index)
         }))
@@ -823,6 +827,9 @@ impl FileHandle {
                         ));
                         continue;
                     }
+                    if ep.alive_count() < ep.members.len() && !ep.no_spare {
+                        self.replace_lost(idx).await;
+                    }
                     return Ok(());
                 }
                 Err(e) => {
@@ -837,6 +844,127 @@ impl FileHandle {
                     failures.push(format!("{}: {e}", p.address));
                     self.update_epoch(idx, |ep| ep.drop_member(first));
                 }
+            }
+        }
+    }
+
+    /// Puts a new server in place of every replica that dropped out of this replicated
+    /// chunk's epoch, before the write is acknowledged: meta picks the server (placement
+    /// rules, failure domains), this handle copies the chunk there from a live member at the
+    /// epoch's version, and the member rejoins the epoch, so the commit names R servers.
+    /// Without a spare server the write goes on with fewer copies (logged) and meta's
+    /// background repair restores them.
+    async fn replace_lost(&self, idx: u64) {
+        let ino = self.inner.ino;
+        loop {
+            let Ok(ep) = self.epoch(idx) else { return };
+            let Some(lost) = (0..ep.members.len()).find(|&i| !ep.alive[i]) else {
+                return;
+            };
+            let Some(src) = (0..ep.members.len()).find(|&i| ep.alive[i]) else {
+                return;
+            };
+            let failed = ep.members[lost].clone();
+            let give_up = |why: String| {
+                warn!(ino, chunk = idx, server = %failed.address, why = %why, "lost replica not replaced before the acknowledgement; background repair will restore the copy");
+                self.update_epoch(idx, |e| e.no_spare = true);
+            };
+            let reply = self
+                .inner
+                .meta
+                .write(command::Op::ReplaceReplica(kerfs_proto::ReplaceReplica {
+                    handle: self.inner.handle,
+                    index: idx,
+                    version: ep.version,
+                    server_id: failed.server_id,
+                }))
+                .await
+                .and_then(check);
+            let new = match reply {
+                Ok(r) => r.chunks.into_iter().find(|c| c.index == idx).and_then(|c| {
+                    // The placement of the same shard on a server no other member uses
+                    // (possibly the failed one's own, to be rewritten in place).
+                    c.replicas.into_iter().find(|p| {
+                        p.shard_index == failed.shard_index
+                            && !ep
+                                .members
+                                .iter()
+                                .enumerate()
+                                .any(|(i, m)| i != lost && m.server_id == p.server_id)
+                    })
+                }),
+                Err(e) => {
+                    give_up(e.to_string());
+                    return;
+                }
+            };
+            let Some(new) = new else {
+                give_up("meta's answer names no new placement".into());
+                return;
+            };
+            if let Err(e) = self.copy_replica(&ep.members[src], &new, ep.version).await {
+                give_up(format!("copy to {} failed: {e}", new.address));
+                return;
+            }
+            debug!(ino, chunk = idx, from = %failed.address, to = %new.address, "replica replaced");
+            self.update_epoch(idx, |e| {
+                e.members[lost] = new;
+                e.alive[lost] = true;
+                if e.alive.iter().all(|a| *a) {
+                    e.broken = false;
+                }
+            });
+        }
+    }
+
+    /// Copies chunk `from` (at `version`) to the new placement `to`, which it creates.
+    async fn copy_replica(
+        &self,
+        from: &ChunkPlacement,
+        to: &ChunkPlacement,
+        version: u64,
+    ) -> Result<(), RpcError> {
+        const STEP: u64 = 8 << 20;
+        let pool = &self.inner.pool;
+        let info = pool.stat(&from.address, from.chunk_id).await?;
+        if info.version != version {
+            return Err(RpcError {
+                code: tonic::Code::FailedPrecondition,
+                message: format!(
+                    "the source holds version {}, the epoch is at {version}",
+                    info.version
+                ),
+            });
+        }
+        // Meta never hands out a server that holds a current copy: anything it has under
+        // this id is an old leftover, which must not mix with the copy.
+        pool.delete(&to.address, to.chunk_id, 0).await?;
+        let mut pos = 0u64;
+        loop {
+            let n = (info.length - pos).min(STEP);
+            let data = pool
+                .read(&from.address, from.chunk_id, version, pos, n as usize)
+                .await?;
+            let header = ChunkWriteHeader {
+                chunk_id: to.chunk_id,
+                version,
+                offset: pos,
+                length: 0,
+                chain: vec![],
+                sync: true,
+                create: pos == 0,
+                shard_index: to.shard_index,
+            };
+            let reply = pool.write(&to.address, header, Bytes::from(data)).await?;
+            if !reply.all_ok {
+                return Err(RpcError {
+                    code: tonic::Code::Internal,
+                    message: format!("write refused: {:?}", reply.replicas),
+                });
+            }
+            pos += n;
+            if pos >= info.length {
+                return Ok(());
             }
         }
     }

@@ -24,6 +24,12 @@ pub struct MetaMetrics {
     pub proposals_per_sec_milli: AtomicU64,
     pub reads_total: AtomicU64,
     pub snapshot_index: AtomicU64,
+    /// Chunks with fewer good copies than their layout wants, and those being repaired
+    /// (from this node's applied state, refreshed every few seconds).
+    pub chunks_under_replicated: AtomicU64,
+    pub chunks_repairing: AtomicU64,
+    pub repairs_total: AtomicU64,
+    pub repairs_failed_total: AtomicU64,
 }
 
 impl MetaMetrics {
@@ -83,6 +89,30 @@ impl MetaMetrics {
             "gauge",
             "Commands proposed per second, over the last second.",
             format!("{:.3}", g(&self.proposals_per_sec_milli) as f64 / 1000.0),
+        );
+        line(
+            "kerfs_meta_chunks_under_replicated",
+            "gauge",
+            "Chunks with fewer good copies (or shards) than their layout wants.",
+            g(&self.chunks_under_replicated).to_string(),
+        );
+        line(
+            "kerfs_meta_chunks_repairing",
+            "gauge",
+            "Under-replicated chunks with a repair task handed to a chunk server.",
+            g(&self.chunks_repairing).to_string(),
+        );
+        line(
+            "kerfs_meta_repairs_total",
+            "counter",
+            "Repair copies accepted.",
+            g(&self.repairs_total).to_string(),
+        );
+        line(
+            "kerfs_meta_repairs_failed_total",
+            "counter",
+            "Repair tasks that failed, timed out or raced with a write.",
+            g(&self.repairs_failed_total).to_string(),
         );
         line(
             "kerfs_meta_reads_total",

@@ -26,9 +26,9 @@ use kerfs_proto::meta_server::{Meta, MetaServer};
 use kerfs_proto::raft_client::RaftClient;
 use kerfs_proto::raft_server::{Raft, RaftServer};
 use kerfs_proto::{
-    command, meta_response, Command, ExpireChunkServers, ExpireClients, MetaResponse, NotLeader,
-    PeerStatus, RaftAck, RaftBatch, ReadOp, ReadRequest, Reply, StatusReply, StatusRequest,
-    Timespec, WriteRequest, MAX_MESSAGE_BYTES,
+    command, meta_response, read_op, Command, ExpireChunkServers, ExpireClients, MetaResponse,
+    NotLeader, PeerStatus, RaftAck, RaftBatch, ReadOp, ReadRequest, RepairChunks, RepairStatus,
+    Reply, StatusReply, StatusRequest, Timespec, WriteRequest, MAX_MESSAGE_BYTES,
 };
 
 use crate::metrics::MetaMetrics;
@@ -505,11 +505,13 @@ impl Driver {
             }
             if now >= next_expire {
                 next_expire = now + self.config.expire_clients_every;
+                self.update_repair_metrics();
                 if self.node.is_leader() {
                     // Dropped proposals are retried at the next period.
                     for op in [
                         command::Op::ExpireClients(ExpireClients {}),
                         command::Op::ExpireChunkServers(ExpireChunkServers {}),
+                        command::Op::RepairChunks(RepairChunks { rescan: false }),
                     ] {
                         let cmd = Command {
                             now: Some(Timespec::now()),
@@ -747,6 +749,24 @@ impl Driver {
             .collect();
         for r in reads {
             let _ = r.tx.send(Err(Status::unavailable(why)));
+        }
+    }
+
+    /// The repair queue's size, from this node's applied state (a local read: the gauge may
+    /// lag the leader by a few entries).
+    fn update_repair_metrics(&self) {
+        let reply = self.node.read(&ReadOp {
+            caller: None,
+            op: Some(read_op::Op::RepairStatus(RepairStatus { limit: 1 })),
+        });
+        if let Some(r) = reply.repair {
+            let m = &self.metrics;
+            m.chunks_under_replicated
+                .store(r.under_replicated, Ordering::Relaxed);
+            m.chunks_repairing.store(r.repairing, Ordering::Relaxed);
+            m.repairs_total.store(r.repaired_total, Ordering::Relaxed);
+            m.repairs_failed_total
+                .store(r.failed_total, Ordering::Relaxed);
         }
     }
 

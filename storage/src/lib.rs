@@ -37,7 +37,9 @@
 //!   so a refused write changes nothing and acknowledged data stays readable.
 //! * Heartbeats: [`server::HeartbeatConfig`] takes a function that delivers a
 //!   [`kerfs_proto::ChunkHeartbeat`] to the metadata service (the daemon plugs the metadata
-//!   client in); the server deletes what the [`kerfs_proto::ChunkHeartbeatReply`] lists.
+//!   client in); the server deletes what the [`kerfs_proto::ChunkHeartbeatReply`] lists and
+//!   carries out its repair orders (copy a chunk from a peer, or rebuild an EC shard from k
+//!   others), reporting each outcome in a later heartbeat.
 //!
 //! Start a server with [`server::run`]; the data directory is tagged with the cluster id and
 //! the server id at first start and refused for any other ([`server::read_identity`] reads
@@ -46,6 +48,7 @@
 
 pub mod error;
 pub mod metrics;
+mod repair;
 pub mod scrub;
 pub mod server;
 pub mod store;

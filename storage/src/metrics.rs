@@ -28,6 +28,8 @@ pub struct StorageMetrics {
     pub scrub_runs: AtomicU64,
     /// Corrupt chunks found by the last scrub.
     pub scrub_corrupt_chunks: AtomicU64,
+    /// Bytes copied or rebuilt here by repair orders.
+    pub repair_bytes: AtomicU64,
 }
 
 impl StorageMetrics {
@@ -62,6 +64,12 @@ impl StorageMetrics {
             "counter",
             "Blocks that failed their blake3 checksum and were refused.",
             g(&self.corrupt_blocks),
+        );
+        line(
+            "kerfs_chunk_repair_bytes_total",
+            "counter",
+            "Bytes of chunk copies made here by repair orders.",
+            g(&self.repair_bytes),
         );
         line(
             "kerfs_chunk_write_rpcs_total",

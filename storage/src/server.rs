@@ -195,6 +195,7 @@ pub async fn run_on(
         metrics: metrics.clone(),
         config: config.clone(),
         peers: Mutex::new(HashMap::new()),
+        repairs: Default::default(),
     });
     if let Some(hb) = config.heartbeat.clone() {
         tasks.push(tokio::spawn(heartbeat_loop(inner.clone(), hb)));
@@ -377,18 +378,19 @@ fn mark_clean(dir: &Path) -> Result<()> {
 
 // ---------------------------------------------------------------- the service
 
-struct Inner {
-    store: Arc<dyn ChunkStore>,
-    metrics: Arc<StorageMetrics>,
+pub(crate) struct Inner {
+    pub(crate) store: Arc<dyn ChunkStore>,
+    pub(crate) metrics: Arc<StorageMetrics>,
     config: ServerConfig,
-    /// Lazily connected channels to peers, by address (chain forwarding).
+    /// Lazily connected channels to peers, by address (chain forwarding, repair copies).
     peers: Mutex<HashMap<String, Channel>>,
+    pub(crate) repairs: crate::repair::Repairs,
 }
 
-type PeerClient = ChunkClient<InterceptedService<Channel, ClientAuth>>;
+pub(crate) type PeerClient = ChunkClient<InterceptedService<Channel, ClientAuth>>;
 
 impl Inner {
-    fn peer(&self, addr: &str) -> Result<PeerClient> {
+    pub(crate) fn peer(&self, addr: &str) -> Result<PeerClient> {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         let channel = match peers.get(addr) {
             Some(c) => c.clone(),
@@ -1039,6 +1041,7 @@ fn build_heartbeat(inner: &Inner, full: bool) -> ChunkHeartbeat {
         full_report: full,
         chunks,
         deleted: if full { Vec::new() } else { deleted },
+        repaired: Vec::new(),
     }
 }
 
@@ -1049,7 +1052,7 @@ async fn heartbeat_loop(inner: Arc<Inner>, hb: HeartbeatConfig) {
     loop {
         let full = want_full || beat.is_multiple_of(every);
         let i = inner.clone();
-        let msg = match tokio::task::spawn_blocking(move || build_heartbeat(&i, full)).await {
+        let mut msg = match tokio::task::spawn_blocking(move || build_heartbeat(&i, full)).await {
             Ok(m) => m,
             Err(e) => {
                 error!(error = %e, "building a heartbeat failed");
@@ -1057,6 +1060,8 @@ async fn heartbeat_loop(inner: Arc<Inner>, hb: HeartbeatConfig) {
                 continue;
             }
         };
+        msg.repaired = inner.repairs.take_done();
+        let reported = msg.repaired.clone();
         match (hb.send)(msg).await {
             Ok(reply) => {
                 want_full = reply.want_full_report;
@@ -1073,11 +1078,14 @@ async fn heartbeat_loop(inner: Arc<Inner>, hb: HeartbeatConfig) {
                         }
                     }
                 }
+                // After the deletions: an order may recreate an id deleted just now.
+                crate::repair::start(&inner, reply.repair);
             }
             Err(e) => {
                 // The changes taken for this beat are lost: the next one is a full report.
                 warn!(error = %e, "heartbeat to the metadata service failed; retrying");
                 want_full = true;
+                inner.repairs.put_back(reported);
             }
         }
         beat = beat.wrapping_add(1);

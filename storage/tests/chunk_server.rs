@@ -623,6 +623,7 @@ async fn heartbeats_report_chunks_and_carry_out_deletes() {
                 Ok(kerfs_proto::ChunkHeartbeatReply {
                     delete,
                     want_full_report: false,
+                    ..Default::default()
                 })
             })
         }),

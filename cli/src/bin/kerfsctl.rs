@@ -29,7 +29,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Raft state of every metadata node.
+    /// Raft state of every metadata node, and how many chunks lack copies.
     Status,
     /// List a directory.
     Ls { path: String },
@@ -51,6 +51,24 @@ enum Cmd {
     Put { local: PathBuf, path: String },
     /// Copy a KerFS file to a local file ("-" for stdout).
     Get { path: String, local: PathBuf },
+    /// Re-replication: chunks lacking copies and the repairs in progress.
+    Repair {
+        /// Re-check every chunk of every file now and hand out repair tasks at once.
+        #[arg(long)]
+        now: bool,
+        /// Wait until no chunk lacks a copy (or the timeout passes), showing progress.
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        wait_secs: u64,
+        /// Chunks listed at most.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// The chunks of a file: version and placements (current, stale, or missing when the
+    /// server holding it is down).
+    Chunks { path: String },
     /// Show or set the data layout of a directory (inherited by new entries).
     Layout {
         path: String,
@@ -106,6 +124,124 @@ async fn run(cli: Cli) -> Result<()> {
                     ),
                     Err(e) => println!("?    {addr:<22} unreachable: {e}"),
                 }
+            }
+            match repair_report(&client, 0).await {
+                Ok(r) => println!(
+                    "chunks under-replicated: {} (repairing {}); repairs done {}, failed {}",
+                    r.under_replicated, r.repairing, r.repaired_total, r.failed_total
+                ),
+                Err(e) => println!("chunks under-replicated: unknown ({e})"),
+            }
+        }
+        Cmd::Repair {
+            now,
+            wait,
+            wait_secs,
+            limit,
+        } => {
+            if now {
+                kerfs_client::check(
+                    client
+                        .write(kerfs_proto::command::Op::RepairChunks(
+                            kerfs_proto::RepairChunks { rescan: true },
+                        ))
+                        .await?,
+                )
+                .context("asking for a repair pass")?;
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(wait_secs);
+            loop {
+                let r = repair_report(&client, limit).await?;
+                if !wait || r.under_replicated == 0 {
+                    print_repair(&r);
+                    if wait && r.under_replicated > 0 {
+                        anyhow::bail!("chunks still lack copies");
+                    }
+                    break;
+                }
+                eprintln!(
+                    "{} chunks under-replicated, {} being repaired",
+                    r.under_replicated, r.repairing
+                );
+                if std::time::Instant::now() > deadline {
+                    print_repair(&r);
+                    anyhow::bail!(
+                        "{} chunks still lack copies after {wait_secs} s; see the notes above and the chunk servers' logs",
+                        r.under_replicated
+                    );
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+        Cmd::Chunks { path } => {
+            let attr = client.resolve(&path).await?;
+            let servers = kerfs_client::check(
+                client
+                    .read(read_op::Op::ListChunkServers(
+                        kerfs_proto::ListChunkServers {},
+                    ))
+                    .await?,
+            )?
+            .servers;
+            let state = |id: u64| {
+                servers
+                    .iter()
+                    .find(|s| s.info.as_ref().is_some_and(|i| i.id == id))
+                    .map(|s| s.state.clone())
+                    .unwrap_or_else(|| "unknown".into())
+            };
+            let reply = kerfs_client::check(
+                client
+                    .read(read_op::Op::GetChunks(kerfs_proto::GetChunks {
+                        ino: attr.ino,
+                        first_index: 0,
+                        count: 0,
+                    }))
+                    .await?,
+            )?;
+            let layout = reply.layout.unwrap_or_default();
+            let wanted = if layout.ec_data > 0 {
+                (layout.ec_data + layout.ec_parity) as usize
+            } else {
+                layout.replicas as usize
+            };
+            println!("{} ({})", path, show_layout(&layout));
+            for c in reply.chunks {
+                let mut good = 0;
+                let mut parts = Vec::new();
+                for p in &c.replicas {
+                    let st = state(p.server_id);
+                    let mark = if st != "up" && st != "draining" {
+                        format!("MISSING:server {st}")
+                    } else if !p.current {
+                        "STALE".to_string()
+                    } else {
+                        good += 1;
+                        "ok".to_string()
+                    };
+                    parts.push(format!(
+                        "{}{}@{}({}) {mark}",
+                        if layout.ec_data > 0 {
+                            format!("s{}:", p.shard_index)
+                        } else {
+                            String::new()
+                        },
+                        p.chunk_id,
+                        p.server_id,
+                        p.address
+                    ));
+                }
+                println!(
+                    "chunk {:>6} v{:<4} {good}/{wanted}{}  {}",
+                    c.index,
+                    c.version,
+                    if good < wanted {
+                        " UNDER-REPLICATED"
+                    } else {
+                        ""
+                    },
+                    parts.join(", ")
+                );
             }
         }
         Cmd::Ls { path } => {
@@ -282,6 +418,46 @@ async fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+async fn repair_report(client: &MetaClient, limit: u32) -> Result<kerfs_proto::RepairReport> {
+    Ok(kerfs_client::check(
+        client
+            .read(read_op::Op::RepairStatus(kerfs_proto::RepairStatus {
+                limit: limit.max(1),
+            }))
+            .await?,
+    )?
+    .repair
+    .unwrap_or_default())
+}
+
+fn print_repair(r: &kerfs_proto::RepairReport) {
+    println!(
+        "chunks under-replicated: {} (repairing {}); repairs done {}, failed {}",
+        r.under_replicated, r.repairing, r.repaired_total, r.failed_total
+    );
+    for c in &r.chunks {
+        let task = match &c.task {
+            Some(t) => format!(
+                "task {}: server {} copies chunk id {} v{} (replacing server {})",
+                t.task_id, t.target_server, t.chunk_id, t.version, t.old_server
+            ),
+            None => "waiting".to_string(),
+        };
+        println!(
+            "  inode {} chunk {}: {}/{} good; {task}{}",
+            c.ino,
+            c.index,
+            c.good,
+            c.wanted,
+            if c.note.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", c.note)
+            }
+        );
+    }
 }
 
 fn human(bytes: u64) -> String {

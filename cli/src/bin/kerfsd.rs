@@ -63,7 +63,7 @@ struct ChunkArgs {
 #[serde(deny_unknown_fields)]
 struct MetaArgs {
     /// TOML file with any of these settings (flags win): id, listen, peers, data,
-    /// key_file, metrics, compact_after, tick_ms.
+    /// key_file, metrics, compact_after, tick_ms, chunk_server_timeout_ms.
     #[arg(long)]
     #[serde(skip)]
     config: Option<PathBuf>,
@@ -92,6 +92,10 @@ struct MetaArgs {
     /// Raft tick in milliseconds (election after 10-20 ticks).
     #[arg(long)]
     tick_ms: Option<u64>,
+    /// A chunk server silent this long is marked down and its chunks re-replicated
+    /// (default 10000). Every metadata node of a cluster must use the same value.
+    #[arg(long)]
+    chunk_server_timeout_ms: Option<u64>,
 }
 
 #[derive(Args)]
@@ -187,6 +191,12 @@ fn run_meta(flags: MetaArgs) -> Result<()> {
     }
     if let Some(t) = flags.tick_ms.or(file.tick_ms) {
         config.tick = Duration::from_millis(t.max(1));
+    }
+    if let Some(t) = flags
+        .chunk_server_timeout_ms
+        .or(file.chunk_server_timeout_ms)
+    {
+        config.namespace.chunk_server_timeout_ms = t.max(1);
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -133,6 +133,7 @@ impl T {
                 full_report: full,
                 chunks,
                 deleted,
+                ..Default::default()
             }),
         }))
     }
@@ -918,4 +919,368 @@ fn statfs_without_servers_keeps_the_configured_figures() {
     let t = T::new();
     let s = t.read(read_op::Op::StatFs(StatFs {})).stats.unwrap();
     assert_eq!(s.blocks, NamespaceConfig::default().capacity_bytes / 4096);
+}
+
+// ------------------------------------------------------------------ repair
+
+/// Three servers, an R=2 file with chunk 0 written to both of its servers: (t, ino, handle,
+/// the chunk's servers, the spare server).
+fn repair_setup() -> (T, u64, u64, Vec<u64>, u64) {
+    let mut t = T::new();
+    let ids: Vec<u64> = (0..3).map(|i| t.server(&format!("s{i}:1"), "")).collect();
+    let (ino, h) = t.create(ROOT_INO, "f");
+    let c = t.alloc(h, &[0]).chunks[0].clone();
+    let on = servers_of(&c);
+    let r = t.commit(
+        h,
+        MIB,
+        vec![ChunkWritten {
+            index: 0,
+            version: c.version,
+            servers_ok: on.clone(),
+        }],
+    );
+    assert_eq!(r.errno, 0, "{}", r.message);
+    let spare = *ids.iter().find(|i| !on.contains(i)).unwrap();
+    (t, ino, h, on, spare)
+}
+
+fn repair_report(t: &T) -> kerfs_proto::RepairReport {
+    let r = t.read(read_op::Op::RepairStatus(kerfs_proto::RepairStatus {
+        limit: 0,
+    }));
+    assert_eq!(r.errno, 0, "{}", r.message);
+    r.repair.unwrap()
+}
+
+fn tick(t: &mut T) {
+    let r = t.internal(Op::RepairChunks(kerfs_proto::RepairChunks {
+        rescan: false,
+    }));
+    assert_eq!(r.errno, 0, "{}", r.message);
+}
+
+/// `dead` stops heartbeating; the others keep going until it is marked down.
+fn kill(t: &mut T, dead: u64) {
+    t.now += 60;
+    for id in 1..=3 {
+        if id != dead {
+            t.heartbeat(id, false, vec![], vec![]);
+        }
+    }
+    t.internal(Op::ExpireChunkServers(ExpireChunkServers {}));
+}
+
+fn done(o: &kerfs_proto::ChunkRepairOrder, ok: bool) -> kerfs_proto::ChunkRepairDone {
+    kerfs_proto::ChunkRepairDone {
+        task_id: o.task_id,
+        ino: o.ino,
+        index: o.index,
+        chunk_id: o.chunk_id,
+        version: o.version,
+        ok,
+        message: String::new(),
+        bytes: MIB,
+    }
+}
+
+fn report_done(t: &mut T, server: u64, d: Vec<kerfs_proto::ChunkRepairDone>) -> Reply {
+    t.internal(Op::ChunkServerHeartbeat(ChunkServerHeartbeat {
+        heartbeat: Some(ChunkHeartbeat {
+            server: Some(ChunkServerInfo {
+                id: server,
+                capacity_bytes: 1 << 40,
+                available_bytes: 1 << 39,
+                ..Default::default()
+            }),
+            repaired: d,
+            ..Default::default()
+        }),
+    }))
+}
+
+#[test]
+fn lost_server_is_repaired_onto_the_spare_and_the_copy_becomes_current() {
+    let (mut t, ino, _h, on, spare) = repair_setup();
+    assert_eq!(repair_report(&t).under_replicated, 0);
+    let (dead, alive) = (on[0], on[1]);
+    kill(&mut t, dead);
+    assert_eq!(repair_report(&t).under_replicated, 1, "the loss is noted");
+    // Nothing is handed out before the tick; the tick gives the spare the task.
+    assert!(t
+        .heartbeat(spare, false, vec![], vec![])
+        .heartbeat
+        .unwrap()
+        .repair
+        .is_empty());
+    tick(&mut t);
+    let rep = repair_report(&t);
+    assert_eq!(rep.repairing, 1);
+    assert_eq!(rep.chunks[0].task.as_ref().unwrap().target_server, spare);
+    // The alive server gets no order; the spare gets it (again, until it reports).
+    assert!(t
+        .heartbeat(alive, false, vec![], vec![])
+        .heartbeat
+        .unwrap()
+        .repair
+        .is_empty());
+    let orders = t
+        .heartbeat(spare, false, vec![], vec![])
+        .heartbeat
+        .unwrap()
+        .repair;
+    assert_eq!(orders.len(), 1);
+    let o = orders[0].clone();
+    assert_eq!(o.sources.len(), 1);
+    assert_eq!(o.sources[0].address, format!("s{}:1", alive - 1));
+    assert_eq!(
+        t.heartbeat(spare, false, vec![], vec![])
+            .heartbeat
+            .unwrap()
+            .repair,
+        orders
+    );
+    // A full report of the spare while it copies: its partial copy is not garbage.
+    let info = ChunkInfo {
+        chunk_id: o.chunk_id,
+        version: o.version,
+        ..Default::default()
+    };
+    t.heartbeat(spare, true, vec![info], vec![]);
+    let r = t.heartbeat(spare, false, vec![], vec![]);
+    assert!(
+        r.heartbeat.unwrap().delete.is_empty(),
+        "partial copy queued for deletion"
+    );
+
+    report_done(&mut t, spare, vec![done(&o, true)]);
+    let c = t.chunks(ino).chunks[0].clone();
+    let mut now_on = servers_of(&c);
+    now_on.sort();
+    let mut want = vec![alive, spare];
+    want.sort();
+    assert_eq!(now_on, want);
+    assert!(c.replicas.iter().all(|p| p.current));
+    let rep = repair_report(&t);
+    assert_eq!((rep.under_replicated, rep.repaired_total), (0, 1));
+    // The dead server deletes its copy when it comes back.
+    let del = t
+        .heartbeat(dead, false, vec![], vec![])
+        .heartbeat
+        .unwrap()
+        .delete;
+    assert_eq!(del.len(), 1);
+    assert_eq!(del[0].chunk_id, o.chunk_id);
+    // Placement accounting moved with the copy.
+    let alloc: std::collections::BTreeMap<u64, u64> = t
+        .servers()
+        .iter()
+        .map(|s| (s.info.as_ref().unwrap().id, s.allocated_bytes))
+        .collect();
+    assert_eq!(alloc[&dead], 0);
+    assert!(alloc[&spare] > 0);
+}
+
+#[test]
+fn a_copy_made_while_the_chunk_was_written_is_refused() {
+    let (mut t, ino, h, on, spare) = repair_setup();
+    let (dead, alive) = (on[0], on[1]);
+    kill(&mut t, dead);
+    tick(&mut t);
+    let o = t
+        .heartbeat(spare, false, vec![], vec![])
+        .heartbeat
+        .unwrap()
+        .repair[0]
+        .clone();
+    // The writer commits again in the same epoch (same version) while the copy is made.
+    let r = t.commit(
+        h,
+        2 * MIB,
+        vec![ChunkWritten {
+            index: 0,
+            version: o.version,
+            servers_ok: vec![alive],
+        }],
+    );
+    assert_eq!(r.errno, 0, "{}", r.message);
+    report_done(&mut t, spare, vec![done(&o, true)]);
+    let c = t.chunks(ino).chunks[0].clone();
+    assert!(
+        !c.replicas.iter().any(|p| p.server_id == spare && p.current),
+        "a copy that may miss the last commit was counted as current"
+    );
+    let rep = repair_report(&t);
+    assert_eq!(
+        (rep.under_replicated, rep.repaired_total, rep.failed_total),
+        (1, 0, 1)
+    );
+    // A new task is handed out at once (the refused copy's deletion is withdrawn for it,
+    // so it cannot remove the new copy).
+    let hb = t.heartbeat(spare, false, vec![], vec![]).heartbeat.unwrap();
+    assert!(hb.delete.is_empty());
+    assert_eq!(hb.repair.len(), 1);
+    assert_ne!(hb.repair[0].task_id, o.task_id);
+    // A new epoch (version bump) also voids the task.
+    let o2 = hb.repair[0].clone();
+    t.alloc(h, &[0]);
+    report_done(&mut t, spare, vec![done(&o2, true)]);
+    assert_eq!(repair_report(&t).repaired_total, 0);
+}
+
+#[test]
+fn corrupt_report_queues_the_chunk_and_a_stale_task_report_is_ignored() {
+    let (mut t, ino, _h, on, spare) = repair_setup();
+    let chunk_id = t.chunks(ino).chunks[0].replicas[0].chunk_id;
+    let bad = ChunkInfo {
+        chunk_id,
+        version: 1,
+        corrupt: true,
+        ..Default::default()
+    };
+    t.heartbeat(on[0], false, vec![bad], vec![]);
+    assert_eq!(repair_report(&t).under_replicated, 1);
+    tick(&mut t);
+    let o = t
+        .heartbeat(spare, false, vec![], vec![])
+        .heartbeat
+        .unwrap()
+        .repair[0]
+        .clone();
+    // A report naming another task id (an old, abandoned one) changes nothing.
+    let mut wrong = done(&o, true);
+    wrong.task_id += 100;
+    report_done(&mut t, spare, vec![wrong]);
+    assert_eq!(repair_report(&t).repairing, 1);
+    report_done(&mut t, spare, vec![done(&o, true)]);
+    let c = t.chunks(ino).chunks[0].clone();
+    assert!(c.replicas.iter().all(|p| p.current && p.server_id != on[0]));
+}
+
+#[test]
+fn writer_replaces_a_failed_replica_and_its_commit_makes_it_current() {
+    let (mut t, ino, h, on, spare) = repair_setup();
+    let c = t.alloc(h, &[0]).chunks[0].clone();
+    let r = t.client(Op::ReplaceReplica(kerfs_proto::ReplaceReplica {
+        handle: h,
+        index: 0,
+        version: c.version,
+        server_id: on[0],
+    }));
+    assert_eq!(r.errno, 0, "{}", r.message);
+    let placed = servers_of(&r.chunks[0]);
+    assert!(placed.contains(&spare) && placed.contains(&on[1]) && !placed.contains(&on[0]));
+    let new = r.chunks[0]
+        .replicas
+        .iter()
+        .find(|p| p.server_id == spare)
+        .unwrap();
+    assert!(!new.current, "no data there before the commit");
+    assert_eq!(new.address, format!("s{}:1", spare - 1));
+    // Background repair leaves it to the writer.
+    tick(&mut t);
+    assert_eq!(repair_report(&t).repairing, 0);
+    let r = t.commit(
+        h,
+        MIB,
+        vec![ChunkWritten {
+            index: 0,
+            version: c.version,
+            servers_ok: vec![on[1], spare],
+        }],
+    );
+    assert_eq!(r.errno, 0, "{}", r.message);
+    assert!(t.chunks(ino).chunks[0].replicas.iter().all(|p| p.current));
+    assert_eq!(repair_report(&t).under_replicated, 0);
+    // A live member can be rewritten in place when no other server is free.
+    let r = t.client(Op::ReplaceReplica(kerfs_proto::ReplaceReplica {
+        handle: h,
+        index: 0,
+        version: c.version,
+        server_id: spare,
+    }));
+    assert_eq!(r.errno, 0, "{}", r.message);
+    let p = r.chunks[0]
+        .replicas
+        .iter()
+        .find(|p| p.server_id == on[0])
+        .expect("the free server takes it");
+    assert!(!p.current);
+    // The spare goes down: on[0] itself is all that is left for its own replacement.
+    kill(&mut t, spare);
+    let r = t.client(Op::ReplaceReplica(kerfs_proto::ReplaceReplica {
+        handle: h,
+        index: 0,
+        version: c.version,
+        server_id: on[0],
+    }));
+    assert_eq!(r.errno, 0, "{}", r.message);
+    assert!(
+        servers_of(&r.chunks[0]).contains(&on[0]),
+        "in place: the same server, rewritten"
+    );
+    let del = t
+        .heartbeat(on[0], false, vec![], vec![])
+        .heartbeat
+        .unwrap()
+        .delete;
+    assert!(
+        del.is_empty(),
+        "an in-place replacement must not queue its own copy for deletion"
+    );
+    // With on[1] down too, nothing is left for it: ENOSPC.
+    t.now += 60;
+    t.heartbeat(on[0], false, vec![], vec![]);
+    t.internal(Op::ExpireChunkServers(ExpireChunkServers {}));
+    let r = t.client(Op::ReplaceReplica(kerfs_proto::ReplaceReplica {
+        handle: h,
+        index: 0,
+        version: c.version,
+        server_id: on[1],
+    }));
+    assert_eq!(r.errno, libc::ENOSPC, "{}", r.message);
+    // A stale epoch is refused.
+    let r = t.client(Op::ReplaceReplica(kerfs_proto::ReplaceReplica {
+        handle: h,
+        index: 0,
+        version: c.version - 1,
+        server_id: on[1],
+    }));
+    assert_eq!(r.errno, libc::ESTALE, "{}", r.message);
+}
+
+#[test]
+fn a_server_back_without_its_chunks_has_them_marked_missing_and_repaired() {
+    let (mut t, ino, _h, on, spare) = repair_setup();
+    let chunk_id = t.chunks(ino).chunks[0].replicas[0].chunk_id;
+    // A routine full report that lists the chunk changes nothing...
+    let held = ChunkInfo {
+        chunk_id,
+        version: 1,
+        ..Default::default()
+    };
+    t.heartbeat(on[0], true, vec![held], vec![]);
+    t.heartbeat(on[1], true, vec![held], vec![]);
+    assert_eq!(repair_report(&t).under_replicated, 0);
+    // ...but on[0] restarts on an empty disk: its first full report lacks the chunk.
+    let r = t.internal(Op::RegisterChunkServer(RegisterChunkServer {
+        info: Some(ChunkServerInfo {
+            id: on[0],
+            address: format!("s{}:1", on[0] - 1),
+            ..Default::default()
+        }),
+    }));
+    assert_eq!(r.errno, 0, "{}", r.message);
+    t.heartbeat(on[0], true, vec![], vec![]);
+    let c = t.chunks(ino).chunks[0].clone();
+    let p = c.replicas.iter().find(|p| p.server_id == on[0]).unwrap();
+    assert!(
+        !p.current,
+        "a copy the server does not have is still counted current"
+    );
+    assert_eq!(repair_report(&t).under_replicated, 1);
+    tick(&mut t);
+    let task = repair_report(&t).chunks[0].task.unwrap();
+    assert_eq!(task.target_server, spare, "the spare first, not in place");
+    assert_eq!(task.old_server, on[0]);
 }

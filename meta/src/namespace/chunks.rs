@@ -22,7 +22,7 @@ use super::nodes::{blocks_for, must_inode, S_ISGID, S_ISUID, S_IXGRP};
 use super::perm;
 use super::records::{self as rec, ChunkOwner, ChunkRec, DeleteRec, HandleRec, Inode, ServerRec};
 use super::sessions::handle_writable;
-use super::{Ctx, Fail, NamespaceConfig, R};
+use super::{repair, Ctx, Fail, NamespaceConfig, R};
 use crate::store::{KvRead, Overlay};
 
 pub const KIB64: u64 = 64 * 1024;
@@ -206,7 +206,10 @@ fn server_key(id: u64) -> Vec<u8> {
 }
 
 /// A server record with its inner record present (a missing one is corruption).
-fn load_server(state: &dyn KvRead, id: u64) -> R<Option<(ServerRec, ChunkServerRecord)>> {
+pub(super) fn load_server(
+    state: &dyn KvRead,
+    id: u64,
+) -> R<Option<(ServerRec, ChunkServerRecord)>> {
     let key = server_key(id);
     let Some(mut r) = rec::get::<ServerRec>(state, &key)? else {
         return Ok(None);
@@ -220,14 +223,14 @@ fn load_server(state: &dyn KvRead, id: u64) -> R<Option<(ServerRec, ChunkServerR
     Ok(Some((r, s)))
 }
 
-fn store_server(state: &mut Overlay<'_>, mut r: ServerRec, s: ChunkServerRecord) {
+pub(super) fn store_server(state: &mut Overlay<'_>, mut r: ServerRec, s: ChunkServerRecord) {
     let id = s.info.as_ref().map(|i| i.id).unwrap_or(0);
     r.server = Some(s);
     rec::put(state, server_key(id), &r);
 }
 
 /// Every server record, by id.
-fn all_servers(state: &dyn KvRead) -> R<Vec<(ServerRec, ChunkServerRecord)>> {
+pub(super) fn all_servers(state: &dyn KvRead) -> R<Vec<(ServerRec, ChunkServerRecord)>> {
     let mut out = Vec::new();
     let mut start = vec![rec::P_SERVER];
     let end = vec![rec::P_SERVER + 1];
@@ -247,7 +250,7 @@ fn all_servers(state: &dyn KvRead) -> R<Vec<(ServerRec, ChunkServerRecord)>> {
     Ok(out)
 }
 
-fn server_id(s: &ChunkServerRecord) -> u64 {
+pub(super) fn server_id(s: &ChunkServerRecord) -> u64 {
     s.info.as_ref().map(|i| i.id).unwrap_or(0)
 }
 
@@ -311,12 +314,17 @@ pub fn register_server(ctx: &Ctx, state: &mut Overlay<'_>, r: &RegisterChunkServ
     })
 }
 
-fn delete_key(server: u64, chunk: u64) -> Vec<u8> {
+pub(super) fn delete_key(server: u64, chunk: u64) -> Vec<u8> {
     rec::key_u64_u64(rec::P_DELETE, server, chunk)
 }
 
 /// Queues the deletion of `chunk` (up to `version`) on `server`.
-fn queue_delete(state: &mut Overlay<'_>, server: u64, chunk: u64, version: u64) -> R<()> {
+pub(super) fn queue_delete(
+    state: &mut Overlay<'_>,
+    server: u64,
+    chunk: u64,
+    version: u64,
+) -> R<()> {
     let key = delete_key(server, chunk);
     let old = rec::get::<DeleteRec>(state, &key)?.map(|d| d.max_version);
     let max_version = old.unwrap_or(0).max(version);
@@ -366,8 +374,17 @@ pub fn heartbeat(ctx: &Ctx, state: &mut Overlay<'_>, h: &ChunkServerHeartbeat) -
     for c in hb.chunks.iter().filter(|c| c.corrupt) {
         mark_not_current(state, id, c.chunk_id)?;
     }
+    // Before the full report: a copy accepted here is placed, not garbage.
+    repair::completed(ctx, state, id, &hb.repaired)?;
     if hb.full_report {
         reconcile_full_report(state, id, hb)?;
+        if r.want_full_report || was_down {
+            // The report meta asked for after a (re)registration: copies meta counts as
+            // current there but the server no longer has (a wiped or replaced disk) are
+            // marked missing, so that repair restores them.
+            let held: BTreeSet<u64> = hb.chunks.iter().map(|c| c.chunk_id).collect();
+            repair::note_missing(state, id, &held)?;
+        }
     }
     r.want_full_report = (r.want_full_report || was_down) && !hb.full_report;
 
@@ -385,19 +402,25 @@ pub fn heartbeat(ctx: &Ctx, state: &mut Overlay<'_>, h: &ChunkServerHeartbeat) -
         });
     }
     let want_full_report = r.want_full_report;
+    // A repair accepted above moved placement bytes onto this server: keep them.
+    if let Some((_, now)) = load_server(state, id)? {
+        s.allocated_bytes = now.allocated_bytes;
+    }
     store_server(state, r, s);
+    let repair = repair::orders_for(state, id)?;
     Ok(Reply {
         server_id: id,
         heartbeat: Some(ChunkHeartbeatReply {
             delete,
             want_full_report,
+            repair,
         }),
         ..Default::default()
     })
 }
 
 /// The chunk a chunk id belongs to, if any file still has it.
-fn owner_of(state: &dyn KvRead, chunk: u64) -> R<Option<(ChunkOwner, ChunkRec)>> {
+pub(super) fn owner_of(state: &dyn KvRead, chunk: u64) -> R<Option<(ChunkOwner, ChunkRec)>> {
     let Some(o) = rec::get::<ChunkOwner>(state, &rec::key_u64(rec::P_CHUNK_OWNER, chunk))? else {
         return Ok(None);
     };
@@ -419,6 +442,7 @@ fn mark_not_current(state: &mut Overlay<'_>, server: u64, chunk: u64) -> R<()> {
     }
     if changed {
         rec::put(state, chunk_key(o.ino, o.index), &c);
+        repair::note_chunk(state, o.ino, o.index, &c)?;
     }
     Ok(())
 }
@@ -440,7 +464,7 @@ fn reconcile_full_report(
                 .iter()
                 .any(|p| p.server_id == server && p.chunk_id == c.chunk_id),
             None => false,
-        };
+        } || repair::is_repair_target(state, server, c.chunk_id)?;
         if !placed {
             queue_delete(state, server, c.chunk_id, c.version)?;
         }
@@ -465,15 +489,19 @@ fn reconcile_full_report(
 pub fn expire_servers(ctx: &Ctx, state: &mut Overlay<'_>, config: &NamespaceConfig) -> R<Reply> {
     let now = ctx.now.as_nanos();
     let timeout = i128::from(config.chunk_server_timeout_ms) * 1_000_000;
+    let mut went_down = BTreeSet::new();
     for (r, mut s) in all_servers(state)? {
         if s.state == STATE_DOWN || s.state == "removed" {
             continue;
         }
         if rec::ts_nanos(&s.last_heartbeat) + timeout < now {
+            went_down.insert(server_id(&s));
             s.state = STATE_DOWN.into();
             store_server(state, r, s);
         }
     }
+    // Every chunk with a copy there lost one: queue them for re-replication.
+    repair::note_servers_down(state, &went_down)?;
     Ok(Reply::default())
 }
 
@@ -574,12 +602,12 @@ fn choose(servers: &[ChunkServerRecord], n: usize, bytes: u64, l: &Layout) -> R<
 
 // ------------------------------------------------------------------ chunk tables
 
-fn chunk_key(ino: u64, index: u64) -> Vec<u8> {
+pub(super) fn chunk_key(ino: u64, index: u64) -> Vec<u8> {
     rec::key_u64_u64(rec::P_CHUNK, ino, index)
 }
 
 /// The handle `handle` of this client, open for writing on a regular file.
-fn writable_handle(ctx: &Ctx, state: &dyn KvRead, handle: u64) -> R<(HandleRec, Inode)> {
+pub(super) fn writable_handle(ctx: &Ctx, state: &dyn KvRead, handle: u64) -> R<(HandleRec, Inode)> {
     let Some(h) = rec::get::<HandleRec>(state, &rec::key_u64(rec::P_HANDLE, handle))? else {
         return Err(Fail::new(libc::EBADF, format!("no open handle {handle}")));
     };
@@ -607,7 +635,7 @@ fn writable_handle(ctx: &Ctx, state: &dyn KvRead, handle: u64) -> R<(HandleRec, 
 }
 
 /// Fills in server addresses (from the server table) for a reply.
-fn with_addresses(
+pub(super) fn with_addresses(
     c: &ChunkRec,
     index: u64,
     fresh: bool,
@@ -628,7 +656,7 @@ fn with_addresses(
     }
 }
 
-fn addresses(servers: &[ChunkServerRecord]) -> BTreeMap<u64, String> {
+pub(super) fn addresses(servers: &[ChunkServerRecord]) -> BTreeMap<u64, String> {
     servers
         .iter()
         .filter_map(|s| s.info.as_ref().map(|i| (i.id, i.address.clone())))
@@ -711,6 +739,7 @@ pub fn allocate(ctx: &Ctx, state: &mut Overlay<'_>, a: &AllocateChunks) -> R<Rep
         let c = ChunkRec {
             version: 1,
             replicas,
+            writes: 0,
         };
         let mut ids: Vec<u64> = c.replicas.iter().map(|p| p.chunk_id).collect();
         ids.dedup();
@@ -747,6 +776,7 @@ pub fn commit(ctx: &Ctx, state: &mut Overlay<'_>, cw: &CommitWrite) -> R<Reply> 
             format!("size {} is too large", cw.size),
         ));
     }
+    let mut states = None;
     for w in &cw.chunks {
         let key = chunk_key(ino, w.index);
         // A chunk truncated away meanwhile, or rewritten by a newer epoch, is not this
@@ -760,7 +790,15 @@ pub fn commit(ctx: &Ctx, state: &mut Overlay<'_>, cw: &CommitWrite) -> R<Reply> 
         for p in c.replicas.iter_mut() {
             p.current = w.servers_ok.contains(&p.server_id);
         }
+        // A repair copy made before this commit may lack what it wrote: refuse it.
+        c.writes = c.writes.wrapping_add(1);
         rec::put(state, key, &c);
+        if states.is_none() {
+            states = Some(repair::server_states(state)?);
+        }
+        if let Some(states) = &states {
+            repair::note_with(state, ino, w.index, &c, states)?;
+        }
     }
     if cw.size > inode.attr.size {
         let mut c = rec::counters(state)?;
@@ -804,6 +842,7 @@ fn drop_chunks_from(state: &mut Overlay<'_>, ino: u64, first: u64) -> R<()> {
         }
         for (k, v) in rows {
             let c: ChunkRec = rec::decode(&k, &v)?;
+            repair::forget(state, ino, rec::u64_at(&k, 9)?)?;
             for p in &c.replicas {
                 queue_delete(state, p.server_id, p.chunk_id, c.version)?;
                 state.delete(rec::key_u64(rec::P_CHUNK_OWNER, p.chunk_id));

@@ -10,6 +10,7 @@
 //! - `xattr`: extended attributes;
 //! - `sessions`: client sessions, exactly-once replies, open handles and orphan inodes;
 //! - `chunks`: layouts, chunk servers, file chunk tables, placement, the deletion queue;
+//! - `repair`: under-replicated chunks, repair tasks for chunk servers, replica replacement;
 //! - `reads`: lookup, getattr, readdir, readlink, statfs, the state digest.
 //!
 //! readdir leaves "." and ".." to the FUSE layer: cookies 1 and 2 are never handed out,
@@ -21,6 +22,7 @@ mod perm;
 mod reads;
 mod records;
 mod rename;
+mod repair;
 mod sessions;
 mod xattr;
 
@@ -195,6 +197,7 @@ impl Namespace {
             Some(read_op::Op::StateDigest(_)) => reads::digest(state),
             Some(read_op::Op::GetChunks(g)) => chunks::get_chunks(state, g),
             Some(read_op::Op::ListChunkServers(_)) => chunks::list_servers(state),
+            Some(read_op::Op::RepairStatus(r)) => repair::status(state, r),
         };
         result.unwrap_or_else(Fail::into_reply)
     }
@@ -223,6 +226,8 @@ fn run_op(config: &NamespaceConfig, ctx: &Ctx, state: &mut Overlay<'_>, cmd: &Co
         Some(command::Op::RegisterChunkServer(r)) => chunks::register_server(ctx, &mut child, r),
         Some(command::Op::ChunkServerHeartbeat(h)) => chunks::heartbeat(ctx, &mut child, h),
         Some(command::Op::ExpireChunkServers(_)) => chunks::expire_servers(ctx, &mut child, config),
+        Some(command::Op::RepairChunks(r)) => repair::tick(ctx, &mut child, r),
+        Some(command::Op::ReplaceReplica(r)) => repair::replace_replica(ctx, &mut child, r),
     };
     match result {
         Ok(reply) => {

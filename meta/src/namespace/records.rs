@@ -20,6 +20,9 @@
 //! | `F` ino index | [`ChunkRec`]: chunk `index` of a file (version, placements) |
 //! | `O` chunk | [`ChunkOwner`]: which file chunk a chunk id belongs to (reports name ids) |
 //! | `G` server chunk | [`DeleteRec`]: a chunk the server must delete (deletion queue) |
+//! | `u` ino index | `repair::UnderRec`: a chunk with fewer good copies than its layout wants |
+//! | `w` server task | [`ChunkOwner`]: a repair task handed to that server (heartbeat delivery) |
+//! | `#repair` | `repair::RepairCounters` |
 
 use kerfs_proto::{Attr, ChunkPlacement, ChunkServerRecord, FileKind, Timespec};
 use prost::Message;
@@ -151,6 +154,10 @@ pub struct ChunkRec {
     pub version: u64,
     #[prost(message, repeated, tag = "2")]
     pub replicas: Vec<ChunkPlacement>,
+    /// Bumped by every commit and placement change: a repair copy is accepted only if this
+    /// did not move while it was made (the version alone does not move within an epoch).
+    #[prost(uint64, tag = "3")]
+    pub writes: u64,
 }
 
 #[derive(Clone, PartialEq, Message)]
