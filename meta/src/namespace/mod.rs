@@ -9,6 +9,7 @@
 //! - `rename`: rename with its flags and the subtree rule;
 //! - `xattr`: extended attributes;
 //! - `sessions`: client sessions, exactly-once replies, open handles and orphan inodes;
+//! - `locks`: fcntl/flock record locks, dropped with the handle they were taken through;
 //! - `chunks`: layouts, chunk servers, file chunk tables, placement, the deletion queue;
 //! - `reads`: lookup, getattr, readdir, readlink, statfs, the state digest.
 //!
@@ -16,6 +17,7 @@
 //! the first real entry of a directory has cookie 3.
 
 mod chunks;
+mod locks;
 mod nodes;
 mod perm;
 mod reads;
@@ -195,6 +197,7 @@ impl Namespace {
             Some(read_op::Op::StateDigest(_)) => reads::digest(state),
             Some(read_op::Op::GetChunks(g)) => chunks::get_chunks(state, g),
             Some(read_op::Op::ListChunkServers(_)) => chunks::list_servers(state),
+            Some(read_op::Op::GetLock(g)) => locks::get_lock(state, g),
         };
         result.unwrap_or_else(Fail::into_reply)
     }
@@ -223,6 +226,8 @@ fn run_op(config: &NamespaceConfig, ctx: &Ctx, state: &mut Overlay<'_>, cmd: &Co
         Some(command::Op::RegisterChunkServer(r)) => chunks::register_server(ctx, &mut child, r),
         Some(command::Op::ChunkServerHeartbeat(h)) => chunks::heartbeat(ctx, &mut child, h),
         Some(command::Op::ExpireChunkServers(_)) => chunks::expire_servers(ctx, &mut child, config),
+        Some(command::Op::SetLock(s)) => locks::set_lock(ctx, &mut child, s),
+        Some(command::Op::ReleaseLocks(r)) => locks::release_locks(ctx, &mut child, r),
     };
     match result {
         Ok(reply) => {

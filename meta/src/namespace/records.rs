@@ -20,6 +20,7 @@
 //! | `F` ino index | [`ChunkRec`]: chunk `index` of a file (version, placements) |
 //! | `O` chunk | [`ChunkOwner`]: which file chunk a chunk id belongs to (reports name ids) |
 //! | `G` server chunk | [`DeleteRec`]: a chunk the server must delete (deletion queue) |
+//! | `K` ino | [`LockSet`]: the fcntl/flock locks held on a file (absent: none) |
 
 use kerfs_proto::{Attr, ChunkPlacement, ChunkServerRecord, FileKind, Timespec};
 use prost::Message;
@@ -41,6 +42,7 @@ pub const P_SERVER: u8 = b'S';
 pub const P_CHUNK: u8 = b'F';
 pub const P_CHUNK_OWNER: u8 = b'O';
 pub const P_DELETE: u8 = b'G';
+pub const P_LOCKS: u8 = b'K';
 
 /// First cookie handed to a real entry: 1 and 2 are left to the FUSE layer for "." and "..".
 pub const FIRST_SEQ: u64 = 3;
@@ -166,6 +168,13 @@ pub struct DeleteRec {
     /// The server deletes the chunk only if it holds at most this version.
     #[prost(uint64, tag = "1")]
     pub max_version: u64,
+}
+
+/// Every lock held on one file, sorted (see `locks`), never empty when stored.
+#[derive(Clone, PartialEq, Message)]
+pub struct LockSet {
+    #[prost(message, repeated, tag = "1")]
+    pub locks: Vec<kerfs_proto::FileLock>,
 }
 
 // ------------------------------------------------------------------ keys

@@ -298,8 +298,10 @@ pub fn open(ctx: &Ctx, state: &mut Overlay<'_>, o: &Open) -> R<Reply> {
     open_inode(ctx, state, inode, o.flags)
 }
 
-/// Forgets one handle and reaps its inode if that was the last thing holding it.
+/// Forgets one handle, with the locks taken through it, and reaps its inode if that was
+/// the last thing holding it.
 fn release(state: &mut Overlay<'_>, handle: u64, h: &HandleRec) -> R<()> {
+    super::locks::drop_handle(state, h.ino, handle)?;
     state.delete(rec::key_u64(rec::P_HANDLE, handle));
     state.delete(rec::key_u64_u64(rec::P_CLIENT_HANDLE, h.client_id, handle));
     if let Some(mut inode) = rec::load_inode(state, h.ino)? {

@@ -936,3 +936,171 @@ fn digest_is_deterministic() {
     );
     assert_eq!(T::new().names(ROOT_INO), Vec::<String>::new());
 }
+
+/// Locks through the state machine: across two client sessions, dropped by close, by
+/// ReleaseLocks of the owner, and by the expiry of a dead client.
+#[test]
+fn locks_across_clients_close_and_expiry() {
+    use kerfs_proto::{GetLock, LockKind, LockType, ReleaseLocks, SetLock};
+    let mut t = T::new();
+    let a = register(&mut t, 100, 1_000);
+    let b = register(&mut t, 100, 60_000);
+    let r = t.run(client_cmd(
+        a,
+        1,
+        1,
+        100,
+        Op::MakeNode(MakeNode {
+            parent: ROOT_INO,
+            name: b"f".to_vec(),
+            kind: FileKind::Regular as i32,
+            mode: 0o644,
+            exclusive: true,
+            open: true,
+            open_flags: libc::O_RDWR as u32,
+            ..Default::default()
+        }),
+    ));
+    assert_eq!(r.errno, 0, "{}", r.message);
+    let (ino, ha) = (r.attr.unwrap().ino, r.handle);
+    let open_b = |t: &mut T, seq| {
+        let r = t.run(client_cmd(
+            b,
+            seq,
+            seq,
+            100,
+            Op::Open(Open {
+                ino,
+                flags: libc::O_RDWR as u32,
+            }),
+        ));
+        assert_eq!(r.errno, 0, "{}", r.message);
+        r.handle
+    };
+    let hb = open_b(&mut t, 1);
+    let set = |handle, owner, start, end, ty: LockType| {
+        Op::SetLock(SetLock {
+            handle,
+            owner,
+            pid: 42,
+            start,
+            end,
+            r#type: ty as i32,
+            kind: LockKind::Posix as i32,
+        })
+    };
+    let get = |client_id, owner, ty: LockType| {
+        read_op::Op::GetLock(GetLock {
+            ino,
+            client_id,
+            owner,
+            start: 0,
+            end: u64::MAX,
+            r#type: ty as i32,
+            kind: LockKind::Posix as i32,
+        })
+    };
+    // Client a (owner 7) write-locks bytes 0..=99; b (same owner number) cannot, and sees it.
+    assert_eq!(
+        t.run(client_cmd(a, 2, 2, 100, set(ha, 7, 0, 99, LockType::Write)))
+            .errno,
+        0
+    );
+    let r = t.run(client_cmd(b, 2, 2, 100, set(hb, 7, 50, 50, LockType::Read)));
+    assert_eq!(r.errno, libc::EAGAIN);
+    let seen = t.read(None, get(b, 7, LockType::Read)).lock.unwrap();
+    assert_eq!(
+        (seen.client_id, seen.pid, seen.start, seen.end),
+        (a, 42, 0, 99)
+    );
+    // The holder itself sees no conflict with its own lock.
+    assert!(t.read(None, get(a, 7, LockType::Write)).lock.is_none());
+    // Disjoint bytes are free.
+    assert_eq!(
+        t.run(client_cmd(
+            b,
+            3,
+            3,
+            100,
+            set(hb, 7, 100, 199, LockType::Write)
+        ))
+        .errno,
+        0
+    );
+    // Another client's handle cannot be used.
+    assert_eq!(
+        t.run(client_cmd(b, 4, 4, 100, set(ha, 7, 0, 0, LockType::Read)))
+            .errno,
+        libc::EBADF
+    );
+    // ReleaseLocks of a's owner (close of a descriptor) frees 0..=99.
+    let rel = Op::ReleaseLocks(ReleaseLocks {
+        handle: ha,
+        owner: 7,
+        kind: LockKind::Posix as i32,
+    });
+    assert_eq!(t.run(client_cmd(a, 3, 3, 100, rel)).errno, 0);
+    assert_eq!(
+        t.run(client_cmd(b, 5, 5, 100, set(hb, 7, 0, 99, LockType::Read)))
+            .errno,
+        0
+    );
+    // Closing b's handle drops all its locks.
+    assert_eq!(
+        t.run(client_cmd(b, 6, 6, 100, Op::Close(Close { handle: hb })))
+            .errno,
+        0
+    );
+    assert!(t.read(None, get(a, 1, LockType::Write)).lock.is_none());
+    assert!(
+        t.eng.scan(b"K", b"L", 10).unwrap().is_empty(),
+        "no empty lock records"
+    );
+    // a locks everything, then dies: the expiry frees the file for b.
+    assert_eq!(
+        t.run(client_cmd(
+            a,
+            4,
+            4,
+            100,
+            set(ha, 7, 0, u64::MAX, LockType::Write)
+        ))
+        .errno,
+        0
+    );
+    let hb = open_b(&mut t, 7);
+    assert_eq!(
+        t.run(client_cmd(b, 8, 8, 100, set(hb, 1, 0, 0, LockType::Read)))
+            .errno,
+        libc::EAGAIN
+    );
+    t.run(client_cmd(
+        0,
+        0,
+        0,
+        102,
+        Op::ExpireClients(ExpireClients {}),
+    ));
+    assert_eq!(
+        t.run(client_cmd(b, 9, 9, 102, set(hb, 1, 0, 0, LockType::Write)))
+            .errno,
+        0
+    );
+    // Bad input: reversed range, unknown type.
+    assert_eq!(
+        t.run(client_cmd(
+            b,
+            10,
+            10,
+            102,
+            set(hb, 1, 9, 8, LockType::Write)
+        ))
+        .errno,
+        libc::EINVAL
+    );
+    let mut bad = set(hb, 1, 0, 0, LockType::Write);
+    if let Op::SetLock(s) = &mut bad {
+        s.r#type = 9;
+    }
+    assert_eq!(t.run(client_cmd(b, 11, 11, 102, bad)).errno, libc::EINVAL);
+}
