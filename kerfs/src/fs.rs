@@ -14,6 +14,9 @@ use kerfs_proto::{time_set, Attr, Caller, FileKind, FsStats, MakeNode, TimeSet, 
 
 use crate::error::{FsError, FsResult};
 
+mod locks;
+pub use locks::{lock_kind_of, signal_pending, KernelLock};
+
 /// Entries asked from the cluster per readdir call: the kernel's readdir buffer (one page
 /// for readdir, a few for readdirplus) holds about this many, so more would be fetched for
 /// nothing and fetched again from the next offset.
@@ -131,6 +134,8 @@ pub struct KerFs {
     files: Mutex<HashMap<u64, Arc<OpenFile>>>,
     dirs: Mutex<HashMap<u64, Arc<OpenDir>>>,
     next_fh: AtomicU64,
+    /// Who may hold POSIX locks through this mount (see `locks`).
+    lock_owners: locks::LockOwners,
 }
 
 impl KerFs {
@@ -145,6 +150,7 @@ impl KerFs {
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            lock_owners: locks::LockOwners::default(),
         }
     }
 

@@ -1,0 +1,256 @@
+//! Record locks of the mount: fcntl (POSIX and OFD) and flock requests from the kernel
+//! become cluster lock commands, so a lock taken through one mount holds against every
+//! other mount of the cluster.
+//!
+//! The cluster never waits: a lock that is taken answers EAGAIN. A blocking request
+//! (F_SETLKW, flock without LOCK_NB) waits here, in the task that serves it, polling the
+//! cluster with a read (no log entry per poll) every 20 ms at first and then every 100 ms,
+//! and trying the lock again whenever the read says it is free. It gives up only when the
+//! waiting thread has a signal to take ([`signal_pending`]): the reply is then EINTR, which
+//! the kernel turns into a restart of the call or EINTR, as for a local lock. fuser 0.18
+//! answers FUSE_INTERRUPT with ENOSYS itself, so without this check a waiter killed with
+//! SIGKILL would hang in D state until the lock came free.
+//!
+//! Who releases what:
+//! - a POSIX lock goes when its process closes any descriptor of the file: FUSE flush
+//!   carries the process's lock owner and [`KerFs::release_owner_locks`] sends
+//!   `ReleaseLocks` (only for owners this mount saw lock the file, so a plain close costs
+//!   no cluster command);
+//! - flock and OFD locks belong to the open file description and go with its last close:
+//!   the cluster drops every lock of a handle when the handle is closed (FUSE release);
+//! - a mount that dies loses its session, and the session's expiry closes its handles.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use kerfs_proto::{GetLock, LockKind, LockType, SetLock};
+use tracing::warn;
+
+use super::{lock, KerFs};
+use crate::error::{FsError, FsResult};
+
+/// First and longest pause between two polls of a blocked lock request.
+const POLL_FIRST: Duration = Duration::from_millis(20);
+const POLL_MAX: Duration = Duration::from_millis(100);
+
+/// The largest offset the kernel accepts in a lock (OFFSET_MAX): a lock "to end of file".
+const OFFSET_MAX: u64 = i64::MAX as u64;
+
+/// A lock as the kernel describes it (`struct fuse_file_lock`): inclusive byte range,
+/// F_RDLCK / F_WRLCK / F_UNLCK, and the pid to show in F_GETLK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelLock {
+    pub start: u64,
+    pub end: u64,
+    pub typ: i32,
+    pub pid: u32,
+}
+
+/// (cluster inode, lock owner) pairs that took a POSIX lock through this mount and have
+/// not closed a descriptor of the file since: the only flushes that need a cluster command.
+#[derive(Debug, Default)]
+pub(crate) struct LockOwners(Mutex<HashSet<(u64, u64)>>);
+
+fn lock_type(typ: i32) -> FsResult<LockType> {
+    match typ {
+        libc::F_RDLCK => Ok(LockType::Read),
+        libc::F_WRLCK => Ok(LockType::Write),
+        libc::F_UNLCK => Ok(LockType::Unlock),
+        _ => Err(FsError::new(
+            libc::EINVAL,
+            format!("unknown lock type {typ}"),
+        )),
+    }
+}
+
+fn kernel_type(t: i32) -> i32 {
+    if t == LockType::Write as i32 {
+        libc::F_WRLCK
+    } else {
+        libc::F_RDLCK
+    }
+}
+
+impl KerFs {
+    /// F_GETLK (and F_OFD_GETLK): the first lock of another owner, on any mount, that
+    /// would stop `want`; `want` itself with type F_UNLCK when none would.
+    pub async fn getlk(&self, fh: u64, owner: u64, want: KernelLock) -> FsResult<KernelLock> {
+        let file = self.file(fh)?;
+        let typ = lock_type(want.typ)?;
+        if typ == LockType::Unlock {
+            return Err(FsError::new(libc::EINVAL, "F_GETLK of an unlock"));
+        }
+        let held = self
+            .client
+            .get_lock(GetLock {
+                ino: file.ino,
+                client_id: 0, // this session
+                owner,
+                start: want.start,
+                end: want.end,
+                r#type: typ as i32,
+                kind: LockKind::Posix as i32,
+            })
+            .await?;
+        Ok(match held {
+            Some(l) => KernelLock {
+                start: l.start.min(OFFSET_MAX),
+                end: l.end.min(OFFSET_MAX),
+                typ: kernel_type(l.r#type),
+                // The holder's pid as its own mount saw it: right when both mounts are on
+                // one machine; the kernel shows 0 for a pid it does not know.
+                pid: l.pid,
+            },
+            None => KernelLock {
+                typ: libc::F_UNLCK,
+                ..want
+            },
+        })
+    }
+
+    /// F_SETLK / F_SETLKW / flock: takes, changes or releases a lock of `kind`. With
+    /// `sleep`, waits until the lock is granted or thread `tid` (0: nobody to watch) has a
+    /// signal to take (EINTR).
+    pub async fn setlk(
+        &self,
+        fh: u64,
+        owner: u64,
+        want: KernelLock,
+        kind: LockKind,
+        sleep: bool,
+        tid: u32,
+    ) -> FsResult<()> {
+        let file = self.file(fh)?;
+        let typ = lock_type(want.typ)?;
+        if typ == LockType::Unlock {
+            // Whoever takes the lock next, on any mount, must find what was written under
+            // it: push it out of the write-behind buffer before letting go.
+            if let Err(e) = file.data.fsync().await {
+                warn!(ino = file.ino, error = %e, "writing data back before an unlock");
+            }
+        } else if kind == LockKind::Posix {
+            lock(&self.lock_owners.0).insert((file.ino, owner));
+        }
+        let req = SetLock {
+            handle: file.handle,
+            owner,
+            pid: want.pid,
+            start: want.start,
+            end: want.end,
+            r#type: typ as i32,
+            kind: kind as i32,
+        };
+        let mut pause = POLL_FIRST;
+        loop {
+            match self.client.set_lock(req.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(e) if sleep && e.errno() == libc::EAGAIN => {}
+                Err(e) => return Err(e.into()),
+            }
+            // Taken: wait with cheap reads until it looks free, then try again (another
+            // waiter may get there first; then we wait again).
+            loop {
+                if tid != 0 && signal_pending(tid) {
+                    return Err(FsError::new(
+                        libc::EINTR,
+                        format!(
+                            "waiting for a lock on inode {} interrupted by a signal",
+                            file.ino
+                        ),
+                    ));
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 3 / 2).min(POLL_MAX);
+                let held = self
+                    .client
+                    .get_lock(GetLock {
+                        ino: file.ino,
+                        client_id: 0,
+                        owner,
+                        start: want.start,
+                        end: want.end,
+                        r#type: typ as i32,
+                        kind: kind as i32,
+                    })
+                    .await?;
+                if held.is_none() {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// A descriptor of the file open as `fh` was closed by the process with lock owner
+    /// `owner`: its POSIX locks on the file go (on every descriptor, as POSIX says).
+    pub async fn release_owner_locks(&self, fh: u64, owner: u64) -> FsResult<()> {
+        let file = self.file(fh)?;
+        if !lock(&self.lock_owners.0).remove(&(file.ino, owner)) {
+            return Ok(());
+        }
+        self.client
+            .release_locks(file.handle, owner, LockKind::Posix)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Which namespace a lock request belongs to. The kernel marks flock requests with
+/// FUSE_LK_FLOCK, but fuser 0.18 does not pass that flag on; the requesting thread is
+/// still inside its system call while we serve it, so /proc says which call it is. When
+/// that cannot be read (the thread is gone, or the mount may not look), the request is
+/// taken as POSIX: flock then behaves as on NFS (a whole-file POSIX lock of the open file).
+pub fn lock_kind_of(tid: u32) -> LockKind {
+    if tid == 0 {
+        return LockKind::Posix;
+    }
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{tid}/syscall")) else {
+        return LockKind::Posix;
+    };
+    match s.split_whitespace().next().map(str::parse::<i64>) {
+        Some(Ok(nr)) if nr == libc::SYS_flock => LockKind::Flock,
+        _ => LockKind::Posix,
+    }
+}
+
+/// Whether thread `tid` has a signal waiting that it neither blocks nor ignores (or no
+/// longer exists): a blocked lock request must then return so the signal can be taken.
+pub fn signal_pending(tid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
+        return true; // gone: nobody waits any more
+    };
+    let mask = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or(0)
+    };
+    let pending = mask("SigPnd:") | mask("ShdPnd:");
+    pending & !mask("SigBlk:") & !mask("SigIgn:") != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_types_map_both_ways() {
+        assert_eq!(lock_type(libc::F_RDLCK).unwrap(), LockType::Read);
+        assert_eq!(lock_type(libc::F_WRLCK).unwrap(), LockType::Write);
+        assert_eq!(lock_type(libc::F_UNLCK).unwrap(), LockType::Unlock);
+        assert_eq!(lock_type(77).unwrap_err().errno, libc::EINVAL);
+        assert_eq!(kernel_type(LockType::Write as i32), libc::F_WRLCK);
+        assert_eq!(kernel_type(LockType::Read as i32), libc::F_RDLCK);
+    }
+
+    #[test]
+    fn a_running_thread_is_not_in_flock_and_has_no_signal() {
+        let tid = std::process::id();
+        assert_eq!(lock_kind_of(tid), LockKind::Posix);
+        assert_eq!(lock_kind_of(0), LockKind::Posix);
+        assert!(!signal_pending(tid));
+        // A thread that does not exist has nobody waiting.
+        assert!(signal_pending(u32::MAX - 1));
+    }
+}
