@@ -143,7 +143,7 @@ impl KerFs {
         };
         let mut pause = POLL_FIRST;
         loop {
-            match self.client.set_lock(req.clone()).await {
+            match self.client.set_lock(req).await {
                 Ok(()) => return Ok(()),
                 Err(e) if sleep && e.errno() == libc::EAGAIN => {}
                 Err(e) => return Err(e.into()),

@@ -83,10 +83,10 @@ pub fn apply(locks: &mut Vec<FileLock>, req: &FileLock) -> Result<(), FileLock> 
     let unlock = req.r#type == LockType::Unlock as i32;
     if !unlock {
         if let Some(c) = first_conflict(locks, req) {
-            return Err(c.clone());
+            return Err(*c);
         }
     }
-    let mut merged = req.clone();
+    let mut merged = *req;
     let mut out = Vec::with_capacity(locks.len() + 2);
     for l in locks.drain(..) {
         if !same_owner(&l, req) || !(overlaps(&l, req) || adjacent(&l, req)) {
@@ -108,7 +108,7 @@ pub fn apply(locks: &mut Vec<FileLock>, req: &FileLock) -> Result<(), FileLock> 
         if l.start < req.start {
             out.push(FileLock {
                 end: req.start - 1,
-                ..l.clone()
+                ..l
             });
         }
         if l.end > req.end {
@@ -248,7 +248,7 @@ pub fn get_lock(state: &dyn KvRead, g: &GetLock) -> R<Reply> {
     };
     let locks = load(state, g.ino)?;
     Ok(Reply {
-        lock: first_conflict(&locks, &want).cloned(),
+        lock: first_conflict(&locks, &want).copied(),
         ..Default::default()
     })
 }
@@ -381,10 +381,7 @@ mod tests {
             ..lk(2, 0, EOF, LockType::Write)
         };
         apply(&mut v, &flock).unwrap();
-        let flock2 = FileLock {
-            owner: 3,
-            ..flock.clone()
-        };
+        let flock2 = FileLock { owner: 3, ..flock };
         assert_eq!(apply(&mut v, &flock2).unwrap_err().owner, 2);
         // The same owner number in the other namespace is another owner.
         let posix_as_2 = lk(2, 0, 0, LockType::Read);
