@@ -323,6 +323,29 @@ fn helper_command(fds: &mut Vec<libc::c_int>, words: &[&str]) -> Option<String> 
                 format!("{t} {} {} {}", fl.l_start, fl.l_len, fl.l_pid)
             }
         }
+        // F_SETLKW of the whole file, with a SIGUSR1 sent to this very thread 500 ms in; the
+        // handler has SA_RESTART if `restart` is 1.
+        ["intr", i, restart] => {
+            let fd = fd(i, fds)?;
+            extern "C" fn on_usr1(_: libc::c_int) {}
+            // SAFETY: installs a handler that does nothing; plain libc calls.
+            let (pid, tid) = unsafe {
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = on_usr1 as *const () as usize;
+                sa.sa_flags = if *restart == "1" { libc::SA_RESTART } else { 0 };
+                libc::sigemptyset(&mut sa.sa_mask);
+                libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
+                (libc::getpid(), libc::gettid())
+            };
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(500));
+                // SAFETY: signals a thread of this process.
+                unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, libc::SIGUSR1) };
+            });
+            let fl = flock_of(libc::F_WRLCK as libc::c_short, 0, 0);
+            // SAFETY: fcntl with a valid struct flock.
+            answer_of(unsafe { libc::fcntl(fd, libc::F_SETLKW, &fl) })
+        }
         ["flock", i, how] => {
             let op = match *how {
                 "ex" => libc::LOCK_EX,
@@ -430,6 +453,20 @@ fn fcntl_locks(a: &Path, b: &Path) -> Result<()> {
     info!(after = ?t.elapsed(), "B's waiter got the lock");
     ha.run("lock 0 r 0 1 nb", &eagain())?;
     ha.run("getlk 0 w 10 10", &format!("w 0 0 {}", hb.pid()))?;
+    hb.run("lock 0 u 0 0 nb", "ok")?;
+
+    info!("a signal ends a blocked F_SETLKW with EINTR, or restarts it under SA_RESTART");
+    ha.run("lock 0 w 0 0 nb", "ok")?;
+    let t = Instant::now();
+    hb.run("intr 0 0", &format!("err {}", libc::EINTR))?;
+    ensure!(
+        t.elapsed() >= Duration::from_millis(400),
+        "F_SETLKW returned EINTR after {:?}, before the signal",
+        t.elapsed()
+    );
+    hb.start_blocked("intr 0 1")?;
+    ha.run("lock 0 u 0 0 nb", "ok")?;
+    hb.expect("F_SETLKW restarted after the signal", "ok")?;
     hb.run("lock 0 u 0 0 nb", "ok")?;
 
     info!("read locks are shared across mounts, a writer is kept out");

@@ -213,20 +213,32 @@ pub fn lock_kind_of(tid: u32) -> LockKind {
     }
 }
 
-/// Whether thread `tid` has a signal waiting that it neither blocks nor ignores (or no
-/// longer exists): a blocked lock request must then return so the signal can be taken.
+/// Whether thread `tid` has a signal waiting that it neither blocks nor ignores: a blocked
+/// lock request must then return so the signal can be taken (the kernel restarts the call
+/// afterwards unless the handler says otherwise). Signals sent to the whole process count
+/// only for a single-threaded one: otherwise the kernel may give them to another thread,
+/// exactly as a local lock waiter would stay blocked. SIGKILL is queued on every thread.
+/// When /proc cannot say (another pid namespace), nothing is pending: answering EINTR with
+/// no signal to take would hand the program a raw ERESTARTSYS.
 pub fn signal_pending(tid: u32) -> bool {
     let Ok(status) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
-        return true; // gone: nobody waits any more
+        return false;
     };
-    let mask = |name: &str| -> u64 {
+    let field = |name: &str| {
         status
             .lines()
             .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .map(str::trim)
+    };
+    let mask = |name: &str| -> u64 {
+        field(name)
+            .and_then(|v| u64::from_str_radix(v, 16).ok())
             .unwrap_or(0)
     };
-    let pending = mask("SigPnd:") | mask("ShdPnd:");
+    let mut pending = mask("SigPnd:");
+    if field("Threads:") == Some("1") {
+        pending |= mask("ShdPnd:");
+    }
     pending & !mask("SigBlk:") & !mask("SigIgn:") != 0
 }
 
@@ -250,7 +262,7 @@ mod tests {
         assert_eq!(lock_kind_of(tid), LockKind::Posix);
         assert_eq!(lock_kind_of(0), LockKind::Posix);
         assert!(!signal_pending(tid));
-        // A thread that does not exist has nobody waiting.
-        assert!(signal_pending(u32::MAX - 1));
+        // A thread /proc does not show: nothing to interrupt for.
+        assert!(!signal_pending(u32::MAX - 1));
     }
 }
