@@ -324,6 +324,21 @@ mod tests {
     }
 
     #[test]
+    fn one_request_over_several_locks_of_the_owner() {
+        let mut v = Vec::new();
+        apply(&mut v, &lk(1, 0, 9, LockType::Read)).unwrap();
+        apply(&mut v, &lk(1, 10, 19, LockType::Write)).unwrap();
+        apply(&mut v, &lk(1, 20, 29, LockType::Read)).unwrap();
+        apply(&mut v, &lk(1, 40, 49, LockType::Write)).unwrap();
+        // Cuts both reads, swallows the write it overlaps, merges with the adjacent write.
+        apply(&mut v, &lk(1, 5, 39, LockType::Write)).unwrap();
+        assert_eq!(shape(&v), vec![(1, 0, 4, R_), (1, 5, 49, W_)]);
+        // An unlock across all of it leaves only what sticks out.
+        apply(&mut v, &lk(1, 2, 47, LockType::Unlock)).unwrap();
+        assert_eq!(shape(&v), vec![(1, 0, 1, R_), (1, 48, 49, W_)]);
+    }
+
+    #[test]
     fn adjacent_lock_of_other_type_is_kept() {
         let mut v = Vec::new();
         apply(&mut v, &lk(1, 0, 9, LockType::Read)).unwrap();
