@@ -8,6 +8,9 @@
 //!   and a waiter killed with SIGKILL.
 //! - `flock_across_two_mounts`: LOCK_EX/LOCK_SH/LOCK_NB, a blocking flock, flock and fcntl
 //!   locks not seeing each other, release on close and on SIGKILL.
+//! - `a_dead_mount_frees_its_locks`: kill -9 of the `kerfs` process of one mount; its locks
+//!   go when its session lease (`-o lease=2`) runs out, and a waiter on the other mount
+//!   gets them.
 //!
 //! Needs root, /dev/fuse and fuse3; fails (does not skip) without them.
 
@@ -55,13 +58,13 @@ struct Mount {
 }
 
 impl Mount {
-    fn new(cluster: &KerfsCluster, name: &str) -> Result<Mount> {
+    fn new(cluster: &KerfsCluster, name: &str, extra: &str) -> Result<Mount> {
         let tmp = tempfile::Builder::new()
             .prefix(&format!("kerfs-lk-{name}-"))
             .tempdir()?;
         let log = cluster.meta.dir.path().join(format!("kerfs-{name}.log"));
         let opts = format!(
-            "key_file={},log={},attr_timeout=0,entry_timeout=0",
+            "key_file={},log={},attr_timeout=0,entry_timeout=0{extra}",
             cluster.meta.key_file.display(),
             log.display()
         );
@@ -88,6 +91,24 @@ impl Mount {
 
     fn path(&self) -> &Path {
         self.tmp.path()
+    }
+
+    /// The pid of the `kerfs` process serving this mount (found by its command line).
+    fn daemon_pid(&self) -> Result<i32> {
+        let dir = self.path().as_os_str().as_bytes();
+        for e in std::fs::read_dir("/proc")?.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+                continue;
+            };
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            if args.first().is_some_and(|a| a.ends_with(b"kerfs")) && args.contains(&dir) {
+                return Ok(pid);
+            }
+        }
+        bail!("no kerfs process serves {}", self.path().display())
     }
 
     fn log_tail(&self) -> String {
@@ -182,7 +203,11 @@ impl Helper {
     }
 
     fn expect(&mut self, what: &str, want: &str) -> Result<()> {
-        let got = self.answer(what, ANSWER_WITHIN)?;
+        self.expect_within(what, want, ANSWER_WITHIN)
+    }
+
+    fn expect_within(&mut self, what: &str, want: &str, within: Duration) -> Result<()> {
+        let got = self.answer(what, within)?;
         ensure!(
             got == want,
             "{}: {what:?} answered {got:?}, expected {want:?}",
@@ -403,8 +428,8 @@ where
     init_tracing();
     let _serial = SERIAL.lock().await;
     let cluster = KerfsCluster::start(KerfsClusterOptions::default()).await?;
-    let a = Mount::new(&cluster, "a")?;
-    let b = Mount::new(&cluster, "b")?;
+    let a = Mount::new(&cluster, "a", "")?;
+    let b = Mount::new(&cluster, "b", "")?;
     let (pa, pb) = (a.path().to_path_buf(), b.path().to_path_buf());
     let r = tokio::task::spawn_blocking(move || test(&pa, &pb))
         .await
@@ -570,4 +595,56 @@ async fn fcntl_locks_across_two_mounts() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn flock_across_two_mounts() -> Result<()> {
     with_two_mounts(flocks).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_mount_frees_its_locks() -> Result<()> {
+    require_root_and_fuse();
+    init_tracing();
+    let _serial = SERIAL.lock().await;
+    let cluster = KerfsCluster::start(KerfsClusterOptions::default()).await?;
+    let a = Mount::new(&cluster, "a", ",lease=2")?;
+    let b = Mount::new(&cluster, "b", "")?;
+    let a_pid = a.daemon_pid()?;
+    let (pa, pb) = (a.path().join("h"), b.path().join("h"));
+    let r = tokio::task::spawn_blocking(move || -> Result<()> {
+        std::fs::write(&pa, b"held by a mount that dies")?;
+        let mut ha = Helper::spawn("holder on A")?;
+        let mut hb = Helper::spawn("waiter on B")?;
+        ha.run(&format!("open {}", pa.display()), "fd 0")?;
+        hb.run(&format!("open {}", pb.display()), "fd 0")?;
+        ha.run("lock 0 w 0 0 nb", "ok")?;
+        ha.run("flock 0 ex", "ok")?;
+        hb.run("lock 0 r 0 0 nb", &eagain())?;
+        hb.run("flock 0 shnb", &format!("err {}", libc::EWOULDBLOCK))?;
+        hb.start_blocked("lock 0 w 0 0 wait")?;
+        info!(pid = a_pid, "kill -9 of mount A's kerfs process");
+        // SAFETY: signals the kerfs process this test started.
+        ensure!(
+            unsafe { libc::kill(a_pid, libc::SIGKILL) } == 0,
+            "kill failed"
+        );
+        let t = Instant::now();
+        hb.expect_within("F_SETLKW after mount A died", "ok", Duration::from_secs(30))?;
+        info!(after = ?t.elapsed(), "the lease of the dead mount ran out; B got the lock");
+        ensure!(
+            t.elapsed() >= Duration::from_millis(1000),
+            "the lock came free {:?} after the kill, before A's lease could end",
+            t.elapsed()
+        );
+        hb.run("flock 0 ex", "ok")?;
+        hb.quit()?;
+        drop(ha); // on a dead mount: killed
+        Ok(())
+    })
+    .await
+    .expect("test thread");
+    if let Err(e) = r {
+        for m in [&a, &b] {
+            eprintln!("--- tail of {} ---\n{}", m.log.display(), m.log_tail());
+        }
+        return Err(e);
+    }
+    b.unmount()?;
+    Ok(())
 }
