@@ -431,4 +431,89 @@ mod tests {
         apply(&mut v, &lk(1, u64::MAX, u64::MAX, LockType::Write)).unwrap();
         assert_eq!(shape(&v), vec![(1, 1, u64::MAX, W_)]);
     }
+
+    /// `apply` against a byte-by-byte model on a small file: every byte knows which owner
+    /// holds it how. Random requests of 4 owners (two clients, both kinds); after each,
+    /// the locks must cover exactly the model's bytes, and each owner's locks must be
+    /// disjoint and fully merged (no two of one type touching).
+    #[test]
+    fn random_requests_match_a_byte_model() {
+        use rand::rngs::StdRng;
+        use rand::{Rng, SeedableRng};
+        use std::collections::BTreeMap;
+
+        const BYTES: u64 = 48;
+        type Owner = (u64, u64, i32); // client, owner, kind
+        for seed in 0..300u64 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut v: Vec<FileLock> = Vec::new();
+            // byte -> owner -> type
+            let mut model: Vec<BTreeMap<Owner, i32>> = vec![BTreeMap::new(); BYTES as usize];
+            for step in 0..200 {
+                let who = rng.gen_range(0..4u64);
+                let kind = if rng.gen_bool(0.8) {
+                    LockKind::Posix
+                } else {
+                    LockKind::Flock
+                };
+                let start = rng.gen_range(0..BYTES);
+                let end = rng.gen_range(start..BYTES);
+                let t = match rng.gen_range(0..3) {
+                    0 => LockType::Read,
+                    1 => LockType::Write,
+                    _ => LockType::Unlock,
+                };
+                let req = FileLock {
+                    client_id: 1 + who / 2,
+                    owner: who % 2,
+                    handle: who,
+                    pid: 0,
+                    start,
+                    end,
+                    r#type: t as i32,
+                    kind: kind as i32,
+                };
+                let me: Owner = (req.client_id, req.owner, req.kind);
+                let w = LockType::Write as i32;
+                let blocked = t != LockType::Unlock
+                    && (start..=end).any(|b| {
+                        model[b as usize]
+                            .iter()
+                            .any(|(o, &ty)| o.2 == me.2 && *o != me && (ty == w || t as i32 == w))
+                    });
+                let got = apply(&mut v, &req);
+                assert_eq!(got.is_err(), blocked, "seed {seed} step {step}: {req:?}");
+                if let Err(c) = got {
+                    assert!(conflicts(&c, &req), "seed {seed} step {step}");
+                    continue;
+                }
+                for b in start..=end {
+                    if t == LockType::Unlock {
+                        model[b as usize].remove(&me);
+                    } else {
+                        model[b as usize].insert(me, t as i32);
+                    }
+                }
+                // The locks, byte by byte, are the model.
+                let mut seen: Vec<BTreeMap<Owner, i32>> = vec![BTreeMap::new(); BYTES as usize];
+                for l in &v {
+                    assert!(l.start <= l.end);
+                    for b in l.start..=l.end {
+                        let prev =
+                            seen[b as usize].insert((l.client_id, l.owner, l.kind), l.r#type);
+                        assert!(prev.is_none(), "seed {seed} step {step}: overlap in {v:?}");
+                    }
+                }
+                assert_eq!(seen, model, "seed {seed} step {step}");
+                // Fully merged: no two locks of one owner and type touch.
+                for a in &v {
+                    for b in &v {
+                        if !std::ptr::eq(a, b) && same_owner(a, b) && a.r#type == b.r#type {
+                            assert!(!adjacent(a, b), "seed {seed} step {step}: {v:?}");
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
