@@ -18,7 +18,20 @@
 //!   no cluster command);
 //! - flock and OFD locks belong to the open file description and go with its last close:
 //!   the cluster drops every lock of a handle when the handle is closed (FUSE release);
-//! - a mount that dies loses its session, and the session's expiry closes its handles.
+//! - a mount that dies loses its session, and the session's expiry closes its handles
+//!   (`-o lease=SECS` says how soon).
+//!
+//! Known differences from local locks:
+//! - no deadlock detection (EDEADLK): two F_SETLKW waiting on each other wait until a
+//!   signal; no FIFO order among waiters either (neither has Linux's POSIX locks), and a
+//!   waiter notices a release within one poll period, not at once;
+//! - flock and OFD locks are freed by FUSE release, which the kernel sends in the background
+//!   after the last close: another mount may see them for a moment after close(2) returns
+//!   (a blocking request simply waits for it);
+//! - the pid F_GETLK shows is the holder's on its own machine;
+//! - data: an unlock writes back what this mount buffered, but another mount's page cache
+//!   and chunk tables are only refreshed by an open (close-to-open), not by taking a lock;
+//! - flock on a directory stays local: the kernel does not send it to FUSE.
 
 use std::collections::HashSet;
 use std::sync::Mutex;
