@@ -506,6 +506,16 @@ fn fcntl_locks(a: &Path, b: &Path) -> Result<()> {
     hb.run("lock 0 u 0 0 nb", "ok")?;
     hc.run("lock 0 u 0 0 nb", "ok")?;
 
+    info!("two processes on one mount: a waiter there is woken by the unlock");
+    ha.run("lock 0 w 0 0 nb", "ok")?;
+    hc.start_blocked("lock 0 w 0 0 wait")?;
+    let t = Instant::now();
+    ha.run("lock 0 u 0 0 nb", "ok")?;
+    hc.expect("F_SETLKW after an unlock on the same mount", "ok")?;
+    info!(after = ?t.elapsed(), "the waiter on A got the lock");
+    hb.run("lock 0 r 0 1 nb", &eagain())?;
+    hc.run("lock 0 u 0 0 nb", "ok")?;
+
     info!("closing another descriptor of the file drops the process's POSIX locks");
     ha.run("lock 0 w 0 0 nb", "ok")?;
     ha.run(&format!("open {}", fa.display()), "fd 1")?;

@@ -134,8 +134,8 @@ pub struct KerFs {
     files: Mutex<HashMap<u64, Arc<OpenFile>>>,
     dirs: Mutex<HashMap<u64, Arc<OpenDir>>>,
     next_fh: AtomicU64,
-    /// Who may hold POSIX locks through this mount (see `locks`).
-    lock_owners: locks::LockOwners,
+    /// Lock bookkeeping of this mount (see `locks`).
+    locks: locks::MountLocks,
 }
 
 impl KerFs {
@@ -150,7 +150,7 @@ impl KerFs {
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
-            lock_owners: locks::LockOwners::default(),
+            locks: locks::MountLocks::default(),
         }
     }
 

@@ -5,7 +5,8 @@
 //! The cluster never waits: a lock that is taken answers EAGAIN. A blocking request
 //! (F_SETLKW, flock without LOCK_NB) waits here, in the task that serves it, polling the
 //! cluster with a read (no log entry per poll) every 20 ms at first and then every 100 ms,
-//! and trying the lock again whenever the read says it is free. It gives up only when the
+//! and trying the lock again whenever the read says it is free; an unlock through this
+//! same mount wakes its waiters at once. It gives up only when the
 //! waiting thread has a signal to take ([`signal_pending`]): the reply is then EINTR, which
 //! the kernel turns into a restart of the call or EINTR, as for a local lock. fuser 0.18
 //! answers FUSE_INTERRUPT with ENOSYS itself, so without this check a waiter killed with
@@ -60,10 +61,16 @@ pub struct KernelLock {
     pub pid: u32,
 }
 
-/// (cluster inode, lock owner) pairs that took a POSIX lock through this mount and have
-/// not closed a descriptor of the file since: the only flushes that need a cluster command.
+/// What a mount keeps about its locks.
 #[derive(Debug, Default)]
-pub(crate) struct LockOwners(Mutex<HashSet<(u64, u64)>>);
+pub(crate) struct MountLocks {
+    /// (cluster inode, lock owner) pairs that took a POSIX lock through this mount and have
+    /// not closed a descriptor of the file since: the only flushes that need a command.
+    owners: Mutex<HashSet<(u64, u64)>>,
+    /// Signalled after every unlock sent from here: waiters on this mount try again now
+    /// instead of at their next poll.
+    released: tokio::sync::Notify,
+}
 
 fn lock_type(typ: i32) -> FsResult<LockType> {
     match typ {
@@ -143,7 +150,7 @@ impl KerFs {
                 warn!(ino = file.ino, error = %e, "writing data back before an unlock");
             }
         } else if kind == LockKind::Posix {
-            lock(&self.lock_owners.0).insert((file.ino, owner));
+            lock(&self.locks.owners).insert((file.ino, owner));
         }
         let req = SetLock {
             handle: file.handle,
@@ -156,13 +163,23 @@ impl KerFs {
         };
         let mut pause = POLL_FIRST;
         loop {
+            // Created before the attempt, so an unlock on this mount right after a refusal
+            // is not missed (tokio wakes a `notified()` from its creation on).
+            let released = self.locks.released.notified();
+            tokio::pin!(released);
             match self.client.set_lock(req).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    if typ == LockType::Unlock {
+                        self.locks.released.notify_waiters();
+                    }
+                    return Ok(());
+                }
                 Err(e) if sleep && e.errno() == libc::EAGAIN => {}
                 Err(e) => return Err(e.into()),
             }
-            // Taken: wait with cheap reads until it looks free, then try again (another
-            // waiter may get there first; then we wait again).
+            // Taken: wait with cheap reads until it looks free (read at once when something
+            // was unlocked here), then try again; another waiter may get there first, then
+            // we wait again.
             loop {
                 if tid != 0 && signal_pending(tid) {
                     return Err(FsError::new(
@@ -173,8 +190,15 @@ impl KerFs {
                         ),
                     ));
                 }
-                tokio::time::sleep(pause).await;
+                let woken = tokio::select! {
+                    _ = tokio::time::sleep(pause) => false,
+                    _ = &mut released => true,
+                };
                 pause = (pause * 3 / 2).min(POLL_MAX);
+                if woken {
+                    // Spent: watch again from before the read below.
+                    released.set(self.locks.released.notified());
+                }
                 let held = self
                     .client
                     .get_lock(GetLock {
@@ -198,13 +222,15 @@ impl KerFs {
     /// `owner`: its POSIX locks on the file go (on every descriptor, as POSIX says).
     pub async fn release_owner_locks(&self, fh: u64, owner: u64) -> FsResult<()> {
         let file = self.file(fh)?;
-        if !lock(&self.lock_owners.0).remove(&(file.ino, owner)) {
+        if !lock(&self.locks.owners).remove(&(file.ino, owner)) {
             return Ok(());
         }
-        self.client
+        let r = self
+            .client
             .release_locks(file.handle, owner, LockKind::Posix)
-            .await?;
-        Ok(())
+            .await;
+        self.locks.released.notify_waiters();
+        Ok(r?)
     }
 }
 
