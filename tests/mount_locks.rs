@@ -3,9 +3,9 @@
 //! binary run again as `lock_helper`, driven line by line over its stdin/stdout), because
 //! POSIX locks belong to processes and must be seen to die with them.
 //!
-//! - `fcntl_locks_across_two_mounts`: F_SETLK/F_GETLK/F_SETLKW, shared read locks,
-//!   disjoint and split ranges, release on close of another descriptor, OFD locks, a holder
-//!   and a waiter killed with SIGKILL.
+//! - `fcntl_locks_across_two_mounts`: F_SETLK/F_GETLK/F_SETLKW, EINTR and SA_RESTART of a
+//!   waiter, EDEADLK across mounts, shared read locks, disjoint and split ranges, release on
+//!   close of another descriptor, OFD locks, a holder and a waiter killed with SIGKILL.
 //! - `flock_across_two_mounts`: LOCK_EX/LOCK_SH/LOCK_NB, a blocking flock, flock and fcntl
 //!   locks not seeing each other, release on close and on SIGKILL.
 //! - `a_dead_mount_frees_its_locks`: kill -9 of the `kerfs` process of one mount; its locks
@@ -493,6 +493,15 @@ fn fcntl_locks(a: &Path, b: &Path) -> Result<()> {
     ha.run("lock 0 u 0 0 nb", "ok")?;
     hb.expect("F_SETLKW restarted after the signal", "ok")?;
     hb.run("lock 0 u 0 0 nb", "ok")?;
+
+    info!("F_SETLKW that would close a cycle of waiters across mounts fails with EDEADLK");
+    ha.run("lock 0 w 0 1 nb", "ok")?;
+    hb.run("lock 0 w 1 1 nb", "ok")?;
+    ha.start_blocked("lock 0 w 1 1 wait")?;
+    hb.run("lock 0 w 0 1 wait", &format!("err {}", libc::EDEADLK))?;
+    hb.run("lock 0 u 0 0 nb", "ok")?;
+    ha.expect("F_SETLKW once the other side gave up", "ok")?;
+    ha.run("lock 0 u 0 0 nb", "ok")?;
 
     info!("read locks are shared across mounts, a writer is kept out");
     ha.run("lock 0 r 0 0 nb", "ok")?;

@@ -628,6 +628,16 @@ impl MetaClient {
         check(r).map(|_| ())
     }
 
+    /// `owner` no longer waits for a POSIX lock (its F_SETLKW was interrupted).
+    pub async fn cancel_lock_wait(&self, owner: u64) -> ClientResult<()> {
+        let r = self
+            .write(command::Op::CancelLockWait(kerfs_proto::CancelLockWait {
+                owner,
+            }))
+            .await?;
+        check(r).map(|_| ())
+    }
+
     /// Drops every lock of `owner` on the file open as `handle` (close of a descriptor).
     pub async fn release_locks(
         &self,

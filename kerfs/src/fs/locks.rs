@@ -22,10 +22,13 @@
 //! - a mount that dies loses its session, and the session's expiry closes its handles
 //!   (`-o lease=SECS` says how soon).
 //!
+//! A blocked POSIX request is sent again every second rather than only polled: the cluster
+//! keeps it recorded as waiting, and answers EDEADLK when it closes a cycle of waiters
+//! (across mounts); an interrupted waiter has its record dropped.
+//!
 //! Known differences from local locks:
-//! - no deadlock detection (EDEADLK): two F_SETLKW waiting on each other wait until a
-//!   signal; no FIFO order among waiters either (neither has Linux's POSIX locks), and a
-//!   waiter notices a release within one poll period, not at once;
+//! - no FIFO order among waiters (neither has Linux's POSIX locks), and a waiter notices a
+//!   release on another mount within one poll period, not at once;
 //! - flock and OFD locks are freed by FUSE release, which the kernel sends in the background
 //!   after the last close: another mount may see them for a moment after close(2) returns
 //!   (a blocking request simply waits for it);
@@ -47,6 +50,9 @@ use crate::error::{FsError, FsResult};
 /// First and longest pause between two polls of a blocked lock request.
 const POLL_FIRST: Duration = Duration::from_millis(20);
 const POLL_MAX: Duration = Duration::from_millis(100);
+/// How often a blocked POSIX request is sent again (not just polled with a read): it keeps
+/// the waiter recorded for deadlock detection (the cluster forgets it after 3 s).
+const REFRESH_WAIT: Duration = Duration::from_secs(1);
 
 /// The largest offset the kernel accepts in a lock (OFFSET_MAX): a lock "to end of file".
 const OFFSET_MAX: u64 = i64::MAX as u64;
@@ -160,9 +166,12 @@ impl KerFs {
             end: want.end,
             r#type: typ as i32,
             kind: kind as i32,
+            // Only POSIX waiters take part in deadlock detection, as on Linux.
+            wait: sleep && kind == LockKind::Posix,
         };
         let mut pause = POLL_FIRST;
         loop {
+            let attempt = tokio::time::Instant::now();
             // Created before the attempt, so an unlock on this mount right after a refusal
             // is not missed (tokio wakes a `notified()` from its creation on).
             let released = self.locks.released.notified();
@@ -182,6 +191,11 @@ impl KerFs {
             // we wait again.
             loop {
                 if tid != 0 && signal_pending(tid) {
+                    if req.wait {
+                        if let Err(e) = self.client.cancel_lock_wait(owner).await {
+                            warn!(error = %e, "forgetting an interrupted lock wait");
+                        }
+                    }
                     return Err(FsError::new(
                         libc::EINTR,
                         format!(
@@ -195,6 +209,9 @@ impl KerFs {
                     _ = &mut released => true,
                 };
                 pause = (pause * 3 / 2).min(POLL_MAX);
+                if req.wait && attempt.elapsed() >= REFRESH_WAIT {
+                    break; // ask again: stays recorded as waiting, or gets it
+                }
                 if woken {
                     // Spent: watch again from before the read below.
                     released.set(self.locks.released.notified());

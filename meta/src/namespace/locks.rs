@@ -15,16 +15,34 @@
 //! therefore the expiry of a dead client, which closes its handles) drops it. POSIX locks
 //! of a process also go when it closes any descriptor of the file: the mount sends
 //! [`ReleaseLocks`] from FUSE flush.
+//!
+//! Deadlocks: a refused F_SETLKW of a POSIX lock records its owner as waiting (a
+//! [`LockWait`] that lives a few seconds unless the waiting mount repeats the request).
+//! A new refused F_SETLKW whose holders wait, directly or through a chain of waiters, for
+//! the requester gets EDEADLK, as on Linux (which also looks only so far along the chain).
 
-use kerfs_proto::{FileLock, GetLock, LockKind, LockType, ReleaseLocks, Reply, SetLock};
+use std::collections::BTreeSet;
 
-use super::records::{self as rec, HandleRec, LockSet};
+use kerfs_proto::{
+    CancelLockWait, FileLock, GetLock, LockKind, LockType, ReleaseLocks, Reply, SetLock,
+};
+
+use super::records::{self as rec, HandleRec, LockSet, LockWait};
+use super::sessions::add_ms;
 use super::{Ctx, Fail, R};
 use crate::store::{KvRead, Overlay};
 
 /// Most locks one file may carry (all owners together): bounds the record a command
 /// rewrites. Beyond it a new lock fails with ENOLCK, as the kernel's lock table would.
 pub const MAX_LOCKS_PER_FILE: usize = 4096;
+
+/// How long a waiter stays recorded without repeating its request (the mount repeats it
+/// every second).
+pub const WAIT_RECORD_MS: u64 = 3_000;
+
+/// How many waiting owners the deadlock search visits before it gives up (and answers
+/// EAGAIN: no deadlock found). Linux stops after 10.
+const MAX_DEADLOCK_STEPS: usize = 64;
 
 fn key(ino: u64) -> Vec<u8> {
     rec::key_u64(rec::P_LOCKS, ino)
@@ -186,7 +204,36 @@ pub fn set_lock(ctx: &Ctx, state: &mut Overlay<'_>, s: &SetLock) -> R<Reply> {
         kind: s.kind,
     };
     let mut locks = load(state, h.ino)?;
+    let me = (ctx.client_id, s.owner);
     if let Err(c) = apply(&mut locks, &req) {
+        if s.wait && s.kind == LockKind::Posix as i32 {
+            if deadlock(ctx, state, me, &locks, &req)? {
+                return Err(Fail::new(
+                    libc::EDEADLK,
+                    format!(
+                        "waiting for bytes {}..={} of inode {} would deadlock: their holders \
+                         wait for this lock owner",
+                        s.start, s.end, h.ino
+                    ),
+                ));
+            }
+            let wait = LockWait {
+                ino: h.ino,
+                start: s.start,
+                end: s.end,
+                r#type: s.r#type,
+                expires: Some(add_ms(ctx.now, WAIT_RECORD_MS)),
+            };
+            rec::put(state, wait_key(me), &wait);
+            // Refused, but with the wait record kept: an Err would drop every write.
+            return Ok(Reply::error(
+                libc::EAGAIN,
+                format!(
+                    "bytes {}..={} of inode {} are locked by pid {} of client {} (waiting)",
+                    c.start, c.end, h.ino, c.pid, c.client_id
+                ),
+            ));
+        }
         return Err(Fail::new(
             libc::EAGAIN,
             format!(
@@ -194,6 +241,9 @@ pub fn set_lock(ctx: &Ctx, state: &mut Overlay<'_>, s: &SetLock) -> R<Reply> {
                 c.start, c.end, h.ino, c.pid, c.client_id
             ),
         ));
+    }
+    if state.get(&wait_key(me))?.is_some() {
+        state.delete(wait_key(me));
     }
     if locks.len() > MAX_LOCKS_PER_FILE {
         return Err(Fail::new(
@@ -218,7 +268,88 @@ pub fn release_locks(ctx: &Ctx, state: &mut Overlay<'_>, r: &ReleaseLocks) -> R<
     if locks.len() != before {
         store(state, h.ino, locks);
     }
+    if state.get(&wait_key((ctx.client_id, r.owner)))?.is_some() {
+        state.delete(wait_key((ctx.client_id, r.owner)));
+    }
     Ok(Reply::default())
+}
+
+/// The owner stopped waiting (a signal): it no longer takes part in deadlocks.
+pub fn cancel_wait(ctx: &Ctx, state: &mut Overlay<'_>, c: &CancelLockWait) -> R<Reply> {
+    let key = wait_key((ctx.client_id, c.owner));
+    if state.get(&key)?.is_some() {
+        state.delete(key);
+    }
+    Ok(Reply::default())
+}
+
+/// A client session ends: its owners wait for nothing any more.
+pub fn drop_client_waits(state: &mut Overlay<'_>, client: u64) -> R<()> {
+    let (start, end) = (
+        rec::key_u64(rec::P_LOCK_WAIT, client),
+        rec::end_u64(rec::P_LOCK_WAIT, client),
+    );
+    loop {
+        let rows = state.scan(&start, &end, 256)?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        for (k, _) in rows {
+            state.delete(k);
+        }
+    }
+}
+
+fn wait_key((client, owner): (u64, u64)) -> Vec<u8> {
+    rec::key_u64_u64(rec::P_LOCK_WAIT, client, owner)
+}
+
+/// Whether the POSIX owners holding what `want` (of owner `me`) needs wait, directly or
+/// through other waiting owners, for `me`. `locks` are the file's locks.
+fn deadlock(
+    ctx: &Ctx,
+    state: &dyn KvRead,
+    me: (u64, u64),
+    locks: &[FileLock],
+    want: &FileLock,
+) -> R<bool> {
+    let holders = |locks: &[FileLock], want: &FileLock| -> Vec<(u64, u64)> {
+        locks
+            .iter()
+            .filter(|l| conflicts(l, want))
+            .map(|l| (l.client_id, l.owner))
+            .collect()
+    };
+    let mut stack = holders(locks, want);
+    let mut seen = BTreeSet::new();
+    while let Some(h) = stack.pop() {
+        if h == me {
+            return Ok(true);
+        }
+        if !seen.insert(h) {
+            continue;
+        }
+        if seen.len() > MAX_DEADLOCK_STEPS {
+            return Ok(false);
+        }
+        let Some(w) = rec::get::<LockWait>(state, &wait_key(h))? else {
+            continue;
+        };
+        if rec::ts_nanos(&w.expires) < ctx.now.as_nanos() {
+            continue; // stale: that waiter went away without telling
+        }
+        let theirs = FileLock {
+            client_id: h.0,
+            owner: h.1,
+            start: w.start,
+            end: w.end,
+            r#type: w.r#type,
+            kind: LockKind::Posix as i32,
+            ..Default::default()
+        };
+        stack.extend(holders(&load(state, w.ino)?, &theirs));
+    }
+    Ok(false)
 }
 
 /// The handle is closed (by its client or by the expiry of a dead one): its locks go.

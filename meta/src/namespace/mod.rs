@@ -228,6 +228,7 @@ fn run_op(config: &NamespaceConfig, ctx: &Ctx, state: &mut Overlay<'_>, cmd: &Co
         Some(command::Op::ExpireChunkServers(_)) => chunks::expire_servers(ctx, &mut child, config),
         Some(command::Op::SetLock(s)) => locks::set_lock(ctx, &mut child, s),
         Some(command::Op::ReleaseLocks(r)) => locks::release_locks(ctx, &mut child, r),
+        Some(command::Op::CancelLockWait(c)) => locks::cancel_wait(ctx, &mut child, c),
     };
     match result {
         Ok(reply) => {

@@ -17,7 +17,7 @@ pub const SESSION_EXPIRED: &str = "client session expired; reconnect";
 /// Longest client description kept (it is only shown by kerfsctl).
 const MAX_DESCRIPTION: usize = 4096;
 
-fn add_ms(t: Timespec, ms: u64) -> Timespec {
+pub(super) fn add_ms(t: Timespec, ms: u64) -> Timespec {
     let n = t.as_nanos().saturating_add(i128::from(ms) * 1_000_000);
     let sec = n.div_euclid(1_000_000_000);
     let nsec = n.rem_euclid(1_000_000_000) as u32;
@@ -183,6 +183,7 @@ fn drop_client(state: &mut Overlay<'_>, id: u64) -> R<()> {
             }
         }
     }
+    super::locks::drop_client_waits(state, id)?;
     delete_range(
         state,
         &rec::key_u64(rec::P_REPLY, id),

@@ -987,6 +987,7 @@ fn locks_across_clients_close_and_expiry() {
             end,
             r#type: ty as i32,
             kind: LockKind::Posix as i32,
+            wait: false,
         })
     };
     let get = |client_id, owner, ty: LockType| {
@@ -1103,4 +1104,102 @@ fn locks_across_clients_close_and_expiry() {
         s.r#type = 9;
     }
     assert_eq!(t.run(client_cmd(b, 11, 11, 102, bad)).errno, libc::EINVAL);
+}
+
+/// F_SETLKW records its owner as waiting; a request whose holders wait (through a chain)
+/// for the requester gets EDEADLK; cancelled, expired or granted waits take no part.
+#[test]
+fn lock_waits_detect_deadlocks() {
+    use kerfs_proto::{CancelLockWait, LockKind, LockType, SetLock};
+    let mut t = T::new();
+    let a = register(&mut t, 100, 60_000);
+    let b = register(&mut t, 100, 60_000);
+    let c = register(&mut t, 100, 60_000);
+    let f = t.file(ROOT_INO, "f");
+    let open = |t: &mut T, client, seq| {
+        let r = t.run(client_cmd(
+            client,
+            seq,
+            seq,
+            100,
+            Op::Open(Open {
+                ino: f,
+                flags: libc::O_RDWR as u32,
+            }),
+        ));
+        assert_eq!(r.errno, 0, "{}", r.message);
+        r.handle
+    };
+    let (ha, hb, hc) = (open(&mut t, a, 1), open(&mut t, b, 1), open(&mut t, c, 1));
+    let lock = |handle, byte, wait| {
+        Op::SetLock(SetLock {
+            handle,
+            owner: 1,
+            pid: 1,
+            start: byte,
+            end: byte,
+            r#type: LockType::Write as i32,
+            kind: LockKind::Posix as i32,
+            wait,
+        })
+    };
+    // a holds byte 0, b byte 1, c byte 2.
+    for (cl, h, byte) in [(a, ha, 0), (b, hb, 1), (c, hc, 2)] {
+        assert_eq!(
+            t.run(client_cmd(cl, 2, 2, 100, lock(h, byte, false))).errno,
+            0
+        );
+    }
+    // a waits for b's byte, b for c's: both only EAGAIN (and recorded).
+    assert_eq!(
+        t.run(client_cmd(a, 3, 3, 100, lock(ha, 1, true))).errno,
+        libc::EAGAIN
+    );
+    assert_eq!(
+        t.run(client_cmd(b, 3, 3, 100, lock(hb, 2, true))).errno,
+        libc::EAGAIN
+    );
+    // c asking for a's byte closes the cycle c -> a -> b -> c.
+    let r = t.run(client_cmd(c, 3, 3, 101, lock(hc, 0, true)));
+    assert_eq!(r.errno, libc::EDEADLK, "{}", r.message);
+    // Without waiting (F_SETLK) it is just EAGAIN.
+    assert_eq!(
+        t.run(client_cmd(c, 4, 4, 101, lock(hc, 0, false))).errno,
+        libc::EAGAIN
+    );
+    // b gives up waiting: no cycle any more.
+    let cancel = Op::CancelLockWait(CancelLockWait { owner: 1 });
+    assert_eq!(t.run(client_cmd(b, 4, 4, 101, cancel)).errno, 0);
+    assert_eq!(
+        t.run(client_cmd(c, 5, 5, 101, lock(hc, 0, true))).errno,
+        libc::EAGAIN
+    );
+    // Now c waits for a, a for b: b asking for c's byte closes the cycle the other way.
+    assert_eq!(
+        t.run(client_cmd(b, 5, 5, 102, lock(hb, 2, true))).errno,
+        libc::EDEADLK
+    );
+    // Records older than their lifetime (the waiters stopped asking) take no part.
+    assert_eq!(
+        t.run(client_cmd(b, 6, 6, 110, lock(hb, 2, true))).errno,
+        libc::EAGAIN
+    );
+    // A grant forgets the grantee's wait: c releases byte 2, b gets it.
+    let unlock = Op::SetLock(SetLock {
+        handle: hc,
+        owner: 1,
+        start: 2,
+        end: 2,
+        r#type: LockType::Unlock as i32,
+        kind: LockKind::Posix as i32,
+        ..Default::default()
+    });
+    assert_eq!(t.run(client_cmd(c, 6, 6, 110, unlock)).errno, 0);
+    assert_eq!(t.run(client_cmd(b, 7, 7, 110, lock(hb, 2, true))).errno, 0);
+    assert!(t
+        .eng
+        .scan(b"W", b"X", 10)
+        .unwrap()
+        .iter()
+        .all(|(k, _)| k[1..9] != b.to_be_bytes()));
 }
