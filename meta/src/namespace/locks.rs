@@ -300,6 +300,30 @@ pub fn drop_client_waits(state: &mut Overlay<'_>, client: u64) -> R<()> {
     }
 }
 
+/// Drops the wait records whose waiter stopped asking (with the leader's client expiry
+/// sweep, so a record whose cancel was lost does not stay in the state).
+pub fn expire_waits(ctx: &Ctx, state: &mut Overlay<'_>) -> R<()> {
+    let mut start = vec![rec::P_LOCK_WAIT];
+    let end = vec![rec::P_LOCK_WAIT + 1];
+    let mut stale = Vec::new();
+    loop {
+        let rows = state.scan(&start, &end, 512)?;
+        let Some((last, _)) = rows.last() else { break };
+        start = last.clone();
+        start.push(0);
+        for (k, v) in rows {
+            let w: LockWait = rec::decode(&k, &v)?;
+            if rec::ts_nanos(&w.expires) < ctx.now.as_nanos() {
+                stale.push(k);
+            }
+        }
+    }
+    for k in stale {
+        state.delete(k);
+    }
+    Ok(())
+}
+
 fn wait_key((client, owner): (u64, u64)) -> Vec<u8> {
     rec::key_u64_u64(rec::P_LOCK_WAIT, client, owner)
 }

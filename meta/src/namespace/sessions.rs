@@ -161,6 +161,7 @@ pub fn expire(ctx: &Ctx, state: &mut Overlay<'_>) -> R<Reply> {
     for id in &expired {
         drop_client(state, *id)?;
     }
+    super::locks::expire_waits(ctx, state)?;
     Ok(Reply::default())
 }
 

@@ -1202,4 +1202,31 @@ fn lock_waits_detect_deadlocks() {
         .unwrap()
         .iter()
         .all(|(k, _)| k[1..9] != b.to_be_bytes()));
+    // c's wait from time 110 is swept by the expiry once it is old.
+    assert_eq!(
+        t.run(client_cmd(c, 7, 7, 110, lock(hc, 1, true))).errno,
+        libc::EAGAIN
+    );
+    // a's old record (a never came back) and c's.
+    assert_eq!(t.eng.scan(b"W", b"X", 10).unwrap().len(), 2);
+    t.run(client_cmd(
+        0,
+        0,
+        0,
+        112,
+        Op::ExpireClients(ExpireClients {}),
+    ));
+    assert_eq!(
+        t.eng.scan(b"W", b"X", 10).unwrap().len(),
+        1,
+        "c's is still fresh"
+    );
+    t.run(client_cmd(
+        0,
+        0,
+        0,
+        114,
+        Op::ExpireClients(ExpireClients {}),
+    ));
+    assert!(t.eng.scan(b"W", b"X", 10).unwrap().is_empty());
 }
