@@ -621,6 +621,53 @@ impl MetaClient {
         check(r).map(|_| ())
     }
 
+    /// Takes, changes or releases (type UNLOCK) a record lock through an open handle,
+    /// without waiting: a conflicting lock of another owner is `Fs { errno: EAGAIN }`.
+    pub async fn set_lock(&self, req: kerfs_proto::SetLock) -> ClientResult<()> {
+        let r = self.write(command::Op::SetLock(req)).await?;
+        check(r).map(|_| ())
+    }
+
+    /// `owner` no longer waits for a POSIX lock (its F_SETLKW was interrupted).
+    pub async fn cancel_lock_wait(&self, owner: u64) -> ClientResult<()> {
+        let r = self
+            .write(command::Op::CancelLockWait(kerfs_proto::CancelLockWait {
+                owner,
+            }))
+            .await?;
+        check(r).map(|_| ())
+    }
+
+    /// Drops every lock of `owner` on the file open as `handle` (close of a descriptor).
+    pub async fn release_locks(
+        &self,
+        handle: u64,
+        owner: u64,
+        kind: kerfs_proto::LockKind,
+    ) -> ClientResult<()> {
+        let r = self
+            .write(command::Op::ReleaseLocks(kerfs_proto::ReleaseLocks {
+                handle,
+                owner,
+                kind: kind as i32,
+            }))
+            .await?;
+        check(r).map(|_| ())
+    }
+
+    /// The first lock that would stop the one described (`client_id` 0 in the request is
+    /// filled with this session's), or `None` when it could be taken now.
+    pub async fn get_lock(
+        &self,
+        mut req: kerfs_proto::GetLock,
+    ) -> ClientResult<Option<kerfs_proto::FileLock>> {
+        if req.client_id == 0 {
+            req.client_id = self.client_id();
+        }
+        let r = self.read(read_op::Op::GetLock(req)).await?;
+        Ok(check(r)?.lock)
+    }
+
     pub async fn statfs(&self) -> ClientResult<FsStats> {
         let r = check(
             self.read(read_op::Op::StatFs(kerfs_proto::StatFs {}))

@@ -205,6 +205,7 @@ fn serve(plan: Plan, ready: Option<&mut Option<File>>) -> Result<()> {
         .context("starting the runtime")?;
     let mut config = MetaClientConfig::new(plan.addrs.clone(), plan.key.clone());
     config.deadline = plan.options.deadline;
+    config.lease = plan.options.lease;
     config.description = format!(
         "kerfs mount {} pid {}",
         plan.mountpoint.display(),

@@ -14,6 +14,9 @@ use kerfs_proto::{time_set, Attr, Caller, FileKind, FsStats, MakeNode, TimeSet, 
 
 use crate::error::{FsError, FsResult};
 
+mod locks;
+pub use locks::{lock_kind_of, signal_pending, KernelLock};
+
 /// Entries asked from the cluster per readdir call: the kernel's readdir buffer (one page
 /// for readdir, a few for readdirplus) holds about this many, so more would be fetched for
 /// nothing and fetched again from the next offset.
@@ -138,6 +141,8 @@ pub struct KerFs {
     /// write (to drop file capabilities), and asking the cluster each time cost a round trip
     /// per write. Trusted for `attr_ttl`, like every other cached attribute.
     no_caps: Mutex<HashMap<u64, Instant>>,
+    /// Lock bookkeeping of this mount (see `locks`).
+    locks: locks::MountLocks,
 }
 
 /// The extended attribute holding file capabilities.
@@ -159,6 +164,7 @@ impl KerFs {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             no_caps: Mutex::new(HashMap::new()),
+            locks: locks::MountLocks::default(),
         }
     }
 

@@ -21,7 +21,7 @@ use tokio::runtime::Handle;
 use tracing::{debug, warn};
 
 use crate::error::FsError;
-use crate::fs::{time_at, time_now, Entry, KerFs, SetAttrIn};
+use crate::fs::{lock_kind_of, time_at, time_now, Entry, KerFs, KernelLock, SetAttrIn};
 
 /// Largest write the kernel sends in one request.
 pub const MAX_WRITE: u32 = 1 << 20;
@@ -138,10 +138,14 @@ impl Filesystem for FuseFs {
         // readdirplus saves the lookup per entry that `ls -l` would cause; atomic O_TRUNC
         // makes open(O_TRUNC) one cluster command instead of setattr + open; parallel
         // dirops lets lookups and creates in one directory run at once.
+        // POSIX and flock locks come to us (and to the cluster) instead of staying in
+        // this machine's kernel, so they hold across mounts.
         let wanted = InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_ATOMIC_O_TRUNC
-            | InitFlags::FUSE_PARALLEL_DIROPS;
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_POSIX_LOCKS
+            | InitFlags::FUSE_FLOCK_LOCKS;
         if let Err(missing) = config.add_capabilities(wanted) {
             let _ = config.add_capabilities(wanted - missing);
         }
@@ -426,11 +430,18 @@ impl Filesystem for FuseFs {
         _req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
-        _lock_owner: LockOwner,
+        lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
         let fs = self.fs.clone();
-        self.spawn(async move { reply_empty(reply, fs.flush(fh.0).await, "flush") });
+        self.spawn(async move {
+            let r = fs.flush(fh.0).await;
+            // After the data: whoever gets the lock next must see what was written.
+            if let Err(e) = fs.release_owner_locks(fh.0, lock_owner.0).await {
+                warn!(error = %e, "dropping the locks of a closing process");
+            }
+            reply_empty(reply, r, "flush")
+        });
     }
 
     fn release(
@@ -635,38 +646,62 @@ impl Filesystem for FuseFs {
         });
     }
 
-    // Locks come later. ENOSYS for locks makes the kernel fall back to local (per-mount)
-    // locking, which is what a single mount needs today.
+    // Locks: see crate::fs::locks. A blocking request waits in its own task.
 
     fn getlk(
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
-        _lock_owner: LockOwner,
-        _start: u64,
-        _end: u64,
-        _typ: i32,
-        _pid: u32,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
         reply: ReplyLock,
     ) {
-        reply.error(Errno::ENOSYS);
+        let fs = self.fs.clone();
+        let want = KernelLock {
+            start,
+            end,
+            typ,
+            pid,
+        };
+        self.spawn(async move {
+            match fs.getlk(fh.0, lock_owner.0, want).await {
+                Ok(l) => reply.locked(l.start, l.end, l.typ, l.pid),
+                Err(e) => reply.error(errno(&e, "getlk")),
+            }
+        });
     }
 
     fn setlk(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
-        _lock_owner: LockOwner,
-        _start: u64,
-        _end: u64,
-        _typ: i32,
-        _pid: u32,
-        _sleep: bool,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::ENOSYS);
+        let fs = self.fs.clone();
+        let tid = req.pid();
+        // Read now, while the requesting thread is surely still inside flock(2)/fcntl(2).
+        let kind = lock_kind_of(tid);
+        let lock = KernelLock {
+            start,
+            end,
+            typ,
+            pid,
+        };
+        self.spawn(async move {
+            let r = fs.setlk(fh.0, lock_owner.0, lock, kind, sleep, tid).await;
+            reply_empty(reply, r, "setlk");
+        });
     }
 
     fn fallocate(

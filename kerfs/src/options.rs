@@ -19,7 +19,8 @@ pub struct Args {
     pub mountpoint: PathBuf,
     /// Mount options, comma separated (repeatable): ro, allow_other, default_permissions,
     /// attr_timeout=SECS, entry_timeout=SECS, subdir=/path, key_file=PATH, auto_unmount,
-    /// log=PATH, deadline=SECS, and the generic ones (dev, suid, noexec, _netdev...).
+    /// log=PATH, deadline=SECS, lease=SECS, and the generic ones (dev, suid, noexec,
+    /// _netdev...).
     #[arg(short = 'o', value_name = "OPTS")]
     pub options: Vec<String>,
     /// Stay in the foreground (and log to stderr) instead of detaching once mounted.
@@ -44,6 +45,9 @@ pub struct MountOptions {
     pub log_file: Option<PathBuf>,
     /// How long a cluster call retries before failing with ETIMEDOUT.
     pub deadline: Duration,
+    /// The client session lease: if this mount dies, the cluster closes its files and
+    /// frees its locks this long after its last renewal.
+    pub lease: Duration,
     pub fsname: Option<String>,
     /// Generic mount flags passed through to the kernel (dev, nosuid, noexec, ...).
     pub flags: Vec<MountOption>,
@@ -63,6 +67,7 @@ impl Default for MountOptions {
             key_file: None,
             log_file: None,
             deadline: Duration::from_secs(30),
+            lease: Duration::from_secs(30),
             fsname: None,
             flags: Vec::new(),
         }
@@ -124,6 +129,13 @@ impl MountOptions {
                     ("attr_timeout", Some(v)) => o.attr_timeout = seconds(key, v)?,
                     ("entry_timeout", Some(v)) => o.entry_timeout = seconds(key, v)?,
                     ("deadline", Some(v)) => o.deadline = seconds(key, v)?,
+                    ("lease", Some(v)) => {
+                        o.lease = seconds(key, v)?;
+                        // Renewed every third of it: shorter would be renewal traffic only.
+                        if o.lease < Duration::from_secs(1) {
+                            return Err(format!("lease={v}: give at least 1 second"));
+                        }
+                    }
                     ("subdir", Some(v)) => {
                         if !v.starts_with('/') {
                             return Err(format!("subdir={v}: give an absolute path"));
@@ -255,6 +267,11 @@ mod tests {
         assert!(MountOptions::parse(&["bogus"]).is_err());
         assert!(MountOptions::parse(&["attr_timeout=x"]).is_err());
         assert!(MountOptions::parse(&["subdir=rel"]).is_err());
+        assert!(MountOptions::parse(&["lease=0.5"]).is_err());
+        assert_eq!(
+            MountOptions::parse(&["lease=3"]).unwrap().lease,
+            Duration::from_secs(3)
+        );
         assert_eq!(
             MountOptions::parse::<&str>(&[]).unwrap(),
             MountOptions::default()

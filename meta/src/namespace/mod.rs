@@ -9,6 +9,7 @@
 //! - `rename`: rename with its flags and the subtree rule;
 //! - `xattr`: extended attributes;
 //! - `sessions`: client sessions, exactly-once replies, open handles and orphan inodes;
+//! - `locks`: fcntl/flock record locks, dropped with the handle they were taken through;
 //! - `chunks`: layouts, chunk servers, file chunk tables, placement, the deletion queue;
 //! - `repair`: under-replicated chunks, repair tasks for chunk servers, replica replacement;
 //! - `reads`: lookup, getattr, readdir, readlink, statfs, the state digest.
@@ -17,6 +18,7 @@
 //! the first real entry of a directory has cookie 3.
 
 mod chunks;
+mod locks;
 mod nodes;
 mod perm;
 mod reads;
@@ -198,6 +200,7 @@ impl Namespace {
             Some(read_op::Op::GetChunks(g)) => chunks::get_chunks(state, g),
             Some(read_op::Op::ListChunkServers(_)) => chunks::list_servers(state),
             Some(read_op::Op::RepairStatus(r)) => repair::status(state, r),
+            Some(read_op::Op::GetLock(g)) => locks::get_lock(state, g),
         };
         result.unwrap_or_else(Fail::into_reply)
     }
@@ -228,6 +231,9 @@ fn run_op(config: &NamespaceConfig, ctx: &Ctx, state: &mut Overlay<'_>, cmd: &Co
         Some(command::Op::ExpireChunkServers(_)) => chunks::expire_servers(ctx, &mut child, config),
         Some(command::Op::RepairChunks(r)) => repair::tick(ctx, &mut child, r),
         Some(command::Op::ReplaceReplica(r)) => repair::replace_replica(ctx, &mut child, r),
+        Some(command::Op::SetLock(s)) => locks::set_lock(ctx, &mut child, s),
+        Some(command::Op::ReleaseLocks(r)) => locks::release_locks(ctx, &mut child, r),
+        Some(command::Op::CancelLockWait(c)) => locks::cancel_wait(ctx, &mut child, c),
     };
     match result {
         Ok(reply) => {

@@ -23,6 +23,8 @@
 //! | `u` ino index | `repair::UnderRec`: a chunk with fewer good copies than its layout wants |
 //! | `w` server task | [`ChunkOwner`]: a repair task handed to that server (heartbeat delivery) |
 //! | `#repair` | `repair::RepairCounters` |
+//! | `K` ino | [`LockSet`]: the fcntl/flock locks held on a file (absent: none) |
+//! | `W` client owner | [`LockWait`]: the POSIX lock an owner waits for (deadlock detection) |
 
 use kerfs_proto::{Attr, ChunkPlacement, ChunkServerRecord, FileKind, Timespec};
 use prost::Message;
@@ -44,6 +46,8 @@ pub const P_SERVER: u8 = b'S';
 pub const P_CHUNK: u8 = b'F';
 pub const P_CHUNK_OWNER: u8 = b'O';
 pub const P_DELETE: u8 = b'G';
+pub const P_LOCKS: u8 = b'K';
+pub const P_LOCK_WAIT: u8 = b'W';
 
 /// First cookie handed to a real entry: 1 and 2 are left to the FUSE layer for "." and "..".
 pub const FIRST_SEQ: u64 = 3;
@@ -173,6 +177,29 @@ pub struct DeleteRec {
     /// The server deletes the chunk only if it holds at most this version.
     #[prost(uint64, tag = "1")]
     pub max_version: u64,
+}
+
+/// Every lock held on one file, sorted (see `locks`), never empty when stored.
+#[derive(Clone, PartialEq, Message)]
+pub struct LockSet {
+    #[prost(message, repeated, tag = "1")]
+    pub locks: Vec<kerfs_proto::FileLock>,
+}
+
+/// A POSIX lock owner blocked in F_SETLKW: what it waits for, until when (the waiting
+/// client repeats its request before that to stay recorded).
+#[derive(Clone, PartialEq, Message)]
+pub struct LockWait {
+    #[prost(uint64, tag = "1")]
+    pub ino: u64,
+    #[prost(uint64, tag = "2")]
+    pub start: u64,
+    #[prost(uint64, tag = "3")]
+    pub end: u64,
+    #[prost(enumeration = "kerfs_proto::LockType", tag = "4")]
+    pub r#type: i32,
+    #[prost(message, optional, tag = "5")]
+    pub expires: Option<Timespec>,
 }
 
 // ------------------------------------------------------------------ keys

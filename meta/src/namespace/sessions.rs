@@ -17,7 +17,7 @@ pub const SESSION_EXPIRED: &str = "client session expired; reconnect";
 /// Longest client description kept (it is only shown by kerfsctl).
 const MAX_DESCRIPTION: usize = 4096;
 
-fn add_ms(t: Timespec, ms: u64) -> Timespec {
+pub(super) fn add_ms(t: Timespec, ms: u64) -> Timespec {
     let n = t.as_nanos().saturating_add(i128::from(ms) * 1_000_000);
     let sec = n.div_euclid(1_000_000_000);
     let nsec = n.rem_euclid(1_000_000_000) as u32;
@@ -161,6 +161,7 @@ pub fn expire(ctx: &Ctx, state: &mut Overlay<'_>) -> R<Reply> {
     for id in &expired {
         drop_client(state, *id)?;
     }
+    super::locks::expire_waits(ctx, state)?;
     Ok(Reply::default())
 }
 
@@ -183,6 +184,7 @@ fn drop_client(state: &mut Overlay<'_>, id: u64) -> R<()> {
             }
         }
     }
+    super::locks::drop_client_waits(state, id)?;
     delete_range(
         state,
         &rec::key_u64(rec::P_REPLY, id),
@@ -298,8 +300,10 @@ pub fn open(ctx: &Ctx, state: &mut Overlay<'_>, o: &Open) -> R<Reply> {
     open_inode(ctx, state, inode, o.flags)
 }
 
-/// Forgets one handle and reaps its inode if that was the last thing holding it.
+/// Forgets one handle, with the locks taken through it, and reaps its inode if that was
+/// the last thing holding it.
 fn release(state: &mut Overlay<'_>, handle: u64, h: &HandleRec) -> R<()> {
+    super::locks::drop_handle(state, h.ino, handle)?;
     state.delete(rec::key_u64(rec::P_HANDLE, handle));
     state.delete(rec::key_u64_u64(rec::P_CLIENT_HANDLE, h.client_id, handle));
     if let Some(mut inode) = rec::load_inode(state, h.ino)? {

@@ -936,3 +936,297 @@ fn digest_is_deterministic() {
     );
     assert_eq!(T::new().names(ROOT_INO), Vec::<String>::new());
 }
+
+/// Locks through the state machine: across two client sessions, dropped by close, by
+/// ReleaseLocks of the owner, and by the expiry of a dead client.
+#[test]
+fn locks_across_clients_close_and_expiry() {
+    use kerfs_proto::{GetLock, LockKind, LockType, ReleaseLocks, SetLock};
+    let mut t = T::new();
+    let a = register(&mut t, 100, 1_000);
+    let b = register(&mut t, 100, 60_000);
+    let r = t.run(client_cmd(
+        a,
+        1,
+        1,
+        100,
+        Op::MakeNode(MakeNode {
+            parent: ROOT_INO,
+            name: b"f".to_vec(),
+            kind: FileKind::Regular as i32,
+            mode: 0o644,
+            exclusive: true,
+            open: true,
+            open_flags: libc::O_RDWR as u32,
+            ..Default::default()
+        }),
+    ));
+    assert_eq!(r.errno, 0, "{}", r.message);
+    let (ino, ha) = (r.attr.unwrap().ino, r.handle);
+    let open_b = |t: &mut T, seq| {
+        let r = t.run(client_cmd(
+            b,
+            seq,
+            seq,
+            100,
+            Op::Open(Open {
+                ino,
+                flags: libc::O_RDWR as u32,
+            }),
+        ));
+        assert_eq!(r.errno, 0, "{}", r.message);
+        r.handle
+    };
+    let hb = open_b(&mut t, 1);
+    let set = |handle, owner, start, end, ty: LockType| {
+        Op::SetLock(SetLock {
+            handle,
+            owner,
+            pid: 42,
+            start,
+            end,
+            r#type: ty as i32,
+            kind: LockKind::Posix as i32,
+            wait: false,
+        })
+    };
+    let get = |client_id, owner, ty: LockType| {
+        read_op::Op::GetLock(GetLock {
+            ino,
+            client_id,
+            owner,
+            start: 0,
+            end: u64::MAX,
+            r#type: ty as i32,
+            kind: LockKind::Posix as i32,
+        })
+    };
+    // Client a (owner 7) write-locks bytes 0..=99; b (same owner number) cannot, and sees it.
+    assert_eq!(
+        t.run(client_cmd(a, 2, 2, 100, set(ha, 7, 0, 99, LockType::Write)))
+            .errno,
+        0
+    );
+    let r = t.run(client_cmd(b, 2, 2, 100, set(hb, 7, 50, 50, LockType::Read)));
+    assert_eq!(r.errno, libc::EAGAIN);
+    let seen = t.read(None, get(b, 7, LockType::Read)).lock.unwrap();
+    assert_eq!(
+        (seen.client_id, seen.pid, seen.start, seen.end),
+        (a, 42, 0, 99)
+    );
+    // The holder itself sees no conflict with its own lock.
+    assert!(t.read(None, get(a, 7, LockType::Write)).lock.is_none());
+    // Disjoint bytes are free.
+    assert_eq!(
+        t.run(client_cmd(
+            b,
+            3,
+            3,
+            100,
+            set(hb, 7, 100, 199, LockType::Write)
+        ))
+        .errno,
+        0
+    );
+    // Another client's handle cannot be used.
+    assert_eq!(
+        t.run(client_cmd(b, 4, 4, 100, set(ha, 7, 0, 0, LockType::Read)))
+            .errno,
+        libc::EBADF
+    );
+    // ReleaseLocks of a's owner (close of a descriptor) frees 0..=99.
+    let rel = Op::ReleaseLocks(ReleaseLocks {
+        handle: ha,
+        owner: 7,
+        kind: LockKind::Posix as i32,
+    });
+    assert_eq!(t.run(client_cmd(a, 3, 3, 100, rel)).errno, 0);
+    assert_eq!(
+        t.run(client_cmd(b, 5, 5, 100, set(hb, 7, 0, 99, LockType::Read)))
+            .errno,
+        0
+    );
+    // Closing b's handle drops all its locks.
+    assert_eq!(
+        t.run(client_cmd(b, 6, 6, 100, Op::Close(Close { handle: hb })))
+            .errno,
+        0
+    );
+    assert!(t.read(None, get(a, 1, LockType::Write)).lock.is_none());
+    assert!(
+        t.eng.scan(b"K", b"L", 10).unwrap().is_empty(),
+        "no empty lock records"
+    );
+    // a locks everything, then dies: the expiry frees the file for b.
+    assert_eq!(
+        t.run(client_cmd(
+            a,
+            4,
+            4,
+            100,
+            set(ha, 7, 0, u64::MAX, LockType::Write)
+        ))
+        .errno,
+        0
+    );
+    let hb = open_b(&mut t, 7);
+    assert_eq!(
+        t.run(client_cmd(b, 8, 8, 100, set(hb, 1, 0, 0, LockType::Read)))
+            .errno,
+        libc::EAGAIN
+    );
+    t.run(client_cmd(
+        0,
+        0,
+        0,
+        102,
+        Op::ExpireClients(ExpireClients {}),
+    ));
+    assert_eq!(
+        t.run(client_cmd(b, 9, 9, 102, set(hb, 1, 0, 0, LockType::Write)))
+            .errno,
+        0
+    );
+    // Bad input: reversed range, unknown type.
+    assert_eq!(
+        t.run(client_cmd(
+            b,
+            10,
+            10,
+            102,
+            set(hb, 1, 9, 8, LockType::Write)
+        ))
+        .errno,
+        libc::EINVAL
+    );
+    let mut bad = set(hb, 1, 0, 0, LockType::Write);
+    if let Op::SetLock(s) = &mut bad {
+        s.r#type = 9;
+    }
+    assert_eq!(t.run(client_cmd(b, 11, 11, 102, bad)).errno, libc::EINVAL);
+}
+
+/// F_SETLKW records its owner as waiting; a request whose holders wait (through a chain)
+/// for the requester gets EDEADLK; cancelled, expired or granted waits take no part.
+#[test]
+fn lock_waits_detect_deadlocks() {
+    use kerfs_proto::{CancelLockWait, LockKind, LockType, SetLock};
+    let mut t = T::new();
+    let a = register(&mut t, 100, 60_000);
+    let b = register(&mut t, 100, 60_000);
+    let c = register(&mut t, 100, 60_000);
+    let f = t.file(ROOT_INO, "f");
+    let open = |t: &mut T, client, seq| {
+        let r = t.run(client_cmd(
+            client,
+            seq,
+            seq,
+            100,
+            Op::Open(Open {
+                ino: f,
+                flags: libc::O_RDWR as u32,
+            }),
+        ));
+        assert_eq!(r.errno, 0, "{}", r.message);
+        r.handle
+    };
+    let (ha, hb, hc) = (open(&mut t, a, 1), open(&mut t, b, 1), open(&mut t, c, 1));
+    let lock = |handle, byte, wait| {
+        Op::SetLock(SetLock {
+            handle,
+            owner: 1,
+            pid: 1,
+            start: byte,
+            end: byte,
+            r#type: LockType::Write as i32,
+            kind: LockKind::Posix as i32,
+            wait,
+        })
+    };
+    // a holds byte 0, b byte 1, c byte 2.
+    for (cl, h, byte) in [(a, ha, 0), (b, hb, 1), (c, hc, 2)] {
+        assert_eq!(
+            t.run(client_cmd(cl, 2, 2, 100, lock(h, byte, false))).errno,
+            0
+        );
+    }
+    // a waits for b's byte, b for c's: both only EAGAIN (and recorded).
+    assert_eq!(
+        t.run(client_cmd(a, 3, 3, 100, lock(ha, 1, true))).errno,
+        libc::EAGAIN
+    );
+    assert_eq!(
+        t.run(client_cmd(b, 3, 3, 100, lock(hb, 2, true))).errno,
+        libc::EAGAIN
+    );
+    // c asking for a's byte closes the cycle c -> a -> b -> c.
+    let r = t.run(client_cmd(c, 3, 3, 101, lock(hc, 0, true)));
+    assert_eq!(r.errno, libc::EDEADLK, "{}", r.message);
+    // Without waiting (F_SETLK) it is just EAGAIN.
+    assert_eq!(
+        t.run(client_cmd(c, 4, 4, 101, lock(hc, 0, false))).errno,
+        libc::EAGAIN
+    );
+    // b gives up waiting: no cycle any more.
+    let cancel = Op::CancelLockWait(CancelLockWait { owner: 1 });
+    assert_eq!(t.run(client_cmd(b, 4, 4, 101, cancel)).errno, 0);
+    assert_eq!(
+        t.run(client_cmd(c, 5, 5, 101, lock(hc, 0, true))).errno,
+        libc::EAGAIN
+    );
+    // Now c waits for a, a for b: b asking for c's byte closes the cycle the other way.
+    assert_eq!(
+        t.run(client_cmd(b, 5, 5, 102, lock(hb, 2, true))).errno,
+        libc::EDEADLK
+    );
+    // Records older than their lifetime (the waiters stopped asking) take no part.
+    assert_eq!(
+        t.run(client_cmd(b, 6, 6, 110, lock(hb, 2, true))).errno,
+        libc::EAGAIN
+    );
+    // A grant forgets the grantee's wait: c releases byte 2, b gets it.
+    let unlock = Op::SetLock(SetLock {
+        handle: hc,
+        owner: 1,
+        start: 2,
+        end: 2,
+        r#type: LockType::Unlock as i32,
+        kind: LockKind::Posix as i32,
+        ..Default::default()
+    });
+    assert_eq!(t.run(client_cmd(c, 6, 6, 110, unlock)).errno, 0);
+    assert_eq!(t.run(client_cmd(b, 7, 7, 110, lock(hb, 2, true))).errno, 0);
+    assert!(t
+        .eng
+        .scan(b"W", b"X", 10)
+        .unwrap()
+        .iter()
+        .all(|(k, _)| k[1..9] != b.to_be_bytes()));
+    // c's wait from time 110 is swept by the expiry once it is old.
+    assert_eq!(
+        t.run(client_cmd(c, 7, 7, 110, lock(hc, 1, true))).errno,
+        libc::EAGAIN
+    );
+    // a's old record (a never came back) and c's.
+    assert_eq!(t.eng.scan(b"W", b"X", 10).unwrap().len(), 2);
+    t.run(client_cmd(
+        0,
+        0,
+        0,
+        112,
+        Op::ExpireClients(ExpireClients {}),
+    ));
+    assert_eq!(
+        t.eng.scan(b"W", b"X", 10).unwrap().len(),
+        1,
+        "c's is still fresh"
+    );
+    t.run(client_cmd(
+        0,
+        0,
+        0,
+        114,
+        Op::ExpireClients(ExpireClients {}),
+    ));
+    assert!(t.eng.scan(b"W", b"X", 10).unwrap().is_empty());
+}
