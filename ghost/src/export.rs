@@ -158,9 +158,12 @@ pub fn export_process(
     };
     let asked = ask_process(&remote, &mem, &status);
     guard.held = remote.held.take();
-    // Put the registers back now: the rest is read from the outside.
+    // Put the registers back now: the rest is read from the outside, with the process parked
+    // where our death (kill -9 of krg mid-dump) just lets it run on.
     sys::set_regs(pid, &regs)?;
     let (sigactions, altstack, brk) = asked?;
+    sys::park(pid)?;
+    sys::set_regs(pid, &regs)?;
 
     let maps = procfs::maps(pid)?;
     let stat = Stat::read(pid)?;

@@ -113,6 +113,27 @@ pub(crate) fn interrupt(pid: i32) -> Result<()> {
     check(ptrace(PTRACE_INTERRUPT, pid, 0, 0), "PTRACE_INTERRUPT", pid).map(|_| ())
 }
 
+/// Moves a tracee stopped after a single-step (a SIGTRAP signal-delivery-stop) into a
+/// PTRACE_EVENT_STOP without running any of its code. Were the tracer killed while the tracee
+/// waits in the single-step stop, the kernel would deliver that SIGTRAP on detach and kill the
+/// process; from an event stop it just resumes.
+pub(crate) fn park(pid: i32) -> Result<()> {
+    interrupt(pid)?;
+    // The interrupt is taken before any signal is dequeued and before user code runs.
+    check(ptrace(libc::PTRACE_CONT, pid, 0, 0), "PTRACE_CONT", pid)?;
+    let st = wait(pid)?;
+    if libc::WIFSTOPPED(st) && st >> 16 == libc::PTRACE_EVENT_STOP {
+        return Ok(());
+    }
+    Err(GhostError::Process {
+        pid,
+        msg: format!(
+            "{} while being parked after the injected syscalls",
+            describe_status(st)
+        ),
+    })
+}
+
 pub(crate) fn detach(pid: i32, sig: i32) -> Result<()> {
     check(
         ptrace(libc::PTRACE_DETACH, pid, 0, sig as usize),

@@ -5,6 +5,8 @@ mod common;
 
 use common::*;
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 fn wait_pid_from_stderr(child: &mut std::process::Child) -> i32 {
@@ -186,4 +188,77 @@ fn freeze_and_unfreeze() {
     wait_for(&log, "counting again", 20, |s| counters(s).len() > n + 3);
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+/// A krg killed in the middle of a dump must leave the process running on: here the image goes
+/// into a FIFO nobody reads, so krg is certainly blocked mid-dump when it is killed.
+#[test]
+fn killed_krg_mid_checkpoint_leaves_the_process_running() {
+    require_root();
+    let d = tempfile::tempdir().unwrap();
+    let prog = build(d.path(), "counter", &[]);
+    let (log, app, fifo) = (
+        d.path().join("log"),
+        d.path().join("app"),
+        d.path().join("fifo"),
+    );
+    let mut run = Command::new(krg())
+        .args(["run", "--"])
+        .arg(&prog)
+        .args(["8", log.to_str().unwrap(), app.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = wait_pid_from_stderr(&mut run);
+    wait_for(&log, "counters", 20, |s| counters(s).len() >= 3);
+    let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo on a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    // Held open for reading (never read) so that krg's open succeeds and its writes block.
+    let _reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    let mut ckpt = Command::new(krg())
+        .args([
+            "checkpoint",
+            &pid.to_string(),
+            "--to",
+            fifo.to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until krg traces the process (it is frozen), then give it time to fill the FIFO.
+    let traced = |p: i32| {
+        read(Path::new(&format!("/proc/{p}/status")))
+            .lines()
+            .any(|l| l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0"))
+    };
+    for _ in 0..200 {
+        if traced(pid) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(traced(pid), "krg never froze the process");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(
+        ckpt.try_wait().unwrap().is_none(),
+        "krg ended though nobody read its image"
+    );
+    ckpt.kill().unwrap();
+    ckpt.wait().unwrap();
+    let n = counters(&read(&log)).len();
+    let s = wait_for(&log, "counting after krg died", 20, |s| {
+        counters(s).len() >= n + 5
+    });
+    assert_consecutive(&s, n + 5);
+    assert!(alive(pid));
+    kill(pid);
+    let _ = run.wait();
 }
