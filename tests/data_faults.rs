@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use kerfs_client::{ClientError, DataClient, FileHandle, MetaClient};
-use kerfs_proto::chunk_client::ChunkClient;
 use kerfs_proto::{read_op, FileChunk};
 use kerfs_tests::{
     content, erasure, expected_hash, init_tracing, layout_dir, replicated, KerfsCluster,
@@ -69,44 +68,13 @@ async fn chunk_table(meta: &MetaClient, ino: u64) -> Result<Vec<FileChunk>> {
     Ok(reply.chunks)
 }
 
-/// Which of the cluster's chunk servers (1-based index) listens on `addr`.
-fn server_index(cluster: &KerfsCluster, addr: &str) -> Result<u64> {
-    cluster
-        .chunks
-        .keys()
-        .copied()
-        .find(|&i| cluster.chunk_addr(i) == addr)
-        .with_context(|| format!("no chunk server of the test cluster listens on {addr}"))
-}
-
-type Grpc = ChunkClient<
-    tonic::service::interceptor::InterceptedService<
-        tonic::transport::Channel,
-        kerfs_proto::auth::ClientAuth,
-    >,
->;
-
-/// A direct Chunk RPC client to one chunk server, with the cluster key.
-async fn chunk_rpc(cluster: &KerfsCluster, index: u64) -> Result<Grpc> {
-    let channel =
-        tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.chunk_addr(index)))?
-            .connect_timeout(Duration::from_secs(2))
-            .connect()
-            .await
-            .with_context(|| format!("connecting to chunk server {index}"))?;
-    Ok(ChunkClient::with_interceptor(
-        channel,
-        cluster.meta.key.client_auth(),
-    ))
-}
-
 /// Waits until every chunk server answers ServerInfo (it listens and serves), and meta counts
 /// them all as up.
 async fn wait_chunk_servers_serving(cluster: &KerfsCluster, meta: &MetaClient) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     for &i in cluster.chunks.keys() {
         loop {
-            let ok = match chunk_rpc(cluster, i).await {
+            let ok = match cluster.chunk_rpc(cluster.chunk_addr(i)).await {
                 Ok(mut c) => c
                     .server_info(kerfs_proto::ChunkServerInfoRequest {})
                     .await
@@ -173,7 +141,7 @@ async fn server_down_during_rewrite_never_serves_the_old_version() -> Result<()>
         .and_then(|c| c.replicas.first())
         .map(|p| p.address.clone())
         .context("chunk 1 has no placement")?;
-    let victim = server_index(&cluster, &victim_addr)?;
+    let victim = cluster.server_index(&victim_addr)?;
     let held: Vec<FileChunk> = before
         .iter()
         .filter(|c| c.replicas.iter().any(|p| p.address == victim_addr))
@@ -265,7 +233,7 @@ async fn server_down_during_rewrite_never_serves_the_old_version() -> Result<()>
     }
 
     info!("asking the restarted server directly for the new versions");
-    let mut rpc = chunk_rpc(&cluster, victim).await?;
+    let mut rpc = cluster.chunk_rpc(cluster.chunk_addr(victim)).await?;
     let after = chunk_table(&meta, ino).await?;
     for c in &rewritten {
         let now = after

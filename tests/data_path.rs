@@ -6,15 +6,14 @@
 //!
 //! `KERFS_DATA_TEST_MIB` sets the size of the large-file tests (default 1024 = 1 GiB).
 
-use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use kerfs_client::{DataClient, DataConfig, FileHandle, MetaClient};
 use kerfs_proto::Layout;
 use kerfs_tests::{
-    content, erasure, expected_hash, init_tracing, layout_dir, replicated, KerfsCluster,
-    KerfsClusterOptions,
+    content, erasure, expected_hash, flip_bits_in_chunk_files, init_tracing, layout_dir,
+    replicated, KerfsCluster, KerfsClusterOptions,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -209,32 +208,6 @@ async fn chunk_servers_killed_during_reads() -> Result<()> {
     Ok(())
 }
 
-/// Flips bits in every block file of a chunk server's data directory; returns how many.
-fn flip_bits(data_dir: &Path) -> Result<usize> {
-    let mut n = 0;
-    for sub in std::fs::read_dir(data_dir.join("chunks"))? {
-        let sub = sub?.path();
-        if !sub.is_dir() {
-            continue;
-        }
-        for f in std::fs::read_dir(&sub)? {
-            let p = f?.path();
-            if p.extension().is_some_and(|e| e == "data") {
-                let mut bytes = std::fs::read(&p)?;
-                // One bit in every 64 KiB block, so every block read from here is corrupt.
-                let mut i = 1234;
-                while i < bytes.len() {
-                    bytes[i] ^= 0x10;
-                    i += 64 * 1024;
-                }
-                std::fs::write(&p, &bytes)?;
-                n += 1;
-            }
-        }
-    }
-    Ok(n)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn flipped_bits_on_disk_are_never_returned() -> Result<()> {
     init_tracing();
@@ -254,7 +227,7 @@ async fn flipped_bits_on_disk_are_never_returned() -> Result<()> {
     // both servers damaged at once, an R=2 chunk placed on 1 and 4 is really lost.)
     let checks: [(u64, &[(u64, u8)]); 2] = [(1, &[(r2, 3), (ec, 4)]), (4, &[(ec, 4)])];
     for (server, files) in checks {
-        let flipped = flip_bits(cluster.chunk_data_dir(server))?;
+        let flipped = flip_bits_in_chunk_files(cluster.chunk_data_dir(server))?;
         info!(
             server,
             flipped, "flipped bits in the block files of one server"

@@ -16,16 +16,14 @@
 //! Each test narrates its steps.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use kerfs_client::{DataClient, FileHandle, MetaClient};
-use kerfs_proto::chunk_client::ChunkClient;
 use kerfs_proto::{read_op, FileChunk, Layout};
 use kerfs_tests::{
-    bin_path, content, erasure, expected_hash, init_tracing, layout_dir, replicated, KerfsCluster,
-    KerfsClusterOptions, MetaClusterOptions,
+    bin_path, content, erasure, expected_hash, flip_bits_in_chunk_files, init_tracing, layout_dir,
+    replicated, KerfsCluster, KerfsClusterOptions, MetaClusterOptions,
 };
 use tracing::info;
 
@@ -165,34 +163,6 @@ fn live_addrs(cluster: &KerfsCluster, dead: &[u64]) -> BTreeSet<String> {
         .collect()
 }
 
-fn index_of(cluster: &KerfsCluster, addr: &str) -> Result<u64> {
-    cluster
-        .chunks
-        .keys()
-        .copied()
-        .find(|&i| cluster.chunk_addr(i) == addr)
-        .with_context(|| format!("no chunk server of the test cluster listens on {addr}"))
-}
-
-type Grpc = ChunkClient<
-    tonic::service::interceptor::InterceptedService<
-        tonic::transport::Channel,
-        kerfs_proto::auth::ClientAuth,
-    >,
->;
-
-async fn chunk_rpc(cluster: &KerfsCluster, addr: &str) -> Result<Grpc> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .with_context(|| format!("connecting to chunk server {addr}"))?;
-    Ok(
-        ChunkClient::with_interceptor(channel, cluster.meta.key.client_auth())
-            .max_decoding_message_size(kerfs_proto::MAX_MESSAGE_BYTES),
-    )
-}
-
 /// One replica's bytes `[0, len)` read straight from its server (zeros past its length).
 async fn read_replica(
     cluster: &KerfsCluster,
@@ -201,7 +171,7 @@ async fn read_replica(
     version: u64,
     len: u64,
 ) -> Result<Vec<u8>> {
-    let mut rpc = chunk_rpc(cluster, addr).await?;
+    let mut rpc = cluster.chunk_rpc(addr).await?;
     let mut stream = rpc
         .read(kerfs_proto::ChunkReadRequest {
             chunk_id,
@@ -253,31 +223,6 @@ async fn check_every_replica(
         }
     }
     Ok(checked)
-}
-
-/// Flips one bit in every 64 KiB block of every chunk data file on a server.
-fn flip_bits(data_dir: &Path) -> Result<usize> {
-    let mut n = 0;
-    for sub in std::fs::read_dir(data_dir.join("chunks"))? {
-        let sub = sub?.path();
-        if !sub.is_dir() {
-            continue;
-        }
-        for f in std::fs::read_dir(&sub)? {
-            let p = f?.path();
-            if p.extension().is_some_and(|e| e == "data") {
-                let mut bytes = std::fs::read(&p)?;
-                let mut i = 777;
-                while i < bytes.len() {
-                    bytes[i] ^= 0x04;
-                    i += 64 * 1024;
-                }
-                std::fs::write(&p, &bytes)?;
-                n += 1;
-            }
-        }
-    }
-    Ok(n)
 }
 
 /// Runs `kerfsctl` against the test cluster and returns its standard output.
@@ -338,7 +283,7 @@ async fn r2_lost_server_is_re_replicated_then_a_second_loss_reads_back() -> Resu
         .max_by_key(|(_, n)| **n)
         .map(|(a, n)| (a.clone(), *n))
         .context("no placements")?;
-    let victim = index_of(&cluster, &victim_addr)?;
+    let victim = cluster.server_index(&victim_addr)?;
     info!(
         victim,
         held, "kill -9 of the chunk server holding the most copies"
@@ -479,7 +424,7 @@ async fn corrupt_replica_is_found_and_repaired_to_r_good_copies() -> Result<()> 
         .filter(|c| c.replicas.iter().any(|p| p.address == addr))
         .map(|c| c.index)
         .collect();
-    let flipped = flip_bits(cluster.chunk_data_dir(damaged))?;
+    let flipped = flip_bits_in_chunk_files(cluster.chunk_data_dir(damaged))?;
     ensure!(flipped > 0, "no block file to damage on server {damaged}");
     info!(damaged, flipped, chunks = ?on_damaged, "flipped bits in every block file of one server");
 
@@ -488,7 +433,7 @@ async fn corrupt_replica_is_found_and_repaired_to_r_good_copies() -> Result<()> 
         hash_of(&data, ino).await? == expected_hash(7, size),
         "a corrupt block leaked into a read"
     );
-    let mut rpc = chunk_rpc(&cluster, &addr).await?;
+    let mut rpc = cluster.chunk_rpc(&addr).await?;
     let scrub = rpc
         .scrub(kerfs_proto::ChunkScrubRequest {})
         .await?
@@ -572,7 +517,7 @@ async fn ec42_lost_server_shards_rebuilt_then_two_more_losses_read_back() -> Res
     );
 
     let victim_addr = before[0].replicas[0].address.clone();
-    let victim = index_of(&cluster, &victim_addr)?;
+    let victim = cluster.server_index(&victim_addr)?;
     let held = before
         .iter()
         .filter(|c| c.replicas.iter().any(|p| p.address == victim_addr))
@@ -657,7 +602,7 @@ async fn write_losing_a_chain_member_is_acknowledged_with_r_copies() -> Result<(
     let ino = f.ino();
     let (_, chunks) = chunk_table(&meta, ino).await?;
     let victim_addr = chunks[0].replicas[0].address.clone();
-    let victim = index_of(&cluster, &victim_addr)?;
+    let victim = cluster.server_index(&victim_addr)?;
     let killed_at = Instant::now();
     info!(
         victim,
@@ -786,7 +731,7 @@ async fn writes_racing_repair(
 
     let (_, chunks) = chunk_table(&meta, ino).await?;
     let victim_addr = chunks[0].replicas[0].address.clone();
-    let victim = index_of(&cluster, &victim_addr)?;
+    let victim = cluster.server_index(&victim_addr)?;
     info!(
         victim,
         "kill -9; then small overwrites all over the file while it is repaired"

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use kerfs_client::{MetaClient, MetaClientConfig};
 use kerfs_proto::auth::ClusterKey;
+use kerfs_proto::chunk_client::ChunkClient;
 use tracing::info;
 
 /// `tracing` output for tests (RUST_LOG, default info), once per process.
@@ -467,6 +468,28 @@ impl KerfsCluster {
         std::fs::read_to_string(&self.chunks[&index].log).unwrap_or_default()
     }
 
+    /// Which of the cluster's chunk servers (1-based index) listens on `addr`.
+    pub fn server_index(&self, addr: &str) -> Result<u64> {
+        self.chunks
+            .keys()
+            .copied()
+            .find(|&i| self.chunk_addr(i) == addr)
+            .with_context(|| format!("no chunk server of the test cluster listens on {addr}"))
+    }
+
+    /// A direct Chunk RPC client to the chunk server at `addr`, with the cluster key.
+    pub async fn chunk_rpc(&self, addr: &str) -> Result<ChunkRpc> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .with_context(|| format!("connecting to chunk server {addr}"))?;
+        Ok(
+            ChunkClient::with_interceptor(channel, self.meta.key.client_auth())
+                .max_decoding_message_size(kerfs_proto::MAX_MESSAGE_BYTES),
+        )
+    }
+
     /// Waits until at least `n` chunk servers are registered and up.
     pub async fn wait_chunk_servers_up(
         &self,
@@ -773,4 +796,38 @@ pub fn first_difference(got: &[u8], want: &[u8]) -> String {
         ),
         None => format!("lengths differ: got {}, want {}", got.len(), want.len()),
     }
+}
+
+/// A Chunk RPC client that proves the cluster key (see [`KerfsCluster::chunk_rpc`]).
+pub type ChunkRpc = ChunkClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        kerfs_proto::auth::ClientAuth,
+    >,
+>;
+
+/// Flips one bit in every 64 KiB block of every chunk data file under a chunk server's data
+/// directory (what a failing disk does); returns how many files were damaged.
+pub fn flip_bits_in_chunk_files(data_dir: &Path) -> Result<usize> {
+    let mut n = 0;
+    for sub in std::fs::read_dir(data_dir.join("chunks"))? {
+        let sub = sub?.path();
+        if !sub.is_dir() {
+            continue;
+        }
+        for f in std::fs::read_dir(&sub)? {
+            let p = f?.path();
+            if p.extension().is_some_and(|e| e == "data") {
+                let mut bytes = std::fs::read(&p)?;
+                let mut i = 777;
+                while i < bytes.len() {
+                    bytes[i] ^= 0x04;
+                    i += 64 * 1024;
+                }
+                std::fs::write(&p, &bytes)?;
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
 }

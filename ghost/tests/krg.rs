@@ -21,16 +21,11 @@ fn wait_pid_from_stderr(child: &mut std::process::Child) -> i32 {
         .unwrap_or_else(|| panic!("unexpected krg output: {line}"))
 }
 
-#[test]
-fn run_checkpoint_kill_restart_keeps_pid() {
-    require_root();
-    let d = tempfile::tempdir().unwrap();
-    let prog = build(d.path(), "counter", &[]);
-    let (log, app, img) = (
-        d.path().join("log"),
-        d.path().join("app"),
-        d.path().join("img"),
-    );
+/// Builds the counter program (DIR/counter) and starts it under `krg run` (8 MiB of memory,
+/// logging to DIR/log): the `krg run` child, the program's pid and the log.
+fn run_counter(dir: &Path) -> (std::process::Child, i32, std::path::PathBuf) {
+    let prog = build(dir, "counter", &[]);
+    let (log, app) = (dir.join("log"), dir.join("app"));
     let mut run = Command::new(krg())
         .args(["run", "--"])
         .arg(&prog)
@@ -41,6 +36,15 @@ fn run_checkpoint_kill_restart_keeps_pid() {
         .spawn()
         .unwrap();
     let pid = wait_pid_from_stderr(&mut run);
+    (run, pid, log)
+}
+
+#[test]
+fn run_checkpoint_kill_restart_keeps_pid() {
+    require_root();
+    let d = tempfile::tempdir().unwrap();
+    let (mut run, pid, log) = run_counter(d.path());
+    let img = d.path().join("img");
     assert_eq!(
         ns_pid(pid),
         2,
@@ -80,7 +84,7 @@ fn run_checkpoint_kill_restart_keeps_pid() {
         counters(s).len() >= n + 10
     });
     assert_consecutive(&s, n + 10);
-    let pids = pids_of(&prog);
+    let pids = pids_of(&d.path().join("counter"));
     assert_eq!(pids.len(), 1, "exactly one restored process: {pids:?}");
     assert_eq!(
         ns_pid(pids[0]),
@@ -196,22 +200,8 @@ fn freeze_and_unfreeze() {
 fn killed_krg_mid_checkpoint_leaves_the_process_running() {
     require_root();
     let d = tempfile::tempdir().unwrap();
-    let prog = build(d.path(), "counter", &[]);
-    let (log, app, fifo) = (
-        d.path().join("log"),
-        d.path().join("app"),
-        d.path().join("fifo"),
-    );
-    let mut run = Command::new(krg())
-        .args(["run", "--"])
-        .arg(&prog)
-        .args(["8", log.to_str().unwrap(), app.to_str().unwrap()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = wait_pid_from_stderr(&mut run);
+    let (mut run, pid, log) = run_counter(d.path());
+    let fifo = d.path().join("fifo");
     wait_for(&log, "counters", 20, |s| counters(s).len() >= 3);
     let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     // SAFETY: mkfifo on a NUL-terminated path.
