@@ -505,14 +505,19 @@ impl Driver {
             }
             if now >= next_expire {
                 next_expire = now + self.config.expire_clients_every;
-                self.update_repair_metrics();
+                let repair_work = self.update_repair_metrics();
                 if self.node.is_leader() {
-                    // Dropped proposals are retried at the next period.
-                    for op in [
+                    let mut ops = vec![
                         command::Op::ExpireClients(ExpireClients {}),
                         command::Op::ExpireChunkServers(ExpireChunkServers {}),
-                        command::Op::RepairChunks(RepairChunks { rescan: false }),
-                    ] {
+                    ];
+                    // The queue only grows through other commands (expiry, reports, commits):
+                    // an idle cluster need not write a repair tick to every log every period.
+                    if repair_work {
+                        ops.push(command::Op::RepairChunks(RepairChunks { rescan: false }));
+                    }
+                    // Dropped proposals are retried at the next period.
+                    for op in ops {
                         let cmd = Command {
                             now: Some(Timespec::now()),
                             op: Some(op),
@@ -754,20 +759,24 @@ impl Driver {
 
     /// The repair queue's size, from this node's applied state (a local read: the gauge may
     /// lag the leader by a few entries).
-    fn update_repair_metrics(&self) {
+    /// Publishes the repair counters; true while chunks lack copies or repairs are under way.
+    fn update_repair_metrics(&self) -> bool {
         let reply = self.node.read(&ReadOp {
             caller: None,
             op: Some(read_op::Op::RepairStatus(RepairStatus { limit: 1 })),
         });
-        if let Some(r) = reply.repair {
-            let m = &self.metrics;
-            m.chunks_under_replicated
-                .store(r.under_replicated, Ordering::Relaxed);
-            m.chunks_repairing.store(r.repairing, Ordering::Relaxed);
-            m.repairs_total.store(r.repaired_total, Ordering::Relaxed);
-            m.repairs_failed_total
-                .store(r.failed_total, Ordering::Relaxed);
-        }
+        let Some(r) = reply.repair else {
+            // Unknown: keep ticking, as before the counters existed.
+            return true;
+        };
+        let m = &self.metrics;
+        m.chunks_under_replicated
+            .store(r.under_replicated, Ordering::Relaxed);
+        m.chunks_repairing.store(r.repairing, Ordering::Relaxed);
+        m.repairs_total.store(r.repaired_total, Ordering::Relaxed);
+        m.repairs_failed_total
+            .store(r.failed_total, Ordering::Relaxed);
+        r.under_replicated > 0 || r.repairing > 0
     }
 
     fn update_metrics(&self) {
