@@ -36,7 +36,7 @@ use tracing::{debug, warn};
 
 use kerfs_proto::{
     command, read_op, Attr, ChunkPlacement, ChunkSetVersionRequest, ChunkTruncateRequest,
-    ChunkWriteHeader, ChunkWritten, FileChunk, FileKind, Layout, MakeNode,
+    ChunkWriteHeader, ChunkWritten, FileChunk, FileKind, Layout, MakeNode, Reply,
 };
 
 use crate::chunks::{ChunkPool, RpcError};
@@ -105,9 +105,9 @@ impl DataClient {
         mode: u32,
         exclusive: bool,
     ) -> ClientResult<FileHandle> {
-        let (attr, handle) = self
+        let reply = self
             .meta
-            .make_node(MakeNode {
+            .make_node_reply(MakeNode {
                 parent,
                 name: name.to_vec(),
                 kind: FileKind::Regular as i32,
@@ -118,7 +118,11 @@ impl DataClient {
                 ..Default::default()
             })
             .await?;
-        self.attach(attr.ino, handle).await
+        let handle = reply.handle;
+        match reply.attr {
+            Some(a) if reply.layout.is_none() => self.attach(a.ino, handle).await,
+            _ => self.attach_created(handle, reply),
+        }
     }
 
     /// Wraps a handle already opened in meta (e.g. by the FUSE layer's create).
@@ -140,6 +144,24 @@ impl DataClient {
                 return Err(e);
             }
         };
+        self.handle_from(ino, handle, reply)
+    }
+
+    /// Wraps `handle` on a regular file that the command answered by `created` made and
+    /// opened: a new file has no chunks, so the reply's layout is all the handle needs and no
+    /// chunk table is read.
+    pub fn attach_created(&self, handle: u64, created: Reply) -> ClientResult<FileHandle> {
+        let Some(ino) = created.attr.as_ref().map(|a| a.ino) else {
+            return Err(ClientError::Io {
+                errno: libc::EIO,
+                message: "a create reply without attributes".into(),
+            });
+        };
+        self.handle_from(ino, handle, created)
+    }
+
+    /// A handle from a reply carrying the file's attributes, layout and (first) chunks.
+    fn handle_from(&self, ino: u64, handle: u64, reply: Reply) -> ClientResult<FileHandle> {
         let layout = reply.layout.unwrap_or_default();
         let size = reply.attr.map(|a| a.size).unwrap_or(0);
         let codec = if layout.ec_data > 0 {

@@ -396,9 +396,15 @@ impl MetaClient {
     /// Creates any kind of node; see [`MakeNode`]. Returns its attributes and, when
     /// `open` was asked, a handle.
     pub async fn make_node(&self, req: MakeNode) -> ClientResult<(Attr, u64)> {
-        let r = check(self.write(command::Op::MakeNode(req)).await?)?;
+        let r = self.make_node_reply(req).await?;
         let handle = r.handle;
         Ok((attr_of(r)?, handle))
+    }
+
+    /// [`make_node`](Self::make_node) with the whole reply: handles, and the layout of a
+    /// regular file it created and opened.
+    pub async fn make_node_reply(&self, req: MakeNode) -> ClientResult<Reply> {
+        check(self.write(command::Op::MakeNode(req)).await?)
     }
 
     pub async fn mkdir(&self, parent: u64, name: &[u8], mode: u32) -> ClientResult<Attr> {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{FileAttr, FileType, INodeNo};
 use kerfs_client::{DataClient, FileHandle, MetaClient};
-use kerfs_proto::{time_set, Attr, Caller, FileKind, FsStats, MakeNode, TimeSet, Timespec};
+use kerfs_proto::{time_set, Attr, Caller, FileKind, FsStats, MakeNode, Reply, TimeSet, Timespec};
 
 use crate::error::{FsError, FsResult};
 
@@ -583,8 +583,16 @@ impl KerFs {
 
     /// Registers an open: takes a reference on the inode's data slot (opening it if this
     /// is the first open here), closing the caller's cluster handle if that fails.
-    async fn add_file(&self, ino: u64, handle: u64, flags: i32) -> FsResult<u64> {
-        match self.slot_ref(ino, flags).await {
+    /// Registers an open file handle; `created` is the reply of the create that opened it
+    /// when that reply carries a data handle for the slot (see [`KerFs::create`]).
+    async fn add_file(
+        &self,
+        ino: u64,
+        handle: u64,
+        flags: i32,
+        created: Option<Reply>,
+    ) -> FsResult<u64> {
+        match self.slot_ref(ino, flags, created).await {
             Ok(data) => {
                 let fh = self.new_fh();
                 lock(&self.files).insert(fh, Arc::new(OpenFile { ino, handle, data }));
@@ -597,12 +605,16 @@ impl KerFs {
         }
     }
 
-    async fn slot_ref(&self, ino: u64, flags: i32) -> FsResult<FileHandle> {
+    async fn slot_ref(&self, ino: u64, flags: i32, created: Option<Reply>) -> FsResult<FileHandle> {
         let mut slots = self.slots.lock().await;
         if let Some(slot) = slots.get_mut(&ino) {
             slot.refs += 1;
             let data = slot.handle.clone();
             drop(slots);
+            if let Some(unused) = created {
+                // A slot already existed: the create's data handle is not needed.
+                let _ = self.client.close(unused.data_handle).await;
+            }
             if flags & libc::O_TRUNC != 0 {
                 // The caller's open truncated the file in the cluster; our shared handle
                 // still has the old size and chunk table.
@@ -610,7 +622,14 @@ impl KerFs {
             }
             return Ok(data);
         }
-        let data = match self.data.open(ino, libc::O_RDWR as u32).await {
+        let opened = match created {
+            Some(reply) => {
+                let data_handle = reply.data_handle;
+                self.data.attach_created(data_handle, reply)
+            }
+            None => self.data.open(ino, libc::O_RDWR as u32).await,
+        };
+        let data = match opened {
             Ok(d) => d,
             // A mount not run by root may not open everything read-write; it can still
             // open the way the caller did.
@@ -644,7 +663,7 @@ impl KerFs {
                 format!("inode {ino} is not a regular file"),
             ));
         }
-        self.add_file(ino, handle, flags).await
+        self.add_file(ino, handle, flags, None).await
     }
 
     /// Creates (or with O_CREAT without O_EXCL, opens) and opens a regular file in one
@@ -657,9 +676,11 @@ impl KerFs {
         mode: u32,
         flags: i32,
     ) -> FsResult<(Entry, u64)> {
-        let (a, handle) = self
+        // A file this command creates comes with the mount's data handle and its layout, so
+        // the shared data slot costs no second open and no chunk-table read.
+        let reply = self
             .as_caller(caller)
-            .make_node(MakeNode {
+            .make_node_reply(MakeNode {
                 parent: self.to_cluster(parent),
                 name: name.to_vec(),
                 kind: FileKind::Regular as i32,
@@ -667,10 +688,16 @@ impl KerFs {
                 exclusive: flags & libc::O_EXCL != 0,
                 open: true,
                 open_flags: flags as u32,
+                data_handle: true,
                 ..Default::default()
             })
             .await?;
-        let fh = self.add_file(a.ino, handle, flags).await?;
+        let handle = reply.handle;
+        let Some(a) = reply.attr else {
+            return Err(FsError::new(libc::EIO, "a create reply without attributes"));
+        };
+        let created = (reply.data_handle != 0).then_some(reply);
+        let fh = self.add_file(a.ino, handle, flags, created).await?;
         Ok((self.entry(a).await, fh))
     }
 

@@ -344,7 +344,14 @@ pub fn make_node(ctx: &Ctx, state: &mut Overlay<'_>, m: &MakeNode) -> R<Reply> {
     );
     if m.open {
         // Creating the file grants access whatever its mode (as open(O_CREAT) does).
-        return sessions::open_new(ctx, state, inode, m.open_flags);
+        let mut reply = sessions::open_new(ctx, state, inode, m.open_flags)?;
+        if kind == FileKind::Regular {
+            reply.layout = Some(chunks::layout_of(state, ino)?);
+            if m.data_handle {
+                reply.data_handle = sessions::open_new_again(ctx, state, ino)?;
+            }
+        }
+        return Ok(reply);
     }
     rec::store_inode(state, &inode);
     Ok(Reply {

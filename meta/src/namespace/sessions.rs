@@ -295,6 +295,15 @@ pub fn open_inode(ctx: &Ctx, state: &mut Overlay<'_>, mut inode: Inode, flags: u
     })
 }
 
+/// A second, read-write handle on a file the same command created and opened (see
+/// `MakeNode.data_handle`); no permission check, as for [`open_new`].
+pub fn open_new_again(ctx: &Ctx, state: &mut Overlay<'_>, ino: u64) -> R<u64> {
+    let mut inode = super::nodes::must_inode(state, ino)?;
+    let handle = new_handle(ctx, state, &mut inode, libc::O_RDWR as u32)?;
+    rec::store_inode(state, &inode);
+    Ok(handle)
+}
+
 pub fn open(ctx: &Ctx, state: &mut Overlay<'_>, o: &Open) -> R<Reply> {
     let inode = super::nodes::must_inode(state, o.ino)?;
     open_inode(ctx, state, inode, o.flags)

@@ -526,6 +526,52 @@ fn orphan_inode_lives_until_last_close() {
     assert_eq!(stats.files, 1);
 }
 
+/// A create that asks for a data handle gets two handles and the file's layout; the inode of
+/// an unlinked file lives until both are closed. Opening an existing file gets neither.
+#[test]
+fn create_with_a_data_handle() {
+    let mut t = T::new();
+    let create = |exclusive| {
+        Op::MakeNode(MakeNode {
+            parent: ROOT_INO,
+            name: b"f".to_vec(),
+            kind: FileKind::Regular as i32,
+            mode: 0o400,
+            exclusive,
+            open: true,
+            open_flags: libc::O_WRONLY as u32,
+            data_handle: true,
+            ..Default::default()
+        })
+    };
+    let r = t.root(create(true));
+    assert_eq!(r.errno, 0);
+    let (ino, h, d) = (r.attr.unwrap().ino, r.handle, r.data_handle);
+    assert!(h != 0 && d != 0 && h != d, "handles {h} and {d}");
+    assert!(
+        r.layout.is_some(),
+        "a created file's reply carries its layout"
+    );
+    let again = t.root(create(false));
+    assert_eq!(again.errno, 0);
+    assert_eq!((again.data_handle, again.layout), (0, None));
+    assert_eq!(
+        t.root(Op::Close(Close {
+            handle: again.handle
+        }))
+        .errno,
+        0
+    );
+    assert_eq!(t.rm(None, ROOT_INO, "f", false).errno, 0);
+    assert_eq!(t.root(Op::Close(Close { handle: h })).errno, 0);
+    assert_eq!(t.read(None, read_op::Op::GetAttr(GetAttr { ino })).errno, 0);
+    assert_eq!(t.root(Op::Close(Close { handle: d })).errno, 0);
+    assert_eq!(
+        t.read(None, read_op::Op::GetAttr(GetAttr { ino })).errno,
+        libc::ENOENT
+    );
+}
+
 #[test]
 fn open_truncates_and_checks_access() {
     let mut t = T::new();
