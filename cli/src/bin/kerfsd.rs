@@ -295,6 +295,30 @@ fn run_chunk(args: ChunkArgs) -> Result<()> {
     })
 }
 
+/// A command for a child of `kerfsd dev` that gets SIGTERM when `kerfsd dev` dies, however it
+/// dies (a SIGTERM before its own handler is up, kill -9): no daemon or mount is left behind.
+/// The children are spawned from the main thread, which lives as long as the process, as
+/// PR_SET_PDEATHSIG requires.
+fn child_of_dev(program: &std::path::Path) -> Command {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id() as i32;
+    let mut cmd = Command::new(program);
+    // SAFETY: prctl, getppid and raise are async-signal-safe, as pre_exec requires.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before the prctl took effect.
+            if libc::getppid() != parent {
+                libc::raise(libc::SIGTERM);
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
 /// Children of `kerfsd dev`, stopped (SIGTERM, then SIGKILL) when dropped.
 struct Daemons(Vec<(String, Child)>);
 
@@ -344,7 +368,7 @@ fn run_dev(args: DevArgs) -> Result<()> {
     for (i, addr) in meta_addrs.iter().enumerate() {
         let id = i + 1;
         let log = std::fs::File::create(logs.join(format!("meta{id}.log")))?;
-        let child = Command::new(&exe)
+        let child = child_of_dev(&exe)
             .arg("meta")
             .args(["--id", &id.to_string(), "--listen", addr, "--peers", &peers])
             .arg("--data")
@@ -366,7 +390,7 @@ fn run_dev(args: DevArgs) -> Result<()> {
     let addrs = meta_addrs.join(",");
     for i in 1..=args.chunk_servers {
         let log = std::fs::File::create(logs.join(format!("chunk{i}.log")))?;
-        let child = Command::new(&exe)
+        let child = child_of_dev(&exe)
             .arg("chunk")
             .args(["--meta", &addrs])
             .args([
@@ -423,7 +447,7 @@ fn run_dev(args: DevArgs) -> Result<()> {
         let kerfs = exe.with_file_name("kerfs");
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let log = std::fs::File::create(logs.join("kerfs.log"))?;
-        let child = Command::new(&kerfs)
+        let child = child_of_dev(&kerfs)
             .arg(&addrs)
             .arg(dir)
             .arg("-f")
