@@ -115,6 +115,15 @@ fn reply_empty(reply: ReplyEmpty, r: Result<(), FsError>, op: &str) {
     }
 }
 
+/// Replies to open and opendir. No FOPEN_KEEP_CACHE: the kernel drops cached pages at open,
+/// which gives close-to-open consistency between mounts.
+fn reply_opened(reply: ReplyOpen, r: Result<u64, FsError>, op: &str) {
+    match r {
+        Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+        Err(e) => reply.error(errno(&e, op)),
+    }
+}
+
 fn time_set(t: TimeOrNow) -> kerfs_proto::TimeSet {
     match t {
         TimeOrNow::Now => time_now(),
@@ -346,14 +355,9 @@ impl Filesystem for FuseFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let (fs, caller) = (self.fs.clone(), caller_of(req));
-        self.spawn(async move {
-            match fs.open(&caller, ino.0, flags.0).await {
-                // No FOPEN_KEEP_CACHE: the kernel drops cached pages at open, which gives
-                // close-to-open consistency between mounts.
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-                Err(e) => reply.error(errno(&e, "open")),
-            }
-        });
+        self.spawn(
+            async move { reply_opened(reply, fs.open(&caller, ino.0, flags.0).await, "open") },
+        );
     }
 
     fn create(
@@ -473,10 +477,7 @@ impl Filesystem for FuseFs {
     fn opendir(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let (fs, caller) = (self.fs.clone(), caller_of(req));
         self.spawn(async move {
-            match fs.opendir(&caller, ino.0, flags.0).await {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-                Err(e) => reply.error(errno(&e, "opendir")),
-            }
+            reply_opened(reply, fs.opendir(&caller, ino.0, flags.0).await, "opendir")
         });
     }
 
