@@ -16,7 +16,7 @@ use tokio::runtime::Handle;
 
 use crate::error::{cluster, CkptError, Result};
 use crate::format::{Manifest, PageRefRun, ProcessEntry, PAGE};
-use crate::store::{Store, PACKS};
+use crate::store::{pack_rel, Store};
 
 /// Pages fetched per window (64 MiB).
 const WINDOW_PAGES: u64 = 16384;
@@ -56,10 +56,7 @@ impl Store {
             let h = data
                 .open(attr.ino, libc::O_RDONLY as u32)
                 .await
-                .map_err(cluster(
-                    "opening",
-                    &self.sub(&format!("{PACKS}/{name}.pack")),
-                ))?;
+                .map_err(cluster("opening", &self.sub(&pack_rel(name))))?;
             packs.push(h);
         }
         Ok(OpenVersion {
@@ -252,7 +249,7 @@ impl ReadCtx {
         let results: Vec<(usize, Vec<u8>)> = stream::iter(pieces)
             .map(|p| async move {
                 let h = &self.packs[p.pack];
-                let name = format!("{PACKS}/{}.pack", self.pack_names[p.pack]);
+                let name = pack_rel(&self.pack_names[p.pack]);
                 let unreadable = |cause| CkptError::PackUnreadable {
                     cause: Box::new(cause),
                     app: self.app.clone(),

@@ -28,6 +28,11 @@ use crate::format::{Manifest, Stats};
 
 /// Name of the pack directory.
 pub const PACKS: &str = "packs";
+/// Path of pack `name` relative to the store.
+pub fn pack_rel(name: &str) -> String {
+    format!("{PACKS}/{name}.pack")
+}
+
 /// Name of the version directory.
 pub const VERSIONS: &str = "versions";
 /// Name of the writer marker directory.
@@ -492,7 +497,7 @@ impl Store {
 
     /// Inode of pack `name` (`.pack`), for readers.
     pub(crate) async fn pack_ino(&self, name: &str) -> Result<Attr> {
-        let rel = format!("{PACKS}/{name}.pack");
+        let rel = pack_rel(name);
         self.meta()
             .lookup(self.packs, format!("{name}.pack").as_bytes())
             .await

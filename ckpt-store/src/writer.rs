@@ -27,7 +27,7 @@ use crate::format::{
     decode_index, encode_index, CopiedFile, Manifest, PageRefRun, ProcessEntry, Stats, PAGE,
 };
 use crate::store::{
-    errno_of, host_name, now_ms, random_hex, Store, GC_LOCK, HEARTBEAT, MANIFEST, PACKS,
+    errno_of, host_name, now_ms, pack_rel, random_hex, Store, GC_LOCK, HEARTBEAT, MANIFEST, PACKS,
     PARTIAL_PREFIX, STALE_AFTER, VERSIONS, WRITERS,
 };
 
@@ -314,7 +314,7 @@ impl Ingest {
         }
         if self.pack.is_none() {
             let name = format!("{}-{}", now_ms(), random_hex());
-            let rel = format!("{PACKS}/{name}.pack");
+            let rel = pack_rel(&name);
             let handle = self
                 .store
                 .data
@@ -358,7 +358,7 @@ impl Ingest {
         let Some(pack) = self.pack.as_mut() else {
             return Ok(());
         };
-        let rel = format!("{PACKS}/{}.pack", pack.name);
+        let rel = pack_rel(&pack.name);
         if !pack.pending.is_empty() {
             let data = std::mem::replace(&mut pack.pending, Vec::with_capacity(PACK_BATCH));
             let (handle, at) = (pack.handle.clone(), pack.written);
@@ -378,7 +378,7 @@ impl Ingest {
         let Some(pack) = self.pack.as_mut() else {
             return Ok(());
         };
-        let rel = format!("{PACKS}/{}.pack", pack.name);
+        let rel = pack_rel(&pack.name);
         while !pack.in_flight.is_empty() {
             join_write(&mut pack.in_flight, &self.store.sub(&rel)).await?;
         }
@@ -391,7 +391,7 @@ impl Ingest {
         let Some(pack) = self.pack.as_ref() else {
             return Ok(());
         };
-        let rel = format!("{PACKS}/{}.pack", pack.name);
+        let rel = pack_rel(&pack.name);
         pack.handle
             .fsync()
             .await
@@ -404,7 +404,7 @@ impl Ingest {
         let Some(pack) = self.pack.take() else {
             return Ok(());
         };
-        let rel = format!("{PACKS}/{}.pack", pack.name);
+        let rel = pack_rel(&pack.name);
         pack.handle.close().await.map_err(cluster(
             "closing pack (data not durable)",
             &self.store.sub(&rel),
