@@ -561,12 +561,7 @@ async fn damage_replica(
         let Some(place) = chunk.replicas.get(replica) else {
             continue;
         };
-        let server = cluster
-            .chunks
-            .keys()
-            .copied()
-            .find(|&i| cluster.chunk_addr(i) == place.address)
-            .context("replica on an unknown chunk server")?;
+        let server = cluster.server_index(&place.address)?;
         let path = cluster
             .chunk_data_dir(server)
             .join("chunks")

@@ -17,7 +17,7 @@ use anyhow::{bail, ensure, Context, Result};
 use kerfs_client::{ClientError, DataClient, FileHandle, MetaClient};
 use kerfs_proto::{read_op, FileChunk};
 use kerfs_tests::{
-    content, erasure, expected_hash, init_tracing, layout_dir, replicated, KerfsCluster,
+    content, erasure, expected_hash, init_tracing, layout_dir, log_tail, replicated, KerfsCluster,
     KerfsClusterOptions,
 };
 use rand::rngs::StdRng;
@@ -87,7 +87,7 @@ async fn wait_chunk_servers_serving(cluster: &KerfsCluster, meta: &MetaClient) -
             if Instant::now() > deadline {
                 bail!(
                     "chunk server {i} does not answer 30 s after its restart; log:\n{}",
-                    tail(&cluster.chunk_log(i))
+                    log_tail(&cluster.chunks[&i].log, 20)
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -96,11 +96,6 @@ async fn wait_chunk_servers_serving(cluster: &KerfsCluster, meta: &MetaClient) -
     cluster
         .wait_chunk_servers_up(meta, cluster.chunks.len(), Duration::from_secs(30))
         .await
-}
-
-fn tail(log: &str) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
 // ---------------------------------------------------------------- a. stale server comes back

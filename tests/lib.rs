@@ -464,10 +464,6 @@ impl KerfsCluster {
         meta.chain(chunks).map(|c| c.id()).collect()
     }
 
-    pub fn chunk_log(&self, index: u64) -> String {
-        std::fs::read_to_string(&self.chunks[&index].log).unwrap_or_default()
-    }
-
     /// Which of the cluster's chunk servers (1-based index) listens on `addr`.
     pub fn server_index(&self, addr: &str) -> Result<u64> {
         self.chunks
@@ -719,6 +715,25 @@ impl Mount {
 
     pub fn path(&self) -> &Path {
         self.tmp.path()
+    }
+
+    /// The pid of the `kerfs` process serving this mount (found by its command line).
+    pub fn daemon_pid(&self) -> Result<i32> {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = self.path().as_os_str().as_bytes();
+        for e in std::fs::read_dir("/proc")?.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+                continue;
+            };
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            if args.first().is_some_and(|a| a.ends_with(b"kerfs")) && args.contains(&dir) {
+                return Ok(pid);
+            }
+        }
+        bail!("no kerfs process serves {}", self.path().display())
     }
 
     /// The last 40 lines of this mount's `kerfs` log.

@@ -17,15 +17,13 @@
 use std::ffi::CString;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use kerfs_tests::{
-    bin_path, init_tracing, require_root_and_fuse, KerfsCluster, KerfsClusterOptions,
-};
+use kerfs_tests::{init_tracing, require_root_and_fuse, KerfsCluster, KerfsClusterOptions, Mount};
 use tracing::info;
 
 /// Each test starts a cluster on 2 cores: one at a time.
@@ -41,96 +39,9 @@ const ANSWER_WITHIN: Duration = Duration::from_secs(10);
 
 // ------------------------------------------------------------------ mounts
 
-fn fstype(dir: &Path) -> Option<String> {
-    let out = Command::new("findmnt")
-        .args(["-n", "-o", "FSTYPE", "--mountpoint"])
-        .arg(dir)
-        .output()
-        .ok()?;
-    let t = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    (out.status.success() && !t.is_empty()).then_some(t)
-}
-
-/// A `kerfs` mount of the test cluster; dropping it unmounts lazily.
-struct Mount {
-    tmp: tempfile::TempDir,
-    log: PathBuf,
-}
-
-impl Mount {
-    fn new(cluster: &KerfsCluster, name: &str, extra: &str) -> Result<Mount> {
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!("kerfs-lk-{name}-"))
-            .tempdir()?;
-        let log = cluster.meta.dir.path().join(format!("kerfs-{name}.log"));
-        let opts = format!(
-            "key_file={},log={},attr_timeout=0,entry_timeout=0{extra}",
-            cluster.meta.key_file.display(),
-            log.display()
-        );
-        let out = Command::new(bin_path("kerfs")?)
-            .arg(cluster.meta.addrs().join(","))
-            .arg(tmp.path())
-            .args(["-o", &opts])
-            .stdin(Stdio::null())
-            .output()
-            .context("running kerfs")?;
-        ensure!(
-            out.status.success(),
-            "kerfs failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let m = Mount { tmp, log };
-        ensure!(
-            fstype(m.path()).as_deref() == Some("fuse.kerfs"),
-            "no fuse.kerfs mount at {}",
-            m.path().display()
-        );
-        Ok(m)
-    }
-
-    fn path(&self) -> &Path {
-        self.tmp.path()
-    }
-
-    /// The pid of the `kerfs` process serving this mount (found by its command line).
-    fn daemon_pid(&self) -> Result<i32> {
-        let dir = self.path().as_os_str().as_bytes();
-        for e in std::fs::read_dir("/proc")?.flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
-                continue;
-            };
-            let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
-                continue;
-            };
-            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            if args.first().is_some_and(|a| a.ends_with(b"kerfs")) && args.contains(&dir) {
-                return Ok(pid);
-            }
-        }
-        bail!("no kerfs process serves {}", self.path().display())
-    }
-
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-
-    fn unmount(&self) -> Result<()> {
-        let st = Command::new("umount").arg(self.path()).status()?;
-        ensure!(st.success(), "umount {} failed", self.path().display());
-        Ok(())
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        if fstype(self.path()).is_some() {
-            let _ = Command::new("umount").arg("-l").arg(self.path()).status();
-        }
-    }
-}
+/// Mount options of every mount here: no kernel attribute or entry caching, so each mount
+/// sees the other's changes at once.
+const NO_CACHE: &str = ",attr_timeout=0,entry_timeout=0";
 
 // ------------------------------------------------------------------ the helper process
 
@@ -428,15 +339,19 @@ where
     init_tracing();
     let _serial = SERIAL.lock().await;
     let cluster = KerfsCluster::start(KerfsClusterOptions::default()).await?;
-    let a = Mount::new(&cluster, "a", "")?;
-    let b = Mount::new(&cluster, "b", "")?;
+    let a = Mount::new(&cluster, "a", NO_CACHE)?;
+    let b = Mount::new(&cluster, "b", NO_CACHE)?;
     let (pa, pb) = (a.path().to_path_buf(), b.path().to_path_buf());
     let r = tokio::task::spawn_blocking(move || test(&pa, &pb))
         .await
         .expect("test thread");
     if let Err(e) = r {
         for m in [&a, &b] {
-            eprintln!("--- tail of {} ---\n{}", m.log.display(), m.log_tail());
+            eprintln!(
+                "--- tail of the log of {} ---\n{}",
+                m.path().display(),
+                m.log_tail()
+            );
         }
         return Err(e);
     }
@@ -622,8 +537,8 @@ async fn a_dead_mount_frees_its_locks() -> Result<()> {
     init_tracing();
     let _serial = SERIAL.lock().await;
     let cluster = KerfsCluster::start(KerfsClusterOptions::default()).await?;
-    let a = Mount::new(&cluster, "a", ",lease=2")?;
-    let b = Mount::new(&cluster, "b", "")?;
+    let a = Mount::new(&cluster, "a", &format!("{NO_CACHE},lease=2"))?;
+    let b = Mount::new(&cluster, "b", NO_CACHE)?;
     let a_pid = a.daemon_pid()?;
     let (pa, pb) = (a.path().join("h"), b.path().join("h"));
     let r = tokio::task::spawn_blocking(move || -> Result<()> {
@@ -660,7 +575,11 @@ async fn a_dead_mount_frees_its_locks() -> Result<()> {
     .expect("test thread");
     if let Err(e) = r {
         for m in [&a, &b] {
-            eprintln!("--- tail of {} ---\n{}", m.log.display(), m.log_tail());
+            eprintln!(
+                "--- tail of the log of {} ---\n{}",
+                m.path().display(),
+                m.log_tail()
+            );
         }
         return Err(e);
     }
