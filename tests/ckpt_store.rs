@@ -340,6 +340,7 @@ async fn ten_incremental_checkpoints_store_only_new_pages() -> Result<()> {
             new = v.stats.new_bytes,
             dedup = v.stats.dedup_pages,
             zero = v.stats.zero_pages,
+            reused = v.stats.reused_pages,
             ms = v.stats.elapsed_ms,
             "version"
         );
@@ -366,6 +367,14 @@ async fn ten_incremental_checkpoints_store_only_new_pages() -> Result<()> {
             "version {} wrote {} new bytes, more than 10% of a full image ({full})",
             v.version,
             v.stats.new_bytes
+        );
+        // Write tracking: the pages left alone since the previous version are neither read
+        // nor hashed; what is read is the 5% rewritten plus the stack, libraries' data...
+        let read = v.stats.page_bytes - v.stats.reused_pages * 4096;
+        ensure!(
+            read * 10 <= full,
+            "version {} read {read} bytes of memory, more than 10% of a full image ({full}): write tracking did not work",
+            v.version
         );
         // 5% of the heap changed: at least that much must be new, or dedup lies.
         ensure!(

@@ -70,9 +70,10 @@ pub struct ProcessEntry {
     /// The image's header and metadata bytes, verbatim.
     #[prost(bytes = "vec", tag = "3")]
     pub head: Vec<u8>,
-    /// The image's trailer (blake3 of the whole image and the end magic), verbatim.
-    #[prost(bytes = "vec", tag = "4")]
-    pub trailer: Vec<u8>,
+    // Tag 4 held the image's trailer verbatim. The reader now re-creates the trailer over the
+    // image it re-assembles (pages taken from the previous version by write tracking were never
+    // streamed, so the exporter's checksum does not cover them) and checks every page against
+    // its pack index instead.
     /// Where each page of the image's page data is, in image order.
     #[prost(message, repeated, tag = "5")]
     pub runs: Vec<PageRefRun>,
@@ -164,6 +165,10 @@ pub struct Stats {
     /// Bytes of copied files.
     #[prost(uint64, tag = "7")]
     pub file_bytes: u64,
+    /// Pages write tracking showed unchanged since the previous version: neither read from
+    /// the process nor hashed, referenced where that version has them.
+    #[prost(uint64, tag = "8")]
+    pub reused_pages: u64,
 }
 
 impl Stats {

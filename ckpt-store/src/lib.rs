@@ -2,7 +2,7 @@
 //!
 //! An application's checkpoints live under a KerFS path (`kerfs:/ckpt/myapp`). Each
 //! checkpoint is a numbered *version*: a manifest (prost) holding, per process, the ghost
-//! image's header, metadata and trailer verbatim and references to its pages, which are
+//! image's header and metadata verbatim and references to its pages, which are
 //! stored content-addressed (blake3) in pack files shared by every version, so a later
 //! checkpoint writes only pages whose content is new and identical pages of different
 //! processes are stored once; all-zero pages are not stored at all.

@@ -1,12 +1,15 @@
-//! Restoring a version: a [`GhostReader`] per process that re-assembles the exact original
-//! image byte stream (head, pages from the packs, trailer), so ghost's own blake3 check
-//! verifies the whole path end to end.
+//! Restoring a version: a [`GhostReader`] per process that re-assembles the image byte stream
+//! (head, pages from the packs, trailer). Every page is checked against the blake3 its pack
+//! index recorded when it was stored, and the trailer's checksum is re-created over the
+//! assembled image: pages taken from an earlier version by write tracking were never part of
+//! the stream the exporter hashed.
 //!
 //! Page data is fetched a window at a time; inside a window every run of consecutive pack
 //! pages is one read (split into large pieces), several in flight at once.
 
 use std::collections::HashMap;
 use std::io;
+use std::sync::Arc;
 
 use futures::stream::{self, StreamExt, TryStreamExt};
 use indicatif::ProgressBar;
@@ -17,6 +20,7 @@ use tokio::runtime::Handle;
 use crate::error::{cluster, CkptError, Result};
 use crate::format::{Manifest, PageRefRun, ProcessEntry, PAGE};
 use crate::store::{pack_rel, Store};
+use kerfs_ghost::image::{END_MAGIC, TRAILER_LEN};
 
 /// Pages fetched per window (64 MiB).
 const WINDOW_PAGES: u64 = 16384;
@@ -31,6 +35,7 @@ pub struct OpenVersion {
     /// The manifest.
     pub manifest: Manifest,
     packs: Vec<FileHandle>,
+    hashes: Vec<Arc<Vec<[u8; 32]>>>,
 }
 
 impl Store {
@@ -51,7 +56,9 @@ impl Store {
             },
         );
         let mut packs = Vec::new();
+        let mut hashes = Vec::new();
         for name in &manifest.packs {
+            hashes.push(Arc::new(self.pack_hashes(name).await?));
             let attr = self.pack_ino(name).await?;
             let h = data
                 .open(attr.ino, libc::O_RDONLY as u32)
@@ -63,6 +70,7 @@ impl Store {
             store: self.clone(),
             manifest,
             packs,
+            hashes,
         })
     }
 }
@@ -82,7 +90,7 @@ impl OpenVersion {
             starts.push(pages);
             pages += r.count;
         }
-        let total = entry.head.len() as u64 + pages * PAGE as u64 + entry.trailer.len() as u64;
+        let total = entry.head.len() as u64 + pages * PAGE as u64 + TRAILER_LEN as u64;
         if let Some(p) = &progress {
             p.set_length(total);
         }
@@ -93,7 +101,10 @@ impl OpenVersion {
                 version: self.version(),
                 pack_names: self.manifest.packs.clone(),
                 packs: self.packs.clone(),
+                hashes: self.hashes.clone(),
             },
+            hasher: blake3::Hasher::new(),
+            trailer: None,
             entry,
             starts,
             pages,
@@ -173,6 +184,7 @@ struct ReadCtx {
     version: u64,
     pack_names: Vec<String>,
     packs: Vec<FileHandle>,
+    hashes: Vec<Arc<Vec<[u8; 32]>>>,
 }
 
 /// The image stream of one process of a version.
@@ -188,6 +200,9 @@ pub struct ProcessReader {
     window: Vec<u8>,
     window_first: u64,
     progress: Option<ProgressBar>,
+    /// Hash of the image bytes handed out so far, for the trailer.
+    hasher: blake3::Hasher,
+    trailer: Option<Vec<u8>>,
 }
 
 /// One read of a window: pack, byte offset in the pack, length, offset in the window.
@@ -273,6 +288,28 @@ impl ReadCtx {
                         ),
                     });
                 }
+                // Hashing is CPU work: off the runtime, so the pieces in flight use every core.
+                let hashes = self.hashes[p.pack].clone();
+                let first = p.offset / PAGE as u64;
+                let (got, bad) = tokio::task::spawn_blocking(move || {
+                    let bad = got.chunks(PAGE).zip(first..).find(|(page, i)| {
+                        hashes.get(*i as usize).map(|h| &h[..])
+                            != Some(blake3::hash(page).as_bytes())
+                    });
+                    let bad = bad.map(|(_, i)| i);
+                    (got, bad)
+                })
+                .await
+                .map_err(|e| CkptError::Writer(format!("page check task failed: {e}")))?;
+                if let Some(i) = bad {
+                    return Err(CkptError::Damaged {
+                        object: format!("{}/{name}", self.app),
+                        msg: format!(
+                            "page {i} does not match the checksum its pack index recorded; version {} cannot be restored from it (restore an older version)",
+                            self.version
+                        ),
+                    });
+                }
                 Ok((p.into, got))
             })
             .buffer_unordered(PARALLEL_READS)
@@ -309,6 +346,7 @@ impl GhostReader for ProcessReader {
             let from = &self.entry.head[self.pos as usize..];
             let n = from.len().min(buf.len());
             buf[..n].copy_from_slice(&from[..n]);
+            self.hasher.update(&buf[..n]);
             n
         } else if self.pos < pages_end {
             let page = (self.pos - head) / PAGE as u64;
@@ -321,9 +359,17 @@ impl GhostReader for ProcessReader {
             let from = &self.window[at..];
             let n = from.len().min(buf.len());
             buf[..n].copy_from_slice(&from[..n]);
+            self.hasher.update(&buf[..n]);
             n
         } else {
-            let from = &self.entry.trailer[(self.pos - pages_end) as usize..];
+            // Reads are in order, so the hasher has seen the whole head and every page.
+            let hasher = &self.hasher;
+            let trailer = self.trailer.get_or_insert_with(|| {
+                let mut t = hasher.finalize().as_bytes().to_vec();
+                t.extend_from_slice(END_MAGIC);
+                t
+            });
+            let from = &trailer[(self.pos - pages_end) as usize..];
             let n = from.len().min(buf.len());
             buf[..n].copy_from_slice(&from[..n]);
             n

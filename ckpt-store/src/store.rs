@@ -495,6 +495,18 @@ impl Store {
             .collect())
     }
 
+    /// The page hashes of pack `name` (its `.idx`), for readers to check pages against.
+    pub(crate) async fn pack_hashes(&self, name: &str) -> Result<Vec<[u8; 32]>> {
+        let rel = format!("{PACKS}/{name}.idx");
+        let a = self
+            .meta()
+            .lookup(self.packs, format!("{name}.idx").as_bytes())
+            .await
+            .map_err(cluster("looking up", &self.sub(&rel)))?;
+        let bytes = self.read_file(a.ino, a.size, &rel).await?;
+        crate::format::decode_index(&bytes, &self.sub(&rel))
+    }
+
     /// Inode of pack `name` (`.pack`), for readers.
     pub(crate) async fn pack_ino(&self, name: &str) -> Result<Attr> {
         let rel = pack_rel(name);

@@ -5,6 +5,8 @@
 //! `export_process` calls [`ImageSink::write_all`] on its ptrace thread. The sink only copies
 //! the bytes into a bounded channel; a task on the tokio runtime splits the stream (header,
 //! metadata, pages, trailer), hashes each page, looks it up, and appends new ones to the pack.
+//! Pages write tracking showed unchanged since the previous version arrive as that version's
+//! references instead of bytes; the trailer is not kept (the reader re-creates it).
 //! So reading the process's memory and writing to the cluster overlap, and a slow cluster
 //! slows the dump down (the channel is full) instead of buffering the whole image.
 
@@ -43,6 +45,47 @@ const CHANNEL_DEPTH: usize = 8;
 /// Where a page already is: (pack number in this checkpoint's manifest list, page in pack).
 type Location = (u32, u64);
 
+/// What the ptrace thread hands the writer task: image bytes, or pages of the previous
+/// version that write tracking showed unchanged (as `(known pack, page)`, `None` for zero).
+enum StreamItem {
+    Bytes(Vec<u8>),
+    Reused(Vec<Option<(u32, u64)>>),
+}
+
+/// The previous version's image of a process, from which pages left unchanged are taken.
+struct BaseImage {
+    /// (first address, pages, first image page) of each stored run, in address order.
+    runs: Vec<(u64, u64, u64)>,
+    /// The base entry's page references and the image page each starts at.
+    refs: Vec<PageRefRun>,
+    starts: Vec<u64>,
+    /// Base manifest pack number → index in the writer's known packs.
+    packs: Vec<u32>,
+}
+
+impl BaseImage {
+    /// Where the base has page `addr`: `Some(None)` for a zero page, `None` if it has none.
+    fn locate(&self, addr: u64) -> Option<Option<(u32, u64)>> {
+        let i = self.runs.partition_point(|r| r.0 <= addr).checked_sub(1)?;
+        let (start, n, first) = self.runs[i];
+        let page = (addr - start) / PAGE as u64;
+        if page >= n {
+            return None;
+        }
+        let img = first + page;
+        let j = self.starts.partition_point(|&s| s <= img).checked_sub(1)?;
+        let r = self.refs.get(j)?;
+        if img - self.starts[j] >= r.count {
+            return None;
+        }
+        if r.pack == 0 {
+            return Some(None);
+        }
+        let known = *self.packs.get(r.pack as usize - 1)?;
+        Some(Some((known, r.first + img - self.starts[j])))
+    }
+}
+
 /// A checkpoint being written: holds the writer marker (with its heartbeat), the claimed
 /// version, the dedup index and the pack new pages go to.
 pub struct Checkpoint {
@@ -54,6 +97,7 @@ pub struct Checkpoint {
     marker_ino: u64,
     heartbeat: tokio::task::JoinHandle<()>,
     state: Option<Ingest>,
+    base: Option<Arc<BaseImage>>,
     processes: Vec<ProcessEntry>,
     files: Vec<CopiedFile>,
     files_ino: Option<u64>,
@@ -77,6 +121,7 @@ struct Ingest {
     new_bytes: u64,
     dedup_pages: u64,
     zero_pages: u64,
+    reused_pages: u64,
 }
 
 /// The pack of this checkpoint: created on the first new page. Full batches are handed to
@@ -161,7 +206,9 @@ impl Store {
                 new_bytes: 0,
                 dedup_pages: 0,
                 zero_pages: 0,
+                reused_pages: 0,
             }),
+            base: None,
             processes: Vec::new(),
             files: Vec::new(),
             files_ino: None,
@@ -457,16 +504,37 @@ fn push_ref(runs: &mut Vec<PageRefRun>, loc: Option<Location>) {
 /// Splits an image stream and ingests its pages.
 async fn ingest_image(
     state: &mut Ingest,
-    mut rx: mpsc::Receiver<Vec<u8>>,
+    mut rx: mpsc::Receiver<StreamItem>,
 ) -> Result<(ProcessEntry, u64)> {
     let mut head: Vec<u8> = Vec::new();
-    let mut trailer: Vec<u8> = Vec::new();
+    let mut trailer_seen = 0usize;
     let mut head_len: Option<usize> = None;
     let mut pages_left: u64 = 0;
     let mut carry: Vec<u8> = Vec::with_capacity(PAGE);
     let mut runs = Vec::new();
     let mut total = 0u64;
-    while let Some(buf) = rx.recv().await {
+    while let Some(item) = rx.recv().await {
+        let buf = match item {
+            StreamItem::Bytes(b) => b,
+            StreamItem::Reused(locs) => {
+                let bytes = (locs.len() * PAGE) as u64;
+                if head_len.is_none_or(|l| head.len() < l)
+                    || !carry.is_empty()
+                    || bytes > pages_left
+                {
+                    return Err(CkptError::BadStream(
+                        "unchanged pages handed over outside the page data".into(),
+                    ));
+                }
+                for loc in locs {
+                    push_ref(&mut runs, loc.map(|(k, at)| (state.pack_number(k), at)));
+                }
+                state.reused_pages += bytes / PAGE as u64;
+                pages_left -= bytes;
+                total += bytes;
+                continue;
+            }
+        };
         total += buf.len() as u64;
         let mut rest: &[u8] = &buf;
         while !rest.is_empty() {
@@ -522,17 +590,17 @@ async fn ingest_image(
                 continue;
             }
             // Trailer.
-            let n = (TRAILER_LEN - trailer.len()).min(rest.len());
+            let n = (TRAILER_LEN - trailer_seen).min(rest.len());
             if n == 0 {
                 return Err(CkptError::BadStream(
                     "bytes after the end of the image".into(),
                 ));
             }
-            trailer.extend_from_slice(&rest[..n]);
+            trailer_seen += n;
             rest = &rest[n..];
         }
     }
-    if head_len.is_none_or(|l| head.len() < l) || pages_left > 0 || trailer.len() < TRAILER_LEN {
+    if head_len.is_none_or(|l| head.len() < l) || pages_left > 0 || trailer_seen < TRAILER_LEN {
         return Err(CkptError::BadStream(
             "the image ended early (the export failed?)".into(),
         ));
@@ -544,7 +612,6 @@ async fn ingest_image(
             host_pid: meta.host_pid,
             comm: meta.comm,
             head,
-            trailer,
             runs,
         },
         total,
@@ -553,7 +620,8 @@ async fn ingest_image(
 
 /// The [`GhostWriter`] of one process image; see the module docs.
 pub struct ImageSink {
-    tx: Option<mpsc::Sender<Vec<u8>>>,
+    tx: Option<mpsc::Sender<StreamItem>>,
+    base: Option<Arc<BaseImage>>,
     done: Option<oneshot::Receiver<std::result::Result<(), String>>>,
     failure: Arc<Mutex<Option<String>>>,
     describe: String,
@@ -595,13 +663,36 @@ impl GhostWriter for ImageSink {
         let Some(tx) = &self.tx else {
             return Err(io::Error::other("image already finished"));
         };
-        if tx.blocking_send(buf.to_vec()).is_err() {
+        if tx.blocking_send(StreamItem::Bytes(buf.to_vec())).is_err() {
             return Err(self.failed());
         }
         if let Some(p) = &self.progress {
             p.set_position(self.seen);
         }
         Ok(())
+    }
+
+    fn reuse_pages(&mut self, addr: u64, npages: u64) -> io::Result<bool> {
+        let Some(base) = &self.base else {
+            return Ok(false);
+        };
+        let locs: Option<Vec<_>> = (0..npages)
+            .map(|i| base.locate(addr + i * PAGE as u64))
+            .collect();
+        let Some(locs) = locs else {
+            return Ok(false);
+        };
+        let Some(tx) = &self.tx else {
+            return Err(io::Error::other("image already finished"));
+        };
+        if tx.blocking_send(StreamItem::Reused(locs)).is_err() {
+            return Err(self.failed());
+        }
+        self.seen += npages * PAGE as u64;
+        if let Some(p) = &self.progress {
+            p.set_position(self.seen);
+        }
+        Ok(true)
     }
 
     fn finish(&mut self) -> io::Result<()> {
@@ -633,6 +724,60 @@ impl Checkpoint {
         &self.store
     }
 
+    /// Lets the next image take the pages write tracking shows unchanged from process
+    /// `host_pid`'s image in `version`. False (and a full image) if that version or process is
+    /// gone, or references a pack without an index.
+    pub async fn reuse_base(&mut self, version: u64, host_pid: i32) -> Result<bool> {
+        let state = self
+            .state
+            .as_ref()
+            .ok_or_else(|| CkptError::Writer("an image is already being written".into()))?;
+        let manifest = match self.store.manifest(version).await {
+            Ok(m) => m,
+            Err(e) => {
+                debug!(version, error = %e, "no base version for unchanged pages");
+                return Ok(false);
+            }
+        };
+        let Some(entry) = manifest.processes.iter().find(|p| p.host_pid == host_pid) else {
+            return Ok(false);
+        };
+        let mut packs = Vec::with_capacity(manifest.packs.len());
+        for name in &manifest.packs {
+            match state.known_packs.iter().position(|k| k == name) {
+                Some(k) => packs.push(k as u32),
+                None => return Ok(false),
+            }
+        }
+        let image: kerfs_ghost::image::ProcessImage =
+            match prost::Message::decode(entry.head.get(HEADER_LEN..).unwrap_or_default()) {
+                Ok(m) => m,
+                Err(_) => return Ok(false),
+            };
+        let mut runs = Vec::new();
+        let mut img = 0u64;
+        for m in &image.mappings {
+            for r in &m.runs {
+                runs.push((r.addr, r.npages, img));
+                img += r.npages;
+            }
+        }
+        runs.sort_unstable();
+        let mut starts = Vec::with_capacity(entry.runs.len());
+        let mut at = 0u64;
+        for r in &entry.runs {
+            starts.push(at);
+            at += r.count;
+        }
+        self.base = Some(Arc::new(BaseImage {
+            runs,
+            refs: entry.runs.clone(),
+            starts,
+            packs,
+        }));
+        Ok(true)
+    }
+
     /// A writer for the image of one more process, and the task that ingests it. Pass the
     /// sink to `export_process` (on a thread outside the runtime), then hand the task to
     /// [`Checkpoint::add_image`].
@@ -645,7 +790,7 @@ impl Checkpoint {
             .state
             .take()
             .ok_or_else(|| CkptError::Writer("an image is already being written".into()))?;
-        let (tx, rx) = mpsc::channel::<Vec<u8>>(CHANNEL_DEPTH);
+        let (tx, rx) = mpsc::channel::<StreamItem>(CHANNEL_DEPTH);
         let (done_tx, done_rx) = oneshot::channel();
         let failure = Arc::new(Mutex::new(None));
         let fail = failure.clone();
@@ -669,6 +814,7 @@ impl Checkpoint {
         Ok((
             ImageSink {
                 tx: Some(tx),
+                base: self.base.take(),
                 done: Some(done_rx),
                 failure,
                 describe: format!("{}@{}", self.store.addr(), self.version),
@@ -771,6 +917,7 @@ impl Checkpoint {
             zero_pages: state.zero_pages,
             elapsed_ms: self.started.elapsed().as_millis() as u64,
             file_bytes: self.files.iter().map(|f| f.size).sum(),
+            reused_pages: state.reused_pages,
         };
         let manifest = Manifest {
             version: self.version,

@@ -13,6 +13,7 @@ use crate::image::{
 use crate::procfs::{self, MapLine, Stat, PM_FILE, PM_PRESENT, PM_SWAP};
 use crate::rao::GhostWriter;
 use crate::sys::{self, ProcMem, Regs, Remote};
+use crate::tracking::{self, TrackBase, Tracker};
 use crate::PAGE;
 
 /// What happens to the process once its image is complete.
@@ -32,6 +33,12 @@ pub enum After {
 pub struct ExportOptions {
     /// Fate of the process after a successful export. On failure it is always left running.
     pub after: After,
+    /// Arm write tracking (see [`crate::tracking`]) so that the next export can skip the pages
+    /// left untouched; the report's `tracked` is then what to pass back as `base`.
+    pub track_writes: bool,
+    /// The pages of the previous export, when the writer holds that export's image: pages
+    /// untouched since are offered to [`GhostWriter::reuse_pages`] instead of being read.
+    pub base: Option<TrackBase>,
 }
 
 /// What an export wrote.
@@ -45,6 +52,14 @@ pub struct ExportReport {
     pub mappings: usize,
     /// PID in the process's own namespace (the one a restart takes back).
     pub ns_pid: i32,
+    /// Bytes of page data read from the process (the rest was reused from the base).
+    pub read_bytes: u64,
+    /// Bytes of page data the writer took from the previous image instead.
+    pub reused_bytes: u64,
+    /// The base for the next export, when write tracking is armed.
+    pub tracked: Option<TrackBase>,
+    /// Why write tracking could not be armed, when it was asked for and failed.
+    pub tracking_failed: Option<String>,
 }
 
 /// Files up to this size are hashed at export so that an identical copy on another node is
@@ -157,6 +172,11 @@ pub fn export_process(
         held: Default::default(),
     };
     let asked = ask_process(&remote, &mem, &status);
+    // The tracking descriptor is made (if new) while syscalls can still be injected.
+    let tracker = match (&asked, opts.track_writes) {
+        (Ok(_), true) => Some(Tracker::attach(&remote)),
+        _ => None,
+    };
     guard.held = remote.held.take();
     // Put the registers back now: the rest is read from the outside, with the process parked
     // where our death (kill -9 of krg mid-dump) just lets it run on.
@@ -171,6 +191,8 @@ pub fn export_process(
         .map_err(|e| GhostError::sys("open /proc/PID/pagemap", pid, e))?;
     let mut file_ids: HashMap<String, FileId> = HashMap::new();
     let mut mappings = Vec::new();
+    // Pagemap entries of each stored mapping (same order as `mappings`), for write tracking.
+    let mut entries: Vec<Vec<u64>> = Vec::new();
     let mut page_bytes = 0u64;
     for m in &maps {
         let Some(kind) = classify(pid, m)? else {
@@ -225,11 +247,35 @@ pub fn export_process(
                 });
                 page_bytes += (i - s) as u64 * PAGE;
             }
+            entries.push(ents);
+        } else {
+            entries.push(Vec::new());
         }
         mappings.push(mp);
     }
+    // Pages still write-protected since the last export; an error only costs a full read.
+    let tracker = tracker.map(|t| {
+        t.and_then(|t| {
+            let unwritten = match &opts.base {
+                Some(_) => t.unwritten(0, tracking::user_end(&maps))?,
+                None => Vec::new(),
+            };
+            Ok((t, unwritten))
+        })
+    });
+    let (tracker, unwritten, mut tracking_failed) = match tracker {
+        Some(Ok((t, u))) => (Some(t), u, None),
+        Some(Err(e)) => (None, Vec::new(), Some(e.to_string())),
+        None => (None, Vec::new(), None),
+    };
+    let unchanged = |kind: MapKind, addr: u64, entry: u64| -> bool {
+        let Some(base) = &opts.base else { return false };
+        let private = matches!(kind, MapKind::Anon | MapKind::FilePrivate);
+        let i = unwritten.partition_point(|r| r.1 <= addr);
+        private && unwritten.get(i).is_some_and(|r| r.0 <= addr) && base.same_frame(addr, entry)
+    };
 
-    let fds = list_fds(pid)?;
+    let fds = list_fds(pid, tracker.as_ref().map(|t| t.target_fd))?;
     let cwd = fs::read_link(format!("/proc/{pid}/cwd"))
         .map_err(|e| GhostError::sys("readlink /proc/PID/cwd", pid, e))?
         .to_string_lossy()
@@ -310,14 +356,38 @@ pub fn export_process(
 
     let mut w = ImageWriter::begin(out, &meta)?;
     let mut buf = vec![0u8; CHUNK];
-    for m in &meta.mappings {
+    let mut reused_bytes = 0u64;
+    let mut next_base = TrackBase::default();
+    for (m, ents) in meta.mappings.iter().zip(&entries) {
         // process_vm_readv cannot read pages the process itself cannot read; /proc/PID/mem can.
         let readable = m.prot & libc::PROT_READ as u32 != 0;
+        let kind = MapKind::try_from(m.kind).unwrap_or(MapKind::ShmemAnon);
+        let entry = |addr: u64| ents[((addr - m.start) / PAGE) as usize];
         for run in &m.runs {
             let mut addr = run.addr;
             let end = run.addr + run.npages * PAGE;
             while addr < end {
-                let n = ((end - addr) as usize).min(CHUNK);
+                if tracker.is_some() {
+                    next_base.record(addr, entry(addr));
+                }
+                // The longest stretch from here that is either all unchanged or all changed.
+                let same = unchanged(kind, addr, entry(addr));
+                let mut stop = addr + PAGE;
+                while stop < end
+                    && stop - addr < CHUNK as u64
+                    && unchanged(kind, stop, entry(stop)) == same
+                {
+                    if tracker.is_some() {
+                        next_base.record(stop, entry(stop));
+                    }
+                    stop += PAGE;
+                }
+                let n = (stop - addr) as usize;
+                if same && w.reuse(addr, n as u64 / PAGE)? {
+                    reused_bytes += n as u64;
+                    addr = stop;
+                    continue;
+                }
                 let b = &mut buf[..n];
                 if readable {
                     sys::vm_read(pid, addr, b)
@@ -326,11 +396,20 @@ pub fn export_process(
                 }
                 .map_err(|e| GhostError::sys(format!("reading memory at {addr:#x}"), pid, e))?;
                 w.pages(b)?;
-                addr += n as u64;
+                addr = stop;
             }
         }
     }
     w.end()?;
+    // Still frozen: from here on every write of the process marks its page.
+    let tracked = match tracker.map(|t| t.rearm(&maps)) {
+        Some(Ok(())) => Some(next_base),
+        Some(Err(e)) => {
+            tracking_failed = Some(e.to_string());
+            None
+        }
+        None => None,
+    };
     let meta_len = prost::Message::encoded_len(&meta) as u64;
     let report = ExportReport {
         image_bytes: crate::image::HEADER_LEN as u64
@@ -340,6 +419,10 @@ pub fn export_process(
         page_bytes,
         mappings: meta.mappings.len(),
         ns_pid: meta.pid,
+        read_bytes: page_bytes - reused_bytes,
+        reused_bytes,
+        tracked,
+        tracking_failed,
     };
     finish(&mut guard, opts.after)?;
     Ok(report)
@@ -522,7 +605,9 @@ fn file_id(pid: i32, m: &MapLine) -> Result<FileId> {
     })
 }
 
-fn list_fds(pid: i32) -> Result<Vec<Fd>> {
+/// The open descriptors, less `skip` (the write-tracking userfaultfd, which is krg's, not the
+/// program's).
+fn list_fds(pid: i32, skip: Option<i32>) -> Result<Vec<Fd>> {
     let dir = format!("/proc/{pid}/fd");
     let rd = fs::read_dir(&dir).map_err(|e| GhostError::sys(format!("listing {dir}"), pid, e))?;
     let mut fds = Vec::new();
@@ -530,6 +615,9 @@ fn list_fds(pid: i32) -> Result<Vec<Fd>> {
         let Some(fd) = ent.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
+        if Some(fd) == skip {
+            continue;
+        }
         let Ok(target) = fs::read_link(ent.path()) else {
             continue;
         };

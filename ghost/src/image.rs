@@ -9,7 +9,9 @@
 //!
 //! The checksum sits at the end so an export can stream without knowing it up front; an import
 //! therefore reads the whole image and checks it before anything is created. All integers are
-//! little endian.
+//! little endian. When the writer took unchanged pages from the previous image instead of the
+//! stream (write tracking, [`crate::GhostWriter::reuse_pages`]), the checksum covers only what
+//! was streamed and the writer re-creates it over the re-assembled image.
 
 use crate::error::{GhostError, Result};
 use crate::rao::{read_full, rio, wio, GhostReader, GhostWriter};
@@ -417,6 +419,26 @@ impl<'a> ImageWriter<'a> {
         }
         self.pages_left -= b.len() as u64;
         self.put(b, "writing page data")
+    }
+
+    /// Offers pages unchanged since the previous image to the writer (see
+    /// [`GhostWriter::reuse_pages`]); true if it took them and they must not be written.
+    pub fn reuse(&mut self, addr: u64, npages: u64) -> Result<bool> {
+        let bytes = npages * crate::PAGE;
+        if bytes > self.pages_left {
+            return Err(GhostError::Unsupported(
+                "the process's memory changed while it was exported (more pages than announced)"
+                    .into(),
+            ));
+        }
+        let taken = self
+            .out
+            .reuse_pages(addr, npages)
+            .map_err(|e| wio(self.out, "handing over unchanged pages", e))?;
+        if taken {
+            self.pages_left -= bytes;
+        }
+        Ok(taken)
     }
 
     /// Writes the trailer and finishes the writer.

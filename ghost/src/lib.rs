@@ -29,6 +29,7 @@ mod import;
 mod procfs;
 mod rao;
 mod sys;
+pub mod tracking;
 
 pub use error::{GhostError, Result};
 pub use export::{export_process, After, ExportOptions, ExportReport};
@@ -38,6 +39,7 @@ pub use rao::{
     FileReader, FileWriter, GhostReader, GhostWriter, MemReader, MemWriter, MigrationAck,
     TcpReader, TcpWriter,
 };
+pub use tracking::TrackBase;
 
 /// Page size the image format counts in (x86_64 base pages).
 pub const PAGE: u64 = 4096;

@@ -20,6 +20,14 @@ pub trait GhostWriter {
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()>;
     /// Completes the image (flush, fsync, half-close...).
     fn finish(&mut self) -> io::Result<()>;
+    /// Offers `npages` pages at address `addr` that are unchanged since this process's previous
+    /// image (write tracking). A writer that holds that image takes them from it and returns
+    /// true; the export then neither reads nor streams them, and the trailer's checksum covers
+    /// only the streamed bytes, so such a writer re-creates the trailer when it re-assembles
+    /// the image. The default takes nothing.
+    fn reuse_pages(&mut self, _addr: u64, _npages: u64) -> io::Result<bool> {
+        Ok(false)
+    }
     /// Human-readable name of the destination, for error messages.
     fn describe(&self) -> String;
 }

@@ -22,7 +22,15 @@ fn counter_scenario(prog: &Path, dir: &Path, heap_mb: usize) {
     wait_for(&log, "first counters", 60, |s| counters(s).len() >= 5);
     let img = dir.join("img");
     let mut w = FileWriter::create(&img).unwrap();
-    let rep = export_process(pid, &ExportOptions { after: After::Kill }, &mut w).expect("export");
+    let rep = export_process(
+        pid,
+        &ExportOptions {
+            after: After::Kill,
+            ..Default::default()
+        },
+        &mut w,
+    )
+    .expect("export");
     let st = child.wait().unwrap();
     assert!(!st.success(), "original must have been killed");
     assert!(
@@ -126,7 +134,15 @@ fn blocked_pipe_read_is_restarted() {
     wait_for(&log, "first line", 10, |s| s.contains("got one"));
     std::thread::sleep(std::time::Duration::from_millis(100));
     let mut w = MemWriter::default();
-    export_process(pid, &ExportOptions { after: After::Kill }, &mut w).expect("export");
+    export_process(
+        pid,
+        &ExportOptions {
+            after: After::Kill,
+            ..Default::default()
+        },
+        &mut w,
+    )
+    .expect("export");
     child.wait().unwrap();
     let imp = import_process(
         &mut MemReader::new(&w.buf),
@@ -161,7 +177,15 @@ fn avx_registers_survive() {
     let pid = child.id() as i32;
     wait_for(&log, "ok lines", 20, |s| s.lines().count() >= 3);
     let mut w = MemWriter::default();
-    export_process(pid, &ExportOptions { after: After::Kill }, &mut w).expect("export");
+    export_process(
+        pid,
+        &ExportOptions {
+            after: After::Kill,
+            ..Default::default()
+        },
+        &mut w,
+    )
+    .expect("export");
     child.wait().unwrap();
     let n = read(&log).lines().count();
     let imp =
@@ -265,7 +289,10 @@ fn mgs_image_size_grows_with_matrix() {
         let mut w = MemWriter::default();
         let rep = export_process(
             child.id() as i32,
-            &ExportOptions { after: After::Kill },
+            &ExportOptions {
+                after: After::Kill,
+                ..Default::default()
+            },
             &mut w,
         )
         .expect("export");
@@ -315,7 +342,15 @@ fn migrate_over_tcp_stream_library() {
     let pid = child.id() as i32;
     wait_for(&log, "counters", 20, |s| counters(s).len() >= 5);
     let mut w = TcpWriter::connect(&addr).unwrap();
-    export_process(pid, &ExportOptions { after: After::Stop }, &mut w).expect("export");
+    export_process(
+        pid,
+        &ExportOptions {
+            after: After::Stop,
+            ..Default::default()
+        },
+        &mut w,
+    )
+    .expect("export");
     let ack = w.wait_ack().unwrap();
     // The stopped original still holds its PID, so the receiver had to take another one.
     let MigrationAck::Restored(_) = ack else {

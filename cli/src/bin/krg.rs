@@ -65,6 +65,11 @@ enum Cmd {
         /// Checkpoint again every DURATION (30s, 5m...) until the process exits.
         #[arg(long, value_parser = kerfs_ckpt::parse_duration)]
         periodic: Option<std::time::Duration>,
+        /// Do not track the process's writes. By default a checkpoint into a store leaves a
+        /// userfaultfd in the process (at a high descriptor number) so that the next
+        /// checkpoint reads only the pages written since this one.
+        #[arg(long)]
+        no_track_writes: bool,
         /// Leave the process running afterwards (default).
         #[arg(long, group = "after")]
         leave_running: bool,
@@ -190,6 +195,7 @@ fn run(cli: Cli) -> Result<i32> {
             copy_files,
             keep_last,
             periodic,
+            no_track_writes,
             leave_running: _,
             stop,
             kill,
@@ -219,6 +225,8 @@ fn run(cli: Cli) -> Result<i32> {
                     copy_files,
                     keep_last,
                     periodic,
+                    // A process killed after its checkpoint has no next one.
+                    track_writes: !no_track_writes && after != ghost::After::Kill,
                 };
                 return cmd_checkpoint_store(&job, &cluster);
             }
@@ -227,10 +235,17 @@ fn run(cli: Cli) -> Result<i32> {
             }
             let t = Instant::now();
             let mut w = ghost::FileWriter::create(&to)?;
-            let rep = ghost::export_process(pid, &ghost::ExportOptions { after }, &mut w)
-                .with_context(|| {
-                    format!("checkpoint of pid {pid} to {to} failed (the process was left running)")
-                })?;
+            let rep = ghost::export_process(
+                pid,
+                &ghost::ExportOptions {
+                    after,
+                    ..Default::default()
+                },
+                &mut w,
+            )
+            .with_context(|| {
+                format!("checkpoint of pid {pid} to {to} failed (the process was left running)")
+            })?;
             eprintln!(
                 "krg: checkpointed pid {pid} to {to}: {:.1} MiB ({:.1} MiB of pages, {} mappings) in {:.3} s",
                 rep.image_bytes as f64 / 1048576.0,
@@ -351,6 +366,7 @@ struct StoreCheckpoint {
     copy_files: bool,
     keep_last: Option<usize>,
     periodic: Option<std::time::Duration>,
+    track_writes: bool,
 }
 
 fn cmd_checkpoint_store(job: &StoreCheckpoint, cluster: &ClusterArgs) -> Result<i32> {
@@ -446,6 +462,16 @@ fn checkpoint_once(
     };
     let mut ck = rt.block_on(store.begin_checkpoint())?;
     let version = ck.version();
+    let tracking = job.track_writes.then(|| TrackingState::path(pid)).flatten();
+    // Taken (removed) before the export: if this checkpoint is not committed, the next one
+    // must not build on write tracking that was re-armed for it.
+    let base = match &tracking {
+        Some(path) => match TrackingState::take(path, &store.addr()) {
+            Some((v, b)) if rt.block_on(ck.reuse_base(v, pid))? => Some(b),
+            _ => None,
+        },
+        None => None,
+    };
     // A checkpoint-and-kill stops the process and kills it only once the version is
     // committed: if anything fails before, it is resumed. Files are copied while the process
     // is stopped, so they match the memory image (file offsets included).
@@ -461,6 +487,8 @@ fn checkpoint_once(
         pid,
         &ghost::ExportOptions {
             after: export_after,
+            track_writes: tracking.is_some(),
+            base,
         },
         &mut sink,
     );
@@ -521,12 +549,20 @@ fn checkpoint_once(
         // SAFETY: plain kill(2); the version holding the process is committed.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
+    if let Some(why) = &rep.tracking_failed {
+        eprintln!("krg: note: write tracking of pid {pid} is off ({why}); the next checkpoint reads all its memory");
+    }
+    if let (Some(path), Some(tracked)) = (&tracking, &rep.tracked) {
+        TrackingState::save(path, &store.addr(), commit.version, tracked);
+    }
     let s = commit.stats;
     eprintln!(
-        "krg: checkpointed pid {pid} to {}@{}: image {:.1} MiB, {:.1} MiB new, {} pages deduplicated, {} zero pages, dedup {:.1}x, {} files copied, in {:.3} s",
+        "krg: checkpointed pid {pid} to {}@{}: image {:.1} MiB, {:.1} MiB read, {:.1} MiB unchanged since the last version, {:.1} MiB new, {} pages deduplicated, {} zero pages, dedup {:.1}x, {} files copied, in {:.3} s",
         store.addr(),
         commit.version,
         rep.image_bytes as f64 / 1048576.0,
+        rep.read_bytes as f64 / 1048576.0,
+        rep.reused_bytes as f64 / 1048576.0,
         s.new_bytes as f64 / 1048576.0,
         s.dedup_pages,
         s.zero_pages,
@@ -535,6 +571,52 @@ fn checkpoint_once(
         t.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// What write tracking needs between two checkpoints of a process into a store: which version
+/// the pages recorded in the base belong to. One file per process incarnation (PID and start
+/// time) under the runtime directory; it only lives on the node the process runs on, like the
+/// userfaultfd it goes with.
+struct TrackingState;
+
+impl TrackingState {
+    fn path(pid: i32) -> Option<std::path::PathBuf> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let after_comm = stat.rsplit_once(") ")?.1;
+        // Field 22 (start time); fields after the comm are numbered from 3.
+        let start = after_comm.split_whitespace().nth(19)?;
+        Some(run_dir("krg-track").join(format!("{pid}-{start}")))
+    }
+
+    /// Removes the state and returns (version, base) if it belongs to store `addr`.
+    fn take(path: &std::path::Path, addr: &str) -> Option<(u64, ghost::TrackBase)> {
+        let bytes = std::fs::read(path).ok()?;
+        let _ = std::fs::remove_file(path);
+        let nl = bytes.iter().position(|&b| b == b'\n')?;
+        let line = std::str::from_utf8(&bytes[..nl]).ok()?;
+        let (a, v) = line.rsplit_once(' ')?;
+        if a != addr {
+            return None;
+        }
+        Some((v.parse().ok()?, ghost::TrackBase::decode(&bytes[nl + 1..])?))
+    }
+
+    /// Records that `base` is version `version` of store `addr`. Losing it only costs the
+    /// next checkpoint a full read, so a failure is a note, not an error.
+    fn save(path: &std::path::Path, addr: &str, version: u64, base: &ghost::TrackBase) {
+        let mut bytes = format!("{addr} {version}\n").into_bytes();
+        bytes.extend_from_slice(&base.encode());
+        let res = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|_| std::fs::write(path, &bytes));
+        if let Err(e) = res {
+            eprintln!(
+                "krg: note: cannot record write tracking in {} ({e}); the next checkpoint reads all memory",
+                path.display()
+            );
+        }
+    }
 }
 
 /// Loads every process image of a version (and puts its copied files back).
@@ -650,15 +732,21 @@ fn utc(ms: u64) -> String {
     )
 }
 
-/// Directory of the files recording the root PID of `krg run --app` applications.
-fn apps_dir() -> std::path::PathBuf {
+/// krg's directory `sub` for per-node runtime state: under $XDG_RUNTIME_DIR for a user,
+/// /run/kerfs for root.
+fn run_dir(sub: &str) -> std::path::PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR") {
         // SAFETY: geteuid has no preconditions.
         Some(d) if unsafe { libc::geteuid() } != 0 && !d.is_empty() => {
-            std::path::Path::new(&d).join("kerfs/krg-apps")
+            std::path::Path::new(&d).join("kerfs").join(sub)
         }
-        _ => "/run/kerfs/krg-apps".into(),
+        _ => std::path::Path::new("/run/kerfs").join(sub),
     }
+}
+
+/// Directory of the files recording the root PID of `krg run --app` applications.
+fn apps_dir() -> std::path::PathBuf {
+    run_dir("krg-apps")
 }
 
 /// The root PID of application `name`.
@@ -954,6 +1042,7 @@ fn cmd_migrate(pid: i32, dest: &str) -> Result<i32> {
         pid,
         &ghost::ExportOptions {
             after: ghost::After::Stop,
+            ..Default::default()
         },
         &mut w,
     )
