@@ -10,7 +10,7 @@ use crate::image::{
     AltStack, Fd, FdKind, FileId, ImageWriter, MapKind, Mapping, MmFields, PageRun, PendingSignal,
     ProcessImage, Rlimit, Rseq, SigAction,
 };
-use crate::procfs::{self, MapLine, Stat, PM_FILE, PM_PRESENT, PM_SWAP};
+use crate::procfs::{self, MapLine, Stat, PM_FILE, PM_PRESENT};
 use crate::rao::GhostWriter;
 use crate::sys::{self, ProcMem, Regs, Remote};
 use crate::tracking::{self, TrackBase, Tracker};
@@ -227,9 +227,9 @@ pub fn export_process(
                 // A private file page that is still the page-cache page comes back from the
                 // file; only copies the process wrote (anonymous now) are stored.
                 MapKind::FilePrivate => {
-                    (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAP != 0
+                    (e & PM_PRESENT != 0 && e & PM_FILE == 0) || procfs::swapped(e)
                 }
-                _ => e & (PM_PRESENT | PM_SWAP) != 0,
+                _ => e & PM_PRESENT != 0 || procfs::swapped(e),
             };
             let mut i = 0;
             while i < ents.len() {

@@ -135,6 +135,16 @@ pub(crate) fn pagemap(pm: &fs::File, start: u64, end: u64) -> std::io::Result<Ve
 pub(crate) const PM_PRESENT: u64 = 1 << 63;
 pub(crate) const PM_SWAP: u64 = 1 << 62;
 pub(crate) const PM_FILE: u64 = 1 << 61;
+/// Swap type bits of a swapped entry (with CAP_SYS_ADMIN; zero otherwise).
+const PM_SWAP_TYPE: u64 = 0x1f;
+/// The swap type of a PTE marker (the last of the 32 types). Write tracking leaves markers
+/// on pages never populated; pagemap shows them as swapped, but there is nothing to store.
+const SWP_PTE_MARKER: u64 = 31;
+
+/// Whether a pagemap entry is a page swapped out (or being migrated), not a PTE marker.
+pub(crate) fn swapped(entry: u64) -> bool {
+    entry & PM_SWAP != 0 && entry & PM_SWAP_TYPE != SWP_PTE_MARKER
+}
 
 /// (pos, flags) from /proc/PID/fdinfo/N.
 pub(crate) fn fdinfo(pid: i32, fd: i32) -> Result<(i64, u32)> {

@@ -14,10 +14,13 @@
 //! first checkpoint reads everything again.
 //!
 //! A page is taken as unchanged only if it is still write-protected, is not the shared zero
-//! page, lies in a private mapping, and sits on the same physical frame as at the last export.
-//! The frame check covers what write protection cannot see: a mapping moved with mremap keeps
-//! its protected pages but not their addresses, and a page zapped and faulted back reads as
-//! another frame. Shared mappings are never taken as unchanged: another process may write them.
+//! page, lies in a private writable mapping, and sits on the same physical frame as at the
+//! last export. Shared mappings are never taken: other processes write them through their own
+//! page tables. The kernel already drops the protection wherever contents may change without
+//! a write fault (a mapping moved by mremap loses its registration since we ask for no remap
+//! events; a zapped page comes back unprotected or as the zero page); the frame check is a
+//! second, independent proof that costs one map lookup per page, and it only ever turns a
+//! reuse into a read (a page migrated or swapped in again is read needlessly).
 //! Everything here is an optimisation; whatever fails makes the export read pages as usual.
 
 use std::collections::HashMap;
@@ -171,6 +174,25 @@ impl TrackBase {
     }
 }
 
+/// Whether this process sees physical frame numbers in pagemap (CAP_SYS_ADMIN). Without
+/// them no page can be proven unchanged, and PTE markers cannot be told from swapped pages,
+/// so tracking is not armed at all.
+pub(crate) fn frames_visible() -> bool {
+    let probe = [1u8; 1];
+    let addr = std::hint::black_box(probe.as_ptr()) as u64;
+    let Ok(pm) = fs::File::open("/proc/self/pagemap") else {
+        return false;
+    };
+    procfs::pagemap(
+        &pm,
+        addr & !(crate::PAGE - 1),
+        (addr & !(crate::PAGE - 1)) + crate::PAGE,
+    )
+    .ok()
+    .and_then(|e| e.first().copied())
+    .is_some_and(|e| e & procfs::PM_PRESENT != 0 && e & PM_PFN != 0)
+}
+
 /// The exporter's handle on the target's write-tracking userfaultfd.
 pub(crate) struct Tracker {
     pid: i32,
@@ -231,6 +253,11 @@ impl Tracker {
     /// process must be stopped under `remote`) when it has none.
     pub fn attach(remote: &Remote) -> Result<Tracker> {
         let pid = remote.pid;
+        if !frames_visible() {
+            return Err(GhostError::Unsupported(
+                "write tracking needs CAP_SYS_ADMIN to see page frame numbers".into(),
+            ));
+        }
         let (target_fd, fresh) = match find_uffd(pid) {
             Some(found) => found,
             None => (create_in_target(remote)?, true),
@@ -323,7 +350,10 @@ impl Tracker {
     /// page. Mappings the kernel refuses stay untracked and are read in full every time.
     pub fn rearm(&self, maps: &[procfs::MapLine]) -> Result<()> {
         for m in maps {
-            if m.shared || m.path.starts_with("[v") {
+            // Shared mappings can be written through other processes' page tables, which no
+            // tracking here sees. Read-only and reserved (PROT_NONE) areas are left out too:
+            // registering installs a marker on every unpopulated page, page tables included.
+            if m.shared || !m.write || m.path.starts_with("[v") {
                 continue;
             }
             let mut reg = UffdioRegister {
