@@ -634,6 +634,54 @@ async fn corrupt_pack_replica_is_read_around_and_lost_data_named() -> Result<()>
     Ok(())
 }
 
+/// Damage the storage layer cannot see (a pack page rewritten through the client, with fresh
+/// block checksums) is caught by the pack index's page hashes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pack_page_rewritten_through_the_client_is_refused() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let (cluster, meta) = start(3).await?;
+    let d = tempfile::tempdir()?;
+    let prog = build(d.path(), "ckpt_heap")?;
+    let log = d.path().join("log");
+    let addr = "kerfs:/ckpt/t8";
+    let a = spawn_heap(&prog, 16, &log, 8)?;
+    wait_log(&log, "counters", 30, |s| counters(s).len() >= 3)?;
+    krg_ok(
+        &cluster,
+        &["checkpoint", &a.id().to_string(), "--to", addr, "--kill"],
+    )?;
+    kill_child(a);
+    let store = open_store(&meta, "/ckpt/t8").await?;
+    let packs = store.pack_names().await?;
+    ensure!(packs.len() == 1, "one pack expected: {packs:?}");
+    let pack_dir = meta.resolve("/ckpt/t8/packs").await?;
+    let pack = meta
+        .lookup(pack_dir.ino, format!("{}.pack", packs[0]).as_bytes())
+        .await?;
+    info!("overwriting page 100 of the pack through the client");
+    let data = DataClient::new(meta.clone());
+    let f = data.open(pack.ino, libc::O_RDWR as u32).await?;
+    f.write_at(100 * 4096, &[0xAB; 4096]).await?;
+    f.close().await?;
+    let out = restart_elsewhere(&cluster, addr)?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success(),
+        "a version with a wrong page restored"
+    );
+    ensure!(
+        err.contains("version 1")
+            && err.contains(&format!("packs/{}.pack", packs[0]))
+            && err.contains("page 100"),
+        "the refusal does not name the version, the pack and the page: {err}"
+    );
+    ensure!(
+        pids_of(&prog).is_empty(),
+        "a process was started from damaged data"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gc_during_checkpoint_keeps_the_pages_it_needs() -> Result<()> {
     let _serial = SERIAL.lock().await;
