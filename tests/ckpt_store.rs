@@ -370,7 +370,7 @@ async fn ten_incremental_checkpoints_store_only_new_pages() -> Result<()> {
         );
         // Write tracking: the pages left alone since the previous version are neither read
         // nor hashed; what is read is the 5% rewritten plus the stack, libraries' data...
-        let read = v.stats.page_bytes - v.stats.reused_pages * 4096;
+        let read = v.stats.read_bytes();
         ensure!(
             read * 10 <= full,
             "version {} read {read} bytes of memory, more than 10% of a full image ({full}): write tracking did not work",

@@ -172,6 +172,13 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// Bytes of memory read from the processes: all their pages but those write tracking
+    /// showed unchanged since the previous version.
+    pub fn read_bytes(&self) -> u64 {
+        self.page_bytes
+            .saturating_sub(self.reused_pages * PAGE as u64)
+    }
+
     /// Page bytes per byte newly written (1.0 = nothing was deduplicated).
     pub fn dedup_ratio(&self) -> f64 {
         self.page_bytes as f64 / self.new_bytes.max(1) as f64

@@ -462,11 +462,11 @@ fn checkpoint_once(
     };
     let mut ck = rt.block_on(store.begin_checkpoint())?;
     let version = ck.version();
-    let tracking = job.track_writes.then(|| TrackingState::path(pid)).flatten();
+    let tracking = job.track_writes.then(|| TrackingState::open(pid)).flatten();
     // Taken (removed) before the export: if this checkpoint is not committed, the next one
     // must not build on write tracking that was re-armed for it.
     let base = match &tracking {
-        Some(path) => match TrackingState::take(path, &store.addr()) {
+        Some(state) => match state.take(&store.addr()) {
             Some((v, b)) if rt.block_on(ck.reuse_base(v, pid))? => Some(b),
             _ => None,
         },
@@ -552,8 +552,8 @@ fn checkpoint_once(
     if let Some(why) = &rep.tracking_failed {
         eprintln!("krg: note: write tracking of pid {pid} is off ({why}); the next checkpoint reads all its memory");
     }
-    if let (Some(path), Some(tracked)) = (&tracking, &rep.tracked) {
-        TrackingState::save(path, &store.addr(), commit.version, tracked);
+    if let (Some(state), Some(tracked)) = (&tracking, &rep.tracked) {
+        state.save(&store.addr(), commit.version, tracked);
     }
     let s = commit.stats;
     eprintln!(
@@ -576,22 +576,63 @@ fn checkpoint_once(
 /// What write tracking needs between two checkpoints of a process into a store: which version
 /// the pages recorded in the base belong to. One file per process incarnation (PID and start
 /// time) under the runtime directory; it only lives on the node the process runs on, like the
-/// userfaultfd it goes with.
-struct TrackingState;
+/// userfaultfd it goes with. Every export re-arms the tracking, so a checkpoint holds the
+/// file's lock from taking the base to saving the next one: a checkpoint of the same process
+/// into another store in between would otherwise leave a base whose changes nobody saw.
+struct TrackingState {
+    path: std::path::PathBuf,
+    _lock: std::fs::File,
+}
 
 impl TrackingState {
-    fn path(pid: i32) -> Option<std::path::PathBuf> {
+    /// Locks the state of `pid` (waiting for another checkpoint of it), after removing the
+    /// state of processes that are gone. `None` if the runtime directory is not usable.
+    fn open(pid: i32) -> Option<TrackingState> {
+        use std::os::fd::AsRawFd;
+        let dir = run_dir("krg-track");
+        std::fs::create_dir_all(&dir).ok()?;
+        for e in std::fs::read_dir(&dir).ok()?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let key = name.trim_end_matches(".lock");
+            let live = key
+                .split_once('-')
+                .and_then(|(p, _)| p.parse().ok())
+                .and_then(Self::key)
+                .is_some_and(|k| k == key);
+            if !live {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let key = Self::key(pid)?;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(format!("{key}.lock")))
+            .ok()?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return None;
+        }
+        Some(TrackingState {
+            path: dir.join(key),
+            _lock: lock,
+        })
+    }
+
+    /// "PID-STARTTIME" of a live process.
+    fn key(pid: i32) -> Option<String> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         let after_comm = stat.rsplit_once(") ")?.1;
         // Field 22 (start time); fields after the comm are numbered from 3.
         let start = after_comm.split_whitespace().nth(19)?;
-        Some(run_dir("krg-track").join(format!("{pid}-{start}")))
+        Some(format!("{pid}-{start}"))
     }
 
     /// Removes the state and returns (version, base) if it belongs to store `addr`.
-    fn take(path: &std::path::Path, addr: &str) -> Option<(u64, ghost::TrackBase)> {
-        let bytes = std::fs::read(path).ok()?;
-        let _ = std::fs::remove_file(path);
+    fn take(&self, addr: &str) -> Option<(u64, ghost::TrackBase)> {
+        let bytes = std::fs::read(&self.path).ok()?;
+        let _ = std::fs::remove_file(&self.path);
         let nl = bytes.iter().position(|&b| b == b'\n')?;
         let line = std::str::from_utf8(&bytes[..nl]).ok()?;
         let (a, v) = line.rsplit_once(' ')?;
@@ -603,17 +644,13 @@ impl TrackingState {
 
     /// Records that `base` is version `version` of store `addr`. Losing it only costs the
     /// next checkpoint a full read, so a failure is a note, not an error.
-    fn save(path: &std::path::Path, addr: &str, version: u64, base: &ghost::TrackBase) {
+    fn save(&self, addr: &str, version: u64, base: &ghost::TrackBase) {
         let mut bytes = format!("{addr} {version}\n").into_bytes();
         bytes.extend_from_slice(&base.encode());
-        let res = path
-            .parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|_| std::fs::write(path, &bytes));
-        if let Err(e) = res {
+        if let Err(e) = std::fs::write(&self.path, &bytes) {
             eprintln!(
                 "krg: note: cannot record write tracking in {} ({e}); the next checkpoint reads all memory",
-                path.display()
+                self.path.display()
             );
         }
     }
@@ -662,16 +699,24 @@ fn cmd_ls(addr: &StoreAddr, cluster: &ClusterArgs) -> Result<i32> {
         let versions = store.versions().await?;
         let packs = store.pack_bytes().await?;
         println!(
-            "{:>7}  {:<19}  {:>5}  {:>10}  {:>10}  {:>6}  {:>8}",
-            "VERSION", "CREATED (UTC)", "PROCS", "IMAGE MiB", "NEW MiB", "DEDUP", "TIME s"
+            "{:>7}  {:<19}  {:>5}  {:>10}  {:>10}  {:>10}  {:>6}  {:>8}",
+            "VERSION",
+            "CREATED (UTC)",
+            "PROCS",
+            "IMAGE MiB",
+            "READ MiB",
+            "NEW MiB",
+            "DEDUP",
+            "TIME s"
         );
         for v in &versions {
             println!(
-                "{:>7}  {:<19}  {:>5}  {:>10.1}  {:>10.1}  {:>5.1}x  {:>8.3}",
+                "{:>7}  {:<19}  {:>5}  {:>10.1}  {:>10.1}  {:>10.1}  {:>5.1}x  {:>8.3}",
                 v.version,
                 utc(v.created_unix_ms),
                 v.processes,
                 v.stats.image_bytes as f64 / 1048576.0,
+                v.stats.read_bytes() as f64 / 1048576.0,
                 v.stats.new_bytes as f64 / 1048576.0,
                 v.stats.dedup_ratio(),
                 v.stats.elapsed_ms as f64 / 1000.0
