@@ -412,6 +412,52 @@ async fn ten_incremental_checkpoints_store_only_new_pages() -> Result<()> {
     Ok(())
 }
 
+/// Write tracking is re-armed by every checkpoint, whichever store it goes to: after a
+/// checkpoint into another store, the next one into the first store must read everything again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_into_another_store_resets_write_tracking() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let (cluster, meta) = start(3).await?;
+    let d = tempfile::tempdir()?;
+    let prog = build(d.path(), "ckpt_heap")?;
+    let log = d.path().join("log");
+    let child = spawn_heap(&prog, 32, &log, 9)?;
+    let pid = child.id().to_string();
+    wait_log(&log, "counters", 30, |s| counters(s).len() >= 3)?;
+    let mut mutate = |k: u32| {
+        signal(child.id() as i32, libc::SIGUSR1);
+        wait_log(&log, "a rewrite", 60, |s| s.contains(&format!("MUT {k}\n")))
+    };
+    info!("s1@1, then a rewrite and s1@2 built on it");
+    krg_ok(&cluster, &["checkpoint", &pid, "--to", "kerfs:/ckpt/s1"])?;
+    mutate(1)?;
+    krg_ok(&cluster, &["checkpoint", &pid, "--to", "kerfs:/ckpt/s1"])?;
+    info!("a rewrite, s2@1 (re-arms tracking), another rewrite, s1@3");
+    mutate(2)?;
+    krg_ok(&cluster, &["checkpoint", &pid, "--to", "kerfs:/ckpt/s2"])?;
+    mutate(3)?;
+    krg_ok(&cluster, &["checkpoint", &pid, "--to", "kerfs:/ckpt/s1"])?;
+    kill_child(child);
+    let s1 = open_store(&meta, "/ckpt/s1").await?.versions().await?;
+    let s2 = open_store(&meta, "/ckpt/s2").await?.versions().await?;
+    let full = s1[0].stats.page_bytes;
+    ensure!(
+        s1[1].stats.read_bytes() * 5 < full,
+        "s1@2 read {} of {full} bytes: it should have built on s1@1",
+        s1[1].stats.read_bytes()
+    );
+    for (what, v) in [("s2@1", &s2[0]), ("s1@3", &s1[2])] {
+        ensure!(
+            v.stats.reused_pages == 0,
+            "{what} took {} pages as unchanged from a version whose changes it did not see",
+            v.stats.reused_pages
+        );
+    }
+    let pid = restore_and_check(&cluster, "kerfs:/ckpt/s1", &prog, &log, 3)?;
+    signal(pid, libc::SIGKILL);
+    Ok(())
+}
+
 /// Waits until a checkpoint writer's marker is in the store (the checkpoint has begun).
 async fn wait_writer(meta: &MetaClient, path: &str, krg: &mut Child) -> Result<()> {
     let t = Instant::now();
