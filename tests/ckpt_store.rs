@@ -424,7 +424,7 @@ async fn a_checkpoint_into_another_store_resets_write_tracking() -> Result<()> {
     let child = spawn_heap(&prog, 32, &log, 9)?;
     let pid = child.id().to_string();
     wait_log(&log, "counters", 30, |s| counters(s).len() >= 3)?;
-    let mut mutate = |k: u32| {
+    let mutate = |k: u32| {
         signal(child.id() as i32, libc::SIGUSR1);
         wait_log(&log, "a rewrite", 60, |s| s.contains(&format!("MUT {k}\n")))
     };
