@@ -634,34 +634,72 @@ async fn damage_replica(
     Ok(damaged)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn corrupt_pack_replica_is_read_around_and_lost_data_named() -> Result<()> {
-    let _serial = SERIAL.lock().await;
+/// A store `/ckpt/APP` holding one version of one process (an `mb` MiB heap) in one pack.
+struct OnePack {
+    cluster: KerfsCluster,
+    meta: MetaClient,
+    _dir: tempfile::TempDir,
+    prog: PathBuf,
+    log: PathBuf,
+    addr: String,
+    pack: String,
+    pack_ino: u64,
+}
+
+async fn one_pack_version(app: &str, mb: u64, seed: u64) -> Result<OnePack> {
     let (cluster, meta) = start(3).await?;
-    let d = tempfile::tempdir()?;
-    let prog = build(d.path(), "ckpt_heap")?;
-    let log = d.path().join("log");
-    let addr = "kerfs:/ckpt/t4";
-    let a = spawn_heap(&prog, 32, &log, 5)?;
+    let dir = tempfile::tempdir()?;
+    let prog = build(dir.path(), "ckpt_heap")?;
+    let log = dir.path().join("log");
+    let addr = format!("kerfs:/ckpt/{app}");
+    let a = spawn_heap(&prog, mb, &log, seed)?;
     wait_log(&log, "counters", 30, |s| counters(s).len() >= 3)?;
     krg_ok(
         &cluster,
-        &["checkpoint", &a.id().to_string(), "--to", addr, "--kill"],
+        &["checkpoint", &a.id().to_string(), "--to", &addr, "--kill"],
     )?;
     kill_child(a);
-    let store = open_store(&meta, "/ckpt/t4").await?;
-    let packs = store.pack_names().await?;
+    let store = open_store(&meta, &format!("/ckpt/{app}")).await?;
+    let mut packs = store.pack_names().await?;
     ensure!(packs.len() == 1, "one pack expected: {packs:?}");
-    let pack_dir = meta.resolve("/ckpt/t4/packs").await?;
-    let pack = meta
-        .lookup(pack_dir.ino, format!("{}.pack", packs[0]).as_bytes())
-        .await?;
-    let n = damage_replica(&cluster, &meta, pack.ino, 0).await?;
+    let pack = packs.remove(0);
+    let pack_dir = meta.resolve(&format!("/ckpt/{app}/packs")).await?;
+    let pack_ino = meta
+        .lookup(pack_dir.ino, format!("{pack}.pack").as_bytes())
+        .await?
+        .ino;
+    Ok(OnePack {
+        cluster,
+        meta,
+        _dir: dir,
+        prog,
+        log,
+        addr,
+        pack,
+        pack_ino,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_pack_replica_is_read_around_and_lost_data_named() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let OnePack {
+        cluster,
+        meta,
+        prog,
+        log,
+        addr,
+        pack,
+        pack_ino,
+        _dir,
+    } = one_pack_version("t4", 32, 5).await?;
+    let addr = addr.as_str();
+    let n = damage_replica(&cluster, &meta, pack_ino, 0).await?;
     ensure!(n >= 4, "only {n} chunks of a 32 MiB pack damaged");
     let pid = restore_and_check(&cluster, addr, &prog, &log, 0)?;
     signal(pid, libc::SIGKILL);
 
-    damage_replica(&cluster, &meta, pack.ino, 1).await?;
+    damage_replica(&cluster, &meta, pack_ino, 1).await?;
     kill_all(&prog);
     let out = restart_elsewhere(&cluster, addr)?;
     let err = String::from_utf8_lossy(&out.stderr);
@@ -670,7 +708,7 @@ async fn corrupt_pack_replica_is_read_around_and_lost_data_named() -> Result<()>
         "a version with every copy damaged restored"
     );
     ensure!(
-        err.contains("version 1") && err.contains(&format!("packs/{}.pack", packs[0])),
+        err.contains("version 1") && err.contains(&format!("packs/{}.pack", pack)),
         "the refusal does not name the version and the pack: {err}"
     );
     ensure!(
@@ -685,31 +723,22 @@ async fn corrupt_pack_replica_is_read_around_and_lost_data_named() -> Result<()>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pack_page_rewritten_through_the_client_is_refused() -> Result<()> {
     let _serial = SERIAL.lock().await;
-    let (cluster, meta) = start(3).await?;
-    let d = tempfile::tempdir()?;
-    let prog = build(d.path(), "ckpt_heap")?;
-    let log = d.path().join("log");
-    let addr = "kerfs:/ckpt/t8";
-    let a = spawn_heap(&prog, 16, &log, 8)?;
-    wait_log(&log, "counters", 30, |s| counters(s).len() >= 3)?;
-    krg_ok(
-        &cluster,
-        &["checkpoint", &a.id().to_string(), "--to", addr, "--kill"],
-    )?;
-    kill_child(a);
-    let store = open_store(&meta, "/ckpt/t8").await?;
-    let packs = store.pack_names().await?;
-    ensure!(packs.len() == 1, "one pack expected: {packs:?}");
-    let pack_dir = meta.resolve("/ckpt/t8/packs").await?;
-    let pack = meta
-        .lookup(pack_dir.ino, format!("{}.pack", packs[0]).as_bytes())
-        .await?;
+    let OnePack {
+        cluster,
+        meta,
+        prog,
+        addr,
+        pack,
+        pack_ino,
+        _dir,
+        log: _,
+    } = one_pack_version("t8", 16, 8).await?;
     info!("overwriting page 100 of the pack through the client");
     let data = DataClient::new(meta.clone());
-    let f = data.open(pack.ino, libc::O_RDWR as u32).await?;
+    let f = data.open(pack_ino, libc::O_RDWR as u32).await?;
     f.write_at(100 * 4096, &[0xAB; 4096]).await?;
     f.close().await?;
-    let out = restart_elsewhere(&cluster, addr)?;
+    let out = restart_elsewhere(&cluster, &addr)?;
     let err = String::from_utf8_lossy(&out.stderr);
     ensure!(
         !out.status.success(),
@@ -717,7 +746,7 @@ async fn pack_page_rewritten_through_the_client_is_refused() -> Result<()> {
     );
     ensure!(
         err.contains("version 1")
-            && err.contains(&format!("packs/{}.pack", packs[0]))
+            && err.contains(&format!("packs/{}.pack", pack))
             && err.contains("page 100"),
         "the refusal does not name the version, the pack and the page: {err}"
     );

@@ -133,16 +133,7 @@ fn blocked_pipe_read_is_restarted() {
     wr.write_all(b"one\n").unwrap();
     wait_for(&log, "first line", 10, |s| s.contains("got one"));
     std::thread::sleep(std::time::Duration::from_millis(100));
-    let mut w = MemWriter::default();
-    export_process(
-        pid,
-        &ExportOptions {
-            after: After::Kill,
-            ..Default::default()
-        },
-        &mut w,
-    )
-    .expect("export");
+    let w = export_killed(pid);
     child.wait().unwrap();
     let imp = import_process(
         &mut MemReader::new(&w.buf),
@@ -176,16 +167,7 @@ fn avx_registers_survive() {
     let mut child = spawn(&prog, &[log.to_str().unwrap()]);
     let pid = child.id() as i32;
     wait_for(&log, "ok lines", 20, |s| s.lines().count() >= 3);
-    let mut w = MemWriter::default();
-    export_process(
-        pid,
-        &ExportOptions {
-            after: After::Kill,
-            ..Default::default()
-        },
-        &mut w,
-    )
-    .expect("export");
+    let w = export_killed(pid);
     child.wait().unwrap();
     let n = read(&log).lines().count();
     let imp =

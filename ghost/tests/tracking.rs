@@ -179,13 +179,7 @@ fn unchanged_pages_are_exactly_the_untouched_ones() {
     let incremental = load_image(&mut MemReader::new(&w.buf)).expect("rebuilt image loads");
 
     // 3: a full export of the same state: every page must match the rebuilt one.
-    let (full, _) = export_to_mem(
-        pid,
-        &ExportOptions {
-            after: After::Kill,
-            ..Default::default()
-        },
-    );
+    let full = load_image(&mut MemReader::new(&export_killed(pid).buf)).expect("load");
     let _ = child.wait();
     let (inc, full) = (pages_by_addr(&incremental), pages_by_addr(&full));
     assert_eq!(inc.len(), full.len(), "page sets differ");

@@ -150,3 +150,18 @@ pub fn assert_consecutive(s: &str, min: usize) {
         assert_eq!(*v, i as u64 + 1, "counter sequence broken at line {i}");
     }
 }
+
+/// Exports `pid` into memory and kills it (checkpoint-and-kill).
+pub fn export_killed(pid: i32) -> kerfs_ghost::MemWriter {
+    let mut w = kerfs_ghost::MemWriter::default();
+    kerfs_ghost::export_process(
+        pid,
+        &kerfs_ghost::ExportOptions {
+            after: kerfs_ghost::After::Kill,
+            ..Default::default()
+        },
+        &mut w,
+    )
+    .expect("export");
+    w
+}
