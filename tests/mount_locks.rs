@@ -1,6 +1,6 @@
 //! Record locks across two mounts of one cluster, through the kernel: real `kerfsd`
-//! processes, two `kerfs` mounts, and lock holders that are separate processes (this test
-//! binary run again as `lock_helper`, driven line by line over its stdin/stdout), because
+//! processes, two `kerfs` mounts, and lock holders that are separate processes (`lock-helper`,
+//! tests/bin/lock_helper.rs, driven line by line over its stdin/stdout), because
 //! POSIX locks belong to processes and must be seen to die with them.
 //!
 //! - `fcntl_locks_across_two_mounts`: F_SETLK/F_GETLK/F_SETLKW, EINTR and SA_RESTART of a
@@ -14,9 +14,7 @@
 //!
 //! Needs root, /dev/fuse and fuse3; fails (does not skip) without them.
 
-use std::ffi::CString;
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -28,9 +26,6 @@ use tracing::info;
 
 /// Each test starts a cluster on 2 cores: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// Marks the helper's answers among whatever else the test harness prints.
-const TAG: &str = "@@ ";
 
 /// How long a request that should block is watched before we call it blocked.
 const BLOCKED_FOR: Duration = Duration::from_millis(800);
@@ -45,7 +40,7 @@ const NO_CACHE: &str = ",attr_timeout=0,entry_timeout=0";
 
 // ------------------------------------------------------------------ the helper process
 
-/// A lock-holding process: this test binary running `lock_helper`, one command per line.
+/// A lock-holding process: `lock-helper`, one command per line.
 struct Helper {
     name: String,
     child: Child,
@@ -55,16 +50,7 @@ struct Helper {
 
 impl Helper {
     fn spawn(name: &str) -> Result<Helper> {
-        let exe = std::env::current_exe()?;
-        let mut child = Command::new(exe)
-            .args([
-                "--exact",
-                "lock_helper",
-                "--include-ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("KERFS_LOCK_HELPER", "1")
+        let mut child = Command::new(env!("CARGO_BIN_EXE_lock-helper"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -75,11 +61,8 @@ impl Helper {
         let (tx, answers) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
-                // The harness may have printed "test lock_helper ... " on the same line.
-                if let Some((_, a)) = line.split_once(TAG) {
-                    if tx.send(a.to_string()).is_err() {
-                        return;
-                    }
+                if tx.send(line).is_err() {
+                    return;
                 }
             }
         });
@@ -173,155 +156,6 @@ impl Drop for Helper {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
-}
-
-fn answer_of(r: libc::c_int) -> String {
-    if r < 0 {
-        format!("err {}", errno())
-    } else {
-        "ok".into()
-    }
-}
-
-fn lock_type(t: &str) -> Option<libc::c_short> {
-    match t {
-        "r" => Some(libc::F_RDLCK as libc::c_short),
-        "w" => Some(libc::F_WRLCK as libc::c_short),
-        "u" => Some(libc::F_UNLCK as libc::c_short),
-        _ => None,
-    }
-}
-
-fn flock_of(t: libc::c_short, start: i64, len: i64) -> libc::flock {
-    // SAFETY: struct flock is plain data; all-zero is a valid value.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = t;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = start;
-    fl.l_len = len;
-    fl
-}
-
-/// One helper command (see `lock_helper`); returns the answer line.
-fn helper_command(fds: &mut Vec<libc::c_int>, words: &[&str]) -> Option<String> {
-    let fd =
-        |i: &str, fds: &Vec<libc::c_int>| i.parse::<usize>().ok().and_then(|i| fds.get(i).copied());
-    Some(match words {
-        ["open", path] => {
-            let p = CString::new(Path::new(path).as_os_str().as_bytes()).ok()?;
-            // SAFETY: a valid C string.
-            let r = unsafe { libc::open(p.as_ptr(), libc::O_RDWR | libc::O_CREAT, 0o644) };
-            if r < 0 {
-                format!("err {}", errno())
-            } else {
-                fds.push(r);
-                format!("fd {}", fds.len() - 1)
-            }
-        }
-        ["close", i] => {
-            // SAFETY: closing a descriptor this process opened.
-            let r = unsafe { libc::close(fd(i, fds)?) };
-            answer_of(r)
-        }
-        // fcntl F_SETLK (nb) / F_SETLKW (wait), or the OFD variants.
-        [cmd @ ("lock" | "ofd"), i, t, start, len, how] => {
-            let fl = flock_of(lock_type(t)?, start.parse().ok()?, len.parse().ok()?);
-            let op = match (*cmd, *how) {
-                ("lock", "nb") => libc::F_SETLK,
-                ("lock", "wait") => libc::F_SETLKW,
-                ("ofd", "nb") => libc::F_OFD_SETLK,
-                ("ofd", "wait") => libc::F_OFD_SETLKW,
-                _ => return None,
-            };
-            // SAFETY: fcntl with a valid struct flock.
-            answer_of(unsafe { libc::fcntl(fd(i, fds)?, op, &fl) })
-        }
-        // F_GETLK: "unlocked" or "TYPE START LEN PID" of the lock in the way.
-        ["getlk", i, t, start, len] => {
-            let mut fl = flock_of(lock_type(t)?, start.parse().ok()?, len.parse().ok()?);
-            // SAFETY: fcntl with a valid struct flock.
-            let r = unsafe { libc::fcntl(fd(i, fds)?, libc::F_GETLK, &mut fl) };
-            if r < 0 {
-                format!("err {}", errno())
-            } else if fl.l_type == libc::F_UNLCK as libc::c_short {
-                "unlocked".into()
-            } else {
-                let t = if fl.l_type == libc::F_WRLCK as libc::c_short {
-                    "w"
-                } else {
-                    "r"
-                };
-                format!("{t} {} {} {}", fl.l_start, fl.l_len, fl.l_pid)
-            }
-        }
-        // F_SETLKW of the whole file, with a SIGUSR1 sent to this very thread 500 ms in; the
-        // handler has SA_RESTART if `restart` is 1.
-        ["intr", i, restart] => {
-            let fd = fd(i, fds)?;
-            extern "C" fn on_usr1(_: libc::c_int) {}
-            // SAFETY: installs a handler that does nothing; plain libc calls.
-            let (pid, tid) = unsafe {
-                let mut sa: libc::sigaction = std::mem::zeroed();
-                sa.sa_sigaction = on_usr1 as *const () as usize;
-                sa.sa_flags = if *restart == "1" { libc::SA_RESTART } else { 0 };
-                libc::sigemptyset(&mut sa.sa_mask);
-                libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
-                (libc::getpid(), libc::gettid())
-            };
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(500));
-                // SAFETY: signals a thread of this process.
-                unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, libc::SIGUSR1) };
-            });
-            let fl = flock_of(libc::F_WRLCK as libc::c_short, 0, 0);
-            // SAFETY: fcntl with a valid struct flock.
-            answer_of(unsafe { libc::fcntl(fd, libc::F_SETLKW, &fl) })
-        }
-        ["flock", i, how] => {
-            let op = match *how {
-                "ex" => libc::LOCK_EX,
-                "sh" => libc::LOCK_SH,
-                "un" => libc::LOCK_UN,
-                "exnb" => libc::LOCK_EX | libc::LOCK_NB,
-                "shnb" => libc::LOCK_SH | libc::LOCK_NB,
-                _ => return None,
-            };
-            // SAFETY: flock on a descriptor.
-            answer_of(unsafe { libc::flock(fd(i, fds)?, op) })
-        }
-        _ => return None,
-    })
-}
-
-/// Not a test: the lock-holding process the tests start (see [`Helper`]). Reads commands
-/// from stdin and answers each with one line starting with [`TAG`].
-#[test]
-#[ignore = "helper process of the lock tests; they run it"]
-fn lock_helper() {
-    if std::env::var_os("KERFS_LOCK_HELPER").is_none() {
-        return;
-    }
-    let out = |s: &str| {
-        let mut o = std::io::stdout().lock();
-        let _ = writeln!(o, "{TAG}{s}");
-        let _ = o.flush();
-    };
-    out("ok");
-    let mut fds = Vec::new();
-    for line in std::io::stdin().lock().lines().map_while(|l| l.ok()) {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        if words == ["exit"] {
-            return;
-        }
-        match helper_command(&mut fds, &words) {
-            Some(a) => out(&a),
-            None => out(&format!("bad command {line:?}")),
-        }
     }
 }
 
