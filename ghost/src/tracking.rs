@@ -23,7 +23,6 @@
 //! reuse into a read (a page migrated or swapped in again is read needlessly).
 //! Everything here is an optimisation; whatever fails makes the export read pages as usual.
 
-use std::collections::HashMap;
 use std::fs;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
@@ -106,8 +105,9 @@ struct PmScanArg {
 /// keeps it with the checkpoint it belongs to and passes it back for the next export.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct TrackBase {
-    /// Page address → frame number.
-    frames: HashMap<u64, u64>,
+    /// (page address, frame number), in address order (export records pages in that order):
+    /// 16 bytes a page, looked up by binary search.
+    frames: Vec<(u64, u64)>,
 }
 
 impl std::fmt::Debug for TrackBase {
@@ -131,12 +131,10 @@ impl TrackBase {
 
     /// Serialises the base (magic, count, then address/frame pairs, little endian).
     pub fn encode(&self) -> Vec<u8> {
-        let mut pairs: Vec<(u64, u64)> = self.frames.iter().map(|(&a, &f)| (a, f)).collect();
-        pairs.sort_unstable();
-        let mut out = Vec::with_capacity(16 + pairs.len() * 16);
+        let mut out = Vec::with_capacity(16 + self.frames.len() * 16);
         out.extend_from_slice(BASE_MAGIC);
-        out.extend_from_slice(&(pairs.len() as u64).to_le_bytes());
-        for (a, f) in pairs {
+        out.extend_from_slice(&(self.frames.len() as u64).to_le_bytes());
+        for &(a, f) in &self.frames {
             out.extend_from_slice(&a.to_le_bytes());
             out.extend_from_slice(&f.to_le_bytes());
         }
@@ -152,25 +150,35 @@ impl TrackBase {
             return None;
         }
         let le = |c: &[u8]| u64::from_le_bytes(c.try_into().unwrap_or_default());
-        let frames = body
+        let frames: Vec<(u64, u64)> = body
             .chunks_exact(16)
             .map(|c| (le(&c[..8]), le(&c[8..])))
             .collect();
-        Some(TrackBase { frames })
+        frames
+            .windows(2)
+            .all(|w| w[0].0 < w[1].0)
+            .then_some(TrackBase { frames })
     }
 
     /// Records the frame of page `addr` from its pagemap entry; no frame, no record.
+    /// Pages must come in increasing address order; one out of order is not recorded.
     pub(crate) fn record(&mut self, addr: u64, pagemap_entry: u64) {
         let pfn = pagemap_entry & PM_PFN;
-        if pagemap_entry & procfs::PM_PRESENT != 0 && pfn != 0 {
-            self.frames.insert(addr, pfn);
+        let in_order = self.frames.last().is_none_or(|&(last, _)| last < addr);
+        if pagemap_entry & procfs::PM_PRESENT != 0 && pfn != 0 && in_order {
+            self.frames.push((addr, pfn));
         }
     }
 
     /// Whether page `addr` is on the frame it was on at the last export.
     pub(crate) fn same_frame(&self, addr: u64, pagemap_entry: u64) -> bool {
         let pfn = pagemap_entry & PM_PFN;
-        pagemap_entry & procfs::PM_PRESENT != 0 && pfn != 0 && self.frames.get(&addr) == Some(&pfn)
+        pagemap_entry & procfs::PM_PRESENT != 0
+            && pfn != 0
+            && self
+                .frames
+                .binary_search_by_key(&addr, |&(a, _)| a)
+                .is_ok_and(|i| self.frames[i].1 == pfn)
     }
 }
 
@@ -429,4 +437,32 @@ fn create_in_target(remote: &Remote) -> Result<i32> {
         _ => fd,
     };
     Ok(kept as i32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PRESENT: u64 = procfs::PM_PRESENT;
+
+    #[test]
+    fn base_round_trip_and_frame_check() {
+        let mut b = TrackBase::default();
+        b.record(0x1000, PRESENT | 7);
+        b.record(0x3000, PRESENT | 9);
+        b.record(0x2000, PRESENT | 8); // out of order: not recorded
+        b.record(0x4000, 11); // not present
+        b.record(0x5000, PRESENT); // no frame visible
+        assert_eq!(b.len(), 2);
+        let d = TrackBase::decode(&b.encode()).expect("decodes");
+        assert_eq!(d, b);
+        assert!(d.same_frame(0x1000, PRESENT | 7));
+        assert!(!d.same_frame(0x1000, PRESENT | 8), "another frame");
+        assert!(!d.same_frame(0x1000, 7), "no longer present");
+        assert!(!d.same_frame(0x2000, PRESENT | 8), "never recorded");
+        let mut bad = b.encode();
+        bad.truncate(bad.len() - 1);
+        assert!(TrackBase::decode(&bad).is_none());
+        assert!(TrackBase::decode(b"KRGTRAK1").is_none());
+    }
 }
