@@ -34,7 +34,9 @@ pub struct ExportOptions {
     /// Fate of the process after a successful export. On failure it is always left running.
     pub after: After,
     /// Arm write tracking (see [`crate::tracking`]) so that the next export can skip the pages
-    /// left untouched; the report's `tracked` is then what to pass back as `base`.
+    /// left untouched; the report's `tracked` is then what to pass back as `base`. Without it
+    /// a `base` is still used, and the tracking is left as it was (a process about to be
+    /// killed needs no next export).
     pub track_writes: bool,
     /// The pages of the previous export, when the writer holds that export's image: pages
     /// untouched since are offered to [`GhostWriter::reuse_pages`] instead of being read.
@@ -173,7 +175,7 @@ pub fn export_process(
     };
     let asked = ask_process(&remote, &mem, &status);
     // The tracking descriptor is made (if new) while syscalls can still be injected.
-    let tracker = match (&asked, opts.track_writes) {
+    let tracker = match (&asked, opts.track_writes || opts.base.is_some()) {
         (Ok(_), true) => Some(Tracker::attach(&remote)),
         _ => None,
     };
@@ -367,7 +369,7 @@ pub fn export_process(
             let mut addr = run.addr;
             let end = run.addr + run.npages * PAGE;
             while addr < end {
-                if tracker.is_some() {
+                if opts.track_writes {
                     next_base.record(addr, entry(addr));
                 }
                 // The longest stretch from here that is either all unchanged or all changed.
@@ -377,7 +379,7 @@ pub fn export_process(
                     && stop - addr < CHUNK as u64
                     && unchanged(kind, stop, entry(stop)) == same
                 {
-                    if tracker.is_some() {
+                    if opts.track_writes {
                         next_base.record(stop, entry(stop));
                     }
                     stop += PAGE;
@@ -402,6 +404,7 @@ pub fn export_process(
     }
     w.end()?;
     // Still frozen: from here on every write of the process marks its page.
+    let tracker = tracker.filter(|_| opts.track_writes);
     let tracked = match tracker.map(|t| t.rearm(&maps)) {
         Some(Ok(())) => Some(next_base),
         Some(Err(e)) => {

@@ -225,8 +225,7 @@ fn run(cli: Cli) -> Result<i32> {
                     copy_files,
                     keep_last,
                     periodic,
-                    // A process killed after its checkpoint has no next one.
-                    track_writes: !no_track_writes && after != ghost::After::Kill,
+                    track_writes: !no_track_writes,
                 };
                 return cmd_checkpoint_store(&job, &cluster);
             }
@@ -487,7 +486,8 @@ fn checkpoint_once(
         pid,
         &ghost::ExportOptions {
             after: export_after,
-            track_writes: tracking.is_some(),
+            // A process killed after its checkpoint has no next one to prepare for.
+            track_writes: tracking.is_some() && job.after != ghost::After::Kill,
             base,
         },
         &mut sink,
