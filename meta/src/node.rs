@@ -284,8 +284,12 @@ impl MetaNode {
             .store()
             .stage_append(rd.entries(), rd.hs(), &mut batch);
         if !batch.is_empty() {
+            // A flush only for new entries, a new term or a new vote: a hard state that
+            // changed only its commit index may be lost in a crash (the commit index is
+            // learned again from the leader, and `LogStore::open` raises it to the applied
+            // index), so a leader no longer pays a second fsync per round for its commit.
             let engine = self.raw.store().engine().clone();
-            engine.write(batch, true)?;
+            engine.write(batch, rd.must_sync())?;
         }
         let entries = rd.take_entries();
         let hs = rd.hs().cloned();
