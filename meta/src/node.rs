@@ -15,9 +15,9 @@ use raft::prelude::*;
 use raft::{ReadOnlyOption, StateRole};
 use tracing::{debug, info, warn};
 
-use kerfs_proto::{Command, ReadOp, Reply};
+use kerfs_proto::{Command, ReadOp, Reply, Timespec};
 
-use crate::namespace::Namespace;
+use crate::namespace::{Namespace, SweepsDue};
 use crate::raft_log::LogStore;
 use crate::store::{space, Engine, Overlay, SpaceView, StoreError, WriteBatch};
 
@@ -228,6 +228,13 @@ impl MetaNode {
         let mut reply = self.namespace.read(&view, op);
         reply.applied_index = self.applied_index();
         reply
+    }
+
+    /// Which periodic sweeps would change this node's applied state at `now`.
+    pub fn sweeps_due(&self, now: &Timespec) -> SweepsDue {
+        let engine = self.raw.store().engine();
+        let view = SpaceView::new(engine.as_ref(), space::STATE);
+        self.namespace.sweeps_due(&view, now)
     }
 
     pub fn has_ready(&self) -> bool {

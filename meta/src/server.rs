@@ -507,10 +507,17 @@ impl Driver {
                 next_expire = now + self.config.expire_clients_every;
                 let repair_work = self.update_repair_metrics();
                 if self.node.is_leader() {
-                    let mut ops = vec![
-                        command::Op::ExpireClients(ExpireClients {}),
-                        command::Op::ExpireChunkServers(ExpireChunkServers {}),
-                    ];
+                    // Each sweep is proposed only when it would change something: every
+                    // proposal is a log entry and a flush on every node, idle or not.
+                    let stamp = Timespec::now();
+                    let due = self.node.sweeps_due(&stamp);
+                    let mut ops = Vec::new();
+                    if due.clients {
+                        ops.push(command::Op::ExpireClients(ExpireClients {}));
+                    }
+                    if due.chunk_servers {
+                        ops.push(command::Op::ExpireChunkServers(ExpireChunkServers {}));
+                    }
                     // The queue only grows through other commands (expiry, reports, commits):
                     // an idle cluster need not write a repair tick to every log every period.
                     if repair_work {
@@ -519,7 +526,7 @@ impl Driver {
                     // Dropped proposals are retried at the next period.
                     for op in ops {
                         let cmd = Command {
-                            now: Some(Timespec::now()),
+                            now: Some(stamp),
                             op: Some(op),
                             ..Default::default()
                         };
