@@ -15,4 +15,4 @@ pub mod server;
 pub mod store;
 
 pub use node::{AppliedCommand, MetaNode, NodeConfig, NodeError, ReadyOutput};
-pub use server::{run, ServerConfig, ServerError};
+pub use server::{run, ReadMode, ServerConfig, ServerError, LEASE_CLOCK_MARGIN};

@@ -188,6 +188,15 @@ impl MetaNode {
         self.raw.raft.term
     }
 
+    /// The commit index, if this node committed an entry of its own term: only then does a
+    /// leader's commit index cover everything committed before it (a lease read's index).
+    pub fn current_term_commit(&self) -> Option<u64> {
+        self.raw
+            .raft
+            .commit_to_current_term()
+            .then(|| self.commit_index())
+    }
+
     pub fn commit_index(&self) -> u64 {
         self.raw.raft.raft_log.committed
     }

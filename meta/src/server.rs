@@ -83,6 +83,40 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     /// How often the leader ends the sessions of clients whose lease ran out.
     pub expire_clients_every: Duration,
+    /// How the leader makes reads linearizable.
+    pub read_mode: ReadMode,
+}
+
+/// How a leader makes sure it still leads before it serves a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadMode {
+    /// A heartbeat round (ReadIndex) per batch of reads: trusts no clock.
+    ReadIndex,
+    /// A leader lease: after a quorum answered a heartbeat round started at T, no other node
+    /// can win an election before T + (election ticks - 1) ticks, since each of those peers
+    /// refuses votes for an election timeout after hearing from the leader (check_quorum)
+    /// and a freshly started node refuses them for as long (see `Driver::vote_guard_until`).
+    /// Reads inside the lease skip the round. Safe as long as the nodes' monotonic clocks run
+    /// at rates within [`LEASE_CLOCK_MARGIN`] of each other and every node uses the same
+    /// tick; the lease is renewed in the background while reads keep coming.
+    Lease,
+}
+
+/// Share of the election timeout a lease may use: the rest absorbs clock-rate differences
+/// (real drift is ~1e-4; this allows 20 %) and tick jitter.
+pub const LEASE_CLOCK_MARGIN: f64 = 0.8;
+
+impl std::str::FromStr for ReadMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<ReadMode, String> {
+        match s {
+            "lease" => Ok(ReadMode::Lease),
+            "read-index" => Ok(ReadMode::ReadIndex),
+            other => Err(format!(
+                "unknown read mode {other:?}; use lease or read-index"
+            )),
+        }
+    }
 }
 
 impl ServerConfig {
@@ -107,6 +141,7 @@ impl ServerConfig {
             namespace: NamespaceConfig::default(),
             request_timeout: Duration::from_secs(3),
             expire_clients_every: Duration::from_secs(2),
+            read_mode: ReadMode::Lease,
         }
     }
 }
@@ -185,6 +220,10 @@ pub async fn run(
         pending_writes: HashMap::new(),
         read_queue: Vec::new(),
         reads_waiting_index: HashMap::new(),
+        lease: None,
+        lease_round: None,
+        lease_used: false,
+        vote_guard_until: Instant::now() + config.tick * config.election_ticks as u32,
         reads_waiting_apply: Vec::new(),
         next_read_ctx: 1,
         config: config.clone(),
@@ -449,6 +488,20 @@ struct PendingRead {
     tx: ReplyTx,
 }
 
+/// A ReadIndex round under way: the reads waiting for it, when and in which term it began.
+struct ReadRound {
+    reads: Vec<PendingRead>,
+    started: Instant,
+    term: u64,
+}
+
+/// A leader lease: until `until`, no other leader can exist in the configuration `voters`.
+struct Lease {
+    until: Instant,
+    term: u64,
+    voters: Vec<u64>,
+}
+
 struct Driver {
     node: MetaNode,
     engine: Arc<dyn Engine>,
@@ -460,7 +513,16 @@ struct Driver {
     pending_writes: HashMap<(u64, u64), Vec<(ReplyTx, Instant)>>,
     /// Reads not yet given a ReadIndex round.
     read_queue: Vec<PendingRead>,
-    reads_waiting_index: HashMap<u64, (Vec<PendingRead>, Instant)>,
+    reads_waiting_index: HashMap<u64, ReadRound>,
+    /// The leader lease in force (lease read mode only).
+    lease: Option<Lease>,
+    /// The round renewing the lease, with when it started.
+    lease_round: Option<(u64, Instant)>,
+    /// A read was served from the lease since the last renewal: worth renewing it again.
+    lease_used: bool,
+    /// Until then this node grants no votes: a restarted node has forgotten the leader it
+    /// heard from, and voting at once could elect a new leader inside a lease it gave.
+    vote_guard_until: Instant,
     reads_waiting_apply: Vec<(u64, Vec<PendingRead>)>,
     next_read_ctx: u64,
     config: ServerConfig,
@@ -543,7 +605,7 @@ impl Driver {
                     .store((rate * 1000.0) as u64, Ordering::Relaxed);
                 rate_window = (now, total);
             }
-            self.start_read_round();
+            self.start_read_round(now);
             while self.node.has_ready() {
                 let peers = &self.peers;
                 let out = self
@@ -575,7 +637,17 @@ impl Driver {
     fn handle_event(&mut self, ev: Event) {
         match ev {
             Event::Raft(msgs) => {
+                let guard = Instant::now() < self.vote_guard_until;
                 for m in msgs {
+                    if guard
+                        && matches!(
+                            m.get_msg_type(),
+                            MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+                        )
+                    {
+                        debug!(from = m.from, "vote request ignored: node just started");
+                        continue;
+                    }
                     if let Err(e) = self.node.step(m) {
                         debug!(error = %e, "raft step refused a message");
                     }
@@ -620,17 +692,90 @@ impl Driver {
         }
     }
 
-    /// One ReadIndex round for every read queued since the last round.
-    fn start_read_round(&mut self) {
-        if self.read_queue.is_empty() {
-            return;
+    /// Serves the reads queued since the last pass from the lease when it holds, else gives
+    /// them one ReadIndex round; renews a lease in use before it runs out.
+    fn start_read_round(&mut self, now: Instant) {
+        if !self.read_queue.is_empty() {
+            let batch = std::mem::take(&mut self.read_queue);
+            match self.lease_read_index(now) {
+                Some(index) => {
+                    self.lease_used = true;
+                    self.metrics
+                        .lease_reads_total
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    self.reads_waiting_apply.push((index, batch));
+                }
+                None => {
+                    self.begin_round(now, batch);
+                }
+            }
         }
+        self.maybe_renew_lease(now);
+    }
+
+    fn begin_round(&mut self, now: Instant, reads: Vec<PendingRead>) -> u64 {
         let ctx = self.next_read_ctx;
         self.next_read_ctx += 1;
         self.node.read_index(ctx.to_be_bytes().to_vec());
-        let batch = std::mem::take(&mut self.read_queue);
-        self.reads_waiting_index
-            .insert(ctx, (batch, Instant::now()));
+        self.metrics
+            .read_rounds_total
+            .fetch_add(1, Ordering::Relaxed);
+        self.reads_waiting_index.insert(
+            ctx,
+            ReadRound {
+                reads,
+                started: now,
+                term: self.node.term(),
+            },
+        );
+        ctx
+    }
+
+    fn lease_len(&self) -> Duration {
+        let ticks = self.config.election_ticks.saturating_sub(1) as f64;
+        self.config.tick.mul_f64(ticks * LEASE_CLOCK_MARGIN)
+    }
+
+    /// The index a read must wait for when the lease covers `now`, None when it needs a
+    /// ReadIndex round.
+    fn lease_read_index(&self, now: Instant) -> Option<u64> {
+        if self.config.read_mode != ReadMode::Lease || !self.node.is_leader() {
+            return None;
+        }
+        let lease = self.lease.as_ref()?;
+        if now >= lease.until
+            || lease.term != self.node.term()
+            || lease.voters != self.node.voters()
+        {
+            return None;
+        }
+        // Until the leader commits in its term its commit index may lag entries an earlier
+        // leader committed.
+        self.node.current_term_commit()
+    }
+
+    /// Starts a round with no reads in it when the lease in use is past half its life, so
+    /// that steady reads never wait for one.
+    fn maybe_renew_lease(&mut self, now: Instant) {
+        if self.config.read_mode != ReadMode::Lease || !self.node.is_leader() || !self.lease_used {
+            return;
+        }
+        let len = self.lease_len();
+        if let Some((_, started)) = self.lease_round {
+            if now.duration_since(started) < len {
+                return; // still under way (a dropped one is given up after a lease length)
+            }
+        }
+        let remaining = self
+            .lease
+            .as_ref()
+            .map_or(Duration::ZERO, |l| l.until.saturating_duration_since(now));
+        if remaining > len / 2 {
+            return;
+        }
+        self.lease_used = false;
+        let ctx = self.begin_round(now, Vec::new());
+        self.lease_round = Some((ctx, now));
     }
 
     fn dispatch(&mut self, out: ReadyOutput) {
@@ -649,10 +794,41 @@ impl Driver {
             let Ok(ctx) = <[u8; 8]>::try_from(ctx.as_slice()) else {
                 continue;
             };
-            if let Some((batch, _)) = self.reads_waiting_index.remove(&u64::from_be_bytes(ctx)) {
-                self.reads_waiting_apply.push((index, batch));
+            let ctx = u64::from_be_bytes(ctx);
+            if self.lease_round.is_some_and(|(c, _)| c == ctx) {
+                self.lease_round = None;
+            }
+            if let Some(round) = self.reads_waiting_index.remove(&ctx) {
+                self.extend_lease(&round);
+                if !round.reads.is_empty() {
+                    self.reads_waiting_apply.push((index, round.reads));
+                }
             }
         }
+    }
+
+    /// A quorum answered the heartbeats of a round that began at `round.started`: none of
+    /// them votes for another leader before an election timeout after that.
+    fn extend_lease(&mut self, round: &ReadRound) {
+        if self.config.read_mode != ReadMode::Lease
+            || !self.node.is_leader()
+            || round.term != self.node.term()
+        {
+            return;
+        }
+        let until = round.started + self.lease_len();
+        if self
+            .lease
+            .as_ref()
+            .is_some_and(|l| l.until >= until && l.term == round.term)
+        {
+            return;
+        }
+        self.lease = Some(Lease {
+            until,
+            term: round.term,
+            voters: self.node.voters(),
+        });
     }
 
     fn serve_applied_reads(&mut self) {
@@ -699,12 +875,12 @@ impl Driver {
         let expired: Vec<u64> = self
             .reads_waiting_index
             .iter()
-            .filter(|(_, (_, t))| now.duration_since(*t) > timeout)
+            .filter(|(_, r)| now.duration_since(r.started) > timeout)
             .map(|(k, _)| *k)
             .collect();
         for k in expired {
-            if let Some((batch, _)) = self.reads_waiting_index.remove(&k) {
-                for r in batch {
+            if let Some(round) = self.reads_waiting_index.remove(&k) {
+                for r in round.reads {
                     let _ = r.tx.send(retry());
                 }
             }
@@ -724,6 +900,8 @@ impl Driver {
             "raft role changed"
         );
         if self.last_role == StateRole::Leader {
+            self.lease = None;
+            self.lease_round = None;
             // Our proposals and reads may never complete here; send clients to the new leader.
             // A proposal that does commit later is answered to the retry from the reply cache.
             let nl = self.not_leader();
@@ -735,7 +913,7 @@ impl Driver {
             let reads: Vec<PendingRead> = self
                 .reads_waiting_index
                 .drain()
-                .flat_map(|(_, (b, _))| b)
+                .flat_map(|(_, r)| r.reads)
                 .chain(self.reads_waiting_apply.drain(..).flat_map(|(_, b)| b))
                 .chain(self.read_queue.drain(..))
                 .collect();
@@ -755,7 +933,7 @@ impl Driver {
         let reads: Vec<PendingRead> = self
             .reads_waiting_index
             .drain()
-            .flat_map(|(_, (b, _))| b)
+            .flat_map(|(_, r)| r.reads)
             .chain(self.reads_waiting_apply.drain(..).flat_map(|(_, b)| b))
             .chain(self.read_queue.drain(..))
             .collect();
