@@ -31,6 +31,7 @@ use kerfs_proto::{
     Reply, StatusReply, StatusRequest, Timespec, WriteRequest, MAX_MESSAGE_BYTES,
 };
 
+use crate::lease::Lease;
 use crate::metrics::MetaMetrics;
 use crate::namespace::{Namespace, NamespaceConfig};
 use crate::node::{MetaNode, NodeConfig, NodeError, ReadyOutput};
@@ -92,19 +93,12 @@ pub struct ServerConfig {
 pub enum ReadMode {
     /// A heartbeat round (ReadIndex) per batch of reads: trusts no clock.
     ReadIndex,
-    /// A leader lease: after a quorum answered a heartbeat round started at T, no other node
-    /// can win an election before T + (election ticks - 1) ticks, since each of those peers
-    /// refuses votes for an election timeout after hearing from the leader (check_quorum)
-    /// and a freshly started node refuses them for as long (see `Driver::vote_guard_until`).
-    /// Reads inside the lease skip the round. Safe as long as the nodes' monotonic clocks run
-    /// at rates within [`LEASE_CLOCK_MARGIN`] of each other and every node uses the same
-    /// tick; the lease is renewed in the background while reads keep coming.
+    /// A leader lease (see [`crate::lease`]): reads inside it skip the round. Safe as long
+    /// as the nodes' monotonic clocks run at rates within [`crate::lease::LEASE_CLOCK_MARGIN`]
+    /// of each other and every node uses the same tick; renewed in the background while
+    /// reads keep coming.
     Lease,
 }
-
-/// Share of the election timeout a lease may use: the rest absorbs clock-rate differences
-/// (real drift is ~1e-4; this allows 20 %) and tick jitter.
-pub const LEASE_CLOCK_MARGIN: f64 = 0.8;
 
 impl std::str::FromStr for ReadMode {
     type Err = String;
@@ -220,9 +214,7 @@ pub async fn run(
         pending_writes: HashMap::new(),
         read_queue: Vec::new(),
         reads_waiting_index: HashMap::new(),
-        lease: None,
-        lease_round: None,
-        lease_used: false,
+        lease: Lease::new(config.tick, config.election_ticks),
         vote_guard_until: Instant::now() + config.tick * config.election_ticks as u32,
         reads_waiting_apply: Vec::new(),
         next_read_ctx: 1,
@@ -495,13 +487,6 @@ struct ReadRound {
     term: u64,
 }
 
-/// A leader lease: until `until`, no other leader can exist in the configuration `voters`.
-struct Lease {
-    until: Instant,
-    term: u64,
-    voters: Vec<u64>,
-}
-
 struct Driver {
     node: MetaNode,
     engine: Arc<dyn Engine>,
@@ -514,12 +499,8 @@ struct Driver {
     /// Reads not yet given a ReadIndex round.
     read_queue: Vec<PendingRead>,
     reads_waiting_index: HashMap<u64, ReadRound>,
-    /// The leader lease in force (lease read mode only).
-    lease: Option<Lease>,
-    /// The round renewing the lease, with when it started.
-    lease_round: Option<(u64, Instant)>,
-    /// A read was served from the lease since the last renewal: worth renewing it again.
-    lease_used: bool,
+    /// The leader lease (lease read mode only).
+    lease: Lease,
     /// Until then this node grants no votes: a restarted node has forgotten the leader it
     /// heard from, and voting at once could elect a new leader inside a lease it gave.
     vote_guard_until: Instant,
@@ -699,7 +680,6 @@ impl Driver {
             let batch = std::mem::take(&mut self.read_queue);
             match self.lease_read_index(now) {
                 Some(index) => {
-                    self.lease_used = true;
                     self.metrics
                         .lease_reads_total
                         .fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -731,22 +711,13 @@ impl Driver {
         ctx
     }
 
-    fn lease_len(&self) -> Duration {
-        let ticks = self.config.election_ticks.saturating_sub(1) as f64;
-        self.config.tick.mul_f64(ticks * LEASE_CLOCK_MARGIN)
-    }
-
     /// The index a read must wait for when the lease covers `now`, None when it needs a
     /// ReadIndex round.
-    fn lease_read_index(&self, now: Instant) -> Option<u64> {
+    fn lease_read_index(&mut self, now: Instant) -> Option<u64> {
         if self.config.read_mode != ReadMode::Lease || !self.node.is_leader() {
             return None;
         }
-        let lease = self.lease.as_ref()?;
-        if now >= lease.until
-            || lease.term != self.node.term()
-            || lease.voters != self.node.voters()
-        {
+        if !self.lease.serve(now, self.node.term(), &self.node.voters()) {
             return None;
         }
         // Until the leader commits in its term its commit index may lag entries an earlier
@@ -757,25 +728,14 @@ impl Driver {
     /// Starts a round with no reads in it when the lease in use is past half its life, so
     /// that steady reads never wait for one.
     fn maybe_renew_lease(&mut self, now: Instant) {
-        if self.config.read_mode != ReadMode::Lease || !self.node.is_leader() || !self.lease_used {
+        if self.config.read_mode != ReadMode::Lease
+            || !self.node.is_leader()
+            || !self.lease.wants_renewal(now)
+        {
             return;
         }
-        let len = self.lease_len();
-        if let Some((_, started)) = self.lease_round {
-            if now.duration_since(started) < len {
-                return; // still under way (a dropped one is given up after a lease length)
-            }
-        }
-        let remaining = self
-            .lease
-            .as_ref()
-            .map_or(Duration::ZERO, |l| l.until.saturating_duration_since(now));
-        if remaining > len / 2 {
-            return;
-        }
-        self.lease_used = false;
         let ctx = self.begin_round(now, Vec::new());
-        self.lease_round = Some((ctx, now));
+        self.lease.renewing(ctx, now);
     }
 
     fn dispatch(&mut self, out: ReadyOutput) {
@@ -795,9 +755,7 @@ impl Driver {
                 continue;
             };
             let ctx = u64::from_be_bytes(ctx);
-            if self.lease_round.is_some_and(|(c, _)| c == ctx) {
-                self.lease_round = None;
-            }
+            self.lease.round_done(ctx);
             if let Some(round) = self.reads_waiting_index.remove(&ctx) {
                 self.extend_lease(&round);
                 if !round.reads.is_empty() {
@@ -807,28 +765,15 @@ impl Driver {
         }
     }
 
-    /// A quorum answered the heartbeats of a round that began at `round.started`: none of
-    /// them votes for another leader before an election timeout after that.
+    /// A quorum answered the heartbeats of a round that began at `round.started`.
     fn extend_lease(&mut self, round: &ReadRound) {
-        if self.config.read_mode != ReadMode::Lease
-            || !self.node.is_leader()
-            || round.term != self.node.term()
+        if self.config.read_mode == ReadMode::Lease
+            && self.node.is_leader()
+            && round.term == self.node.term()
         {
-            return;
+            self.lease
+                .confirmed(round.started, round.term, self.node.voters());
         }
-        let until = round.started + self.lease_len();
-        if self
-            .lease
-            .as_ref()
-            .is_some_and(|l| l.until >= until && l.term == round.term)
-        {
-            return;
-        }
-        self.lease = Some(Lease {
-            until,
-            term: round.term,
-            voters: self.node.voters(),
-        });
     }
 
     fn serve_applied_reads(&mut self) {
@@ -900,8 +845,7 @@ impl Driver {
             "raft role changed"
         );
         if self.last_role == StateRole::Leader {
-            self.lease = None;
-            self.lease_round = None;
+            self.lease.clear();
             // Our proposals and reads may never complete here; send clients to the new leader.
             // A proposal that does commit later is answered to the retry from the reply cache.
             let nl = self.not_leader();
