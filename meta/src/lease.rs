@@ -8,7 +8,9 @@
 //! elected before T + (election_ticks - 1) ticks on the peers' clocks (the first tick may
 //! come right after the reset). The lease ends earlier than that, by [`LEASE_CLOCK_MARGIN`],
 //! to absorb differences between the nodes' clock rates. It is void as soon as the term or
-//! the voters differ from those of the round that confirmed it.
+//! the voters differ from those of the round that confirmed it. A leader transfer
+//! (`MsgTimeoutNow`) would make a peer campaign inside the lease; KerFS never transfers
+//! leadership.
 //!
 //! raft-rs's own `ReadOnlyOption::LeaseBased` is not used: it trusts leadership until the
 //! leader's next quorum check, which can come up to two election timeouts after the quorum

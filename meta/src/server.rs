@@ -480,11 +480,13 @@ struct PendingRead {
     tx: ReplyTx,
 }
 
-/// A ReadIndex round under way: the reads waiting for it, when and in which term it began.
+/// A ReadIndex round under way: the reads waiting for it, when, in which term and with
+/// which voters it began.
 struct ReadRound {
     reads: Vec<PendingRead>,
     started: Instant,
     term: u64,
+    voters: Vec<u64>,
 }
 
 struct Driver {
@@ -706,6 +708,7 @@ impl Driver {
                 reads,
                 started: now,
                 term: self.node.term(),
+                voters: self.node.voters(),
             },
         );
         ctx
@@ -757,23 +760,26 @@ impl Driver {
             let ctx = u64::from_be_bytes(ctx);
             self.lease.round_done(ctx);
             if let Some(round) = self.reads_waiting_index.remove(&ctx) {
-                self.extend_lease(&round);
-                if !round.reads.is_empty() {
-                    self.reads_waiting_apply.push((index, round.reads));
+                let reads = self.extend_lease(round);
+                if !reads.is_empty() {
+                    self.reads_waiting_apply.push((index, reads));
                 }
             }
         }
     }
 
-    /// A quorum answered the heartbeats of a round that began at `round.started`.
-    fn extend_lease(&mut self, round: &ReadRound) {
+    /// A quorum answered the heartbeats of a round that began at `round.started`. A round
+    /// that spanned a membership change proves nothing about the new voters' quorum.
+    fn extend_lease(&mut self, round: ReadRound) -> Vec<PendingRead> {
         if self.config.read_mode == ReadMode::Lease
             && self.node.is_leader()
             && round.term == self.node.term()
+            && round.voters == self.node.voters()
         {
             self.lease
-                .confirmed(round.started, round.term, self.node.voters());
+                .confirmed(round.started, round.term, round.voters);
         }
+        round.reads
     }
 
     fn serve_applied_reads(&mut self) {
