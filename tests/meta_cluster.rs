@@ -565,7 +565,10 @@ fn metric(cluster: &MetaCluster, id: u64, name: &str) -> Result<f64> {
 /// A leader that holds a lease is frozen (SIGSTOP) while the others elect a new leader and
 /// acknowledge a create, then woken: a read sent to it must see the create, not its old
 /// state. Then the new leader is killed with SIGKILL and reads through the survivors must see
-/// every acknowledged create. `mode` is the nodes' `--read-mode`.
+/// every acknowledged create. `mode` is the nodes' `--read-mode`. End to end only: a woken
+/// leader reads the new term from peer messages queued while it was stopped before it serves
+/// the read, so a lease that never ended passed this test when tried; the lease's end is
+/// checked by the unit tests in meta/src/lease.rs (a real partition needs network namespaces).
 async fn reads_stay_linearizable_across_freeze_and_kill(mode: &'static str) -> Result<()> {
     init_tracing();
     let mut cluster = MetaCluster::start(MetaClusterOptions {
