@@ -88,6 +88,8 @@ pub struct MetaClusterOptions {
     pub parent_dir: Option<PathBuf>,
     /// `--chunk-server-timeout-ms` of every metadata node (None: the daemon's default).
     pub chunk_server_timeout_ms: Option<u64>,
+    /// `--read-mode` of every metadata node (None: the daemon's default).
+    pub read_mode: Option<&'static str>,
 }
 
 impl Default for MetaClusterOptions {
@@ -98,6 +100,7 @@ impl Default for MetaClusterOptions {
             tick_ms: 100,
             parent_dir: None,
             chunk_server_timeout_ms: None,
+            read_mode: None,
         }
     }
 }
@@ -180,6 +183,9 @@ impl MetaCluster {
         if let Some(t) = self.options.chunk_server_timeout_ms {
             cmd.args(["--chunk-server-timeout-ms", &t.to_string()]);
         }
+        if let Some(mode) = self.options.read_mode {
+            cmd.args(["--read-mode", mode]);
+        }
         let child = start_daemon(cmd, &node.log, &format!("kerfsd meta {id}"))?;
         info!(node = id, pid = child.id(), addr = %node.addr, "started metadata node");
         node.child = Some(child);
@@ -211,6 +217,26 @@ impl MetaCluster {
             .ok_or_else(|| anyhow!("no node {id}"))?;
         if let Some(child) = node.child.take() {
             stop_child(child, &format!("metadata node {id}"), &node.log)?;
+        }
+        Ok(())
+    }
+
+    /// SIGSTOP (`freeze: true`) or SIGCONT: a node that stalls and comes back with the state
+    /// it had, like a paused VM or a process stuck in the kernel.
+    pub fn freeze(&mut self, id: u64, freeze: bool) -> Result<()> {
+        let pid = self
+            .nodes
+            .get(&id)
+            .and_then(|n| n.child.as_ref())
+            .ok_or_else(|| anyhow!("metadata node {id} is not running"))?
+            .id();
+        let sig = if freeze { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: kill(2) on our own child's pid; it is not reaped while we hold the Child.
+        if unsafe { libc::kill(pid as libc::pid_t, sig) } != 0 {
+            bail!(
+                "signal {sig} to metadata node {id}: {}",
+                std::io::Error::last_os_error()
+            );
         }
         Ok(())
     }

@@ -3,7 +3,8 @@
 //! concurrent clients, printed next to the same operations on a local directory in the same
 //! run (the ratio is what to compare across machines; these machines are shared and noisy).
 //!
-//! Run: `cargo build --release --workspace --bins && target/release/meta-bench`
+//! Run: `cargo build --release -p kerfs-cli -p kerfs-bench --bin kerfsd --bin meta-bench &&
+//! target/release/meta-bench --ops 2000 [--read-mode read-index]`
 
 use std::time::{Duration, Instant};
 
@@ -20,12 +21,23 @@ struct Args {
     /// Client counts to measure.
     #[arg(long, value_delimiter = ',', default_value = "1,16")]
     clients: Vec<usize>,
+    /// `--read-mode` of the metadata nodes (default: the daemon's, `lease`).
+    #[arg(long, value_parser = ["lease", "read-index"])]
+    read_mode: Option<String>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let cluster = MetaCluster::start(MetaClusterOptions::default())?;
+    let read_mode = match args.read_mode.as_deref() {
+        Some("read-index") => Some("read-index"),
+        Some(_) => Some("lease"),
+        None => None,
+    };
+    let cluster = MetaCluster::start(MetaClusterOptions {
+        read_mode,
+        ..Default::default()
+    })?;
     let admin = cluster.client().await?;
     cluster.wait_leader(&admin, Duration::from_secs(10)).await?;
     let local = tempfile::tempdir()?;
@@ -71,7 +83,7 @@ async fn main() -> Result<()> {
         let local_creates = local_phase(local.path(), n, args.ops, true)?;
         report("create", n, kerfs_creates, local_creates);
 
-        // stats (getattr after a ReadIndex round, i.e. linearizable)
+        // stats (linearizable getattr: inside the leader lease, or after a ReadIndex round)
         let attrs: Vec<Vec<u64>> = {
             let mut all = Vec::new();
             for (client, dir) in clients.iter().zip(&dirs) {

@@ -3,10 +3,12 @@
 //!
 //! - [`store`]: the engine trait (sled, memory) and the overlay commands are applied through.
 //! - [`raft_log`]: raft's log and hard state in the engine.
+//! - [`lease`]: the leader lease of the `lease` read mode.
 //! - [`node`]: one node's raft core, I/O-free: feed it, persist, send what it returns.
 //! - [`namespace`]: the replicated state machine (inodes, entries, sessions).
 //! - [`server`]: a node as a gRPC service with its driver thread, transport and metrics.
 
+pub mod lease;
 pub mod metrics;
 pub mod namespace;
 pub mod node;
@@ -15,4 +17,4 @@ pub mod server;
 pub mod store;
 
 pub use node::{AppliedCommand, MetaNode, NodeConfig, NodeError, ReadyOutput};
-pub use server::{run, ServerConfig, ServerError};
+pub use server::{run, ReadMode, ServerConfig, ServerError};

@@ -23,6 +23,10 @@ pub struct MetaMetrics {
     /// Proposals per second over the last measuring window, times 1000.
     pub proposals_per_sec_milli: AtomicU64,
     pub reads_total: AtomicU64,
+    /// Reads the leader lease covered (no ReadIndex round of their own).
+    pub lease_reads_total: AtomicU64,
+    /// ReadIndex rounds started (for reads, or to renew the lease).
+    pub read_rounds_total: AtomicU64,
     pub snapshot_index: AtomicU64,
     /// Chunks with fewer good copies than their layout wants, and those being repaired
     /// (from this node's applied state, refreshed every few seconds).
@@ -119,6 +123,18 @@ impl MetaMetrics {
             "counter",
             "Linearizable reads served.",
             g(&self.reads_total).to_string(),
+        );
+        line(
+            "kerfs_meta_lease_reads_total",
+            "counter",
+            "Linearizable reads served inside the leader lease, without a ReadIndex round.",
+            g(&self.lease_reads_total).to_string(),
+        );
+        line(
+            "kerfs_meta_read_rounds_total",
+            "counter",
+            "ReadIndex rounds (heartbeat rounds) started for reads or lease renewal.",
+            g(&self.read_rounds_total).to_string(),
         );
         s
     }

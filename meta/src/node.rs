@@ -15,9 +15,9 @@ use raft::prelude::*;
 use raft::{ReadOnlyOption, StateRole};
 use tracing::{debug, info, warn};
 
-use kerfs_proto::{Command, ReadOp, Reply};
+use kerfs_proto::{Command, ReadOp, Reply, Timespec};
 
-use crate::namespace::Namespace;
+use crate::namespace::{Namespace, SweepsDue};
 use crate::raft_log::LogStore;
 use crate::store::{space, Engine, Overlay, SpaceView, StoreError, WriteBatch};
 
@@ -188,6 +188,15 @@ impl MetaNode {
         self.raw.raft.term
     }
 
+    /// The commit index, if this node committed an entry of its own term: only then does a
+    /// leader's commit index cover everything committed before it (a lease read's index).
+    pub fn current_term_commit(&self) -> Option<u64> {
+        self.raw
+            .raft
+            .commit_to_current_term()
+            .then(|| self.commit_index())
+    }
+
     pub fn commit_index(&self) -> u64 {
         self.raw.raft.raft_log.committed
     }
@@ -228,6 +237,13 @@ impl MetaNode {
         let mut reply = self.namespace.read(&view, op);
         reply.applied_index = self.applied_index();
         reply
+    }
+
+    /// Which periodic sweeps would change this node's applied state at `now`.
+    pub fn sweeps_due(&self, now: &Timespec) -> SweepsDue {
+        let engine = self.raw.store().engine();
+        let view = SpaceView::new(engine.as_ref(), space::STATE);
+        self.namespace.sweeps_due(&view, now)
     }
 
     pub fn has_ready(&self) -> bool {
@@ -284,8 +300,12 @@ impl MetaNode {
             .store()
             .stage_append(rd.entries(), rd.hs(), &mut batch);
         if !batch.is_empty() {
+            // A flush only for new entries, a new term or a new vote: a hard state that
+            // changed only its commit index may be lost in a crash (the commit index is
+            // learned again from the leader, and `LogStore::open` raises it to the applied
+            // index), so a leader no longer pays a second fsync per round for its commit.
             let engine = self.raw.store().engine().clone();
-            engine.write(batch, true)?;
+            engine.write(batch, rd.must_sync())?;
         }
         let entries = rd.take_entries();
         let hs = rd.hs().cloned();

@@ -31,6 +31,7 @@ use kerfs_proto::{
     Reply, StatusReply, StatusRequest, Timespec, WriteRequest, MAX_MESSAGE_BYTES,
 };
 
+use crate::lease::Lease;
 use crate::metrics::MetaMetrics;
 use crate::namespace::{Namespace, NamespaceConfig};
 use crate::node::{MetaNode, NodeConfig, NodeError, ReadyOutput};
@@ -83,6 +84,33 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     /// How often the leader ends the sessions of clients whose lease ran out.
     pub expire_clients_every: Duration,
+    /// How the leader makes reads linearizable.
+    pub read_mode: ReadMode,
+}
+
+/// How a leader makes sure it still leads before it serves a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadMode {
+    /// A heartbeat round (ReadIndex) per batch of reads: trusts no clock.
+    ReadIndex,
+    /// A leader lease (see [`crate::lease`]): reads inside it skip the round. Safe as long
+    /// as the nodes' monotonic clocks run at rates within [`crate::lease::LEASE_CLOCK_MARGIN`]
+    /// of each other and every node uses the same tick; renewed in the background while
+    /// reads keep coming.
+    Lease,
+}
+
+impl std::str::FromStr for ReadMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<ReadMode, String> {
+        match s {
+            "lease" => Ok(ReadMode::Lease),
+            "read-index" => Ok(ReadMode::ReadIndex),
+            other => Err(format!(
+                "unknown read mode {other:?}; use lease or read-index"
+            )),
+        }
+    }
 }
 
 impl ServerConfig {
@@ -107,6 +135,7 @@ impl ServerConfig {
             namespace: NamespaceConfig::default(),
             request_timeout: Duration::from_secs(3),
             expire_clients_every: Duration::from_secs(2),
+            read_mode: ReadMode::Lease,
         }
     }
 }
@@ -185,6 +214,8 @@ pub async fn run(
         pending_writes: HashMap::new(),
         read_queue: Vec::new(),
         reads_waiting_index: HashMap::new(),
+        lease: Lease::new(config.tick, config.election_ticks),
+        vote_guard_until: Instant::now() + config.tick * config.election_ticks as u32,
         reads_waiting_apply: Vec::new(),
         next_read_ctx: 1,
         config: config.clone(),
@@ -449,6 +480,15 @@ struct PendingRead {
     tx: ReplyTx,
 }
 
+/// A ReadIndex round under way: the reads waiting for it, when, in which term and with
+/// which voters it began.
+struct ReadRound {
+    reads: Vec<PendingRead>,
+    started: Instant,
+    term: u64,
+    voters: Vec<u64>,
+}
+
 struct Driver {
     node: MetaNode,
     engine: Arc<dyn Engine>,
@@ -460,7 +500,12 @@ struct Driver {
     pending_writes: HashMap<(u64, u64), Vec<(ReplyTx, Instant)>>,
     /// Reads not yet given a ReadIndex round.
     read_queue: Vec<PendingRead>,
-    reads_waiting_index: HashMap<u64, (Vec<PendingRead>, Instant)>,
+    reads_waiting_index: HashMap<u64, ReadRound>,
+    /// The leader lease (lease read mode only).
+    lease: Lease,
+    /// Until then this node grants no votes: a restarted node has forgotten the leader it
+    /// heard from, and voting at once could elect a new leader inside a lease it gave.
+    vote_guard_until: Instant,
     reads_waiting_apply: Vec<(u64, Vec<PendingRead>)>,
     next_read_ctx: u64,
     config: ServerConfig,
@@ -507,10 +552,17 @@ impl Driver {
                 next_expire = now + self.config.expire_clients_every;
                 let repair_work = self.update_repair_metrics();
                 if self.node.is_leader() {
-                    let mut ops = vec![
-                        command::Op::ExpireClients(ExpireClients {}),
-                        command::Op::ExpireChunkServers(ExpireChunkServers {}),
-                    ];
+                    // Each sweep is proposed only when it would change something: every
+                    // proposal is a log entry and a flush on every node, idle or not.
+                    let stamp = Timespec::now();
+                    let due = self.node.sweeps_due(&stamp);
+                    let mut ops = Vec::new();
+                    if due.clients {
+                        ops.push(command::Op::ExpireClients(ExpireClients {}));
+                    }
+                    if due.chunk_servers {
+                        ops.push(command::Op::ExpireChunkServers(ExpireChunkServers {}));
+                    }
                     // The queue only grows through other commands (expiry, reports, commits):
                     // an idle cluster need not write a repair tick to every log every period.
                     if repair_work {
@@ -519,7 +571,7 @@ impl Driver {
                     // Dropped proposals are retried at the next period.
                     for op in ops {
                         let cmd = Command {
-                            now: Some(Timespec::now()),
+                            now: Some(stamp),
                             op: Some(op),
                             ..Default::default()
                         };
@@ -536,7 +588,7 @@ impl Driver {
                     .store((rate * 1000.0) as u64, Ordering::Relaxed);
                 rate_window = (now, total);
             }
-            self.start_read_round();
+            self.start_read_round(now);
             while self.node.has_ready() {
                 let peers = &self.peers;
                 let out = self
@@ -568,7 +620,17 @@ impl Driver {
     fn handle_event(&mut self, ev: Event) {
         match ev {
             Event::Raft(msgs) => {
+                let guard = Instant::now() < self.vote_guard_until;
                 for m in msgs {
+                    if guard
+                        && matches!(
+                            m.get_msg_type(),
+                            MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+                        )
+                    {
+                        debug!(from = m.from, "vote request ignored: node just started");
+                        continue;
+                    }
                     if let Err(e) = self.node.step(m) {
                         debug!(error = %e, "raft step refused a message");
                     }
@@ -613,17 +675,70 @@ impl Driver {
         }
     }
 
-    /// One ReadIndex round for every read queued since the last round.
-    fn start_read_round(&mut self) {
-        if self.read_queue.is_empty() {
-            return;
+    /// Serves the reads queued since the last pass from the lease when it holds, else gives
+    /// them one ReadIndex round; renews a lease in use before it runs out.
+    fn start_read_round(&mut self, now: Instant) {
+        if !self.read_queue.is_empty() {
+            let batch = std::mem::take(&mut self.read_queue);
+            match self.lease_read_index(now) {
+                Some(index) => {
+                    self.metrics
+                        .lease_reads_total
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    self.reads_waiting_apply.push((index, batch));
+                }
+                None => {
+                    self.begin_round(now, batch);
+                }
+            }
         }
+        self.maybe_renew_lease(now);
+    }
+
+    fn begin_round(&mut self, now: Instant, reads: Vec<PendingRead>) -> u64 {
         let ctx = self.next_read_ctx;
         self.next_read_ctx += 1;
         self.node.read_index(ctx.to_be_bytes().to_vec());
-        let batch = std::mem::take(&mut self.read_queue);
-        self.reads_waiting_index
-            .insert(ctx, (batch, Instant::now()));
+        self.metrics
+            .read_rounds_total
+            .fetch_add(1, Ordering::Relaxed);
+        self.reads_waiting_index.insert(
+            ctx,
+            ReadRound {
+                reads,
+                started: now,
+                term: self.node.term(),
+                voters: self.node.voters(),
+            },
+        );
+        ctx
+    }
+
+    /// The index a read must wait for when the lease covers `now`, None when it needs a
+    /// ReadIndex round.
+    fn lease_read_index(&mut self, now: Instant) -> Option<u64> {
+        if self.config.read_mode != ReadMode::Lease || !self.node.is_leader() {
+            return None;
+        }
+        if !self.lease.serve(now, self.node.term(), &self.node.voters()) {
+            return None;
+        }
+        // Until the leader commits in its term its commit index may lag entries an earlier
+        // leader committed.
+        self.node.current_term_commit()
+    }
+
+    /// Starts a round with no reads in it when the lease in use is past half its life, so
+    /// that steady reads never wait for one.
+    fn maybe_renew_lease(&mut self, now: Instant) {
+        if self.config.read_mode != ReadMode::Lease
+            || !self.node.is_leader()
+            || !self.lease.wants_renewal(now)
+        {
+            return;
+        }
+        let ctx = self.begin_round(now, Vec::new());
+        self.lease.renewing(ctx, now);
     }
 
     fn dispatch(&mut self, out: ReadyOutput) {
@@ -642,10 +757,29 @@ impl Driver {
             let Ok(ctx) = <[u8; 8]>::try_from(ctx.as_slice()) else {
                 continue;
             };
-            if let Some((batch, _)) = self.reads_waiting_index.remove(&u64::from_be_bytes(ctx)) {
-                self.reads_waiting_apply.push((index, batch));
+            let ctx = u64::from_be_bytes(ctx);
+            self.lease.round_done(ctx);
+            if let Some(round) = self.reads_waiting_index.remove(&ctx) {
+                let reads = self.extend_lease(round);
+                if !reads.is_empty() {
+                    self.reads_waiting_apply.push((index, reads));
+                }
             }
         }
+    }
+
+    /// A quorum answered the heartbeats of a round that began at `round.started`. A round
+    /// that spanned a membership change proves nothing about the new voters' quorum.
+    fn extend_lease(&mut self, round: ReadRound) -> Vec<PendingRead> {
+        if self.config.read_mode == ReadMode::Lease
+            && self.node.is_leader()
+            && round.term == self.node.term()
+            && round.voters == self.node.voters()
+        {
+            self.lease
+                .confirmed(round.started, round.term, round.voters);
+        }
+        round.reads
     }
 
     fn serve_applied_reads(&mut self) {
@@ -692,12 +826,12 @@ impl Driver {
         let expired: Vec<u64> = self
             .reads_waiting_index
             .iter()
-            .filter(|(_, (_, t))| now.duration_since(*t) > timeout)
+            .filter(|(_, r)| now.duration_since(r.started) > timeout)
             .map(|(k, _)| *k)
             .collect();
         for k in expired {
-            if let Some((batch, _)) = self.reads_waiting_index.remove(&k) {
-                for r in batch {
+            if let Some(round) = self.reads_waiting_index.remove(&k) {
+                for r in round.reads {
                     let _ = r.tx.send(retry());
                 }
             }
@@ -717,6 +851,7 @@ impl Driver {
             "raft role changed"
         );
         if self.last_role == StateRole::Leader {
+            self.lease.clear();
             // Our proposals and reads may never complete here; send clients to the new leader.
             // A proposal that does commit later is answered to the retry from the reply cache.
             let nl = self.not_leader();
@@ -728,7 +863,7 @@ impl Driver {
             let reads: Vec<PendingRead> = self
                 .reads_waiting_index
                 .drain()
-                .flat_map(|(_, (b, _))| b)
+                .flat_map(|(_, r)| r.reads)
                 .chain(self.reads_waiting_apply.drain(..).flat_map(|(_, b)| b))
                 .chain(self.read_queue.drain(..))
                 .collect();
@@ -748,7 +883,7 @@ impl Driver {
         let reads: Vec<PendingRead> = self
             .reads_waiting_index
             .drain()
-            .flat_map(|(_, (b, _))| b)
+            .flat_map(|(_, r)| r.reads)
             .chain(self.reads_waiting_apply.drain(..).flat_map(|(_, b)| b))
             .chain(self.read_queue.drain(..))
             .collect();

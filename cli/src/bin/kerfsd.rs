@@ -63,7 +63,7 @@ struct ChunkArgs {
 #[serde(deny_unknown_fields)]
 struct MetaArgs {
     /// TOML file with any of these settings (flags win): id, listen, peers, data,
-    /// key_file, metrics, compact_after, tick_ms, chunk_server_timeout_ms.
+    /// key_file, metrics, compact_after, tick_ms, chunk_server_timeout_ms, read_mode.
     #[arg(long)]
     #[serde(skip)]
     config: Option<PathBuf>,
@@ -96,6 +96,12 @@ struct MetaArgs {
     /// (default 10000). Every metadata node of a cluster must use the same value.
     #[arg(long)]
     chunk_server_timeout_ms: Option<u64>,
+    /// How the leader makes reads linearizable: `lease` (default: no heartbeat round while
+    /// its lease holds; assumes the nodes' clocks run at rates within 20 % of each other and
+    /// every node has the same --tick-ms) or `read-index` (a heartbeat round per batch of
+    /// reads; assumes nothing about clocks).
+    #[arg(long)]
+    read_mode: Option<String>,
 }
 
 #[derive(Args)]
@@ -197,6 +203,11 @@ fn run_meta(flags: MetaArgs) -> Result<()> {
         .or(file.chunk_server_timeout_ms)
     {
         config.namespace.chunk_server_timeout_ms = t.max(1);
+    }
+    if let Some(mode) = flags.read_mode.or(file.read_mode) {
+        config.read_mode = mode
+            .parse()
+            .map_err(|e: String| anyhow!("--read-mode: {e}"))?;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

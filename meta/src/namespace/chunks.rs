@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use kerfs_proto::{
     AllocateChunks, ChunkDeleteRequest, ChunkHeartbeatReply, ChunkPlacement, ChunkServerHeartbeat,
     ChunkServerRecord, CommitWrite, FileChunk, FileKind, GetChunks, Layout, RegisterChunkServer,
-    Reply, SetLayout, ROOT_INO,
+    Reply, SetLayout, Timespec, ROOT_INO,
 };
 
 use super::nodes::{blocks_for, must_inode, S_ISGID, S_ISUID, S_IXGRP};
@@ -487,22 +487,33 @@ fn reconcile_full_report(
 
 /// Marks down every server whose last heartbeat is older than the timeout.
 pub fn expire_servers(ctx: &Ctx, state: &mut Overlay<'_>, config: &NamespaceConfig) -> R<Reply> {
-    let now = ctx.now.as_nanos();
-    let timeout = i128::from(config.chunk_server_timeout_ms) * 1_000_000;
     let mut went_down = BTreeSet::new();
-    for (r, mut s) in all_servers(state)? {
-        if s.state == STATE_DOWN || s.state == "removed" {
-            continue;
-        }
-        if rec::ts_nanos(&s.last_heartbeat) + timeout < now {
-            went_down.insert(server_id(&s));
-            s.state = STATE_DOWN.into();
-            store_server(state, r, s);
-        }
+    for (r, mut s) in silent_servers(state, &ctx.now, config)? {
+        went_down.insert(server_id(&s));
+        s.state = STATE_DOWN.into();
+        store_server(state, r, s);
     }
     // Every chunk with a copy there lost one: queue them for re-replication.
     repair::note_servers_down(state, &went_down)?;
     Ok(Reply::default())
+}
+
+/// The servers [`expire_servers`] at `now` would mark down: not down or removed yet, and
+/// silent for longer than the timeout.
+pub fn silent_servers(
+    state: &dyn KvRead,
+    now: &Timespec,
+    config: &NamespaceConfig,
+) -> R<Vec<(ServerRec, ChunkServerRecord)>> {
+    let now = now.as_nanos();
+    let timeout = i128::from(config.chunk_server_timeout_ms) * 1_000_000;
+    let mut out = all_servers(state)?;
+    out.retain(|(_, s)| {
+        s.state != STATE_DOWN
+            && s.state != "removed"
+            && rec::ts_nanos(&s.last_heartbeat) + timeout < now
+    });
+    Ok(out)
 }
 
 pub fn list_servers(state: &dyn KvRead) -> R<Reply> {

@@ -24,7 +24,7 @@
 use std::collections::BTreeSet;
 
 use kerfs_proto::{
-    CancelLockWait, FileLock, GetLock, LockKind, LockType, ReleaseLocks, Reply, SetLock,
+    CancelLockWait, FileLock, GetLock, LockKind, LockType, ReleaseLocks, Reply, SetLock, Timespec,
 };
 
 use super::records::{self as rec, HandleRec, LockSet, LockWait};
@@ -303,6 +303,14 @@ pub fn drop_client_waits(state: &mut Overlay<'_>, client: u64) -> R<()> {
 /// Drops the wait records whose waiter stopped asking (with the leader's client expiry
 /// sweep, so a record whose cancel was lost does not stay in the state).
 pub fn expire_waits(ctx: &Ctx, state: &mut Overlay<'_>) -> R<()> {
+    for k in stale_waits(state, &ctx.now)? {
+        state.delete(k);
+    }
+    Ok(())
+}
+
+/// Keys of the wait records that expired before `now`.
+pub fn stale_waits(state: &dyn KvRead, now: &Timespec) -> R<Vec<Vec<u8>>> {
     let mut start = vec![rec::P_LOCK_WAIT];
     let end = vec![rec::P_LOCK_WAIT + 1];
     let mut stale = Vec::new();
@@ -313,15 +321,12 @@ pub fn expire_waits(ctx: &Ctx, state: &mut Overlay<'_>) -> R<()> {
         start.push(0);
         for (k, v) in rows {
             let w: LockWait = rec::decode(&k, &v)?;
-            if rec::ts_nanos(&w.expires) < ctx.now.as_nanos() {
+            if rec::ts_nanos(&w.expires) < now.as_nanos() {
                 stale.push(k);
             }
         }
     }
-    for k in stale {
-        state.delete(k);
-    }
-    Ok(())
+    Ok(stale)
 }
 
 fn wait_key((client, owner): (u64, u64)) -> Vec<u8> {

@@ -206,6 +206,28 @@ impl Namespace {
     }
 }
 
+/// Which of the leader's periodic sweeps would change something now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SweepsDue {
+    /// `ExpireClients`: a session lease or a lock wait ran out.
+    pub clients: bool,
+    /// `ExpireChunkServers`: a chunk server that is up went silent for too long.
+    pub chunk_servers: bool,
+}
+
+impl Namespace {
+    /// What the periodic sweeps would do at `now`, judged on `state` (the leader's applied
+    /// state), so that an idle cluster appends nothing to its log. A record that cannot be
+    /// read counts as due: the sweep then runs and reports it, as it did unconditionally.
+    pub fn sweeps_due(&self, state: &dyn KvRead, now: &Timespec) -> SweepsDue {
+        SweepsDue {
+            clients: sessions::expiry_due(state, now).unwrap_or(true),
+            chunk_servers: chunks::silent_servers(state, now, &self.config)
+                .map_or(true, |s| !s.is_empty()),
+        }
+    }
+}
+
 /// Runs the operation in a child overlay, keeping its writes only if it succeeds.
 fn run_op(config: &NamespaceConfig, ctx: &Ctx, state: &mut Overlay<'_>, cmd: &Command) -> Reply {
     let mut child = Overlay::new(state);

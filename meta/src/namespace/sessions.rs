@@ -142,9 +142,24 @@ pub fn renew(ctx: &Ctx, state: &mut Overlay<'_>) -> R<Reply> {
 /// Ends every session whose lease ended before the command's time: closes its handles
 /// (reaping orphan inodes) and drops its reply cache.
 pub fn expire(ctx: &Ctx, state: &mut Overlay<'_>) -> R<Reply> {
+    for id in &expired_clients(state, &ctx.now)? {
+        drop_client(state, *id)?;
+    }
+    super::locks::expire_waits(ctx, state)?;
+    Ok(Reply::default())
+}
+
+/// Whether [`expire`] at `now` would change anything.
+pub fn expiry_due(state: &dyn KvRead, now: &Timespec) -> R<bool> {
+    Ok(!expired_clients(state, now)?.is_empty()
+        || !super::locks::stale_waits(state, now)?.is_empty())
+}
+
+/// The sessions whose lease ended before `now`.
+fn expired_clients(state: &dyn KvRead, now: &Timespec) -> R<Vec<u64>> {
     let mut start = vec![rec::P_CLIENT];
     let end = vec![rec::P_CLIENT + 1];
-    let now = ctx.now.as_nanos();
+    let now = now.as_nanos();
     let mut expired = Vec::new();
     loop {
         let rows = state.scan(&start, &end, 512)?;
@@ -158,11 +173,7 @@ pub fn expire(ctx: &Ctx, state: &mut Overlay<'_>) -> R<Reply> {
             }
         }
     }
-    for id in &expired {
-        drop_client(state, *id)?;
-    }
-    super::locks::expire_waits(ctx, state)?;
-    Ok(Reply::default())
+    Ok(expired)
 }
 
 fn drop_client(state: &mut Overlay<'_>, id: u64) -> R<()> {

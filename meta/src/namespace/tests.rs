@@ -1276,3 +1276,22 @@ fn lock_waits_detect_deadlocks() {
     ));
     assert!(t.eng.scan(b"W", b"X", 10).unwrap().is_empty());
 }
+
+#[test]
+fn client_sweep_is_due_only_once_a_lease_ran_out() {
+    let mut t = T::new();
+    let due = |t: &T, sec: i64| t.ns.sweeps_due(&t.eng, &Timespec { sec, nsec: 0 });
+    assert!(!due(&t, 100).clients, "no session yet");
+    register(&mut t, 100, 1_000);
+    assert!(!due(&t, 101).clients, "the lease runs until 101");
+    assert!(due(&t, 102).clients, "the lease ran out at 101");
+    assert!(!due(&t, 102).chunk_servers, "no chunk server registered");
+    t.run(client_cmd(
+        0,
+        0,
+        0,
+        102,
+        Op::ExpireClients(ExpireClients {}),
+    ));
+    assert!(!due(&t, 102).clients, "the sweep ended the session");
+}
