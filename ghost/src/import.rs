@@ -1094,3 +1094,46 @@ fn child_main(p: &ChildPlan) -> ! {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_split_into_page_aligned_shares_that_cover_everything() {
+        let data: Vec<u8> = (0..40 * PAGE as usize).map(|i| (i / 4096) as u8).collect();
+        let piece = |addr: u64, from: usize, pages: usize, writable: bool| PagePiece {
+            addr,
+            data: &data[from * 4096..(from + pages) * 4096],
+            writable,
+            path: "",
+        };
+        // 3 + 30 + 7 pages, split into shares of 16 pages: the big run is cut twice.
+        let pieces = vec![
+            piece(0x1000_0000, 0, 3, true),
+            piece(0x2000_0000, 3, 30, false),
+            piece(0x3000_0000, 33, 7, true),
+        ];
+        let shares = split_pieces(pieces, 16 * PAGE as usize - 100);
+        let sizes: Vec<usize> = shares
+            .iter()
+            .map(|s| s.iter().map(|p| p.data.len()).sum::<usize>() / PAGE as usize)
+            .collect();
+        assert_eq!(sizes, vec![16, 16, 8]);
+        // Every byte lands at the address it had before the split, each once, in order.
+        let mut seen = Vec::new();
+        for p in shares.iter().flatten() {
+            assert_eq!(p.addr % PAGE, 0);
+            let (base, first, writable) = match p.addr {
+                a if a >= 0x3000_0000 => (0x3000_0000, 33, true),
+                a if a >= 0x2000_0000 => (0x2000_0000, 3, false),
+                _ => (0x1000_0000, 0, true),
+            };
+            assert_eq!(p.writable, writable);
+            let page = first + ((p.addr - base) / PAGE) as usize;
+            assert_eq!(p.data[0], page as u8, "piece at {:#x}", p.addr);
+            seen.extend_from_slice(p.data);
+        }
+        assert_eq!(seen, data);
+    }
+}
