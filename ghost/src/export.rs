@@ -309,7 +309,7 @@ pub fn export_process(
     };
 
     let mut w = ImageWriter::begin(out, &meta)?;
-    let mut buf = vec![0u8; CHUNK];
+    let mut pieces = Vec::new();
     for m in &meta.mappings {
         // process_vm_readv cannot read pages the process itself cannot read; /proc/PID/mem can.
         let readable = m.prot & libc::PROT_READ as u32 != 0;
@@ -318,18 +318,23 @@ pub fn export_process(
             let end = run.addr + run.npages * PAGE;
             while addr < end {
                 let n = ((end - addr) as usize).min(CHUNK);
-                let b = &mut buf[..n];
-                if readable {
-                    sys::vm_read(pid, addr, b)
-                } else {
-                    mem.read(addr, b)
-                }
-                .map_err(|e| GhostError::sys(format!("reading memory at {addr:#x}"), pid, e))?;
-                w.pages(b)?;
+                pieces.push((addr, n, readable));
                 addr += n as u64;
             }
         }
     }
+    w.pages_from(
+        &pieces,
+        |p| p.1,
+        |&(addr, _, readable), b| {
+            if readable {
+                sys::vm_read(pid, addr, b)
+            } else {
+                mem.read(addr, b)
+            }
+            .map_err(|e| GhostError::sys(format!("reading memory at {addr:#x}"), pid, e))
+        },
+    )?;
     w.end()?;
     let meta_len = prost::Message::encoded_len(&meta) as u64;
     let report = ExportReport {

@@ -442,6 +442,67 @@ impl<'a> ImageWriter<'a> {
         self.put(b, "writing page data")
     }
 
+    /// Appends the page data of `pieces` (`size` bytes each, read with `read`). The next piece
+    /// is read on a second thread while this one writes the previous one, so copying out of
+    /// the process overlaps copying into the destination.
+    pub fn pages_from<P: Sync>(
+        &mut self,
+        pieces: &[P],
+        size: impl Fn(&P) -> usize + Sync,
+        read: impl Fn(&P, &mut [u8]) -> Result<()> + Sync,
+    ) -> Result<()> {
+        use std::sync::mpsc::sync_channel;
+        let cap = pieces.iter().map(&size).max().unwrap_or(0);
+        // Two buffers: one being filled while the other is written.
+        let (free_tx, free_rx) = sync_channel::<Vec<u8>>(2);
+        let (full_tx, full_rx) = sync_channel::<(Vec<u8>, Result<()>)>(1);
+        for _ in 0..2 {
+            // Cannot fail: the channel has room for both and its receiver is alive.
+            let _ = free_tx.send(vec![0u8; cap]);
+        }
+        let (size, read) = (&size, &read);
+        std::thread::scope(|s| {
+            let reader = std::thread::Builder::new().spawn_scoped(s, move || {
+                for p in pieces {
+                    // The writer stopped (error): nothing more to read.
+                    let Ok(mut buf) = free_rx.recv() else { return };
+                    let r = read(p, &mut buf[..size(p)]);
+                    let failed = r.is_err();
+                    if full_tx.send((buf, r)).is_err() || failed {
+                        return;
+                    }
+                }
+            });
+            let Ok(reader) = reader else {
+                // No thread to be had: read and write in turn.
+                let mut buf = vec![0u8; cap];
+                for p in pieces {
+                    let b = &mut buf[..size(p)];
+                    read(p, b)?;
+                    self.pages(b)?;
+                }
+                return Ok(());
+            };
+            let mut res = Ok(());
+            for p in pieces {
+                // A closed channel means the reader panicked; join below re-raises it.
+                let Ok((buf, r)) = full_rx.recv() else { break };
+                res = r.and_then(|()| self.pages(&buf[..size(p)]));
+                if res.is_err() {
+                    break;
+                }
+                let _ = free_tx.send(buf);
+            }
+            // Closing both channels ends a reader waiting on either.
+            drop(free_tx);
+            drop(full_rx);
+            reader
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            res
+        })
+    }
+
     /// Writes the trailer and finishes the writer.
     pub fn end(self) -> Result<()> {
         if self.pages_left != 0 {
