@@ -171,13 +171,15 @@ fn migrate_to_krg_listen_over_loopback() {
 #[test]
 fn freeze_and_unfreeze() {
     require_root();
+    // Looked up before the program starts: a missing krg must not leave it running.
+    let krg = krg();
     let d = tempfile::tempdir().unwrap();
     let prog = build(d.path(), "counter", &[]);
     let (log, app) = (d.path().join("log"), d.path().join("app"));
     let mut child = spawn(&prog, &["1", log.to_str().unwrap(), app.to_str().unwrap()]);
     let pid = child.id().to_string();
     wait_for(&log, "counters", 20, |s| counters(s).len() >= 3);
-    assert!(Command::new(krg())
+    assert!(Command::new(&krg)
         .args(["freeze", &pid])
         .status()
         .unwrap()
@@ -189,7 +191,7 @@ fn freeze_and_unfreeze() {
         n,
         "a frozen process must not run"
     );
-    assert!(Command::new(krg())
+    assert!(Command::new(&krg)
         .args(["unfreeze", &pid])
         .status()
         .unwrap()
