@@ -660,7 +660,13 @@ fn finish_load(
             r.describe()
         )));
     }
-    let hash = hash_parallel(&bytes[..body]);
+    // `krg listen` reads a migrating image after moving its children into a new PID namespace.
+    let hash = crate::sys::with_threads_allowed(|| hash_parallel(&bytes[..body])).map_err(|e| {
+        GhostError::Restore {
+            step: "restore the PID namespace for new children after hashing the image".into(),
+            msg: e.to_string(),
+        }
+    })?;
     if hash.as_bytes() != &bytes[body..body + 32] {
         return Err(GhostError::BadImage(format!(
             "{} is damaged: checksum mismatch (the file was altered or corrupted; use another checkpoint)",

@@ -346,8 +346,8 @@ pub(crate) fn vm_write(pid: i32, addr: u64, buf: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Runs `f` on a thread that can create threads, and says whether the caller's PID namespace
-/// for new children could be put back afterwards.
+/// Runs `f` with the calling thread able to create threads; fails if the caller's PID
+/// namespace for new children cannot be put back afterwards.
 ///
 /// After unshare(CLONE_NEWPID) (what `krg restart` does, so that the restored process gets a
 /// PID namespace of its own) this thread's new children go to another namespace than the one
