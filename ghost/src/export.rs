@@ -357,8 +357,8 @@ pub fn export_process(
     };
 
     let mut w = ImageWriter::begin(out, &meta)?;
-    let mut buf = vec![0u8; CHUNK];
-    let mut reused_bytes = 0u64;
+    // (address, bytes, readable, unchanged): the pieces of page data in image order.
+    let mut pieces: Vec<(u64, usize, bool, bool)> = Vec::new();
     let mut next_base = TrackBase::default();
     for (m, ents) in meta.mappings.iter().zip(&entries) {
         // process_vm_readv cannot read pages the process itself cannot read; /proc/PID/mem can.
@@ -384,24 +384,24 @@ pub fn export_process(
                     }
                     stop += PAGE;
                 }
-                let n = (stop - addr) as usize;
-                if same && w.reuse(addr, n as u64 / PAGE)? {
-                    reused_bytes += n as u64;
-                    addr = stop;
-                    continue;
-                }
-                let b = &mut buf[..n];
-                if readable {
-                    sys::vm_read(pid, addr, b)
-                } else {
-                    mem.read(addr, b)
-                }
-                .map_err(|e| GhostError::sys(format!("reading memory at {addr:#x}"), pid, e))?;
-                w.pages(b)?;
+                pieces.push((addr, (stop - addr) as usize, readable, same));
                 addr = stop;
             }
         }
     }
+    let reused_bytes = w.pages_from(
+        &pieces,
+        |p| p.1,
+        |&(addr, n, _, same)| same.then_some((addr, n as u64 / PAGE)),
+        |&(addr, _, readable, _), b| {
+            if readable {
+                sys::vm_read(pid, addr, b)
+            } else {
+                mem.read(addr, b)
+            }
+            .map_err(|e| GhostError::sys(format!("reading memory at {addr:#x}"), pid, e))
+        },
+    )?;
     w.end()?;
     // Still frozen: from here on every write of the process marks its page.
     let tracker = tracker.filter(|_| opts.track_writes);

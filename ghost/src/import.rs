@@ -330,28 +330,15 @@ fn rebuild(
             m.start, m.end, m.path
         )))?;
     }
-    // 5. Page contents.
-    let pages = img.pages();
-    let mut off = 0usize;
+    // 5. Page contents, then the real protection of read-only shared mappings.
+    sys::with_threads_allowed(|| write_pages(pid, &mem, &meta.mappings, img.pages())).map_err(
+        |e| GhostError::Restore {
+            step: "restore the PID namespace for new children after writing pages".into(),
+            msg: e.to_string(),
+        },
+    )??;
     for m in &meta.mappings {
-        let writable = m.prot & libc::PROT_WRITE as u32 != 0;
-        for run in &m.runs {
-            let n = (run.npages * PAGE) as usize;
-            let data = &pages[off..off + n];
-            off += n;
-            // process_vm_writev is the fast path but cannot write read-only or PROT_NONE pages;
-            // /proc/PID/mem can (it forces the copy-on-write).
-            if writable {
-                sys::vm_write(pid, run.addr, data)
-            } else {
-                mem.write(run.addr, data)
-            }
-            .map_err(|e| GhostError::Restore {
-                step: format!("write pages at {:#x} ({})", run.addr, m.path),
-                msg: e.to_string(),
-            })?;
-        }
-        if m.kind == MapKind::ShmemAnon as i32 && !writable {
+        if m.kind == MapKind::ShmemAnon as i32 && m.prot & libc::PROT_WRITE as u32 == 0 {
             remote
                 .call_ok(
                     "mprotect",
@@ -534,6 +521,110 @@ fn cstr_bytes(s: &str) -> Vec<u8> {
     let mut v = s.as_bytes().to_vec();
     v.push(0);
     v
+}
+
+/// Below this many bytes per thread the pages are written by one thread.
+const PAR_WRITE_MIN: usize = 32 << 20;
+
+/// One stretch of stored pages and where it goes.
+struct PagePiece<'a> {
+    addr: u64,
+    data: &'a [u8],
+    writable: bool,
+    path: &'a str,
+}
+
+/// Writes the stored pages into the child, split over every core. Most of the time goes into
+/// the child's page faults (allocating and zeroing fresh anonymous pages), which the kernel
+/// serves in parallel for different threads, so each core writes its own share of the runs.
+fn write_pages(pid: i32, mem: &ProcMem, mappings: &[Mapping], pages: &[u8]) -> Result<()> {
+    let mut pieces = Vec::new();
+    let mut off = 0usize;
+    for m in mappings {
+        let writable = m.prot & libc::PROT_WRITE as u32 != 0;
+        for run in &m.runs {
+            let n = (run.npages * PAGE) as usize;
+            pieces.push(PagePiece {
+                addr: run.addr,
+                data: &pages[off..off + n],
+                writable,
+                path: &m.path,
+            });
+            off += n;
+        }
+    }
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(pages.len() / PAR_WRITE_MIN)
+        .max(1);
+    let shares = split_pieces(pieces, pages.len().div_ceil(threads));
+    if shares.len() < 2 {
+        return shares.iter().try_for_each(|s| write_share(pid, mem, s));
+    }
+    std::thread::scope(|sc| {
+        let mut results = Vec::new();
+        let mut handles = Vec::new();
+        for s in &shares[1..] {
+            match std::thread::Builder::new().spawn_scoped(sc, || write_share(pid, mem, s)) {
+                Ok(h) => handles.push(h),
+                // No thread (see sys::with_threads_allowed): this share is written here.
+                Err(_) => results.push(write_share(pid, mem, s)),
+            }
+        }
+        results.push(write_share(pid, mem, &shares[0]));
+        // Every thread is joined before the first error is returned.
+        for h in handles {
+            results.push(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+        }
+        results.into_iter().collect::<Result<()>>()
+    })
+}
+
+/// Cuts the pieces into consecutive shares of about `per` bytes, splitting a piece at a page
+/// boundary where a share ends in its middle.
+fn split_pieces(pieces: Vec<PagePiece<'_>>, per: usize) -> Vec<Vec<PagePiece<'_>>> {
+    let per = per.max(PAGE as usize).next_multiple_of(PAGE as usize);
+    let mut shares = vec![Vec::new()];
+    let mut room = per;
+    for mut p in pieces {
+        while !p.data.is_empty() {
+            if room == 0 {
+                shares.push(Vec::new());
+                room = per;
+            }
+            let n = p.data.len().min(room);
+            let (head, tail) = p.data.split_at(n);
+            if let Some(s) = shares.last_mut() {
+                s.push(PagePiece {
+                    addr: p.addr,
+                    data: head,
+                    writable: p.writable,
+                    path: p.path,
+                });
+            }
+            room -= n;
+            p.addr += n as u64;
+            p.data = tail;
+        }
+    }
+    shares
+}
+
+fn write_share(pid: i32, mem: &ProcMem, share: &[PagePiece<'_>]) -> Result<()> {
+    for p in share {
+        // process_vm_writev is the fast path but cannot write read-only or PROT_NONE pages;
+        // /proc/PID/mem can (it forces the copy-on-write).
+        if p.writable {
+            sys::vm_write(pid, p.addr, p.data)
+        } else {
+            mem.write(p.addr, p.data)
+        }
+        .map_err(|e| GhostError::Restore {
+            step: format!("write pages at {:#x} ({})", p.addr, p.path),
+            msg: e.to_string(),
+        })?;
+    }
+    Ok(())
 }
 
 fn move_vdso(
@@ -1001,5 +1092,48 @@ fn child_main(p: &ChildPlan) -> ! {
         loop {
             libc::syscall(libc::SYS_pause);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_split_into_page_aligned_shares_that_cover_everything() {
+        let data: Vec<u8> = (0..40 * PAGE as usize).map(|i| (i / 4096) as u8).collect();
+        let piece = |addr: u64, from: usize, pages: usize, writable: bool| PagePiece {
+            addr,
+            data: &data[from * 4096..(from + pages) * 4096],
+            writable,
+            path: "",
+        };
+        // 3 + 30 + 7 pages, split into shares of 16 pages: the big run is cut twice.
+        let pieces = vec![
+            piece(0x1000_0000, 0, 3, true),
+            piece(0x2000_0000, 3, 30, false),
+            piece(0x3000_0000, 33, 7, true),
+        ];
+        let shares = split_pieces(pieces, 16 * PAGE as usize - 100);
+        let sizes: Vec<usize> = shares
+            .iter()
+            .map(|s| s.iter().map(|p| p.data.len()).sum::<usize>() / PAGE as usize)
+            .collect();
+        assert_eq!(sizes, vec![16, 16, 8]);
+        // Every byte lands at the address it had before the split, each once, in order.
+        let mut seen = Vec::new();
+        for p in shares.iter().flatten() {
+            assert_eq!(p.addr % PAGE, 0);
+            let (base, first, writable) = match p.addr {
+                a if a >= 0x3000_0000 => (0x3000_0000, 33, true),
+                a if a >= 0x2000_0000 => (0x2000_0000, 3, false),
+                _ => (0x1000_0000, 0, true),
+            };
+            assert_eq!(p.writable, writable);
+            let page = first + ((p.addr - base) / PAGE) as usize;
+            assert_eq!(p.data[0], page as u8, "piece at {:#x}", p.addr);
+            seen.extend_from_slice(p.data);
+        }
+        assert_eq!(seen, data);
     }
 }

@@ -86,7 +86,15 @@ pub(crate) fn rio(r: &dyn GhostReader, what: &str, e: io::Error) -> GhostError {
 pub struct FileWriter {
     path: PathBuf,
     out: BufWriter<File>,
+    /// Bytes handed to the file so far (some may still sit in `out`'s buffer).
+    written: u64,
+    /// Bytes whose writeback has been started.
+    kicked: u64,
 }
+
+/// Writeback of the image is started every this many bytes: the disk then writes while the
+/// rest of the process is read, and the fsync in `finish` waits only for the tail.
+const WRITE_BEHIND: u64 = 32 << 20;
 
 impl FileWriter {
     /// Creates (or truncates) `path`.
@@ -100,13 +108,33 @@ impl FileWriter {
         Ok(FileWriter {
             path,
             out: BufWriter::with_capacity(4 << 20, f),
+            written: 0,
+            kicked: 0,
         })
     }
 }
 
 impl GhostWriter for FileWriter {
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.out.write_all(buf)
+        self.out.write_all(buf)?;
+        self.written += buf.len() as u64;
+        let in_file = self.written - self.out.buffer().len() as u64;
+        if in_file - self.kicked >= WRITE_BEHIND {
+            use std::os::fd::AsRawFd;
+            // SAFETY: sync_file_range on our own fd. SYNC_FILE_RANGE_WRITE only starts the
+            // writeback of pages already written; a failure here (rare, e.g. EIO) is seen again
+            // by the fsync in `finish`, which is what decides durability, so it is ignored.
+            unsafe {
+                libc::sync_file_range(
+                    self.out.get_ref().as_raw_fd(),
+                    self.kicked as libc::off64_t,
+                    (in_file - self.kicked) as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                )
+            };
+            self.kicked = in_file;
+        }
+        Ok(())
     }
     fn finish(&mut self) -> io::Result<()> {
         self.out.flush()?;

@@ -7,6 +7,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use crate::error::{GhostError, Result};
@@ -343,6 +344,43 @@ pub(crate) fn vm_write(pid: i32, addr: u64, buf: &[u8]) -> io::Result<()> {
         done += n as usize;
     }
     Ok(())
+}
+
+/// Runs `f` with the calling thread able to create threads; fails if the caller's PID
+/// namespace for new children cannot be put back afterwards.
+///
+/// After unshare(CLONE_NEWPID) (what `krg restart` does, so that the restored process gets a
+/// PID namespace of its own) this thread's new children go to another namespace than the one
+/// it lives in, and the kernel refuses to create threads (clone with CLONE_THREAD: EINVAL)
+/// until the two agree again. For `f` the children's namespace is set back to our own; then
+/// it is restored, so the caller's next child still goes where it asked. Without the rights
+/// to switch (setns needs CAP_SYS_ADMIN) `f` runs unchanged and its threads fail to start.
+pub(crate) fn with_threads_allowed<T>(f: impl FnOnce() -> T) -> io::Result<T> {
+    let link = |n: &str| std::fs::read_link(format!("/proc/thread-self/ns/{n}"));
+    let saved = match (link("pid"), link("pid_for_children")) {
+        (Ok(own), Ok(children)) if own != children => children_ns_to_own().ok(),
+        _ => None,
+    };
+    let out = f();
+    if let Some(ns) = saved {
+        // SAFETY: setns on a namespace fd we hold; it is a descendant of ours (we came from it).
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(out)
+}
+
+/// Points this thread's new children at its own PID namespace; returns the namespace they
+/// went to before.
+fn children_ns_to_own() -> io::Result<File> {
+    let saved = File::open("/proc/thread-self/ns/pid_for_children")?;
+    let own = File::open("/proc/thread-self/ns/pid")?;
+    // SAFETY: setns on a namespace fd we just opened.
+    if unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(saved)
 }
 
 /// /proc/PID/mem, which (unlike process_vm_*) reaches read-only and PROT_NONE pages.

@@ -21,15 +21,15 @@ fn wait_pid_from_stderr(child: &mut std::process::Child) -> i32 {
         .unwrap_or_else(|| panic!("unexpected krg output: {line}"))
 }
 
-/// Builds the counter program (DIR/counter) and starts it under `krg run` (8 MiB of memory,
+/// Builds the counter program (DIR/counter) and starts it under `krg run` (`mb` MiB of memory,
 /// logging to DIR/log): the `krg run` child, the program's pid and the log.
-fn run_counter(dir: &Path) -> (std::process::Child, i32, std::path::PathBuf) {
+fn run_counter(dir: &Path, mb: &str) -> (std::process::Child, i32, std::path::PathBuf) {
     let prog = build(dir, "counter", &[]);
     let (log, app) = (dir.join("log"), dir.join("app"));
     let mut run = Command::new(krg())
         .args(["run", "--"])
         .arg(&prog)
-        .args(["8", log.to_str().unwrap(), app.to_str().unwrap()])
+        .args([mb, log.to_str().unwrap(), app.to_str().unwrap()])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -43,7 +43,8 @@ fn run_counter(dir: &Path) -> (std::process::Child, i32, std::path::PathBuf) {
 fn run_checkpoint_kill_restart_keeps_pid() {
     require_root();
     let d = tempfile::tempdir().unwrap();
-    let (mut run, pid, log) = run_counter(d.path());
+    // Big enough for the image to be hashed, and the pages written, by several threads.
+    let (mut run, pid, log) = run_counter(d.path(), "80");
     let img = d.path().join("img");
     assert_eq!(
         ns_pid(pid),
@@ -91,6 +92,10 @@ fn run_checkpoint_kill_restart_keeps_pid() {
         2,
         "the restored process has its old PID in its namespace"
     );
+    // SAFETY: signalling the restored test process: its whole memory checks out.
+    unsafe { libc::kill(pids[0], libc::SIGUSR1) };
+    let s = wait_for(&log, "memory check", 20, |s| s.contains("CHECK "));
+    assert!(s.contains("CHECK OK 1"), "{s}");
     kill(pids[0]);
 }
 
@@ -166,13 +171,15 @@ fn migrate_to_krg_listen_over_loopback() {
 #[test]
 fn freeze_and_unfreeze() {
     require_root();
+    // Looked up before the program starts: a missing krg must not leave it running.
+    let krg = krg();
     let d = tempfile::tempdir().unwrap();
     let prog = build(d.path(), "counter", &[]);
     let (log, app) = (d.path().join("log"), d.path().join("app"));
     let mut child = spawn(&prog, &["1", log.to_str().unwrap(), app.to_str().unwrap()]);
     let pid = child.id().to_string();
     wait_for(&log, "counters", 20, |s| counters(s).len() >= 3);
-    assert!(Command::new(krg())
+    assert!(Command::new(&krg)
         .args(["freeze", &pid])
         .status()
         .unwrap()
@@ -184,7 +191,7 @@ fn freeze_and_unfreeze() {
         n,
         "a frozen process must not run"
     );
-    assert!(Command::new(krg())
+    assert!(Command::new(&krg)
         .args(["unfreeze", &pid])
         .status()
         .unwrap()
@@ -200,7 +207,7 @@ fn freeze_and_unfreeze() {
 fn killed_krg_mid_checkpoint_leaves_the_process_running() {
     require_root();
     let d = tempfile::tempdir().unwrap();
-    let (mut run, pid, log) = run_counter(d.path());
+    let (mut run, pid, log) = run_counter(d.path(), "8");
     let fifo = d.path().join("fifo");
     wait_for(&log, "counters", 20, |s| counters(s).len() >= 3);
     let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
