@@ -70,10 +70,9 @@ pub struct ProcessEntry {
     /// The image's header and metadata bytes, verbatim.
     #[prost(bytes = "vec", tag = "3")]
     pub head: Vec<u8>,
-    // Tag 4 held the image's trailer verbatim. The reader now re-creates the trailer over the
-    // image it re-assembles (pages taken from the previous version by write tracking were never
-    // streamed, so the exporter's checksum does not cover them) and checks every page against
-    // its pack index instead.
+    // Tag 4 held the image's trailer verbatim. Pages taken from the previous version by write
+    // tracking were never streamed, so the exporter's checksum does not cover them: the reader
+    // checks every page against its pack index instead.
     /// Where each page of the image's page data is, in image order.
     #[prost(message, repeated, tag = "5")]
     pub runs: Vec<PageRefRun>,

@@ -11,7 +11,8 @@
 //! therefore reads the whole image and checks it before anything is created. All integers are
 //! little endian. When the writer took unchanged pages from the previous image instead of the
 //! stream (write tracking, [`crate::GhostWriter::reuse_pages`]), the checksum covers only what
-//! was streamed and the writer re-creates it over the re-assembled image.
+//! was streamed; the source that re-assembles the image checks its contents instead
+//! ([`crate::GhostReader::checks_content`]).
 
 use crate::error::{GhostError, Result};
 use crate::rao::{read_full, rio, wio, GhostReader, GhostWriter};
@@ -716,13 +717,20 @@ fn finish_load(
         )));
     }
     // `krg listen` reads a migrating image after moving its children into a new PID namespace.
-    let hash = crate::sys::with_threads_allowed(|| hash_parallel(&bytes[..body])).map_err(|e| {
-        GhostError::Restore {
-            step: "restore the PID namespace for new children after hashing the image".into(),
-            msg: e.to_string(),
-        }
-    })?;
-    if hash.as_bytes() != &bytes[body..body + 32] {
+    let hash = if r.checks_content() {
+        None
+    } else {
+        let h =
+            crate::sys::with_threads_allowed(|| hash_parallel(&bytes[..body])).map_err(|e| {
+                GhostError::Restore {
+                    step: "restore the PID namespace for new children after hashing the image"
+                        .into(),
+                    msg: e.to_string(),
+                }
+            })?;
+        Some(h)
+    };
+    if hash.is_some_and(|h| h.as_bytes() != &bytes[body..body + 32]) {
         return Err(GhostError::BadImage(format!(
             "{} is damaged: checksum mismatch (the file was altered or corrupted; use another checkpoint)",
             r.describe()

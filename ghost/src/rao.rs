@@ -23,8 +23,8 @@ pub trait GhostWriter {
     /// Offers `npages` pages at address `addr` that are unchanged since this process's previous
     /// image (write tracking). A writer that holds that image takes them from it and returns
     /// true; the export then neither reads nor streams them, and the trailer's checksum covers
-    /// only the streamed bytes, so such a writer re-creates the trailer when it re-assembles
-    /// the image. The default takes nothing.
+    /// only the streamed bytes, so such a writer must check the contents itself when it
+    /// re-assembles the image (see [`GhostReader::checks_content`]). The default takes nothing.
     fn reuse_pages(&mut self, _addr: u64, _npages: u64) -> io::Result<bool> {
         Ok(false)
     }
@@ -45,6 +45,13 @@ pub trait GhostReader {
     /// The local file behind this source, if any: import maps it instead of reading it.
     fn as_file(&self) -> Option<&File> {
         None
+    }
+    /// Whether the source checked every byte it hands out against checksums of its own (the
+    /// checkpoint store checks each page against its pack index). The image's trailer is then
+    /// not checked, and the source may leave its checksum zero: an image re-assembled from
+    /// pages taken out of earlier versions has no exporter's checksum over all of it.
+    fn checks_content(&self) -> bool {
+        false
     }
 }
 
