@@ -395,13 +395,14 @@ impl Ingest {
         self.index.insert(hash, (known, at));
         self.new_bytes += PAGE as u64;
         if pack.pending.len() >= PACK_BATCH {
-            self.flush_pack().await?;
+            self.flush_pack(WRITES_IN_FLIGHT).await?;
         }
         Ok(Some((number, at)))
     }
 
-    /// Hands the pending batch to a background write; waits while too many are in flight.
-    async fn flush_pack(&mut self) -> Result<()> {
+    /// Hands the pending batch to a background write, then waits until at most `in_flight`
+    /// writes are still running (0: the pack holds everything handed over so far).
+    async fn flush_pack(&mut self, in_flight: usize) -> Result<()> {
         let Some(pack) = self.pack.as_mut() else {
             return Ok(());
         };
@@ -413,20 +414,7 @@ impl Ingest {
             pack.in_flight
                 .spawn(async move { handle.write_at(at, &data).await });
         }
-        while pack.in_flight.len() > WRITES_IN_FLIGHT {
-            join_write(&mut pack.in_flight, &self.store.sub(&rel)).await?;
-        }
-        Ok(())
-    }
-
-    /// Waits for every background write of the pack.
-    async fn drain_pack(&mut self) -> Result<()> {
-        self.flush_pack().await?;
-        let Some(pack) = self.pack.as_mut() else {
-            return Ok(());
-        };
-        let rel = pack_rel(&pack.name);
-        while !pack.in_flight.is_empty() {
+        while pack.in_flight.len() > in_flight {
             join_write(&mut pack.in_flight, &self.store.sub(&rel)).await?;
         }
         Ok(())
@@ -434,7 +422,7 @@ impl Ingest {
 
     /// Writes out and fsyncs what the pack holds so far.
     async fn sync_pack(&mut self) -> Result<()> {
-        self.drain_pack().await?;
+        self.flush_pack(0).await?;
         let Some(pack) = self.pack.as_ref() else {
             return Ok(());
         };
@@ -447,7 +435,7 @@ impl Ingest {
 
     /// Makes the pack durable on every replica, then writes its index.
     async fn close_pack(&mut self) -> Result<()> {
-        self.drain_pack().await?;
+        self.flush_pack(0).await?;
         let Some(pack) = self.pack.take() else {
             return Ok(());
         };
