@@ -232,13 +232,8 @@ pub(super) fn store_server(state: &mut Overlay<'_>, mut r: ServerRec, s: ChunkSe
 /// Every server record, by id.
 pub(super) fn all_servers(state: &dyn KvRead) -> R<Vec<(ServerRec, ChunkServerRecord)>> {
     let mut out = Vec::new();
-    let mut start = vec![rec::P_SERVER];
-    let end = vec![rec::P_SERVER + 1];
-    loop {
-        let rows = state.scan(&start, &end, 512)?;
-        let Some((last, _)) = rows.last() else { break };
-        start = last.clone();
-        start.push(0);
+    let mut pages = rec::Pages::new(vec![rec::P_SERVER], vec![rec::P_SERVER + 1], 512);
+    while let Some(rows) = pages.next_page(state)? {
         for (k, v) in rows {
             let mut r: ServerRec = rec::decode(&k, &v)?;
             let Some(s) = r.server.take() else {
@@ -469,13 +464,12 @@ fn reconcile_full_report(
             queue_delete(state, server, c.chunk_id, c.version)?;
         }
     }
-    let mut start = rec::key_u64(rec::P_DELETE, server);
-    let end = rec::end_u64(rec::P_DELETE, server);
-    loop {
-        let rows = state.scan(&start, &end, 1024)?;
-        let Some((last, _)) = rows.last() else { break };
-        start = last.clone();
-        start.push(0);
+    let mut pages = rec::Pages::new(
+        rec::key_u64(rec::P_DELETE, server),
+        rec::end_u64(rec::P_DELETE, server),
+        1024,
+    );
+    while let Some(rows) = pages.next_page(state)? {
         for (k, _) in rows {
             if !held.contains(&rec::u64_at(&k, 9)?) {
                 state.delete(k);

@@ -285,19 +285,11 @@ pub fn cancel_wait(ctx: &Ctx, state: &mut Overlay<'_>, c: &CancelLockWait) -> R<
 
 /// A client session ends: its owners wait for nothing any more.
 pub fn drop_client_waits(state: &mut Overlay<'_>, client: u64) -> R<()> {
-    let (start, end) = (
-        rec::key_u64(rec::P_LOCK_WAIT, client),
-        rec::end_u64(rec::P_LOCK_WAIT, client),
-    );
-    loop {
-        let rows = state.scan(&start, &end, 256)?;
-        if rows.is_empty() {
-            return Ok(());
-        }
-        for (k, _) in rows {
-            state.delete(k);
-        }
-    }
+    rec::delete_range(
+        state,
+        &rec::key_u64(rec::P_LOCK_WAIT, client),
+        &rec::end_u64(rec::P_LOCK_WAIT, client),
+    )
 }
 
 /// Drops the wait records whose waiter stopped asking (with the leader's client expiry
@@ -311,14 +303,9 @@ pub fn expire_waits(ctx: &Ctx, state: &mut Overlay<'_>) -> R<()> {
 
 /// Keys of the wait records that expired before `now`.
 pub fn stale_waits(state: &dyn KvRead, now: &Timespec) -> R<Vec<Vec<u8>>> {
-    let mut start = vec![rec::P_LOCK_WAIT];
-    let end = vec![rec::P_LOCK_WAIT + 1];
     let mut stale = Vec::new();
-    loop {
-        let rows = state.scan(&start, &end, 512)?;
-        let Some((last, _)) = rows.last() else { break };
-        start = last.clone();
-        start.push(0);
+    let mut pages = rec::Pages::new(vec![rec::P_LOCK_WAIT], vec![rec::P_LOCK_WAIT + 1], 512);
+    while let Some(rows) = pages.next_page(state)? {
         for (k, v) in rows {
             let w: LockWait = rec::decode(&k, &v)?;
             if rec::ts_nanos(&w.expires) < now.as_nanos() {

@@ -144,12 +144,8 @@ pub fn statfs(state: &dyn KvRead, config: &NamespaceConfig) -> R<Reply> {
 /// blake3 over every key and value, length-prefixed, in key order.
 pub fn digest(state: &dyn KvRead) -> R<Reply> {
     let mut h = blake3::Hasher::new();
-    let mut start = Vec::new();
-    loop {
-        let rows = state.scan(&start, &[], 1024)?;
-        let Some((last, _)) = rows.last() else { break };
-        start = last.clone();
-        start.push(0);
+    let mut pages = rec::Pages::new(Vec::new(), Vec::new(), 1024);
+    while let Some(rows) = pages.next_page(state)? {
         for (k, v) in rows {
             h.update(&(k.len() as u64).to_le_bytes());
             h.update(&k);

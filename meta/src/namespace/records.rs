@@ -204,6 +204,59 @@ pub struct LockWait {
 
 // ------------------------------------------------------------------ keys
 
+/// Key-value rows, in key order.
+pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// The rows of a key range read a page at a time, so a range of any size is walked in bounded
+/// memory. Each page starts after the last key of the one before, so the caller may change
+/// the state between pages (rows already seen are not read again).
+pub struct Pages {
+    next: Vec<u8>,
+    end: Vec<u8>,
+    size: usize,
+    done: bool,
+}
+
+impl Pages {
+    /// Rows with `start <= key < end` (an empty `end`: no upper bound), `size` per page.
+    pub fn new(start: Vec<u8>, end: Vec<u8>, size: usize) -> Pages {
+        Pages {
+            next: start,
+            end,
+            size,
+            done: false,
+        }
+    }
+
+    /// The next page, `None` once the range is walked.
+    pub fn next_page(&mut self, state: &dyn KvRead) -> R<Option<Rows>> {
+        if self.done {
+            return Ok(None);
+        }
+        let rows = state.scan(&self.next, &self.end, self.size)?;
+        let Some((last, _)) = rows.last() else {
+            self.done = true;
+            return Ok(None);
+        };
+        self.next = last.clone();
+        self.next.push(0);
+        Ok(Some(rows))
+    }
+}
+
+/// Deletes every key in `[start, end)` (batches of rows, so any size works).
+pub fn delete_range(state: &mut Overlay<'_>, start: &[u8], end: &[u8]) -> R<()> {
+    loop {
+        let rows = state.scan(start, end, 512)?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        for (k, _) in rows {
+            state.delete(k);
+        }
+    }
+}
+
 pub fn key_u64(prefix: u8, a: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(9);
     k.push(prefix);

@@ -211,13 +211,8 @@ pub(super) fn note_servers_down(state: &mut Overlay<'_>, down: &BTreeSet<u64>) -
 /// current there that it does not hold are not current any more (and get repaired).
 pub(super) fn note_missing(state: &mut Overlay<'_>, server: u64, held: &BTreeSet<u64>) -> R<()> {
     let states = server_states(state)?;
-    let mut start = vec![rec::P_CHUNK];
-    let end = vec![rec::P_CHUNK + 1];
-    loop {
-        let rows = state.scan(&start, &end, 1024)?;
-        let Some((last, _)) = rows.last() else { break };
-        start = last.clone();
-        start.push(0);
+    let mut pages = rec::Pages::new(vec![rec::P_CHUNK], vec![rec::P_CHUNK + 1], 1024);
+    while let Some(rows) = pages.next_page(state)? {
         for (k, v) in rows {
             let mut c: ChunkRec = rec::decode(&k, &v)?;
             let mut changed = false;
@@ -241,13 +236,8 @@ pub(super) fn note_missing(state: &mut Overlay<'_>, server: u64, held: &BTreeSet
 /// Re-checks every chunk that `pick` selects (all of them for a rescan).
 fn scan_chunks(state: &mut Overlay<'_>, pick: impl Fn(&ChunkRec) -> bool) -> R<()> {
     let states = server_states(state)?;
-    let mut start = vec![rec::P_CHUNK];
-    let end = vec![rec::P_CHUNK + 1];
-    loop {
-        let rows = state.scan(&start, &end, 1024)?;
-        let Some((last, _)) = rows.last() else { break };
-        start = last.clone();
-        start.push(0);
+    let mut pages = rec::Pages::new(vec![rec::P_CHUNK], vec![rec::P_CHUNK + 1], 1024);
+    while let Some(rows) = pages.next_page(state)? {
         for (k, v) in rows {
             let c: ChunkRec = rec::decode(&k, &v)?;
             if pick(&c) {
@@ -738,13 +728,8 @@ pub fn status(state: &dyn KvRead, r: &RepairStatus) -> R<Reply> {
         failed_total: counters.failed,
         ..Default::default()
     };
-    let mut start = vec![P_UNDER];
-    let end = vec![P_UNDER + 1];
-    loop {
-        let rows = state.scan(&start, &end, 1024)?;
-        let Some((last, _)) = rows.last() else { break };
-        start = last.clone();
-        start.push(0);
+    let mut pages = rec::Pages::new(vec![P_UNDER], vec![P_UNDER + 1], 1024);
+    while let Some(rows) = pages.next_page(state)? {
         for (k, v) in rows {
             let (ino, index) = (rec::u64_at(&k, 1)?, rec::u64_at(&k, 9)?);
             let u: UnderRec = rec::decode(&k, &v)?;

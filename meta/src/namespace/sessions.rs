@@ -27,19 +27,6 @@ pub(super) fn add_ms(t: Timespec, ms: u64) -> Timespec {
     }
 }
 
-/// Deletes every key in `[start, end)` (batches of rows, so any size works).
-fn delete_range(state: &mut Overlay<'_>, start: &[u8], end: &[u8]) -> R<()> {
-    loop {
-        let rows = state.scan(start, end, 512)?;
-        if rows.is_empty() {
-            return Ok(());
-        }
-        for (k, _) in rows {
-            state.delete(k);
-        }
-    }
-}
-
 /// Runs a client's command at most once: checks the session, answers a retry from the
 /// reply cache, drops the replies the client acknowledged, and caches the new reply
 /// (failed or not — a retry must see the same errno).
@@ -80,7 +67,7 @@ pub fn with_exactly_once(
     // A client never acknowledges the command it is sending.
     let floor = cmd.acked_below.min(cmd.seq);
     if floor > client.acked_below {
-        delete_range(
+        rec::delete_range(
             state,
             &rec::key_u64_u64(rec::P_REPLY, id, client.acked_below),
             &rec::key_u64_u64(rec::P_REPLY, id, floor),
@@ -157,15 +144,10 @@ pub fn expiry_due(state: &dyn KvRead, now: &Timespec) -> R<bool> {
 
 /// The sessions whose lease ended before `now`.
 fn expired_clients(state: &dyn KvRead, now: &Timespec) -> R<Vec<u64>> {
-    let mut start = vec![rec::P_CLIENT];
-    let end = vec![rec::P_CLIENT + 1];
     let now = now.as_nanos();
     let mut expired = Vec::new();
-    loop {
-        let rows = state.scan(&start, &end, 512)?;
-        let Some((last, _)) = rows.last() else { break };
-        start = last.clone();
-        start.push(0);
+    let mut pages = rec::Pages::new(vec![rec::P_CLIENT], vec![rec::P_CLIENT + 1], 512);
+    while let Some(rows) = pages.next_page(state)? {
         for (k, v) in rows {
             let c: ClientRec = rec::decode(&k, &v)?;
             if rec::ts_nanos(&c.expires) < now {
@@ -196,7 +178,7 @@ fn drop_client(state: &mut Overlay<'_>, id: u64) -> R<()> {
         }
     }
     super::locks::drop_client_waits(state, id)?;
-    delete_range(
+    rec::delete_range(
         state,
         &rec::key_u64(rec::P_REPLY, id),
         &rec::end_u64(rec::P_REPLY, id),

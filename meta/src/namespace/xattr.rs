@@ -192,13 +192,12 @@ pub fn get(state: &dyn KvRead, who: &Who, g: &GetXattr) -> R<Reply> {
 pub fn list(state: &dyn KvRead, who: &Who, l: &ListXattr) -> R<Reply> {
     must_inode(state, l.ino)?;
     let mut names = Vec::new();
-    let mut start = rec::key_u64(rec::P_XATTR, l.ino);
-    let end = rec::end_u64(rec::P_XATTR, l.ino);
-    loop {
-        let rows = state.scan(&start, &end, 256)?;
-        let Some((last, _)) = rows.last() else { break };
-        start = last.clone();
-        start.push(0);
+    let mut pages = rec::Pages::new(
+        rec::key_u64(rec::P_XATTR, l.ino),
+        rec::end_u64(rec::P_XATTR, l.ino),
+        256,
+    );
+    while let Some(rows) = pages.next_page(state)? {
         for (k, _) in rows {
             let name = rec::tail(&k);
             if name.starts_with(b"trusted.") && !who.is_root() {
