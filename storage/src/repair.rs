@@ -91,7 +91,7 @@ pub(crate) fn start(inner: &Arc<Inner>, orders: Vec<ChunkRepairOrder>) {
             } else {
                 rebuild_shard(&inner, &o).await
             };
-            let done = match r {
+            let (ok, message, bytes) = match r {
                 Ok(bytes) => {
                     info!(
                         chunk = format_args!("{:016x}", o.chunk_id),
@@ -105,16 +105,7 @@ pub(crate) fn start(inner: &Arc<Inner>, orders: Vec<ChunkRepairOrder>) {
                         .metrics
                         .repair_bytes
                         .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
-                    ChunkRepairDone {
-                        task_id: o.task_id,
-                        ino: o.ino,
-                        index: o.index,
-                        chunk_id: o.chunk_id,
-                        version: o.version,
-                        ok: true,
-                        message: String::new(),
-                        bytes,
-                    }
+                    (true, String::new(), bytes)
                 }
                 Err(e) => {
                     warn!(chunk = format_args!("{:016x}", o.chunk_id), task = o.task_id, error = %e, "repair failed");
@@ -122,17 +113,18 @@ pub(crate) fn start(inner: &Arc<Inner>, orders: Vec<ChunkRepairOrder>) {
                     let store = inner.store.clone();
                     let (id, version) = (o.chunk_id, o.version);
                     let _ = tokio::task::spawn_blocking(move || store.delete(id, version)).await;
-                    ChunkRepairDone {
-                        task_id: o.task_id,
-                        ino: o.ino,
-                        index: o.index,
-                        chunk_id: o.chunk_id,
-                        version: o.version,
-                        ok: false,
-                        message: e.to_string(),
-                        bytes: 0,
-                    }
+                    (false, e.to_string(), 0)
                 }
+            };
+            let done = ChunkRepairDone {
+                task_id: o.task_id,
+                ino: o.ino,
+                index: o.index,
+                chunk_id: o.chunk_id,
+                version: o.version,
+                ok,
+                message,
+                bytes,
             };
             {
                 let mut f = lock(&inner.repairs.finished);
