@@ -14,11 +14,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use kerfs_client::{ClientError, DataClient, FileHandle, MetaClient};
+use kerfs_client::{ClientError, DataClient, MetaClient};
 use kerfs_proto::{read_op, FileChunk};
 use kerfs_tests::{
-    content, erasure, expected_hash, init_tracing, layout_dir, log_tail, replicated, KerfsCluster,
-    KerfsClusterOptions,
+    content, erasure, expected_hash, hash_file, init_tracing, layout_dir, log_tail, replicated,
+    write_stream, KerfsCluster, KerfsClusterOptions,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -29,31 +29,6 @@ const MIB: u64 = 1024 * 1024;
 
 /// Each test starts a dozen processes and moves a lot of data on 2 cores: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// Writes `content(seed)` over `[from, from + len)` in 1 MiB requests.
-async fn write_stream(f: &FileHandle, seed: u8, from: u64, len: u64) -> Result<()> {
-    let mut pos = from;
-    while pos < from + len {
-        let n = (from + len - pos).min(MIB) as usize;
-        f.write_at(pos, &content(seed, pos, n)).await?;
-        pos += n as u64;
-    }
-    Ok(())
-}
-
-/// blake3 of the whole file, read in sequential 1 MiB requests.
-async fn hash_file(f: &FileHandle) -> Result<blake3::Hash> {
-    let size = f.size();
-    let mut h = blake3::Hasher::new();
-    let mut pos = 0u64;
-    while pos < size {
-        let buf = f.read_at(pos, MIB as usize).await?;
-        ensure!(!buf.is_empty(), "short read at {pos} of {size}");
-        h.update(&buf);
-        pos += buf.len() as u64;
-    }
-    Ok(h.finalize())
-}
 
 /// The file's chunk table as meta has it.
 async fn chunk_table(meta: &MetaClient, ino: u64) -> Result<Vec<FileChunk>> {

@@ -19,11 +19,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use kerfs_client::{DataClient, FileHandle, MetaClient};
+use kerfs_client::{DataClient, MetaClient};
 use kerfs_proto::{read_op, FileChunk, Layout};
 use kerfs_tests::{
-    bin_path, content, erasure, expected_hash, flip_bits_in_chunk_files, init_tracing, layout_dir,
-    replicated, KerfsCluster, KerfsClusterOptions, MetaClusterOptions,
+    bin_path, content, erasure, expected_hash, flip_bits_in_chunk_files, hash_file, init_tracing,
+    layout_dir, replicated, write_stream, KerfsCluster, KerfsClusterOptions, MetaClusterOptions,
 };
 use tracing::info;
 
@@ -44,31 +44,12 @@ async fn start(chunk_servers: u64, timeout_ms: Option<u64>) -> Result<KerfsClust
     .await
 }
 
-/// Writes `content(seed)` over `[from, from + len)` in 1 MiB requests.
-async fn write_stream(f: &FileHandle, seed: u8, from: u64, len: u64) -> Result<()> {
-    let mut pos = from;
-    while pos < from + len {
-        let n = (from + len - pos).min(MIB) as usize;
-        f.write_at(pos, &content(seed, pos, n)).await?;
-        pos += n as u64;
-    }
-    Ok(())
-}
-
 /// blake3 of the whole file, read through a fresh open.
 async fn hash_of(data: &DataClient, ino: u64) -> Result<blake3::Hash> {
     let f = data.open(ino, libc::O_RDONLY as u32).await?;
-    let size = f.size();
-    let mut h = blake3::Hasher::new();
-    let mut pos = 0u64;
-    while pos < size {
-        let buf = f.read_at(pos, MIB as usize).await?;
-        ensure!(!buf.is_empty(), "short read at {pos} of {size}");
-        h.update(&buf);
-        pos += buf.len() as u64;
-    }
+    let h = hash_file(&f).await?;
     f.close().await?;
-    Ok(h.finalize())
+    Ok(h)
 }
 
 async fn chunk_table(meta: &MetaClient, ino: u64) -> Result<(Layout, Vec<FileChunk>)> {

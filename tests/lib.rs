@@ -652,6 +652,36 @@ pub fn content(seed: u8, offset: u64, len: usize) -> Vec<u8> {
     out
 }
 
+/// Writes `content(seed)` over `[from, from + len)` of `f` in 1 MiB requests.
+pub async fn write_stream(
+    f: &kerfs_client::FileHandle,
+    seed: u8,
+    from: u64,
+    len: u64,
+) -> Result<()> {
+    let mut pos = from;
+    while pos < from + len {
+        let n = (from + len - pos).min(1 << 20) as usize;
+        f.write_at(pos, &content(seed, pos, n)).await?;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+/// blake3 of the whole file, read in sequential 1 MiB requests.
+pub async fn hash_file(f: &kerfs_client::FileHandle) -> Result<blake3::Hash> {
+    let size = f.size();
+    let mut h = blake3::Hasher::new();
+    let mut pos = 0u64;
+    while pos < size {
+        let buf = f.read_at(pos, 1 << 20).await?;
+        ensure!(!buf.is_empty(), "short read at {pos} of {size}");
+        h.update(&buf);
+        pos += buf.len() as u64;
+    }
+    Ok(h.finalize())
+}
+
 /// blake3 of the first `size` bytes of `content(seed)`.
 pub fn expected_hash(seed: u8, size: u64) -> blake3::Hash {
     const STEP: u64 = 8 << 20;
