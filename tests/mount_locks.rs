@@ -21,7 +21,9 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use kerfs_tests::{init_tracing, require_root_and_fuse, KerfsCluster, KerfsClusterOptions, Mount};
+use kerfs_tests::{
+    blocking, init_tracing, require_root_and_fuse, KerfsCluster, KerfsClusterOptions, Mount,
+};
 use tracing::info;
 
 /// Each test starts a cluster on 2 cores: one at a time.
@@ -176,19 +178,7 @@ where
     let a = Mount::new(&cluster, "a", NO_CACHE)?;
     let b = Mount::new(&cluster, "b", NO_CACHE)?;
     let (pa, pb) = (a.path().to_path_buf(), b.path().to_path_buf());
-    let r = tokio::task::spawn_blocking(move || test(&pa, &pb))
-        .await
-        .expect("test thread");
-    if let Err(e) = r {
-        for m in [&a, &b] {
-            eprintln!(
-                "--- tail of the log of {} ---\n{}",
-                m.path().display(),
-                m.log_tail()
-            );
-        }
-        return Err(e);
-    }
+    blocking(&[&a, &b], move || test(&pa, &pb)).await;
     a.unmount()?;
     b.unmount()?;
     Ok(())
@@ -375,7 +365,7 @@ async fn a_dead_mount_frees_its_locks() -> Result<()> {
     let b = Mount::new(&cluster, "b", NO_CACHE)?;
     let a_pid = a.daemon_pid()?;
     let (pa, pb) = (a.path().join("h"), b.path().join("h"));
-    let r = tokio::task::spawn_blocking(move || -> Result<()> {
+    blocking(&[&a, &b], move || -> Result<()> {
         std::fs::write(&pa, b"held by a mount that dies")?;
         let mut ha = Helper::spawn("holder on A")?;
         let mut hb = Helper::spawn("waiter on B")?;
@@ -405,18 +395,7 @@ async fn a_dead_mount_frees_its_locks() -> Result<()> {
         drop(ha); // on a dead mount: killed
         Ok(())
     })
-    .await
-    .expect("test thread");
-    if let Err(e) = r {
-        for m in [&a, &b] {
-            eprintln!(
-                "--- tail of the log of {} ---\n{}",
-                m.path().display(),
-                m.log_tail()
-            );
-        }
-        return Err(e);
-    }
+    .await;
     b.unmount()?;
     Ok(())
 }
