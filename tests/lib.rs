@@ -855,9 +855,12 @@ pub fn env_u64(name: &str) -> Option<u64> {
     })
 }
 
-/// The first byte where `got` and `want` differ, for the failure message.
-pub fn first_difference(got: &[u8], want: &[u8]) -> String {
-    match got.iter().zip(want).position(|(a, b)| a != b) {
+/// Fails unless `got == want`, naming `what` and the first byte where they differ.
+pub fn ensure_same(got: &[u8], want: &[u8], what: impl std::fmt::Display) -> Result<()> {
+    if got == want {
+        return Ok(());
+    }
+    let difference = match got.iter().zip(want).position(|(a, b)| a != b) {
         Some(i) => format!(
             "first difference at +{i}: got {:#04x}, want {:#04x} ({} of {} bytes differ)",
             got[i],
@@ -866,7 +869,8 @@ pub fn first_difference(got: &[u8], want: &[u8]) -> String {
             want.len()
         ),
         None => format!("lengths differ: got {}, want {}", got.len(), want.len()),
-    }
+    };
+    bail!("{what}: {difference}")
 }
 
 /// A Chunk RPC client that proves the cluster key (see [`KerfsCluster::chunk_rpc`]).

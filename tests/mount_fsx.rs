@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use kerfs_tests::{
-    blocking, env_u64, erasure, first_difference, init_tracing, layout_dir, replicated,
+    blocking, ensure_same, env_u64, erasure, init_tracing, layout_dir, replicated,
     require_root_and_fuse, KerfsCluster, KerfsClusterOptions, Mount,
 };
 use rand::rngs::StdRng;
@@ -249,11 +249,11 @@ fn check_range(f: &FsxFile, offset: u64, len: u64, what: &str) -> Result<()> {
     }
     let from = (offset.min(size)) as usize;
     let want = &f.model[from..from + want_len];
-    ensure!(
-        &buf[..got] == want,
-        "{what}: data differs from the model: {}",
-        first_difference(&buf[..got], want)
-    );
+    ensure_same(
+        &buf[..got],
+        want,
+        format!("{what}: data differs from the model"),
+    )?;
     Ok(())
 }
 
@@ -377,11 +377,7 @@ fn fsx_op(
                 let (m, delta) = Mapping::new(&f.file, off, len as usize, false).context("mmap")?;
                 let got = &m.bytes()[delta..delta + len as usize];
                 let want = &f.model[off as usize..(off + len) as usize];
-                ensure!(
-                    got == want,
-                    "mapread: data differs from the model: {}",
-                    first_difference(got, want)
-                );
+                ensure_same(got, want, "mapread: data differs from the model")?;
                 Ok(())
             })();
             ("mapread", desc, r)
@@ -615,7 +611,7 @@ async fn lookup_keeps_the_size_of_buffered_writes() -> Result<()> {
         let mut back = vec![0u8; data.len()];
         file.read_exact_at(&mut back, 0)
             .context("pread of what this descriptor wrote")?;
-        ensure!(back == data, "{}", first_difference(&back, &data));
+        ensure_same(&back, &data, "read back")?;
         Ok(())
     })
     .await;
@@ -692,19 +688,11 @@ async fn copy_file_range_on_the_mount() -> Result<()> {
             "size after the copies"
         );
         let got = std::fs::read(dir.join("dst"))?;
-        ensure!(
-            got == model,
-            "after the copies: {}",
-            first_difference(&got, &model)
-        );
+        ensure_same(&got, &model, "after the copies")?;
         // And again after close, through a fresh open.
         drop(dst);
         let got = std::fs::read(dir.join("dst"))?;
-        ensure!(
-            got == model,
-            "after close: {}",
-            first_difference(&got, &model)
-        );
+        ensure_same(&got, &model, "after close")?;
         Ok(())
     })
     .await;
@@ -771,7 +759,7 @@ async fn fallocate_on_the_mount() -> Result<()> {
             );
             let mut got = vec![0u8; model.len()];
             f.read_exact_at(&mut got, 0)?;
-            ensure!(got == model, "step {i}: {}", first_difference(&got, &model));
+            ensure_same(&got, &model, format!("step {i}"))?;
         }
         for (mode, what) in [
             (libc::FALLOC_FL_COLLAPSE_RANGE, "COLLAPSE_RANGE"),
@@ -786,11 +774,7 @@ async fn fallocate_on_the_mount() -> Result<()> {
         }
         drop(f);
         let got = std::fs::read(&path)?;
-        ensure!(
-            got == model,
-            "after close: {}",
-            first_difference(&got, &model)
-        );
+        ensure_same(&got, &model, "after close")?;
         Ok(())
     })
     .await;

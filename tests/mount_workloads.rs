@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use kerfs_tests::{
-    blocking, env_u64, first_difference, init_tracing, require_root_and_fuse, KerfsCluster,
+    blocking, ensure_same, env_u64, init_tracing, require_root_and_fuse, KerfsCluster,
     KerfsClusterOptions, Mount,
 };
 use rand::rngs::StdRng;
@@ -89,11 +89,7 @@ fn two_mounts(a: &Path, b: &Path) -> Result<()> {
         got.len(),
         first.len()
     );
-    ensure!(
-        got == first,
-        "B reads other bytes than A wrote: {}",
-        first_difference(&got, &first)
-    );
+    ensure_same(&got, &first, "B reads other bytes than A wrote")?;
     ensure!(std::fs::metadata(b.join("f"))?.len() == first.len() as u64);
 
     info!("A rewrites f shorter (in place, O_TRUNC) and closes; B, which read it before, opens it again");
@@ -105,11 +101,7 @@ fn two_mounts(a: &Path, b: &Path) -> Result<()> {
         std::fs::metadata(b.join("f"))?.len()
     );
     let got = std::fs::read(b.join("f"))?;
-    ensure!(
-        got == second,
-        "B reads stale data after A's rewrite: {}",
-        first_difference(&got, &second)
-    );
+    ensure_same(&got, &second, "B reads stale data after A's rewrite")?;
 
     info!("B keeps f open across A's overwrite of a range; its next open sees the change");
     let mut held = File::open(b.join("f"))?;
@@ -124,11 +116,11 @@ fn two_mounts(a: &Path, b: &Path) -> Result<()> {
     third[500_000..600_000].copy_from_slice(&patch);
     drop(held);
     let got = std::fs::read(b.join("f"))?;
-    ensure!(
-        got == third,
-        "B reads stale data after A's partial overwrite: {}",
-        first_difference(&got, &third)
-    );
+    ensure_same(
+        &got,
+        &third,
+        "B reads stale data after A's partial overwrite",
+    )?;
 
     info!("and the other way: B appends, A sees it");
     {
@@ -137,11 +129,7 @@ fn two_mounts(a: &Path, b: &Path) -> Result<()> {
     }
     third.extend_from_slice(b"appended by B");
     let got = std::fs::read(a.join("f"))?;
-    ensure!(
-        got == third,
-        "A does not see B's append: {}",
-        first_difference(&got, &third)
-    );
+    ensure_same(&got, &third, "A does not see B's append")?;
 
     info!("A creates a directory and files in it; B lists them");
     std::fs::create_dir(a.join("d"))?;
@@ -164,7 +152,7 @@ fn two_mounts(a: &Path, b: &Path) -> Result<()> {
         "B still sees f after A renamed it"
     );
     let got = std::fs::read(b.join("g")).context("B reads g")?;
-    ensure!(got == third, "g on B: {}", first_difference(&got, &third));
+    ensure_same(&got, &third, "g on B")?;
     std::fs::rename(a.join("d/x1"), a.join("d/x2"))?;
     ensure!(
         std::fs::read_to_string(b.join("d/x2"))? == "1",
@@ -188,11 +176,7 @@ fn two_mounts(a: &Path, b: &Path) -> Result<()> {
     ensure!(errno_of(std::fs::metadata(b.join("g"))) == Some(libc::ENOENT));
     let mut got = Vec::new();
     kept.read_to_end(&mut got)?;
-    ensure!(
-        got == third,
-        "B's open descriptor of the unlinked g: {}",
-        first_difference(&got, &third)
-    );
+    ensure_same(&got, &third, "B's open descriptor of the unlinked g")?;
     drop(kept);
 
     info!("B removes the tree; A sees it gone");
