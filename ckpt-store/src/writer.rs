@@ -871,23 +871,7 @@ impl Checkpoint {
     /// and writes its index, writes the manifest, then renames `.partial-N` to `N`.
     pub async fn commit(mut self) -> Result<CommitReport> {
         let res = self.commit_inner().await;
-        self.heartbeat.abort();
-        let _ = self
-            .store
-            .meta()
-            .unlink(self.store.writers, self.marker.as_bytes())
-            .await;
-        if res.is_err() {
-            // Best effort: GC removes what is left.
-            let _ = self
-                .store
-                .remove_tree(
-                    self.store.versions,
-                    &self.partial,
-                    &format!("{VERSIONS}/{}", self.partial),
-                )
-                .await;
-        }
+        self.release(res.is_err()).await;
         res
     }
 
@@ -959,16 +943,23 @@ impl Checkpoint {
 
     /// Gives up: removes the marker and the partial version (packs are left to GC).
     pub async fn abort(mut self) {
+        self.release(true).await;
+    }
+
+    /// Stops the heartbeat and removes the writer marker; with `discard`, also closes the pack
+    /// and removes the partial version. Best effort: GC removes whatever is left.
+    async fn release(&mut self, discard: bool) {
         self.heartbeat.abort();
         let _ = self
             .store
             .meta()
             .unlink(self.store.writers, self.marker.as_bytes())
             .await;
-        if let Some(mut state) = self.state.take() {
-            if let Some(pack) = state.pack.take() {
-                let _ = pack.handle.close().await;
-            }
+        if !discard {
+            return;
+        }
+        if let Some(pack) = self.state.as_mut().and_then(|s| s.pack.take()) {
+            let _ = pack.handle.close().await;
         }
         let _ = self
             .store
