@@ -76,11 +76,7 @@ fn meta_addrs_from(
 /// The configuration files looked at, in order.
 fn config_files() -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
-    let user = std::env::var_os("XDG_CONFIG_HOME")
-        .filter(|v| !v.is_empty())
-        .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".config")));
-    if let Some(dir) = user {
+    if let Some(dir) = auth::user_config_dir() {
         out.push(dir.join("kerfs/kerfs.toml"));
     }
     out.push("/etc/kerfs/kerfs.toml".into());

@@ -252,12 +252,19 @@ pub fn default_key_path() -> PathBuf {
     if unsafe { libc::geteuid() } == 0 {
         return PathBuf::from("/etc/kerfs/cluster.key");
     }
-    let config = std::env::var_os("XDG_CONFIG_HOME")
+    user_config_dir()
+        .unwrap_or_else(|| PathBuf::from("/tmp"))
+        .join("kerfs")
+        .join("cluster.key")
+}
+
+/// The user's configuration directory: $XDG_CONFIG_HOME when it is an absolute path (the XDG
+/// rule), else ~/.config; `None` without either.
+pub fn user_config_dir() -> Option<PathBuf> {
+    std::env::var_os("XDG_CONFIG_HOME")
         .map(PathBuf::from)
         .filter(|p| p.is_absolute())
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
-        .unwrap_or_else(|| PathBuf::from("/tmp"));
-    config.join("kerfs").join("cluster.key")
 }
 
 /// The key file a program should use: the flag, then $KERFS_KEY_FILE, then [`default_key_path`].
