@@ -377,11 +377,14 @@ fn cmd_checkpoint_store(job: &StoreCheckpoint, cluster: &ClusterArgs) -> Result<
     }
     let rt = runtime()?;
     let store = rt.block_on(open_store(cluster, &job.addr.path, true))?;
+    let exited = || {
+        eprintln!("krg: pid {} exited; periodic checkpoints stop", job.pid);
+        Ok(0)
+    };
     loop {
         if let Err(e) = checkpoint_once(&rt, &store, job) {
             if job.periodic.is_some() && !process_alive(job.pid) {
-                eprintln!("krg: pid {} exited; periodic checkpoints stop", job.pid);
-                return Ok(0);
+                return exited();
             }
             return Err(e);
         }
@@ -396,16 +399,14 @@ fn cmd_checkpoint_store(job: &StoreCheckpoint, cluster: &ClusterArgs) -> Result<
             return Ok(0);
         };
         let deadline = Instant::now() + every;
-        while Instant::now() < deadline {
+        loop {
             if !process_alive(job.pid) {
-                eprintln!("krg: pid {} exited; periodic checkpoints stop", job.pid);
-                return Ok(0);
+                return exited();
+            }
+            if Instant::now() >= deadline {
+                break;
             }
             std::thread::sleep(std::time::Duration::from_millis(200));
-        }
-        if !process_alive(job.pid) {
-            eprintln!("krg: pid {} exited; periodic checkpoints stop", job.pid);
-            return Ok(0);
         }
     }
 }
