@@ -855,40 +855,31 @@ impl Driver {
             // Our proposals and reads may never complete here; send clients to the new leader.
             // A proposal that does commit later is answered to the retry from the reply cache.
             let nl = self.not_leader();
-            for (_, waiters) in self.pending_writes.drain() {
-                for (tx, _) in waiters {
-                    let _ = tx.send(Ok(nl.clone()));
-                }
-            }
-            let reads: Vec<PendingRead> = self
-                .reads_waiting_index
-                .drain()
-                .flat_map(|(_, r)| r.reads)
-                .chain(self.reads_waiting_apply.drain(..).flat_map(|(_, b)| b))
-                .chain(self.read_queue.drain(..))
-                .collect();
-            for r in reads {
-                let _ = r.tx.send(Ok(nl.clone()));
-            }
+            self.answer_all_waiting(|| Ok(nl.clone()));
         }
         self.last_role = role;
     }
 
     fn fail_all(&mut self, why: &str) {
+        self.answer_all_waiting(|| Err(Status::unavailable(why)));
+    }
+
+    /// Answers every write and read still waiting here with `answer()`: they will not
+    /// complete on this node.
+    fn answer_all_waiting(&mut self, answer: impl Fn() -> Result<MetaResponse, Status>) {
         for (_, waiters) in self.pending_writes.drain() {
             for (tx, _) in waiters {
-                let _ = tx.send(Err(Status::unavailable(why)));
+                let _ = tx.send(answer());
             }
         }
-        let reads: Vec<PendingRead> = self
+        let reads = self
             .reads_waiting_index
             .drain()
             .flat_map(|(_, r)| r.reads)
             .chain(self.reads_waiting_apply.drain(..).flat_map(|(_, b)| b))
-            .chain(self.read_queue.drain(..))
-            .collect();
+            .chain(self.read_queue.drain(..));
         for r in reads {
-            let _ = r.tx.send(Err(Status::unavailable(why)));
+            let _ = r.tx.send(answer());
         }
     }
 
