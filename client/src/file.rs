@@ -267,6 +267,9 @@ struct State {
     last_read_end: u64,
     prefetch: VecDeque<Prefetch>,
     closed: bool,
+    /// A writer without CAP_FSETID changed the data: the next command that records a data
+    /// change (commit, truncate) clears set-user-ID/set-group-ID with it.
+    clear_set_id: bool,
 }
 
 /// A write epoch on one chunk: the version we write and the members still in it.
@@ -442,6 +445,32 @@ impl FileHandle {
     /// The size as this handle sees it (including its unflushed writes).
     pub fn size(&self) -> u64 {
         lock(&self.inner.state).size
+    }
+
+    /// Says that the data is being changed by a process without CAP_FSETID, for a handle
+    /// shared by several callers (the mount's): the commit of those writes, or the truncate
+    /// that follows, clears set-user-ID and set-group-ID in meta in the same command, as
+    /// Linux does for local files. Until then [`FileHandle::clears_set_id`] says so.
+    pub fn clear_set_id_on_commit(&self) {
+        lock(&self.inner.state).clear_set_id = true;
+    }
+
+    /// Whether a change by an unprivileged writer is not committed yet (the mode meta
+    /// reports still has set-user-ID/set-group-ID that the commit will clear).
+    pub fn clears_set_id(&self) -> bool {
+        lock(&self.inner.state).clear_set_id
+    }
+
+    /// Takes the pending [`FileHandle::clear_set_id_on_commit`] for the command about to
+    /// be sent; `restore_set_id` gives it back if that command failed.
+    fn take_clear_set_id(&self) -> bool {
+        std::mem::take(&mut lock(&self.inner.state).clear_set_id)
+    }
+
+    fn restore_set_id(&self, taken: bool) {
+        if taken {
+            lock(&self.inner.state).clear_set_id = true;
+        }
     }
 
     fn check_open(&self) -> ClientResult<()> {
@@ -625,16 +654,24 @@ impl FileHandle {
 
     /// Records the chunks' new versions and holders in meta and raises the size.
     async fn commit(&self, size: u64, chunks: Vec<ChunkWritten>) -> ClientResult<()> {
-        let reply = check(
-            self.inner
-                .meta
-                .write(command::Op::CommitWrite(kerfs_proto::CommitWrite {
-                    handle: self.inner.handle,
-                    size,
-                    chunks: chunks.clone(),
-                }))
-                .await?,
-        )?;
+        let clear_set_id = self.take_clear_set_id();
+        let sent = self
+            .inner
+            .meta
+            .write(command::Op::CommitWrite(kerfs_proto::CommitWrite {
+                handle: self.inner.handle,
+                size,
+                chunks: chunks.clone(),
+                clear_set_id,
+            }))
+            .await;
+        let reply = match sent.and_then(check) {
+            Ok(r) => r,
+            Err(e) => {
+                self.restore_set_id(clear_set_id);
+                return Err(e);
+            }
+        };
         let mut guard = lock(&self.inner.state);
         let st = &mut *guard;
         if let Some(a) = reply.attr {
@@ -1482,6 +1519,7 @@ impl FileHandle {
         if boundary % cs != 0 && has_chunk {
             self.truncate_chunk(idx, boundary % cs).await?;
         }
+        let clear_set_id = self.take_clear_set_id();
         let attr = self
             .inner
             .meta
@@ -1489,9 +1527,11 @@ impl FileHandle {
                 ino: self.inner.ino,
                 size: Some(size),
                 handle: Some(self.inner.handle),
+                clear_set_id,
                 ..Default::default()
             })
-            .await?;
+            .await
+            .inspect_err(|_| self.restore_set_id(clear_set_id))?;
         debug!(
             ino = self.inner.ino,
             size,

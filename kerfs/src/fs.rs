@@ -10,7 +10,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{FileAttr, FileType, INodeNo};
 use kerfs_client::{DataClient, FileHandle, MetaClient};
-use kerfs_proto::{time_set, Attr, Caller, FileKind, FsStats, MakeNode, Reply, TimeSet, Timespec};
+use kerfs_proto::{
+    perm, time_set, Attr, Caller, FileKind, FsStats, MakeNode, Reply, TimeSet, Timespec,
+};
 
 use crate::error::{FsError, FsResult};
 
@@ -213,11 +215,11 @@ impl KerFs {
     }
 
     /// An inode's attributes as an entry for the kernel, with the size of the file as this
-    /// mount sees it (see [`KerFs::overlay_size`]): the kernel applies the size of every
+    /// mount sees it (see [`KerFs::overlay_open_state`]): the kernel applies the size of every
     /// entry it is given (lookup, create, link, readdirplus) to its cached inode, so one
     /// entry with the cluster's older size would shrink a file that is being written here.
     async fn entry(&self, mut a: Attr) -> Entry {
-        self.overlay_size(&mut a).await;
+        self.overlay_open_state(&mut a).await;
         Entry {
             attr: self.file_attr(&a),
             generation: a.generation,
@@ -239,14 +241,16 @@ impl KerFs {
 
     pub async fn getattr(&self, caller: &Caller, ino: u64) -> FsResult<FileAttr> {
         let mut a = self.as_caller(caller).getattr(self.to_cluster(ino)).await?;
-        self.overlay_size(&mut a).await;
+        self.overlay_open_state(&mut a).await;
         Ok(self.file_attr(&a))
     }
 
     /// While a file is open here, its size is what our data handle says (it includes
-    /// writes still in the write-behind buffer, which the cluster does not know yet). Every
-    /// attribute reply for a regular file goes through this.
-    async fn overlay_size(&self, a: &mut Attr) {
+    /// writes still in the write-behind buffer, which the cluster does not know yet), and
+    /// its mode lacks the set-user-ID/set-group-ID bits that the commit of an unprivileged
+    /// writer's data will clear (so nobody is shown, or execs, a privilege already gone).
+    /// Every attribute reply for a regular file goes through this.
+    async fn overlay_open_state(&self, a: &mut Attr) {
         if a.kind != FileKind::Regular as i32 {
             return;
         }
@@ -255,6 +259,9 @@ impl KerFs {
             if size != a.size {
                 a.size = size;
                 a.blocks = size.div_ceil(512);
+            }
+            if slot.handle.clears_set_id() {
+                a.mode = perm::clear_set_id(a.mode);
             }
         }
     }
@@ -284,6 +291,7 @@ impl KerFs {
             atime: s.atime,
             mtime: s.mtime,
             handle: file.map(|f| f.handle),
+            clear_set_id: false,
         };
         let client = self.as_caller(caller);
         let mut a = if req.mode.is_none()
@@ -299,7 +307,7 @@ impl KerFs {
         } else {
             client.setattr(req).await?
         };
-        self.overlay_size(&mut a).await;
+        self.overlay_open_state(&mut a).await;
         Ok(self.file_attr(&a))
     }
 
@@ -316,10 +324,18 @@ impl KerFs {
         let slot = self.slots.lock().await.get(&ino).map(|s| s.handle.clone());
         match (file, slot) {
             // ftruncate: the kernel checked that the descriptor is open for writing.
-            (Some(f), _) => Ok(f.data.truncate(size).await?),
+            (Some(f), _) => {
+                if !caller.is_root() {
+                    f.data.clear_set_id_on_commit();
+                }
+                Ok(f.data.truncate(size).await?)
+            }
             (None, Some(data)) => {
                 let a = self.as_caller(caller).getattr(ino).await?;
                 check_truncate(caller, &a)?;
+                if !caller.is_root() {
+                    data.clear_set_id_on_commit();
+                }
                 Ok(data.truncate(size).await?)
             }
             (None, None) => {
@@ -481,7 +497,7 @@ impl KerFs {
     /// without doing anything, from the same permission bits.
     pub async fn access(&self, caller: &Caller, ino: u64, mask: i32) -> FsResult<()> {
         let a = self.as_caller(caller).getattr(self.to_cluster(ino)).await?;
-        if mask == libc::F_OK || permitted(caller, &a, mask as u32) {
+        if mask == libc::F_OK || perm::permitted(caller, &a, mask as u32) {
             Ok(())
         } else {
             Err(FsError::new(
@@ -706,10 +722,22 @@ impl KerFs {
         Ok(file.data.read_at(offset, size as usize).await?)
     }
 
-    pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+    /// write(2). `unprivileged`: the kernel says the writer lacks CAP_FSETID
+    /// (FUSE_WRITE_KILL_SUIDGID), so the commit of these bytes clears set-user-ID and
+    /// set-group-ID, in the same cluster command as their size and mtime.
+    pub async fn write(
+        &self,
+        fh: u64,
+        offset: u64,
+        data: &[u8],
+        unprivileged: bool,
+    ) -> FsResult<u32> {
         let file = self.file(fh)?;
         let n = u32::try_from(data.len())
             .map_err(|_| FsError::new(libc::EINVAL, "write larger than 4 GiB"))?;
+        if unprivileged {
+            file.data.clear_set_id_on_commit();
+        }
         file.data.write_at(offset, data).await?;
         Ok(n)
     }
@@ -884,7 +912,7 @@ impl KerFs {
             libc::O_WRONLY => want |= 2,
             _ => want |= 6,
         }
-        if !permitted(caller, &a, want) {
+        if !perm::permitted(caller, &a, want) {
             return Err(FsError::new(
                 libc::EACCES,
                 format!("no permission to open directory {ino}"),
@@ -970,7 +998,7 @@ fn check_truncate(caller: &Caller, a: &Attr) -> FsResult<()> {
             format!("inode {} is a directory", a.ino),
         ));
     }
-    if !permitted(caller, a, 2) {
+    if !perm::permitted(caller, a, perm::MAY_WRITE) {
         return Err(FsError::new(
             libc::EACCES,
             format!("no write permission to truncate inode {}", a.ino),
@@ -988,24 +1016,6 @@ pub fn swap_root(root: u64, ino: u64) -> u64 {
     } else {
         ino
     }
-}
-
-/// Whether `caller` has every permission in `mask` (4 read, 2 write, 1 execute) on `a`,
-/// as the kernel's generic_permission decides it (without ACLs).
-pub fn permitted(caller: &Caller, a: &Attr, mask: u32) -> bool {
-    let mask = mask & 7;
-    if caller.uid == 0 {
-        // Root may read and write anything, and execute what anyone may execute.
-        return mask & 1 == 0 || a.kind == FileKind::Directory as i32 || a.mode & 0o111 != 0;
-    }
-    let bits = if caller.uid == a.uid {
-        (a.mode >> 6) & 7
-    } else if caller.gid == a.gid || caller.groups.contains(&a.gid) {
-        (a.mode >> 3) & 7
-    } else {
-        a.mode & 7
-    };
-    bits & mask == mask
 }
 
 pub fn file_type(kind: i32) -> FileType {
@@ -1042,52 +1052,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn attr(mode: u32, uid: u32, gid: u32, kind: FileKind) -> Attr {
-        Attr {
-            mode,
-            uid,
-            gid,
-            kind: kind as i32,
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn permissions_follow_owner_group_other() {
-        let a = attr(0o640, 10, 20, FileKind::Regular);
-        let owner = Caller {
-            uid: 10,
-            gid: 99,
-            groups: vec![],
-        };
-        let member = Caller {
-            uid: 11,
-            gid: 99,
-            groups: vec![20],
-        };
-        let other = Caller {
-            uid: 12,
-            gid: 99,
-            groups: vec![],
-        };
-        let root = Caller {
-            uid: 0,
-            gid: 0,
-            groups: vec![],
-        };
-        assert!(permitted(&owner, &a, 6));
-        assert!(!permitted(&owner, &a, 1));
-        assert!(permitted(&member, &a, 4));
-        assert!(!permitted(&member, &a, 2));
-        assert!(!permitted(&other, &a, 4));
-        assert!(permitted(&root, &a, 6));
-        assert!(
-            !permitted(&root, &a, 1),
-            "root executes only what someone may"
-        );
-        assert!(permitted(&root, &attr(0o600, 1, 1, FileKind::Directory), 1));
-    }
 
     #[test]
     fn times_keep_nanoseconds_and_negative_seconds() {

@@ -149,7 +149,12 @@ impl Filesystem for FuseFs {
         // dirops lets lookups and creates in one directory run at once.
         // POSIX and flock locks come to us (and to the cluster) instead of staying in
         // this machine's kernel, so they hold across mounts.
+        // HANDLE_KILLPRIV_V2: the kernel flags each write of a process without CAP_FSETID
+        // instead of first sending a chmod as that process, which the cluster would refuse
+        // to a non-owner (so such a write failed with EPERM); the cluster clears
+        // set-user-ID/set-group-ID in the commit of the write (and on truncate and chown).
         let wanted = InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2
             | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_ATOMIC_O_TRUNC
             | InitFlags::FUSE_PARALLEL_DIROPS
@@ -413,7 +418,7 @@ impl Filesystem for FuseFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
@@ -421,8 +426,9 @@ impl Filesystem for FuseFs {
         // The buffer belongs to the session loop and is reused for the next request.
         let data = data.to_vec();
         let fs = self.fs.clone();
+        let unprivileged = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
         self.spawn(async move {
-            match fs.write(fh.0, offset, &data).await {
+            match fs.write(fh.0, offset, &data, unprivileged).await {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(errno(&e, "write")),
             }

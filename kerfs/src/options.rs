@@ -17,8 +17,8 @@ pub struct Args {
     pub meta_addrs: String,
     /// Directory to mount on.
     pub mountpoint: PathBuf,
-    /// Mount options, comma separated (repeatable): ro, allow_other, default_permissions,
-    /// attr_timeout=SECS, entry_timeout=SECS, subdir=/path, key_file=PATH, auto_unmount,
+    /// Mount options, comma separated (repeatable): ro, allow_other, default_permissions
+    /// (the default), no_default_permissions, attr_timeout=SECS, entry_timeout=SECS, subdir=/path, key_file=PATH, auto_unmount,
     /// log=PATH, deadline=SECS, lease=SECS, and the generic ones (dev, suid, noexec,
     /// _netdev...).
     #[arg(short = 'o', value_name = "OPTS")]
@@ -59,7 +59,10 @@ impl Default for MountOptions {
             read_only: false,
             allow_other: false,
             allow_root: false,
-            default_permissions: false,
+            // The kernel checks the mode bits on every path walk and open with the
+            // attributes we gave it, cached or not; without this a cached lookup skips the
+            // directory search permission that only the cluster's own lookup checks.
+            default_permissions: true,
             auto_unmount: false,
             attr_timeout: Duration::from_secs(1),
             entry_timeout: Duration::from_secs(1),
@@ -125,6 +128,7 @@ impl MountOptions {
                     ("allow_other", None) => o.allow_other = true,
                     ("allow_root", None) => o.allow_root = true,
                     ("default_permissions", None) => o.default_permissions = true,
+                    ("no_default_permissions", None) => o.default_permissions = false,
                     ("auto_unmount", None) => o.auto_unmount = true,
                     ("attr_timeout", Some(v)) => o.attr_timeout = seconds(key, v)?,
                     ("entry_timeout", Some(v)) => o.entry_timeout = seconds(key, v)?,
@@ -268,6 +272,19 @@ mod tests {
         assert!(MountOptions::parse(&["attr_timeout=x"]).is_err());
         assert!(MountOptions::parse(&["subdir=rel"]).is_err());
         assert!(MountOptions::parse(&["lease=0.5"]).is_err());
+        // The kernel's own permission checks are on unless turned off by name.
+        assert!(MountOptions::default().default_permissions);
+        let off = MountOptions::parse(&["no_default_permissions"]).unwrap();
+        assert!(!off.default_permissions);
+        assert!(!off
+            .fuser_config("h:1")
+            .mount_options
+            .contains(&MountOption::DefaultPermissions));
+        assert!(
+            MountOptions::parse(&["no_default_permissions,default_permissions"])
+                .unwrap()
+                .default_permissions
+        );
         assert_eq!(
             MountOptions::parse(&["lease=3"]).unwrap().lease,
             Duration::from_secs(3)

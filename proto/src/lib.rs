@@ -1,8 +1,10 @@
 //! The KerFS wire format: the protobuf messages and gRPC services every daemon and client
-//! speaks (generated from `proto/kerfs.proto`), errno constants shared by all sides, and the
-//! cluster key that every RPC must prove knowledge of.
+//! speaks (generated from `proto/kerfs.proto`), errno constants shared by all sides, the
+//! cluster key that every RPC must prove knowledge of, and the permission rule every side
+//! applies to the callers and attributes those messages carry.
 
 pub mod auth;
+pub mod perm;
 
 /// Generated messages and services of package `kerfs.v1`.
 #[allow(clippy::all, missing_docs)]

@@ -179,6 +179,7 @@ impl T {
             handle,
             size,
             chunks,
+            clear_set_id: false,
         }))
     }
 
@@ -499,10 +500,59 @@ fn commit_clears_setuid_for_non_root_writers() {
             handle: h,
             size: 10,
             chunks: vec![],
+            clear_set_id: false,
         }),
     );
     assert_eq!(r.errno, 0, "{}", r.message);
     assert_eq!(r.attr.unwrap().mode & 0o7777, 0o0755);
+}
+
+/// A mount commits every writer's data under its own identity (root): the writer's lack
+/// of CAP_FSETID travels as `clear_set_id`, in the commit itself or in a truncate.
+#[test]
+fn a_mount_vouching_for_an_unprivileged_writer_clears_set_id_in_its_commit() {
+    let mut t = T::new();
+    t.server("a:1", "");
+    let (ino, h) = t.create(ROOT_INO, "s");
+    let chmod = |t: &mut T, mode| {
+        t.client(Op::SetAttr(SetAttr {
+            ino,
+            mode: Some(mode),
+            ..Default::default()
+        }))
+    };
+    let commit = |t: &mut T, clear_set_id| {
+        t.client(Op::CommitWrite(CommitWrite {
+            handle: h,
+            size: 10,
+            chunks: vec![],
+            clear_set_id,
+        }))
+    };
+    chmod(&mut t, 0o6775);
+    let r = commit(&mut t, false);
+    assert_eq!(
+        r.attr.unwrap().mode & 0o7777,
+        0o6775,
+        "root's own write keeps them"
+    );
+    let r = commit(&mut t, true);
+    assert_eq!(r.errno, 0, "{}", r.message);
+    assert_eq!(r.attr.unwrap().mode & 0o7777, 0o0775);
+    // Set-group-ID without group-execute is a locking mark, not a privilege: it stays.
+    chmod(&mut t, 0o6765);
+    let r = commit(&mut t, true);
+    assert_eq!(r.attr.unwrap().mode & 0o7777, 0o2765);
+    chmod(&mut t, 0o4755);
+    let r = t.client(Op::SetAttr(SetAttr {
+        ino,
+        size: Some(3),
+        handle: Some(h),
+        clear_set_id: true,
+        ..Default::default()
+    }));
+    assert_eq!(r.errno, 0, "{}", r.message);
+    assert_eq!(r.attr.unwrap().mode & 0o7777, 0o0755, "truncate clears too");
 }
 
 #[test]

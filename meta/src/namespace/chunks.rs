@@ -18,8 +18,7 @@ use kerfs_proto::{
     Reply, SetLayout, Timespec, ROOT_INO,
 };
 
-use super::nodes::{blocks_for, must_inode, S_ISGID, S_ISUID, S_IXGRP};
-use super::perm;
+use super::nodes::{blocks_for, drop_set_id_after_write, must_inode};
 use super::records::{self as rec, ChunkOwner, ChunkRec, DeleteRec, HandleRec, Inode, ServerRec};
 use super::sessions::handle_writable;
 use super::{repair, Ctx, Fail, NamespaceConfig, R};
@@ -159,7 +158,7 @@ pub fn set_layout(ctx: &Ctx, state: &mut Overlay<'_>, s: &SetLayout) -> R<Reply>
         return Err(Fail::new(libc::EINVAL, "set_layout without a layout"));
     };
     validate_layout(&layout)?;
-    if !perm::is_owner(&ctx.who, &inode.attr) {
+    if !ctx.who.owns(&inode.attr) {
         return Err(Fail::new(
             libc::EPERM,
             format!(
@@ -815,14 +814,7 @@ pub fn commit(ctx: &Ctx, state: &mut Overlay<'_>, cw: &CommitWrite) -> R<Reply> 
         inode.attr.size = cw.size;
         inode.attr.blocks = blocks_for(cw.size);
     }
-    // As Linux's file_remove_privs: a write by someone without CAP_FSETID drops setuid,
-    // and setgid when group-execute makes it a real setgid (not a mandatory-lock mark).
-    if !ctx.who.is_root() {
-        inode.attr.mode &= !S_ISUID;
-        if inode.attr.mode & S_IXGRP != 0 {
-            inode.attr.mode &= !S_ISGID;
-        }
-    }
+    drop_set_id_after_write(&ctx.who, cw.clear_set_id, &mut inode.attr);
     inode.attr.mtime = Some(ctx.now);
     inode.attr.ctime = Some(ctx.now);
     rec::store_inode(state, &inode);

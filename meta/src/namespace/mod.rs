@@ -113,35 +113,13 @@ pub(crate) fn show(name: &[u8]) -> String {
     String::from_utf8_lossy(name).into_owned()
 }
 
-/// The credentials a request runs with; an absent caller is root (internal commands).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Who {
-    pub uid: u32,
-    pub gid: u32,
-    pub groups: Vec<u32>,
-}
+/// The credentials a request runs with: the wire's [`Caller`], whose permission rule lives
+/// in [`kerfs_proto::perm`] so the mount applies the same one.
+pub(crate) type Who = Caller;
 
-impl Who {
-    pub fn from_caller(c: Option<&Caller>) -> Who {
-        match c {
-            Some(c) => Who {
-                uid: c.uid,
-                gid: c.gid,
-                groups: c.groups.clone(),
-            },
-            None => Who {
-                uid: 0,
-                gid: 0,
-                groups: Vec::new(),
-            },
-        }
-    }
-    pub fn is_root(&self) -> bool {
-        self.uid == 0
-    }
-    pub fn in_group(&self, gid: u32) -> bool {
-        self.gid == gid || self.groups.contains(&gid)
-    }
+/// The caller of a command; an absent caller is root (internal commands).
+pub(crate) fn who_of(c: Option<&Caller>) -> Who {
+    c.cloned().unwrap_or_default()
 }
 
 /// What one write command sees: its time and caller.
@@ -172,7 +150,7 @@ impl Namespace {
         nodes::ensure_root(state, cmd.now.unwrap_or_default())?;
         let ctx = Ctx {
             now: cmd.now.unwrap_or_default(),
-            who: Who::from_caller(cmd.caller.as_ref()),
+            who: who_of(cmd.caller.as_ref()),
             client_id: cmd.client_id,
         };
         let config = &self.config;
@@ -186,7 +164,7 @@ impl Namespace {
 
     /// Serves one read from the applied state.
     pub fn read(&self, state: &dyn KvRead, op: &ReadOp) -> Reply {
-        let who = Who::from_caller(op.caller.as_ref());
+        let who = who_of(op.caller.as_ref());
         let result = match &op.op {
             None => Err(Fail::new(libc::EINVAL, "read request without an operation")),
             Some(read_op::Op::Lookup(l)) => reads::lookup(state, &who, l),

@@ -9,14 +9,22 @@ use kerfs_proto::{
 
 use super::perm::{self, MAY_EXEC, MAY_WRITE};
 use super::records::{self as rec, DirentRec, Inode};
-use super::{chunks, sessions, show, Ctx, Fail, R};
+use super::{chunks, sessions, show, Ctx, Fail, Who, R};
 use crate::store::{KvRead, Overlay};
 
-pub const S_ISUID: u32 = 0o4000;
-pub const S_ISGID: u32 = 0o2000;
-pub const S_IXGRP: u32 = 0o010;
+use kerfs_proto::perm::clear_set_id;
+pub use kerfs_proto::perm::{S_ISGID, S_IXGRP};
 /// Most links one inode may have (ext4's limit), so nlink never wraps.
 pub const LINK_MAX: u32 = 65000;
+
+/// After a write, a truncate or an O_TRUNC open: a caller without CAP_FSETID (anyone but
+/// root), or one the mount vouches for with `unprivileged` (the mount commits its callers'
+/// writes under its own identity), loses set-user-ID and set-group-ID, as on Linux.
+pub fn drop_set_id_after_write(who: &Who, unprivileged: bool, attr: &mut Attr) {
+    if unprivileged || !who.is_root() {
+        attr.mode = clear_set_id(attr.mode);
+    }
+}
 
 /// What a syntactically valid name is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -598,7 +606,7 @@ pub fn setattr(ctx: &Ctx, state: &mut Overlay<'_>, s: &SetAttr) -> R<Reply> {
             ));
         }
     }
-    if s.mode.is_some() && !perm::is_owner(who, &inode.attr) {
+    if s.mode.is_some() && !who.owns(&inode.attr) {
         return Err(Fail::new(
             libc::EPERM,
             format!("only the owner or root may chmod inode {}", s.ino),
@@ -606,7 +614,7 @@ pub fn setattr(ctx: &Ctx, state: &mut Overlay<'_>, s: &SetAttr) -> R<Reply> {
     }
     let explicit = atime.map(|t| t.1).unwrap_or(false) || mtime.map(|t| t.1).unwrap_or(false);
     if explicit {
-        if !perm::is_owner(who, &inode.attr) {
+        if !who.owns(&inode.attr) {
             return Err(Fail::new(
                 libc::EPERM,
                 format!(
@@ -616,7 +624,7 @@ pub fn setattr(ctx: &Ctx, state: &mut Overlay<'_>, s: &SetAttr) -> R<Reply> {
             ));
         }
     } else if (atime.is_some() || mtime.is_some())
-        && !perm::is_owner(who, &inode.attr)
+        && !who.owns(&inode.attr)
         && !perm::allowed(who, &inode.attr, MAY_WRITE)
     {
         return Err(Fail::new(
@@ -644,10 +652,7 @@ pub fn setattr(ctx: &Ctx, state: &mut Overlay<'_>, s: &SetAttr) -> R<Reply> {
             inode.attr.gid = gid;
         }
         if !inode.is_dir() {
-            inode.attr.mode &= !S_ISUID;
-            if inode.attr.mode & S_IXGRP != 0 {
-                inode.attr.mode &= !S_ISGID;
-            }
+            inode.attr.mode = clear_set_id(inode.attr.mode);
         }
     }
     if let Some(size) = s.size {
@@ -658,6 +663,7 @@ pub fn setattr(ctx: &Ctx, state: &mut Overlay<'_>, s: &SetAttr) -> R<Reply> {
             .saturating_add(size);
         rec::put_counters(state, &c);
         chunks::truncate(state, inode.ino(), size)?;
+        drop_set_id_after_write(who, s.clear_set_id, &mut inode.attr);
         inode.attr.size = size;
         inode.attr.blocks = blocks_for(size);
         inode.attr.mtime = Some(now);

@@ -1,29 +1,12 @@
-//! Who may do what: POSIX permission bits, the sticky-bit rule and ownership checks, with
-//! the errno Linux returns for each (EACCES for missing rwx bits, EPERM for ownership).
+//! Who may do what, with the errno Linux returns for each (EACCES for missing rwx bits,
+//! EPERM for ownership): the shared rule of [`kerfs_proto::perm`] turned into the metadata
+//! service's failures, and the sticky-bit rule.
 
 use kerfs_proto::Attr;
 
+pub use kerfs_proto::perm::{permitted as allowed, MAY_EXEC, MAY_READ, MAY_WRITE};
+
 use super::{Fail, Who, R};
-
-pub const MAY_READ: u32 = 4;
-pub const MAY_WRITE: u32 = 2;
-pub const MAY_EXEC: u32 = 1;
-
-/// Whether `who` has every bit of `mask` (rwx as 4/2/1) on `attr`. Root has all of them
-/// (execute of regular files does not reach the metadata service).
-pub fn allowed(who: &Who, attr: &Attr, mask: u32) -> bool {
-    if who.is_root() {
-        return true;
-    }
-    let bits = if who.uid == attr.uid {
-        (attr.mode >> 6) & 7
-    } else if who.in_group(attr.gid) {
-        (attr.mode >> 3) & 7
-    } else {
-        attr.mode & 7
-    };
-    bits & mask == mask
-}
 
 pub fn need(who: &Who, attr: &Attr, mask: u32, what: &str) -> R<()> {
     if allowed(who, attr, mask) {
@@ -64,8 +47,4 @@ pub fn check_sticky(who: &Who, dir: &Attr, victim: &Attr) -> R<()> {
             dir.ino, who.uid, victim.ino
         ),
     ))
-}
-
-pub fn is_owner(who: &Who, attr: &Attr) -> bool {
-    who.is_root() || who.uid == attr.uid
 }

@@ -276,6 +276,7 @@ pub fn open_inode(ctx: &Ctx, state: &mut Overlay<'_>, mut inode: Inode, flags: u
         super::chunks::truncate(state, inode.ino(), 0)?;
         inode.attr.size = 0;
         inode.attr.blocks = blocks_for(0);
+        super::nodes::drop_set_id_after_write(&ctx.who, false, &mut inode.attr);
         inode.attr.mtime = Some(ctx.now);
         inode.attr.ctime = Some(ctx.now);
     }

@@ -106,11 +106,7 @@ fn check(who: &Who, inode: &Inode, name: &[u8], space: Space, write: bool) -> R<
                     no_data(inode.ino(), name)
                 });
             }
-            if write
-                && inode.is_dir()
-                && inode.attr.mode & 0o1000 != 0
-                && !perm::is_owner(who, &inode.attr)
-            {
+            if write && inode.is_dir() && inode.attr.mode & 0o1000 != 0 && !who.owns(&inode.attr) {
                 return Err(Fail::new(
                     libc::EPERM,
                     format!(
