@@ -8,7 +8,8 @@
 //!   right after root read it (the kernel's cached lookup skipped the directory's search
 //!   permission); chmod, chown, truncate, open and link of a file whose directory just lost
 //!   its search permission; FIFOs opened whatever their mode; chown to one's own group in a
-//!   directory one cannot search; supplementary groups.
+//!   directory one cannot search; supplementary groups; a chmod through another mount
+//!   that holds within the attribute timeout.
 //! - `unprivileged_writes_clear_set_id`: a non-owner's write to a set-user-ID or
 //!   set-group-ID file succeeds and clears the bits (a second mount sees them gone), root's
 //!   write keeps them, a non-owner's truncate clears them.
@@ -22,6 +23,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use kerfs_tests::{
@@ -241,6 +243,41 @@ fn supplementary_groups_count(top: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The attribute timeout of the mounts here (the default): how stale another mount's
+/// view of a mode may be.
+const ATTR_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A chmod through one mount closes a directory for a user of another mount within the
+/// attribute timeout, however warm that mount's caches are.
+fn other_mounts_chmod_holds_within_attr_timeout(top: &Path, other_top: &Path) -> Result<()> {
+    let d = p(top, "shared");
+    expect(User::Root, "mkdir", &[&d, "755"], "ok")?;
+    expect(User::Root, "create", &[&format!("{d}/f"), "644"], "ok")?;
+    expect(User::Root, "write", &[&format!("{d}/f"), "open"], "ok")?;
+    let f = format!("{}/shared/f", other_top.display());
+    expect(User::Nobody, "read", &[&f], "ok open")?;
+    expect(User::Root, "chmod", &[&d, "700"], "ok")?;
+    let changed = Instant::now();
+    loop {
+        let got = as_user(User::Nobody, "read", &[&f])?;
+        if got == "err EACCES" {
+            break;
+        }
+        ensure!(got == "ok open", "nobody read {f}: {got}");
+        // The kernel's attribute timeout is counted in jiffies from its last getattr:
+        // a second for the timeout itself and one for scheduling on a loaded machine.
+        ensure!(
+            changed.elapsed() < ATTR_TIMEOUT + Duration::from_secs(1),
+            "nobody still reads {f} through the other mount {:?} after root closed its \
+             directory (attr_timeout is {ATTR_TIMEOUT:?})",
+            changed.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    info!(after = ?changed.elapsed(), "the other mount refused nobody");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mode_bits_hold_whatever_the_kernel_caches() -> Result<()> {
     require_root_and_fuse();
@@ -249,8 +286,10 @@ async fn mode_bits_hold_whatever_the_kernel_caches() -> Result<()> {
     let cluster = KerfsCluster::start(KerfsClusterOptions::default()).await?;
     // The mount's default caching (1 s attributes and entries): the cases are about it.
     let m = Mount::new(&cluster, "perms", &options(",allow_other"))?;
+    let other = Mount::new(&cluster, "other", &options(",allow_other"))?;
     let top = m.path().join("t");
-    blocking(&[&m], move || {
+    let other_top = other.path().join("t");
+    blocking(&[&m, &other], move || {
         std::fs::create_dir(&top)?;
         expect(
             User::Root,
@@ -263,10 +302,13 @@ async fn mode_bits_hold_whatever_the_kernel_caches() -> Result<()> {
         fifo_opens_follow_the_mode(&top).context("fifo")?;
         chown_to_own_group_needs_the_path(&top).context("chown to own group")?;
         supplementary_groups_count(&top).context("supplementary groups")?;
+        other_mounts_chmod_holds_within_attr_timeout(&top, &other_top)
+            .context("chmod on another mount")?;
         Ok(())
     })
     .await;
     m.unmount()?;
+    other.unmount()?;
     Ok(())
 }
 

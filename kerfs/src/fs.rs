@@ -493,8 +493,9 @@ impl KerFs {
         Ok(self.entry(a).await)
     }
 
-    /// access(2): the cluster checks every operation itself; this answers the question
-    /// without doing anything, from the same permission bits.
+    /// access(2), asked only of a `no_default_permissions` mount (otherwise the kernel
+    /// answers it itself): the cluster checks every operation itself; this answers the
+    /// question without doing anything, with the same rule.
     pub async fn access(&self, caller: &Caller, ino: u64, mask: i32) -> FsResult<()> {
         let a = self.as_caller(caller).getattr(self.to_cluster(ino)).await?;
         if mask == libc::F_OK || perm::permitted(caller, &a, mask as u32) {

@@ -93,6 +93,17 @@ fn need(p: &Person, n: &Node, mask: u32) -> Res {
     }
 }
 
+/// What Linux leaves of a regular file's mode after a chown, or a write or truncate by a
+/// caller without CAP_FSETID: no set-user-ID, no set-group-ID if group-execute is set.
+fn without_set_id(mode: u32) -> u32 {
+    let mode = mode & !0o4000;
+    if mode & 0o010 != 0 {
+        mode & !0o2000
+    } else {
+        mode
+    }
+}
+
 impl Model {
     fn new() -> Model {
         let mut nodes = BTreeMap::new();
@@ -433,10 +444,7 @@ impl Model {
             n.gid = g;
         }
         if (uid.is_some() || gid.is_some()) && n.kind != Kind::Dir {
-            n.mode &= !0o4000;
-            if n.mode & 0o010 != 0 {
-                n.mode &= !0o2000;
-            }
+            n.mode = without_set_id(n.mode);
         }
         Ok(())
     }
@@ -449,7 +457,11 @@ impl Model {
             _ => return Err(libc::EINVAL),
         }
         need(p, n, 2)?;
-        self.nodes.get_mut(&ino).unwrap().size = size;
+        let n = self.nodes.get_mut(&ino).unwrap();
+        n.size = size;
+        if !p.root() {
+            n.mode = without_set_id(n.mode);
+        }
         Ok(())
     }
 
@@ -533,6 +545,9 @@ impl Model {
         let n = self.nodes.get_mut(&ino).unwrap();
         if trunc && n.kind == Kind::File {
             n.size = 0;
+            if !p.root() {
+                n.mode = without_set_id(n.mode);
+            }
         }
         n.open += 1;
         let h = self.next_handle;
