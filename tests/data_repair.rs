@@ -22,8 +22,9 @@ use anyhow::{bail, ensure, Context, Result};
 use kerfs_client::{DataClient, MetaClient};
 use kerfs_proto::{read_op, FileChunk, Layout};
 use kerfs_tests::{
-    bin_path, content, erasure, expected_hash, flip_bits_in_chunk_files, hash_file, init_tracing,
-    layout_dir, replicated, write_stream, KerfsCluster, KerfsClusterOptions, MetaClusterOptions,
+    content, erasure, expected_hash, flip_bits_in_chunk_files, hash_file, init_tracing, kerfsctl,
+    kerfsctl_json, layout_dir, replicated, write_stream, KerfsCluster, KerfsClusterOptions,
+    MetaClusterOptions,
 };
 use tracing::info;
 
@@ -206,25 +207,6 @@ async fn check_every_replica(
     Ok(checked)
 }
 
-/// Runs `kerfsctl` against the test cluster and returns its standard output.
-fn kerfsctl(cluster: &KerfsCluster, args: &[&str]) -> Result<String> {
-    let out = std::process::Command::new(bin_path("kerfsctl")?)
-        .arg("--meta")
-        .arg(cluster.meta.addrs().join(","))
-        .arg("--key-file")
-        .arg(&cluster.meta.key_file)
-        .args(args)
-        .output()
-        .context("running kerfsctl")?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    ensure!(
-        out.status.success(),
-        "kerfsctl {args:?} failed: {}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(stdout)
-}
-
 // ---------------------------------------------------------------- 1. R=2, a server lost
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -281,15 +263,20 @@ async fn r2_lost_server_is_re_replicated_then_a_second_loss_reads_back() -> Resu
     // Once meta marks it down, kerfsctl shows its copies as missing (or already replaced).
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let out = kerfsctl(&cluster, &["status"])?;
-        let table = kerfsctl(&cluster, &["chunks", "/r2/f2"])?;
-        if table.contains("MISSING") || !out.contains("chunks under-replicated: 0") {
-            info!("kerfsctl during repair:\n{out}{table}");
+        let (code, status) = kerfsctl_json(&cluster, &["status"])?;
+        let (_, table) = kerfsctl(&cluster, &["chunks", "/r2/f2"])?;
+        let lacking = status["chunks"]["under_replicated"].as_u64().unwrap_or(0);
+        if table.contains("MISSING") || lacking > 0 {
+            ensure!(
+                code == 3 && status["health"] == "HEALTH_WARN",
+                "kerfsctl status during repair: exit {code}, {status:#}"
+            );
+            info!("kerfsctl during repair:\n{status:#}\n{table}");
             break;
         }
         ensure!(
             Instant::now() < deadline,
-            "kerfsctl never showed the loss:\n{out}{table}"
+            "kerfsctl never showed the loss:\n{status:#}\n{table}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -308,10 +295,10 @@ async fn r2_lost_server_is_re_replicated_then_a_second_loss_reads_back() -> Resu
         report.under_replicated == 0 && report.repaired_total >= held as u64,
         "repair queue after repair: {report:?}"
     );
-    let status = kerfsctl(&cluster, &["status"])?;
+    let (_, status) = kerfsctl_json(&cluster, &["status"])?;
     ensure!(
-        status.contains("chunks under-replicated: 0"),
-        "kerfsctl status does not show the repaired state:\n{status}"
+        status["chunks"]["under_replicated"] == 0,
+        "kerfsctl status does not show the repaired state:\n{status:#}"
     );
     // The metadata nodes' metrics say the same (refreshed every 2 s from applied state).
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -334,7 +321,7 @@ async fn r2_lost_server_is_re_replicated_then_a_second_loss_reads_back() -> Resu
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let queue = kerfsctl(
+    let (_, queue) = kerfsctl(
         &cluster,
         &["repair", "--now", "--wait", "--wait-secs", "30"],
     )?;
@@ -342,7 +329,7 @@ async fn r2_lost_server_is_re_replicated_then_a_second_loss_reads_back() -> Resu
         queue.contains("chunks under-replicated: 0"),
         "kerfsctl repair --now --wait:\n{queue}"
     );
-    let chunks = kerfsctl(&cluster, &["chunks", "/r2/f2"])?;
+    let (_, chunks) = kerfsctl(&cluster, &["chunks", "/r2/f2"])?;
     ensure!(
         !chunks.contains("MISSING") && !chunks.contains("UNDER-REPLICATED"),
         "kerfsctl chunks still shows missing copies:\n{chunks}"

@@ -695,6 +695,39 @@ pub fn expected_hash(seed: u8, size: u64) -> blake3::Hash {
     h.finalize()
 }
 
+/// Runs `kerfsctl ARGS` against `cluster`; returns its exit code and standard output
+/// (whatever the code: status answers with 3, 4 and 5 too).
+pub fn kerfsctl(cluster: &KerfsCluster, args: &[&str]) -> Result<(i32, String)> {
+    let out = Command::new(bin_path("kerfsctl")?)
+        .arg("--meta")
+        .arg(cluster.meta.addrs().join(","))
+        .arg("--key-file")
+        .arg(&cluster.meta.key_file)
+        .args(["--timeout", "5"])
+        .args(args)
+        .output()
+        .context("running kerfsctl")?;
+    let code = out.status.code().unwrap_or(-1);
+    if code == 1 || code == 2 {
+        bail!(
+            "kerfsctl {args:?} failed (exit {code}): {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    Ok((code, String::from_utf8_lossy(&out.stdout).into_owned()))
+}
+
+/// [`kerfsctl`] with `--json`, its output parsed.
+pub fn kerfsctl_json(cluster: &KerfsCluster, args: &[&str]) -> Result<(i32, serde_json::Value)> {
+    let mut with_json = vec!["--json"];
+    with_json.extend_from_slice(args);
+    let (code, out) = kerfsctl(cluster, &with_json)?;
+    let value = serde_json::from_str(&out)
+        .with_context(|| format!("kerfsctl {args:?} --json printed no JSON:\n{out}"))?;
+    Ok((code, value))
+}
+
 /// Panics (loudly: these tests must not be skipped) unless the process is root and FUSE
 /// mounts are possible.
 pub fn require_root_and_fuse() {

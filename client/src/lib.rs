@@ -7,7 +7,11 @@
 //!
 //! [`DataClient`] opens files; a [`FileHandle`] reads and writes their bytes on the chunk
 //! servers (write-behind, read-ahead, replica failover, erasure coding).
+//!
+//! [`admin`] answers an operator's questions (cluster health, chunk servers, where a file's
+//! copies are) as typed values that the admin CLI prints as text or JSON.
 
+pub mod admin;
 mod chunks;
 pub mod ec;
 mod error;

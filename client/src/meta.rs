@@ -103,6 +103,15 @@ pub struct MetaClient {
 impl MetaClient {
     /// Connects, registers a client session and keeps it renewed in the background.
     pub async fn connect(config: MetaClientConfig) -> ClientResult<MetaClient> {
+        let client = MetaClient::connect_lazily(config)?;
+        client.open_session().await?;
+        Ok(client)
+    }
+
+    /// A client that opens its session only with its first write: reads and node status
+    /// need none, so an admin command that only looks (`kerfsctl status`) writes nothing
+    /// to the cluster, and answers even while the metadata group has no leader.
+    pub fn connect_lazily(config: MetaClientConfig) -> ClientResult<MetaClient> {
         if config.addrs.is_empty() {
             return Err(ClientError::Config("no metadata address given".into()));
         }
@@ -110,22 +119,26 @@ impl MetaClient {
         for addr in &config.addrs {
             nodes.push(make_node(addr, &config)?);
         }
-        let inner = Arc::new(Inner {
-            config,
-            nodes: Mutex::new(nodes),
-            leader: AtomicUsize::new(0),
-            session: AsyncMutex::new(()),
-            client_id: AtomicU64::new(0),
-            next_seq: AtomicU64::new(1),
-            in_flight: Mutex::new(BTreeSet::new()),
-        });
-        let client = MetaClient {
-            inner,
+        Ok(MetaClient {
+            inner: Arc::new(Inner {
+                config,
+                nodes: Mutex::new(nodes),
+                leader: AtomicUsize::new(0),
+                session: AsyncMutex::new(()),
+                client_id: AtomicU64::new(0),
+                next_seq: AtomicU64::new(1),
+                in_flight: Mutex::new(BTreeSet::new()),
+            }),
             caller: current_caller(),
-        };
-        client.register(0).await?;
-        client.spawn_renewer();
-        Ok(client)
+        })
+    }
+
+    /// Registers this client's first session and keeps it renewed.
+    async fn open_session(&self) -> ClientResult<()> {
+        if self.register(0).await? {
+            self.spawn_renewer();
+        }
+        Ok(())
     }
 
     /// The same connection acting for another user (the FUSE layer passes each request's).
@@ -150,11 +163,12 @@ impl MetaClient {
         self.inner.client_id.load(Ordering::Relaxed)
     }
 
-    /// (Re-)registers a session unless another task already replaced `stale_id`.
-    async fn register(&self, stale_id: u64) -> ClientResult<()> {
+    /// (Re-)registers a session unless another task already replaced `stale_id`; says
+    /// whether this call did.
+    async fn register(&self, stale_id: u64) -> ClientResult<bool> {
         let _guard = self.inner.session.lock().await;
         if self.inner.client_id.load(Ordering::Relaxed) != stale_id {
-            return Ok(());
+            return Ok(false);
         }
         let cmd = Command {
             client_id: 0,
@@ -173,7 +187,7 @@ impl MetaClient {
         self.inner
             .client_id
             .store(reply.client_id, Ordering::Relaxed);
-        Ok(())
+        Ok(true)
     }
 
     fn spawn_renewer(&self) {
@@ -205,6 +219,11 @@ impl MetaClient {
     pub async fn write(&self, op: command::Op) -> ClientResult<Reply> {
         loop {
             let client_id = self.client_id();
+            if client_id == 0 {
+                // Connected lazily: the first write opens the session.
+                self.open_session().await?;
+                continue;
+            }
             // The seq is taken under the in-flight lock: taken outside it, a later seq could
             // be registered first and announce a floor above an earlier seq still on its way,
             // which the cluster would then refuse as a stale retry (EINVAL).

@@ -1,35 +1,62 @@
-//! `kerfsctl`: run a KerFS cluster — status of the metadata nodes, and namespace commands
-//! for scripts and demos (the mount is the everyday way in).
+//! `kerfsctl`: run a KerFS cluster. Each subcommand is one small function over a library
+//! call (`kerfs_client::admin` for what an operator asks, `MetaClient`/`DataClient` for the
+//! namespace and data commands) that returns what it found; `--json` prints that as JSON for
+//! scripts, otherwise it is printed for people. Exit codes mean something (see `EXIT_*`).
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use serde::Serialize;
 
-use kerfs_client::{DataClient, MetaClient, MetaClientConfig};
-use kerfs_proto::read_op;
+use kerfs_client::admin::{self, ClusterHealth, CopyState, FileChunks, Health};
+use kerfs_client::{ClientError, DataClient, MetaClient, MetaClientConfig};
+use kerfs_proto::{read_op, Attr, FileKind};
+
+/// The command failed (its message says why and what to do).
+const EXIT_FAILED: u8 = 1;
+/// `status`: HEALTH_WARN, redundancy missing but every byte readable.
+const EXIT_DEGRADED: u8 = 3;
+/// `status`: HEALTH_ERR, data unreadable or the metadata group without a leader.
+const EXIT_DATA_UNAVAILABLE: u8 = 4;
+/// No metadata node answered (any command): the cluster is unreachable from here.
+const EXIT_UNREACHABLE: u8 = 5;
 
 #[derive(Parser)]
-#[command(name = "kerfsctl", version, about = "Administer a KerFS cluster")]
+#[command(
+    name = "kerfsctl",
+    version,
+    about = "Administer a KerFS cluster",
+    after_help = "Exit codes: 0 success (status: HEALTH_OK); 1 the command failed; 2 bad \
+                  arguments; 3 status: HEALTH_WARN (degraded, all data readable); 4 status: \
+                  HEALTH_ERR (data unreadable or no metadata leader); 5 the metadata service \
+                  is unreachable."
+)]
 struct Cli {
     /// Metadata nodes: HOST:PORT[,HOST:PORT...] (default: $KERFS_META, then `meta` in
     /// ~/.config/kerfs/kerfs.toml or /etc/kerfs/kerfs.toml, then the `kerfsd dev` addresses).
-    #[arg(long)]
+    #[arg(long, global = true)]
     meta: Option<String>,
     /// Cluster key file (default: $KERFS_KEY_FILE, then the standard place).
-    #[arg(long)]
+    #[arg(long, global = true)]
     key_file: Option<PathBuf>,
     /// Give up after this many seconds without a leader.
-    #[arg(long, default_value_t = 15)]
+    #[arg(long, default_value_t = 15, global = true)]
     timeout: u64,
+    /// Print the result as JSON (one object) for scripts.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Cmd,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Raft state of every metadata node, and how many chunks lack copies.
+    /// The cluster at a glance: metadata leader and members, chunk servers, capacity,
+    /// chunks lacking copies, and a HEALTH_OK / HEALTH_WARN / HEALTH_ERR verdict (also the
+    /// exit code: 0, 3, 4; 5 when no metadata node answers).
     Status,
     /// List a directory.
     Ls { path: String },
@@ -66,8 +93,8 @@ enum Cmd {
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
-    /// The chunks of a file: version and placements (current, stale, or missing when the
-    /// server holding it is down).
+    /// The chunks of a file: version and copies (ok, stale, or missing when the server
+    /// holding it is down).
     Chunks { path: String },
     /// Show or set the data layout of a directory (inherited by new entries).
     Layout {
@@ -84,380 +111,569 @@ enum Cmd {
     },
 }
 
-fn main() -> Result<()> {
-    kerfs_cli::init_logging("warn");
-    let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(run(cli))
+/// What every command works with.
+struct Ctx {
+    client: MetaClient,
+    /// The metadata nodes given, each asked for its own status.
+    addrs: Vec<String>,
+    json: bool,
 }
 
-async fn run(cli: Cli) -> Result<()> {
+impl Ctx {
+    /// Prints `value` as JSON, or for people with `text`.
+    fn show<T: Serialize>(&self, value: &T, text: impl FnOnce(&T)) -> Result<()> {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(value)?);
+        } else {
+            text(value);
+        }
+        Ok(())
+    }
+}
+
+fn main() -> ExitCode {
+    kerfs_cli::init_logging("warn");
+    let cli = Cli::parse();
+    let json = cli.json;
+    let outcome = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run(cli)));
+    match outcome {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            let code = if e
+                .chain()
+                .any(|c| matches!(c.downcast_ref(), Some(ClientError::Unavailable { .. })))
+            {
+                EXIT_UNREACHABLE
+            } else {
+                EXIT_FAILED
+            };
+            if json {
+                let err = serde_json::json!({ "error": format!("{e:#}"), "exit_code": code });
+                println!("{err}");
+            }
+            eprintln!("kerfsctl: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// Runs the command; returns the exit code for a command that ran (status has several).
+async fn run(cli: Cli) -> Result<u8> {
     let key = kerfs_cli::client_key(cli.key_file.as_deref())?;
     let addrs = kerfs_cli::meta_addrs(cli.meta.as_deref())?;
     let mut config = MetaClientConfig::new(addrs.clone(), key);
     config.deadline = Duration::from_secs(cli.timeout);
     config.description = "kerfsctl".into();
-    let client = MetaClient::connect(config)
-        .await
-        .context("connecting to the metadata service")?;
+    // The session opens with the first write: commands that only look write nothing.
+    let client =
+        MetaClient::connect_lazily(config).context("connecting to the metadata service")?;
+    let ctx = Ctx {
+        client,
+        addrs,
+        json: cli.json,
+    };
     match cli.command {
-        Cmd::Status => {
-            println!(
-                "{:<4} {:<22} {:<10} {:>6} {:>9} {:>9} {:>9}  leader",
-                "id", "address", "role", "term", "commit", "applied", "log-from"
-            );
-            for addr in &addrs {
-                match client.node_status(addr).await {
-                    Ok(s) => println!(
-                        "{:<4} {:<22} {:<10} {:>6} {:>9} {:>9} {:>9}  {}",
-                        s.id,
-                        addr,
-                        s.role,
-                        s.term,
-                        s.commit_index,
-                        s.applied_index,
-                        s.first_index,
-                        s.leader_addr
-                    ),
-                    Err(e) => println!("?    {addr:<22} unreachable: {e}"),
-                }
-            }
-            match repair_report(&client, 0).await {
-                Ok(r) => println!(
-                    "chunks under-replicated: {} (repairing {}); repairs done {}, failed {}",
-                    r.under_replicated, r.repairing, r.repaired_total, r.failed_total
-                ),
-                Err(e) => println!("chunks under-replicated: unknown ({e})"),
-            }
-        }
+        Cmd::Status => return status(&ctx).await,
         Cmd::Repair {
             now,
             wait,
             wait_secs,
             limit,
-        } => {
-            if now {
-                kerfs_client::check(
-                    client
-                        .write(kerfs_proto::command::Op::RepairChunks(
-                            kerfs_proto::RepairChunks { rescan: true },
-                        ))
-                        .await?,
-                )
-                .context("asking for a repair pass")?;
-            }
-            let deadline = std::time::Instant::now() + Duration::from_secs(wait_secs);
-            loop {
-                let r = repair_report(&client, limit).await?;
-                if !wait || r.under_replicated == 0 {
-                    print_repair(&r);
-                    if wait && r.under_replicated > 0 {
-                        anyhow::bail!("chunks still lack copies");
-                    }
-                    break;
-                }
-                eprintln!(
-                    "{} chunks under-replicated, {} being repaired",
-                    r.under_replicated, r.repairing
-                );
-                if std::time::Instant::now() > deadline {
-                    print_repair(&r);
-                    anyhow::bail!(
-                        "{} chunks still lack copies after {wait_secs} s; see the notes above and the chunk servers' logs",
-                        r.under_replicated
-                    );
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-        Cmd::Chunks { path } => {
-            let attr = client.resolve(&path).await?;
-            let servers = kerfs_client::check(
-                client
-                    .read(read_op::Op::ListChunkServers(
-                        kerfs_proto::ListChunkServers {},
-                    ))
-                    .await?,
-            )?
-            .servers;
-            let state = |id: u64| {
-                servers
-                    .iter()
-                    .find(|s| s.info.as_ref().is_some_and(|i| i.id == id))
-                    .map(|s| s.state.clone())
-                    .unwrap_or_else(|| "unknown".into())
-            };
-            let reply = kerfs_client::check(
-                client
-                    .read(read_op::Op::GetChunks(kerfs_proto::GetChunks {
-                        ino: attr.ino,
-                        first_index: 0,
-                        count: 0,
-                    }))
-                    .await?,
-            )?;
-            let layout = reply.layout.unwrap_or_default();
-            let wanted = if layout.ec_data > 0 {
-                (layout.ec_data + layout.ec_parity) as usize
-            } else {
-                layout.replicas as usize
-            };
-            println!("{} ({})", path, show_layout(&layout));
-            for c in reply.chunks {
-                let mut good = 0;
-                let mut parts = Vec::new();
-                for p in &c.replicas {
-                    let st = state(p.server_id);
-                    let mark = if st != "up" && st != "draining" {
-                        format!("MISSING:server {st}")
-                    } else if !p.current {
-                        "STALE".to_string()
-                    } else {
-                        good += 1;
-                        "ok".to_string()
-                    };
-                    parts.push(format!(
-                        "{}{}@{}({}) {mark}",
-                        if layout.ec_data > 0 {
-                            format!("s{}:", p.shard_index)
-                        } else {
-                            String::new()
-                        },
-                        p.chunk_id,
-                        p.server_id,
-                        p.address
-                    ));
-                }
-                println!(
-                    "chunk {:>6} v{:<4} {good}/{wanted}{}  {}",
-                    c.index,
-                    c.version,
-                    if good < wanted {
-                        " UNDER-REPLICATED"
-                    } else {
-                        ""
-                    },
-                    parts.join(", ")
-                );
-            }
-        }
-        Cmd::Ls { path } => {
-            let dir = client.resolve(&path).await?;
-            for e in client.readdir_all(dir.ino).await? {
-                let attr = client.getattr(e.ino).await?;
-                println!(
-                    "{:>10} {:o} {:>5} {:>5} {:>12} {}",
-                    e.ino,
-                    attr.mode,
-                    attr.uid,
-                    attr.gid,
-                    attr.size,
-                    String::from_utf8_lossy(&e.name)
-                );
-            }
-        }
-        Cmd::Mkdir { path } => {
-            let (parent, name) = client.resolve_parent(&path).await?;
-            client.mkdir(parent.ino, name.as_bytes(), 0o755).await?;
-        }
-        Cmd::Touch { path } => {
-            let (parent, name) = client.resolve_parent(&path).await?;
-            client
-                .create_file(parent.ino, name.as_bytes(), 0o644)
-                .await?;
-        }
-        Cmd::Stat { path } => {
-            let a = client.resolve(&path).await?;
-            println!("{a:#?}");
-        }
-        Cmd::Rm { path } => {
-            let (parent, name) = client.resolve_parent(&path).await?;
-            let attr = client.lookup(parent.ino, name.as_bytes()).await?;
-            if attr.kind == kerfs_proto::FileKind::Directory as i32 {
-                client.rmdir(parent.ino, name.as_bytes()).await?;
-            } else {
-                client.unlink(parent.ino, name.as_bytes()).await?;
-            }
-        }
-        Cmd::Mv { from, to } => {
-            let (p1, n1) = client.resolve_parent(&from).await?;
-            let (p2, n2) = client.resolve_parent(&to).await?;
-            client
-                .rename(p1.ino, n1.as_bytes(), p2.ino, n2.as_bytes(), 0)
-                .await?;
-        }
-        Cmd::Df => {
-            let s = client.statfs().await?;
-            let gib = |blocks: u64| (blocks * s.block_size) as f64 / (1u64 << 30) as f64;
-            println!(
-                "size {:.1} GiB, free {:.1} GiB, available {:.1} GiB, files {} (free {})",
-                gib(s.blocks),
-                gib(s.blocks_free),
-                gib(s.blocks_avail),
-                s.files,
-                s.files_free
-            );
-        }
-        Cmd::Put { local, path } => {
-            use std::io::Read;
-            let (parent, name) = client.resolve_parent(&path).await?;
-            let data = DataClient::new(client.clone());
-            let file = data
-                .create(parent.ino, name.as_bytes(), 0o644, false)
-                .await?;
-            file.truncate(0).await?;
-            let mut src = std::fs::File::open(&local)
-                .with_context(|| format!("opening {}", local.display()))?;
-            let mut buf = vec![0u8; 4 << 20];
-            let mut offset = 0u64;
-            loop {
-                let n = src.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                file.write_at(offset, &buf[..n]).await?;
-                offset += n as u64;
-            }
-            file.close().await?;
-            println!("{offset} bytes -> {path}");
-        }
-        Cmd::Get { path, local } => {
-            use std::io::Write;
-            let attr = client.resolve(&path).await?;
-            let data = DataClient::new(client.clone());
-            let file = data.open(attr.ino, libc::O_RDONLY as u32).await?;
-            let mut out: Box<dyn Write> = if local.as_os_str() == "-" {
-                Box::new(std::io::stdout().lock())
-            } else {
-                Box::new(
-                    std::fs::File::create(&local)
-                        .with_context(|| format!("creating {}", local.display()))?,
-                )
-            };
-            let size = file.size();
-            let mut offset = 0u64;
-            while offset < size {
-                let chunk = file.read_at(offset, 4 << 20).await?;
-                if chunk.is_empty() {
-                    break;
-                }
-                out.write_all(&chunk)?;
-                offset += chunk.len() as u64;
-            }
-            out.flush()?;
-            file.close().await?;
-        }
-        Cmd::Nodes => {
-            let reply = kerfs_client::check(
-                client
-                    .read(read_op::Op::ListChunkServers(
-                        kerfs_proto::ListChunkServers {},
-                    ))
-                    .await?,
-            )?;
-            println!(
-                "{:<4} {:<22} {:<9} {:>12} {:>12} {:>12} {:>8}  domain",
-                "id", "address", "state", "capacity", "used", "allocated", "chunks"
-            );
-            for s in reply.servers {
-                let info = s.info.unwrap_or_default();
-                println!(
-                    "{:<4} {:<22} {:<9} {:>12} {:>12} {:>12} {:>8}  {}",
-                    info.id,
-                    info.address,
-                    s.state,
-                    human(info.capacity_bytes),
-                    human(info.used_bytes),
-                    human(s.allocated_bytes),
-                    info.chunk_count,
-                    info.failure_domain
-                );
-            }
-        }
+        } => repair(&ctx, now, wait.then_some(wait_secs), limit).await?,
+        Cmd::Chunks { path } => chunks(&ctx, &path).await?,
+        Cmd::Ls { path } => ls(&ctx, &path).await?,
+        Cmd::Mkdir { path } => mkdir(&ctx, &path).await?,
+        Cmd::Touch { path } => touch(&ctx, &path).await?,
+        Cmd::Stat { path } => stat(&ctx, &path).await?,
+        Cmd::Rm { path } => rm(&ctx, &path).await?,
+        Cmd::Mv { from, to } => mv(&ctx, &from, &to).await?,
+        Cmd::Df => df(&ctx).await?,
+        Cmd::Put { local, path } => put(&ctx, &local, &path).await?,
+        Cmd::Get { path, local } => get(&ctx, &path, &local).await?,
+        Cmd::Nodes => nodes(&ctx).await?,
         Cmd::Layout {
             path,
             replicas,
             ec,
             chunk_size,
-        } => {
-            let dir = client.resolve(&path).await?;
-            let current = kerfs_client::check(
-                client
-                    .read(read_op::Op::GetChunks(kerfs_proto::GetChunks {
-                        ino: dir.ino,
-                        first_index: 0,
-                        count: 1,
-                    }))
-                    .await?,
-            )?
-            .layout
-            .unwrap_or_default();
-            if replicas.is_none() && ec.is_none() && chunk_size.is_none() {
-                println!("{}", show_layout(&current));
-                return Ok(());
-            }
-            let mut layout = current;
-            if let Some(r) = replicas {
-                layout.replicas = r;
-                layout.ec_data = 0;
-                layout.ec_parity = 0;
-            }
-            if let Some(ec) = ec {
-                let (k, m) = ec.split_once('+').context("--ec takes K+M, e.g. 4+2")?;
-                layout.ec_data = k.parse().context("--ec K is not a number")?;
-                layout.ec_parity = m.parse().context("--ec M is not a number")?;
-            }
-            if let Some(size) = chunk_size {
-                layout.chunk_size = parse_size(&size)?;
-            }
-            let layout = client.set_layout(dir.ino, layout).await?;
-            println!("{}", show_layout(&layout));
-        }
+        } => layout(&ctx, &path, replicas, ec, chunk_size).await?,
     }
-    Ok(())
+    Ok(0)
 }
 
-async fn repair_report(client: &MetaClient, limit: u32) -> Result<kerfs_proto::RepairReport> {
-    Ok(kerfs_client::check(
-        client
-            .read(read_op::Op::RepairStatus(kerfs_proto::RepairStatus {
-                limit: limit.max(1),
+// ------------------------------------------------------------------ cluster
+
+async fn status(ctx: &Ctx) -> Result<u8> {
+    let h = admin::cluster_health(&ctx.client, &ctx.addrs).await;
+    ctx.show(&h, print_status)?;
+    Ok(if h.meta.iter().all(|m| m.error.is_some()) {
+        EXIT_UNREACHABLE
+    } else {
+        match h.health {
+            Health::Ok => 0,
+            Health::Warn => EXIT_DEGRADED,
+            Health::Err => EXIT_DATA_UNAVAILABLE,
+        }
+    })
+}
+
+fn print_status(h: &ClusterHealth) {
+    println!("health: {}", h.health.label());
+    for p in &h.problems {
+        println!("        {p}");
+    }
+    let answering = h.meta.iter().filter(|m| m.error.is_none()).count();
+    match h.leader {
+        Some(id) => println!(
+            "meta:   leader {id}, {answering} of {} members answer",
+            h.meta.len()
+        ),
+        None => println!(
+            "meta:   no leader, {answering} of {} members answer",
+            h.meta.len()
+        ),
+    }
+    println!(
+        "        {:<4} {:<22} {:<10} {:>6} {:>9} {:>9} {:>9}",
+        "id", "address", "role", "term", "commit", "applied", "log-from"
+    );
+    for m in &h.meta {
+        match (&m.error, m.id) {
+            (None, Some(id)) => println!(
+                "        {:<4} {:<22} {:<10} {:>6} {:>9} {:>9} {:>9}",
+                id, m.address, m.role, m.term, m.commit_index, m.applied_index, m.first_index
+            ),
+            (err, _) => println!(
+                "        ?    {:<22} unreachable: {}",
+                m.address,
+                err.as_deref().unwrap_or_default()
+            ),
+        }
+    }
+    let count = |state: &str| h.chunk_servers.iter().filter(|s| s.state == state).count();
+    println!(
+        "chunks: {} servers: {} up, {} down, {} draining; {} of {} used",
+        h.chunk_servers.len(),
+        count("up"),
+        count("down"),
+        count("draining"),
+        human(h.used_bytes),
+        human(h.capacity_bytes)
+    );
+    match &h.chunks {
+        Some(c) => println!(
+            "        {} under-replicated ({} being repaired, {} unreadable); repairs done {}, failed {}",
+            c.under_replicated, c.repairing, c.unreadable, c.repaired_total, c.failed_total
+        ),
+        None => println!("        chunk health unknown (no metadata leader to ask)"),
+    }
+}
+
+async fn nodes(ctx: &Ctx) -> Result<()> {
+    let servers = admin::chunk_servers(&ctx.client).await?;
+    ctx.show(&servers, |servers| {
+        println!(
+            "{:<4} {:<22} {:<9} {:>12} {:>12} {:>12} {:>8}  domain",
+            "id", "address", "state", "capacity", "used", "allocated", "chunks"
+        );
+        for s in servers {
+            println!(
+                "{:<4} {:<22} {:<9} {:>12} {:>12} {:>12} {:>8}  {}",
+                s.id,
+                s.address,
+                s.state,
+                human(s.capacity_bytes),
+                human(s.used_bytes),
+                human(s.allocated_bytes),
+                s.chunks,
+                s.failure_domain
+            );
+        }
+    })
+}
+
+/// The repair queue as JSON: the counts and the chunks listed.
+#[derive(Serialize)]
+struct RepairView {
+    #[serde(flatten)]
+    health: admin::ChunkHealth,
+    chunks: Vec<UnderReplicatedView>,
+}
+
+#[derive(Serialize)]
+struct UnderReplicatedView {
+    ino: u64,
+    index: u64,
+    good: u32,
+    wanted: u32,
+    /// The server copying it, when a repair task is out.
+    target_server: Option<u64>,
+    note: String,
+}
+
+async fn repair_view(ctx: &Ctx, limit: u32) -> Result<RepairView> {
+    let (health, report) = admin::repair_report(&ctx.client, limit).await?;
+    Ok(RepairView {
+        health,
+        chunks: report
+            .chunks
+            .into_iter()
+            .map(|c| UnderReplicatedView {
+                ino: c.ino,
+                index: c.index,
+                good: c.good,
+                wanted: c.wanted,
+                target_server: c.task.map(|t| t.target_server),
+                note: c.note,
+            })
+            .collect(),
+    })
+}
+
+async fn repair(ctx: &Ctx, now: bool, wait_secs: Option<u64>, limit: u32) -> Result<()> {
+    if now {
+        kerfs_client::check(
+            ctx.client
+                .write(kerfs_proto::command::Op::RepairChunks(
+                    kerfs_proto::RepairChunks { rescan: true },
+                ))
+                .await?,
+        )
+        .context("asking for a repair pass")?;
+    }
+    let deadline = wait_secs.map(|s| (s, std::time::Instant::now() + Duration::from_secs(s)));
+    loop {
+        let r = repair_view(ctx, limit).await?;
+        let lacking = r.health.under_replicated;
+        match deadline {
+            Some((secs, at)) if lacking > 0 => {
+                if std::time::Instant::now() > at {
+                    ctx.show(&r, print_repair)?;
+                    anyhow::bail!(
+                        "{lacking} chunks still lack copies after {secs} s; see the notes above and the chunk servers' logs"
+                    );
+                }
+                eprintln!(
+                    "{lacking} chunks under-replicated, {} being repaired",
+                    r.health.repairing
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            _ => return ctx.show(&r, print_repair),
+        }
+    }
+}
+
+fn print_repair(r: &RepairView) {
+    let h = &r.health;
+    println!(
+        "chunks under-replicated: {} (repairing {}, unreadable {}); repairs done {}, failed {}",
+        h.under_replicated, h.repairing, h.unreadable, h.repaired_total, h.failed_total
+    );
+    for c in &r.chunks {
+        let task = match c.target_server {
+            Some(t) => format!("being copied to server {t}"),
+            None => "waiting".to_string(),
+        };
+        let note = if c.note.is_empty() {
+            String::new()
+        } else {
+            format!("; {}", c.note)
+        };
+        println!(
+            "  inode {} chunk {}: {}/{} good; {task}{note}",
+            c.ino, c.index, c.good, c.wanted
+        );
+    }
+}
+
+async fn chunks(ctx: &Ctx, path: &str) -> Result<()> {
+    let f = admin::file_chunks(&ctx.client, path).await?;
+    ctx.show(&f, print_chunks)
+}
+
+fn print_chunks(f: &FileChunks) {
+    println!("{} ({})", f.path, f.layout);
+    for c in &f.chunks {
+        let copies: Vec<String> = c
+            .copies
+            .iter()
+            .map(|p| {
+                let mark = match p.state {
+                    CopyState::Ok => "ok".to_string(),
+                    CopyState::Stale => "STALE".to_string(),
+                    CopyState::Missing => format!("MISSING:server {}", p.server_state),
+                };
+                let shard = p.shard_index.map(|s| format!("s{s}:")).unwrap_or_default();
+                format!(
+                    "{shard}{}@{}({}) {mark}",
+                    p.chunk_id, p.server_id, p.address
+                )
+            })
+            .collect();
+        println!(
+            "chunk {:>6} v{:<4} {}/{}{}  {}",
+            c.index,
+            c.version,
+            c.good,
+            c.wanted,
+            if c.good < c.wanted {
+                " UNDER-REPLICATED"
+            } else {
+                ""
+            },
+            copies.join(", ")
+        );
+    }
+}
+
+async fn df(ctx: &Ctx) -> Result<()> {
+    let s = ctx.client.statfs().await?;
+    #[derive(Serialize)]
+    struct Df {
+        size_bytes: u64,
+        free_bytes: u64,
+        available_bytes: u64,
+        files: u64,
+        files_free: u64,
+    }
+    let df = Df {
+        size_bytes: s.blocks * s.block_size,
+        free_bytes: s.blocks_free * s.block_size,
+        available_bytes: s.blocks_avail * s.block_size,
+        files: s.files,
+        files_free: s.files_free,
+    };
+    ctx.show(&df, |d| {
+        println!(
+            "size {}, free {}, available {}, files {} (free {})",
+            human(d.size_bytes),
+            human(d.free_bytes),
+            human(d.available_bytes),
+            d.files,
+            d.files_free
+        )
+    })
+}
+
+async fn layout(
+    ctx: &Ctx,
+    path: &str,
+    replicas: Option<u32>,
+    ec: Option<String>,
+    chunk_size: Option<String>,
+) -> Result<()> {
+    let dir = ctx.client.resolve(path).await?;
+    let mut layout = kerfs_client::check(
+        ctx.client
+            .read(read_op::Op::GetChunks(kerfs_proto::GetChunks {
+                ino: dir.ino,
+                first_index: 0,
+                count: 1,
             }))
             .await?,
     )?
-    .repair
-    .unwrap_or_default())
+    .layout
+    .unwrap_or_default();
+    if replicas.is_some() || ec.is_some() || chunk_size.is_some() {
+        if let Some(r) = replicas {
+            layout.replicas = r;
+            layout.ec_data = 0;
+            layout.ec_parity = 0;
+        }
+        if let Some(ec) = ec {
+            let (k, m) = ec.split_once('+').context("--ec takes K+M, e.g. 4+2")?;
+            layout.ec_data = k.parse().context("--ec K is not a number")?;
+            layout.ec_parity = m.parse().context("--ec M is not a number")?;
+        }
+        if let Some(size) = chunk_size {
+            layout.chunk_size = parse_size(&size)?;
+        }
+        layout = ctx.client.set_layout(dir.ino, layout).await?;
+    }
+    #[derive(Serialize)]
+    struct LayoutView {
+        path: String,
+        replicas: u32,
+        ec_data: u32,
+        ec_parity: u32,
+        chunk_size: u64,
+        description: String,
+    }
+    let view = LayoutView {
+        path: path.to_string(),
+        replicas: layout.replicas,
+        ec_data: layout.ec_data,
+        ec_parity: layout.ec_parity,
+        chunk_size: layout.chunk_size,
+        description: admin::describe_layout(&layout),
+    };
+    ctx.show(&view, |v| println!("{}", v.description))
 }
 
-fn print_repair(r: &kerfs_proto::RepairReport) {
-    println!(
-        "chunks under-replicated: {} (repairing {}); repairs done {}, failed {}",
-        r.under_replicated, r.repairing, r.repaired_total, r.failed_total
-    );
-    for c in &r.chunks {
-        let task = match &c.task {
-            Some(t) => format!(
-                "task {}: server {} copies chunk id {} v{} (replacing server {})",
-                t.task_id, t.target_server, t.chunk_id, t.version, t.old_server
-            ),
-            None => "waiting".to_string(),
-        };
+// ------------------------------------------------------------------ namespace and data
+
+/// A path's attributes, as `stat`, `ls` and the creating commands print them.
+#[derive(Serialize)]
+struct Entry {
+    name: String,
+    ino: u64,
+    kind: &'static str,
+    mode: String,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    nlink: u32,
+    mtime: i64,
+}
+
+impl Entry {
+    fn of(name: &str, a: &Attr) -> Entry {
+        Entry {
+            name: name.to_string(),
+            ino: a.ino,
+            kind: match FileKind::try_from(a.kind) {
+                Ok(FileKind::Directory) => "directory",
+                Ok(FileKind::Symlink) => "symlink",
+                Ok(FileKind::Fifo) => "fifo",
+                Ok(FileKind::Socket) => "socket",
+                Ok(FileKind::CharDevice) => "char-device",
+                Ok(FileKind::BlockDevice) => "block-device",
+                _ => "file",
+            },
+            mode: format!("{:04o}", a.mode & 0o7777),
+            uid: a.uid,
+            gid: a.gid,
+            size: a.size,
+            nlink: a.nlink,
+            mtime: a.mtime.as_ref().map(|t| t.sec).unwrap_or_default(),
+        }
+    }
+
+    fn print(&self) {
         println!(
-            "  inode {} chunk {}: {}/{} good; {task}{}",
-            c.ino,
-            c.index,
-            c.good,
-            c.wanted,
-            if c.note.is_empty() {
-                String::new()
-            } else {
-                format!("; {}", c.note)
-            }
+            "{:>10} {:<9} {} {:>5} {:>5} {:>12} {}",
+            self.ino, self.kind, self.mode, self.uid, self.gid, self.size, self.name
         );
     }
+}
+
+async fn ls(ctx: &Ctx, path: &str) -> Result<()> {
+    let dir = ctx.client.resolve(path).await?;
+    let mut entries = Vec::new();
+    for e in ctx.client.readdir_all(dir.ino).await? {
+        let attr = ctx.client.getattr(e.ino).await?;
+        entries.push(Entry::of(&String::from_utf8_lossy(&e.name), &attr));
+    }
+    ctx.show(&entries, |entries| entries.iter().for_each(Entry::print))
+}
+
+async fn stat(ctx: &Ctx, path: &str) -> Result<()> {
+    let a = ctx.client.resolve(path).await?;
+    ctx.show(&Entry::of(path, &a), Entry::print)
+}
+
+async fn mkdir(ctx: &Ctx, path: &str) -> Result<()> {
+    let (parent, name) = ctx.client.resolve_parent(path).await?;
+    let a = ctx.client.mkdir(parent.ino, name.as_bytes(), 0o755).await?;
+    ctx.show(&Entry::of(path, &a), |_| {})
+}
+
+async fn touch(ctx: &Ctx, path: &str) -> Result<()> {
+    let (parent, name) = ctx.client.resolve_parent(path).await?;
+    let a = ctx
+        .client
+        .create_file(parent.ino, name.as_bytes(), 0o644)
+        .await?;
+    ctx.show(&Entry::of(path, &a), |_| {})
+}
+
+async fn rm(ctx: &Ctx, path: &str) -> Result<()> {
+    let (parent, name) = ctx.client.resolve_parent(path).await?;
+    let attr = ctx.client.lookup(parent.ino, name.as_bytes()).await?;
+    if attr.kind == FileKind::Directory as i32 {
+        ctx.client.rmdir(parent.ino, name.as_bytes()).await?;
+    } else {
+        ctx.client.unlink(parent.ino, name.as_bytes()).await?;
+    }
+    ctx.show(&serde_json::json!({ "removed": path }), |_| {})
+}
+
+async fn mv(ctx: &Ctx, from: &str, to: &str) -> Result<()> {
+    let (p1, n1) = ctx.client.resolve_parent(from).await?;
+    let (p2, n2) = ctx.client.resolve_parent(to).await?;
+    ctx.client
+        .rename(p1.ino, n1.as_bytes(), p2.ino, n2.as_bytes(), 0)
+        .await?;
+    ctx.show(&serde_json::json!({ "from": from, "to": to }), |_| {})
+}
+
+async fn put(ctx: &Ctx, local: &std::path::Path, path: &str) -> Result<()> {
+    use std::io::Read;
+    let (parent, name) = ctx.client.resolve_parent(path).await?;
+    let data = DataClient::new(ctx.client.clone());
+    let file = data
+        .create(parent.ino, name.as_bytes(), 0o644, false)
+        .await?;
+    file.truncate(0).await?;
+    let mut src =
+        std::fs::File::open(local).with_context(|| format!("opening {}", local.display()))?;
+    let mut buf = vec![0u8; 4 << 20];
+    let mut offset = 0u64;
+    loop {
+        let n = src.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        file.write_at(offset, &buf[..n]).await?;
+        offset += n as u64;
+    }
+    file.close().await?;
+    ctx.show(
+        &serde_json::json!({ "path": path, "bytes": offset }),
+        |_| println!("{offset} bytes -> {path}"),
+    )
+}
+
+async fn get(ctx: &Ctx, path: &str, local: &std::path::Path) -> Result<()> {
+    use std::io::Write;
+    let attr = ctx.client.resolve(path).await?;
+    let data = DataClient::new(ctx.client.clone());
+    let file = data.open(attr.ino, libc::O_RDONLY as u32).await?;
+    let to_stdout = local.as_os_str() == "-";
+    let mut out: Box<dyn Write> = if to_stdout {
+        Box::new(std::io::stdout().lock())
+    } else {
+        Box::new(
+            std::fs::File::create(local)
+                .with_context(|| format!("creating {}", local.display()))?,
+        )
+    };
+    let size = file.size();
+    let mut offset = 0u64;
+    while offset < size {
+        let chunk = file.read_at(offset, 4 << 20).await?;
+        if chunk.is_empty() {
+            break;
+        }
+        out.write_all(&chunk)?;
+        offset += chunk.len() as u64;
+    }
+    out.flush()?;
+    drop(out);
+    file.close().await?;
+    if to_stdout {
+        return Ok(()); // the bytes are the output
+    }
+    ctx.show(
+        &serde_json::json!({ "path": path, "bytes": offset }),
+        |_| {},
+    )
 }
 
 fn human(bytes: u64) -> String {
@@ -494,13 +710,4 @@ fn parse_size(text: &str) -> Result<u64> {
         .parse()
         .with_context(|| format!("{text:?} is not a size"))?;
     Ok(n * mult)
-}
-
-fn show_layout(l: &kerfs_proto::Layout) -> String {
-    let scheme = if l.ec_data > 0 {
-        format!("erasure-coded {}+{}", l.ec_data, l.ec_parity)
-    } else {
-        format!("{} replicas", l.replicas)
-    };
-    format!("{scheme}, chunk size {}", human(l.chunk_size))
 }

@@ -65,6 +65,15 @@ pub fn copies(l: &Layout) -> usize {
     }
 }
 
+/// Good copies a chunk needs to be read at all: one replica, or k shards.
+pub fn readable_with(l: &Layout) -> usize {
+    if l.ec_data == 0 {
+        1
+    } else {
+        l.ec_data as usize
+    }
+}
+
 /// Bytes one placement of a chunk takes on its server (a shard is 1/k of the chunk).
 pub fn placement_bytes(l: &Layout) -> u64 {
     if l.ec_data == 0 {

@@ -35,8 +35,8 @@ use prost::Message;
 
 use super::chunks::{
     addresses, all_servers, chunk_key, copies, delete_key, layout_of, load_server, placement_bytes,
-    queue_delete, server_id, store_server, with_addresses, writable_handle, STATE_DRAINING,
-    STATE_UP,
+    queue_delete, readable_with, server_id, store_server, with_addresses, writable_handle,
+    STATE_DRAINING, STATE_UP,
 };
 use super::records::{self as rec, ChunkOwner, ChunkRec};
 use super::{Ctx, Fail, R};
@@ -736,12 +736,16 @@ pub fn status(state: &dyn KvRead, r: &RepairStatus) -> R<Reply> {
             let Some(c) = rec::get::<ChunkRec>(state, &chunk_key(ino, index))? else {
                 continue;
             };
-            let wanted = copies(&layout_of(state, ino)?);
+            let layout = layout_of(state, ino)?;
+            let wanted = copies(&layout);
             let good = good_count(&c, &states);
             if good >= wanted {
                 continue; // healthy again; the next tick forgets it
             }
             report.under_replicated += 1;
+            if good < readable_with(&layout) {
+                report.unreadable += 1;
+            }
             if u.task.is_some() {
                 report.repairing += 1;
             }
