@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -31,32 +31,48 @@ enum Cmd {
     Dev(DevArgs),
 }
 
-#[derive(Args)]
+#[derive(Args, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ChunkArgs {
+    /// TOML file with any of these settings (flags win): meta, listen, advertise, data,
+    /// failure_domain, key_file, metrics, heartbeat_secs.
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
     /// Metadata nodes: HOST:PORT[,HOST:PORT...]
     #[arg(long)]
-    meta: String,
+    meta: Option<String>,
     /// Address to listen on, e.g. 127.0.0.1:7201.
     #[arg(long)]
-    listen: SocketAddr,
+    listen: Option<SocketAddr>,
     /// Address clients and peers dial (default: --listen).
     #[arg(long)]
     advertise: Option<String>,
     /// Data directory: chunk files and their checksums (created 0700).
     #[arg(long)]
-    data: PathBuf,
+    data: Option<PathBuf>,
     /// Failure domain (rack, host): replicas of a chunk go to distinct domains.
-    #[arg(long, default_value = "")]
-    failure_domain: String,
+    #[arg(long)]
+    failure_domain: Option<String>,
     /// Cluster key file (default: $KERFS_KEY_FILE, then the standard place).
     #[arg(long)]
     key_file: Option<PathBuf>,
     /// Address of the Prometheus text endpoint.
     #[arg(long)]
     metrics: Option<SocketAddr>,
-    /// Seconds between heartbeats to the metadata service.
-    #[arg(long, default_value_t = 2)]
-    heartbeat_secs: u64,
+    /// Seconds between heartbeats to the metadata service (default 2).
+    #[arg(long)]
+    heartbeat_secs: Option<u64>,
+}
+
+/// The settings of `--config FILE` (every key optional; the flags win over them).
+fn config_file<T: Default + serde::de::DeserializeOwned>(path: Option<&Path>) -> Result<T> {
+    let Some(path) = path else {
+        return Ok(T::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
 }
 
 #[derive(Args, Default, Deserialize)]
@@ -158,15 +174,7 @@ fn parse_peers(list: &str) -> Result<BTreeMap<u64, String>> {
 }
 
 fn run_meta(flags: MetaArgs) -> Result<()> {
-    let file: MetaArgs = match &flags.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading config file {}", path.display()))?;
-            toml::from_str(&text)
-                .with_context(|| format!("parsing config file {}", path.display()))?
-        }
-        None => MetaArgs::default(),
-    };
+    let file: MetaArgs = config_file(flags.config.as_deref())?;
     let id = flags
         .id
         .or(file.id)
@@ -218,7 +226,48 @@ fn run_meta(flags: MetaArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_chunk(args: ChunkArgs) -> Result<()> {
+/// `kerfsd chunk`'s settings once flags and the config file are merged.
+struct ChunkSettings {
+    meta: String,
+    listen: SocketAddr,
+    advertise: Option<String>,
+    data: PathBuf,
+    failure_domain: String,
+    key_file: Option<PathBuf>,
+    metrics: Option<SocketAddr>,
+    heartbeat_secs: u64,
+}
+
+impl ChunkSettings {
+    fn from(flags: ChunkArgs) -> Result<ChunkSettings> {
+        let file: ChunkArgs = config_file(flags.config.as_deref())?;
+        Ok(ChunkSettings {
+            meta: flags
+                .meta
+                .or(file.meta)
+                .ok_or_else(|| anyhow!("--meta is required"))?,
+            listen: flags
+                .listen
+                .or(file.listen)
+                .ok_or_else(|| anyhow!("--listen is required"))?,
+            advertise: flags.advertise.or(file.advertise),
+            data: flags
+                .data
+                .or(file.data)
+                .ok_or_else(|| anyhow!("--data is required"))?,
+            failure_domain: flags
+                .failure_domain
+                .or(file.failure_domain)
+                .unwrap_or_default(),
+            key_file: flags.key_file.or(file.key_file),
+            metrics: flags.metrics.or(file.metrics),
+            heartbeat_secs: flags.heartbeat_secs.or(file.heartbeat_secs).unwrap_or(2),
+        })
+    }
+}
+
+fn run_chunk(flags: ChunkArgs) -> Result<()> {
+    let args = ChunkSettings::from(flags)?;
     let (key, key_path) = kerfs_cli::daemon_key(args.key_file.as_deref())?;
     let cluster_id = key.cluster_id();
     let known = kerfs_storage::read_identity(&args.data)
