@@ -22,7 +22,9 @@ pub const MAGIC: &[u8; 8] = b"KRGGHOST";
 /// Last bytes of every ghost image.
 pub const END_MAGIC: &[u8; 8] = b"KRGGEND\0";
 /// Format version written by this crate; images with a higher version are refused.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 records how every fd is restored ([`Fd::restore`]); version 1 images are still
+/// read, their fds taken the way version 1 restored them ([`Fd::restore_method`]).
+pub const FORMAT_VERSION: u32 = 2;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 32;
 /// Size of the trailer.
@@ -283,20 +285,40 @@ pub struct Rseq {
     pub sig: u32,
 }
 
-/// What an fd refers to.
+/// What an fd refers to (informational since format 2: [`Fd::restore`] says how it comes back).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
 #[repr(i32)]
 pub enum FdKind {
-    /// Something reopened by path: regular file, directory, /dev/null, other device.
+    /// A file, directory or device named by a path.
     Path = 0,
-    /// A terminal: reopened by path, or the restorer's own terminal.
+    /// A terminal.
     Tty = 1,
-    /// A pipe: must be handed in by the restorer (inherit).
+    /// A pipe.
     Pipe = 2,
-    /// A socket: must be handed in by the restorer (inherit).
+    /// A socket.
     Socket = 3,
-    /// Anything else (eventfd, epoll...): must be handed in.
+    /// Anything else (eventfd, epoll, a deleted file...).
     Other = 4,
+}
+
+/// How a restart rebuilds an fd. Export decides it for every fd (or refuses the checkpoint,
+/// see `restorable.rs`) and import does exactly what is recorded: no second opinion that
+/// could disagree with the first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
+#[repr(i32)]
+pub enum FdRestore {
+    /// Not recorded: a version 1 image (see [`Fd::restore_method`]); refused in version 2.
+    Unrecorded = 0,
+    /// Reopened by `path` with `flags` at offset `pos`.
+    Reopen = 1,
+    /// Opened on /dev/null with the recorded access mode (`krg checkpoint --drop FD`).
+    DevNull = 2,
+    /// Handed in by whoever restarts the process (`krg checkpoint --external FD`, then
+    /// `krg restart --inherit-fd FD=KRG_FD`); a restart without it is refused.
+    External = 3,
+    /// fd 0, 1 or 2 connected to a pipe, socket or terminal: the restorer's own fd of the same
+    /// number takes its place, as for a shell job (or one handed in).
+    CallerStdio = 4,
 }
 
 /// One open file descriptor.
@@ -317,6 +339,37 @@ pub struct Fd {
     /// File offset.
     #[prost(int64, tag = "5")]
     pub pos: i64,
+    /// How a restart rebuilds it (format 2 on).
+    #[prost(enumeration = "FdRestore", tag = "6")]
+    pub restore: i32,
+}
+
+impl Fd {
+    /// How a restart rebuilds this fd. Images of format 1 did not record it: their pipes,
+    /// sockets and other fds had to be handed in (or, for fds 0-2, were replaced by the
+    /// restorer's own), files and terminals were reopened; that is what is returned for them.
+    pub fn restore_method(&self, format_version: u32) -> Result<FdRestore> {
+        let recorded = FdRestore::try_from(self.restore).map_err(|_| {
+            GhostError::BadImage(format!(
+                "fd {} has an unknown restore method {}: restore it with a newer krg",
+                self.fd, self.restore
+            ))
+        })?;
+        if recorded != FdRestore::Unrecorded {
+            return Ok(recorded);
+        }
+        if format_version >= 2 {
+            return Err(GhostError::BadImage(format!(
+                "fd {} ({}) records no restore method",
+                self.fd, self.path
+            )));
+        }
+        Ok(match FdKind::try_from(self.kind).unwrap_or(FdKind::Other) {
+            FdKind::Path | FdKind::Tty => FdRestore::Reopen,
+            _ if self.fd <= 2 => FdRestore::CallerStdio,
+            _ => FdRestore::External,
+        })
+    }
 }
 
 /// One resource limit.
@@ -584,6 +637,8 @@ impl<'a> ImageWriter<'a> {
 pub struct LoadedImage {
     /// The metadata.
     pub meta: ProcessImage,
+    /// Format version from the header (older versions are read, see [`FORMAT_VERSION`]).
+    pub format_version: u32,
     bytes: Storage,
     pages_off: usize,
     pages_len: usize,
@@ -668,7 +723,7 @@ pub fn load(r: &mut dyn GhostReader) -> Result<LoadedImage> {
             // A local file is mapped rather than read: no copy and no page faults on a fresh
             // buffer, page-cache pages are used in place (the restore writes from them).
             if let Some(m) = Mapped::of(f, total) {
-                return finish_load(r, Storage::Map(m), meta_len, pages_len);
+                return finish_load(r, Storage::Map(m), version, meta_len, pages_len);
             }
         }
     }
@@ -697,13 +752,14 @@ pub fn load(r: &mut dyn GhostReader) -> Result<LoadedImage> {
             r.describe()
         )));
     }
-    finish_load(r, Storage::Vec(bytes), meta_len, pages_len)
+    finish_load(r, Storage::Vec(bytes), version, meta_len, pages_len)
 }
 
 /// Checks end marker and checksum and decodes the metadata of a fully read image.
 fn finish_load(
     r: &dyn GhostReader,
     storage: Storage,
+    version: u32,
     meta_len: u64,
     pages_len: u64,
 ) -> Result<LoadedImage> {
@@ -761,6 +817,7 @@ fn finish_load(
     }
     Ok(LoadedImage {
         meta,
+        format_version: version,
         bytes: storage,
         pages_off: meta_end,
         pages_len: pages_len as usize,

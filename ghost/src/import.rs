@@ -14,7 +14,7 @@ use std::os::unix::fs::MetadataExt;
 
 use crate::compat;
 use crate::error::{GhostError, Result};
-use crate::image::{self, FdKind, LoadedImage, MapKind, Mapping};
+use crate::image::{self, FdRestore, LoadedImage, MapKind, Mapping};
 use crate::procfs;
 use crate::rao::GhostReader;
 use crate::sys::{self, ProcMem, Remote};
@@ -38,10 +38,11 @@ pub struct ImportOptions {
     /// PID policy.
     pub pid: PidChoice,
     /// Descriptors handed in by the caller: (fd number in the image, fd of the caller). Needed
-    /// for pipes and sockets, which cannot be reopened by name. The caller keeps its fd.
+    /// for the fds recorded as external at export ([`crate::FdChoice::External`]); one given
+    /// for any other fd of the image replaces it. The caller keeps its fd.
     pub inherit_fds: Vec<(i32, RawFd)>,
-    /// fds 0-2 that cannot be reopened (pipes, sockets, vanished terminals) take the caller's
-    /// own 0-2 instead of failing the restore (like a shell job).
+    /// fds 0-2 recorded as the caller's stdio (pipes, sockets, terminals) take the caller's
+    /// own 0-2, like a shell job; without this they must be handed in.
     pub stdio_fallback: bool,
 }
 
@@ -70,8 +71,22 @@ pub fn import_process(r: &mut dyn GhostReader, opts: &ImportOptions) -> Result<I
     import_image(&img, opts)
 }
 
-/// Imports an image already read with [`crate::load_image`].
-pub fn import_image(img: &LoadedImage, opts: &ImportOptions) -> Result<ImportReport> {
+/// Checks everything [`import_image`] checks before it creates a process (host
+/// compatibility, mapped files, every fd: external ones handed in, files reopenable), so that
+/// a caller can refuse a restart before it creates anything of its own (`krg restart` forks
+/// a PID namespace init first).
+pub fn check_import(img: &LoadedImage, opts: &ImportOptions) -> Result<()> {
+    preflight(img, opts).map(|_| ())
+}
+
+/// What [`preflight`] prepared for the restore.
+struct Prepared {
+    regs0: sys::Regs,
+    mm: image::MmFields,
+    fdplan: Vec<FdPlan>,
+}
+
+fn preflight(img: &LoadedImage, opts: &ImportOptions) -> Result<Prepared> {
     let meta = &img.meta;
     let req = meta
         .requirements
@@ -88,7 +103,14 @@ pub fn import_image(img: &LoadedImage, opts: &ImportOptions) -> Result<ImportRep
     for m in &meta.mappings {
         check_mapping(m)?;
     }
-    let fdplan = plan_fds(meta, opts)?;
+    let fdplan = plan_fds(meta, img.format_version, opts)?;
+    Ok(Prepared { regs0, mm, fdplan })
+}
+
+/// Imports an image already read with [`crate::load_image`].
+pub fn import_image(img: &LoadedImage, opts: &ImportOptions) -> Result<ImportReport> {
+    let meta = &img.meta;
+    let Prepared { regs0, mm, fdplan } = preflight(img, opts)?;
     let own_maps = procfs::maps(std::process::id() as i32)?;
     let cands = trampoline_candidates(&meta.mappings, &own_maps);
     if cands.len() < 2 {
@@ -785,8 +807,32 @@ struct FdPlan {
     _owned: Option<File>,
 }
 
-fn plan_fds(meta: &image::ProcessImage, opts: &ImportOptions) -> Result<Vec<FdPlan>> {
+/// How each fd of the image is given to the child: what export recorded, done as recorded.
+/// Every fd that cannot be given is reported at once, before anything is created.
+fn plan_fds(
+    meta: &image::ProcessImage,
+    format_version: u32,
+    opts: &ImportOptions,
+) -> Result<Vec<FdPlan>> {
+    for &(target, src) in &opts.inherit_fds {
+        if !meta.fds.iter().any(|f| f.fd == target) {
+            return Err(GhostError::InvalidOption(format!(
+                "an fd is handed in for fd {target}, but the image has no fd {target} (its fds: {})",
+                meta.fds
+                    .iter()
+                    .map(|f| f.fd.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        if !fd_is_open(src) {
+            return Err(GhostError::InvalidOption(format!(
+                "fd {src}, handed in for fd {target}, is not open in the restoring process (open it in the shell that starts the restart, e.g. `{src}<>FILE`)"
+            )));
+        }
+    }
     let mut out = Vec::new();
+    let mut missing = Vec::new();
     for f in &meta.fds {
         let cloexec = f.flags & libc::O_CLOEXEC as u32 != 0;
         if let Some(&(_, src)) = opts.inherit_fds.iter().find(|(t, _)| *t == f.fd) {
@@ -798,13 +844,41 @@ fn plan_fds(meta: &image::ProcessImage, opts: &ImportOptions) -> Result<Vec<FdPl
             });
             continue;
         }
-        let kind = FdKind::try_from(f.kind).unwrap_or(FdKind::Other);
-        let opened = match kind {
-            FdKind::Path | FdKind::Tty => reopen(&f.path, f.flags, f.pos),
-            _ => Err(std::io::Error::other(format!(
-                "a {} cannot be reopened by name",
-                f.path
-            ))),
+        let opened = match f.restore_method(format_version)? {
+            FdRestore::Reopen => reopen(&f.path, f.flags, f.pos).map_err(|e| {
+                format!(
+                    "fd {} ({}) cannot be reopened here: {e} (put the file back, or hand a replacement in with `--inherit-fd {}=YOUR_FD`)",
+                    f.fd, f.path, f.fd
+                )
+            }),
+            FdRestore::DevNull => reopen("/dev/null", f.flags & libc::O_ACCMODE as u32, 0)
+                .map_err(|e| format!("fd {} cannot be opened on /dev/null: {e}", f.fd)),
+            FdRestore::External => Err(format!(
+                "fd {} ({}) was recorded as external at checkpoint: hand one in with `krg restart --inherit-fd {}=YOUR_FD`",
+                f.fd, f.path, f.fd
+            )),
+            FdRestore::CallerStdio if opts.stdio_fallback && fd_is_open(f.fd) => {
+                out.push(FdPlan {
+                    target: f.fd,
+                    src: f.fd,
+                    cloexec,
+                    _owned: None,
+                });
+                continue;
+            }
+            FdRestore::CallerStdio => Err(format!(
+                "fd {} ({}) is to be the restorer's own fd {}, which {} (hand one in with `--inherit-fd {}=YOUR_FD`)",
+                f.fd,
+                f.path,
+                f.fd,
+                if opts.stdio_fallback {
+                    "is not open"
+                } else {
+                    "was not offered (stdio fallback is off)"
+                },
+                f.fd
+            )),
+            FdRestore::Unrecorded => Err(format!("fd {} records no restore method", f.fd)),
         };
         match opened {
             Ok(file) => out.push(FdPlan {
@@ -813,24 +887,21 @@ fn plan_fds(meta: &image::ProcessImage, opts: &ImportOptions) -> Result<Vec<FdPl
                 cloexec,
                 _owned: Some(file),
             }),
-            // SAFETY: F_GETFD only queries whether our fd is open.
-            Err(_) if f.fd <= 2 && opts.stdio_fallback && unsafe { libc::fcntl(f.fd, libc::F_GETFD) } >= 0 => {
-                out.push(FdPlan {
-                    target: f.fd,
-                    src: f.fd,
-                    cloexec,
-                    _owned: None,
-                })
-            }
-            Err(e) => {
-                return Err(GhostError::Incompatible(format!(
-                    "fd {} of the process ({}) cannot be restored: {e}; hand a replacement in (krg restart --inherit-fd {}=FD)",
-                    f.fd, f.path, f.fd
-                )))
-            }
+            Err(e) => missing.push(e),
         }
     }
+    if !missing.is_empty() {
+        return Err(GhostError::Incompatible(format!(
+            "no process was created: {}",
+            missing.join("; ")
+        )));
+    }
     Ok(out)
+}
+
+fn fd_is_open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD only queries whether our fd is open.
+    fd >= 0 && unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0
 }
 
 fn reopen(path: &str, flags: u32, pos: i64) -> std::io::Result<File> {

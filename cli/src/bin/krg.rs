@@ -79,6 +79,8 @@ enum Cmd {
         /// Kill it once the image is safely written.
         #[arg(long, group = "after")]
         kill: bool,
+        #[command(flatten)]
+        fds: FdArgs,
     },
     /// Restart a process from an image, in a fresh PID namespace with its old PID.
     Restart {
@@ -89,8 +91,11 @@ enum Cmd {
         /// Return once the process runs instead of waiting for it to exit.
         #[arg(long)]
         detach: bool,
-        /// Give the restored process one of krg's fds: IMAGE_FD=KRG_FD (for pipes, sockets).
-        #[arg(long = "inherit-fd", value_parser = parse_inherit)]
+        /// Hand one of krg's own open fds to the restored process: IMAGE_FD=KRG_FD, or FD for
+        /// the same number on both sides (e.g. `krg restart IMG --inherit-fd 5 5<>FILE`).
+        /// Required for every fd checkpointed with --external; replaces any other fd.
+        /// Repeatable.
+        #[arg(long = "inherit-fd", value_name = "IMAGE_FD[=KRG_FD]", value_parser = parse_inherit)]
         inherit_fd: Vec<(i32, RawFd)>,
     },
     /// Receive migrating processes (`krg migrate`) and run them here.
@@ -161,14 +166,40 @@ struct ClusterArgs {
     key_file: Option<std::path::PathBuf>,
 }
 
+/// What to do with fds a restart could not rebuild (otherwise the checkpoint is refused).
+#[derive(Args, Clone, Default)]
+struct FdArgs {
+    /// Restore fd FD as /dev/null (same number and access mode) instead of refusing the
+    /// checkpoint because of it. Repeatable.
+    #[arg(long = "drop", value_name = "FD")]
+    drop: Vec<i32>,
+    /// Record fd FD as external: `krg restart --inherit-fd FD=YOUR_FD` must hand one in
+    /// (a restart without it is refused). Repeatable.
+    #[arg(long = "external", value_name = "FD")]
+    external: Vec<i32>,
+}
+
+impl FdArgs {
+    fn policy(&self) -> Result<ghost::FdPolicy> {
+        let mut p = ghost::FdPolicy::new();
+        for &fd in &self.drop {
+            p.choose(fd, ghost::FdChoice::DevNull)?;
+        }
+        for &fd in &self.external {
+            p.choose(fd, ghost::FdChoice::External)?;
+        }
+        Ok(p)
+    }
+}
+
 fn parse_inherit(s: &str) -> Result<(i32, RawFd), String> {
-    let (a, b) = s
-        .split_once('=')
-        .ok_or_else(|| format!("expected IMAGE_FD=KRG_FD, got {s}"))?;
-    Ok((
-        a.parse().map_err(|_| format!("bad fd {a}"))?,
-        b.parse().map_err(|_| format!("bad fd {b}"))?,
-    ))
+    let (a, b) = s.split_once('=').unwrap_or((s, s));
+    let fd = |x: &str| {
+        x.parse::<i32>().ok().filter(|n| *n >= 0).ok_or_else(|| {
+            format!("expected IMAGE_FD=KRG_FD or FD, got {s}: {x} is not an fd number")
+        })
+    };
+    Ok((fd(a)?, fd(b)?))
 }
 
 fn main() {
@@ -199,6 +230,7 @@ fn run(cli: Cli) -> Result<i32> {
             leave_running: _,
             stop,
             kill,
+            fds,
         } => {
             let after = if kill {
                 ghost::After::Kill
@@ -217,6 +249,10 @@ fn run(cli: Cli) -> Result<i32> {
                 (None, Some(name)) => format!("kerfs:/ckpt/{name}"),
                 (None, None) => bail!("give --to FILE or --to kerfs:/PATH"),
             };
+            let fds = fds.policy()?;
+            // Refused before any file, version or freeze is made; the export decides again
+            // on the frozen process (the authoritative check).
+            ghost::check_restorable(pid, &fds)?;
             if to.starts_with("kerfs:") {
                 let job = StoreCheckpoint {
                     pid,
@@ -226,6 +262,7 @@ fn run(cli: Cli) -> Result<i32> {
                     keep_last,
                     periodic,
                     track_writes: !no_track_writes,
+                    fds,
                 };
                 return cmd_checkpoint_store(&job, &cluster);
             }
@@ -238,6 +275,7 @@ fn run(cli: Cli) -> Result<i32> {
                 pid,
                 &ghost::ExportOptions {
                     after,
+                    fds,
                     ..Default::default()
                 },
                 &mut w,
@@ -366,6 +404,7 @@ struct StoreCheckpoint {
     keep_last: Option<usize>,
     periodic: Option<std::time::Duration>,
     track_writes: bool,
+    fds: ghost::FdPolicy,
 }
 
 fn cmd_checkpoint_store(job: &StoreCheckpoint, cluster: &ClusterArgs) -> Result<i32> {
@@ -490,6 +529,7 @@ fn checkpoint_once(
             // A process killed after its checkpoint has no next one to prepare for.
             track_writes: tracking.is_some() && job.after != ghost::After::Kill,
             base,
+            fds: job.fds.clone(),
         },
         &mut sink,
     );
@@ -987,13 +1027,15 @@ fn cmd_restart(
             images.len()
         );
     };
-    new_pid_namespace()?;
-    let init = spawn_ns_init()?;
     let opts = ghost::ImportOptions {
         pid: ghost::PidChoice::Same,
         inherit_fds: inherit,
         stdio_fallback: true,
     };
+    // Before the namespace init is forked: a restart that cannot succeed creates nothing.
+    ghost::check_import(img, &opts).with_context(|| format!("cannot restart from {file}"))?;
+    new_pid_namespace()?;
+    let init = spawn_ns_init()?;
     let rep = match ghost::import_image(img, &opts) {
         Ok(rep) => rep,
         Err(e) => {

@@ -1,0 +1,83 @@
+/* Test program for checkpoint refusals: holds one resource at fd 5 and counts in a log.
+ *   holdfd LOG inherited        fd 5 is given by the parent (a pipe or socketpair end)
+ *   holdfd LOG tcp PORT         fd 5 is a TCP connection to 127.0.0.1:PORT
+ *   holdfd LOG deleted PATH     fd 5 is PATH, opened read-write, written, then unlinked
+ *   holdfd LOG device PATH      fd 5 is PATH opened read-only (a device)
+ * SIGUSR1: logs what fd 5 is now ("FD5 devnull" / "FD5 other" / "FD5 closed").
+ * SIGUSR2: writes "ping\n" to fd 5 and logs "PING ok" or "PING failed". */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <unistd.h>
+
+static volatile sig_atomic_t usr1, usr2;
+static void on_usr1(int s) { (void)s; usr1++; }
+static void on_usr2(int s) { (void)s; usr2++; }
+
+static int open_resource(const char *mode, const char *arg) {
+    if (!strcmp(mode, "inherited")) return 5;
+    int fd = -1;
+    if (!strcmp(mode, "tcp")) {
+        fd = socket(AF_INET, SOCK_STREAM, 0);
+        struct sockaddr_in a;
+        memset(&a, 0, sizeof a);
+        a.sin_family = AF_INET;
+        a.sin_port = htons(atoi(arg));
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0) return -1;
+    } else if (!strcmp(mode, "deleted")) {
+        fd = open(arg, O_RDWR | O_CREAT | O_TRUNC, 0600);
+        if (fd < 0 || write(fd, "hello\n", 6) != 6 || unlink(arg) != 0) return -1;
+    } else if (!strcmp(mode, "device")) {
+        fd = open(arg, O_RDONLY);
+    }
+    if (fd < 0) return -1;
+    if (fd != 5 && (dup2(fd, 5) != 5 || close(fd) != 0)) return -1;
+    return 5;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 3) return 2;
+    int log = open(argv[1], O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (log < 0) return 2;
+    if (open_resource(argv[2], argc > 3 ? argv[3] : "") != 5) {
+        dprintf(log, "SETUP failed: %s\n", strerror(errno));
+        return 3;
+    }
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_usr1;
+    sigaction(SIGUSR1, &sa, 0);
+    sa.sa_handler = on_usr2;
+    sigaction(SIGUSR2, &sa, 0);
+    int seen1 = 0, seen2 = 0;
+    for (unsigned long counter = 1;; counter++) {
+        dprintf(log, "%lu\n", counter);
+        if (usr1 != seen1) {
+            seen1 = usr1;
+            struct stat st;
+            if (fstat(5, &st) != 0)
+                dprintf(log, "FD5 closed\n");
+            else if (S_ISCHR(st.st_mode) && st.st_rdev == makedev(1, 3))
+                dprintf(log, "FD5 devnull\n");
+            else
+                dprintf(log, "FD5 other mode %o\n", st.st_mode);
+        }
+        if (usr2 != seen2) {
+            seen2 = usr2;
+            if (write(5, "ping\n", 5) == 5)
+                dprintf(log, "PING ok\n");
+            else
+                dprintf(log, "PING failed: %s\n", strerror(errno));
+        }
+        usleep(5000);
+    }
+}

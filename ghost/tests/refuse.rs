@@ -1,0 +1,379 @@
+//! Nothing is lost by a checkpoint: `krg checkpoint` refuses a process holding something a
+//! restart could not rebuild (a pipe or socket to the outside, a TCP connection, a deleted
+//! file, a device), names it, and leaves the process running; `--drop FD` restores the fd as
+//! /dev/null and `--external FD` has it handed in with `krg restart --inherit-fd`.
+
+mod common;
+
+use common::*;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The test program, built into `dir`.
+fn holdfd(dir: &Path) -> PathBuf {
+    build(dir, "holdfd", &[])
+}
+
+/// Starts `prog LOG args...` with stdio on /dev/null, `give` (if any) as its fd 5 and no
+/// other fd above 2.
+fn start(prog: &Path, log: &Path, args: &[&str], give: Option<RawFd>) -> Child {
+    use std::os::unix::process::CommandExt;
+    let mut c = Command::new(prog);
+    // SAFETY: dup2, fcntl and close_range are async-signal-safe.
+    unsafe {
+        c.pre_exec(move || {
+            if let Some(g) = give {
+                if libc::dup2(g, 5) != 5 || libc::fcntl(5, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            libc::close_range(3, 4, 0);
+            libc::close_range(6, u32::MAX, 0);
+            Ok(())
+        });
+    }
+    c.arg(log)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start holdfd")
+}
+
+fn checkpoint(pid: i32, img: &Path, extra: &[&str]) -> Output {
+    Command::new(krg())
+        .args([
+            "checkpoint",
+            &pid.to_string(),
+            "--to",
+            img.to_str().unwrap(),
+        ])
+        .args(extra)
+        .output()
+        .expect("run krg checkpoint")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The process is running, untraced and not stopped, and its counter advances.
+fn assert_left_running(pid: i32, log: &Path) {
+    assert!(alive(pid), "the refused process {pid} is gone");
+    let status = read(Path::new(&format!("/proc/{pid}/status")));
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        field("TracerPid:"),
+        "0",
+        "the refused process is still traced"
+    );
+    assert!(
+        !field("State:").starts_with('T') && !field("State:").starts_with('t'),
+        "the refused process is stopped: {}",
+        field("State:")
+    );
+    let n = counters(&read(log)).len();
+    wait_for(log, "the refused process to go on counting", 10, |s| {
+        counters(s).len() >= n + 10
+    });
+}
+
+/// Sends `sig` to `pid` and waits for a log line starting with `prefix` after the
+/// `already`-th such line.
+fn ask(pid: i32, sig: i32, log: &Path, prefix: &str) -> String {
+    let before = read(log).lines().filter(|l| l.starts_with(prefix)).count();
+    // SAFETY: signalling the test program.
+    unsafe { libc::kill(pid, sig) };
+    let s = wait_for(log, prefix, 10, |s| {
+        s.lines().filter(|l| l.starts_with(prefix)).count() > before
+    });
+    s.lines()
+        .filter(|l| l.starts_with(prefix))
+        .nth(before)
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Restarts `img` detached with `extra` arguments; `give` = (fd here, number it gets in krg).
+fn restart(img: &Path, extra: &[&str], give: Option<(RawFd, RawFd)>, err: &Path) -> bool {
+    use std::os::unix::process::CommandExt;
+    let mut c = Command::new(krg());
+    if let Some((from, to)) = give {
+        // SAFETY: dup2 is async-signal-safe; the duplicate is not close-on-exec.
+        unsafe {
+            c.pre_exec(move || {
+                if libc::dup2(from, to) != to || libc::fcntl(to, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    c.args(["restart", img.to_str().unwrap(), "--detach"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(err).unwrap())
+        .status()
+        .expect("run krg restart")
+        .success()
+}
+
+/// The whole scenario for one kind of resource at fd 5: `--kill` (and `--stop` and a
+/// leave-running checkpoint) refused with a message naming it, the process left running;
+/// then `--drop 5 --kill` succeeds and the restarted process finds /dev/null at fd 5.
+fn refused_then_dropped(args: &[&str], give: Option<RawFd>, expect: &[&str]) {
+    require_root();
+    let d = tempfile::tempdir().unwrap();
+    let prog = holdfd(d.path());
+    let (log, img) = (d.path().join("log"), d.path().join("img"));
+    let mut child = start(&prog, &log, args, give);
+    let pid = child.id() as i32;
+    wait_for(&log, "counters", 10, |s| counters(s).len() >= 3);
+    for after in [&["--kill"][..], &["--stop"], &[]] {
+        let out = checkpoint(pid, &img, after);
+        let e = stderr(&out);
+        assert!(!out.status.success(), "checkpoint {after:?} succeeded: {e}");
+        assert_eq!(out.status.code(), Some(1), "{e}");
+        for want in [
+            &format!("process {pid} (holdfd)"),
+            "fd 5: ",
+            "--drop FD",
+            "--external FD",
+        ]
+        .into_iter()
+        .chain(expect.iter().copied())
+        {
+            assert!(e.contains(want), "the refusal does not say {want:?}: {e}");
+        }
+        assert!(
+            !img.exists(),
+            "a refused checkpoint wrote {}",
+            img.display()
+        );
+        assert_left_running(pid, &log);
+    }
+    let out = checkpoint(pid, &img, &["--kill", "--drop", "5"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let st = child.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(st.signal(), Some(libc::SIGKILL), "--kill kills it");
+    let n = counters(&read(&log)).len();
+    let err = d.path().join("restart.err");
+    assert!(restart(&img, &[], None, &err), "{}", read(&err));
+    let s = wait_for(&log, "counting after restart", 10, |s| {
+        counters(s).len() >= n + 10
+    });
+    assert_consecutive(&s, n + 10);
+    let pids = pids_of(&prog);
+    assert_eq!(pids.len(), 1, "one restored process: {pids:?}");
+    assert_eq!(
+        ask(pids[0], libc::SIGUSR1, &log, "FD5 "),
+        "FD5 devnull",
+        "--drop 5 must give the restarted process /dev/null at fd 5"
+    );
+    kill(pids[0]);
+}
+
+/// A pipe made here, the program holding its write end.
+fn pipe() -> (OwnedFd, OwnedFd) {
+    let mut p = [0i32; 2];
+    // SAFETY: p is a 2-int array.
+    assert_eq!(unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: fresh fds from pipe2, owned from here on.
+    unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) }
+}
+
+#[test]
+fn pipe_to_the_outside_is_refused_then_dropped() {
+    let (_rd, wr) = pipe();
+    refused_then_dropped(
+        &["inherited"],
+        Some(wr.as_raw_fd()),
+        &["pipe:[", "a pipe: its other end"],
+    );
+}
+
+#[test]
+fn unix_socketpair_is_refused_then_dropped() {
+    let (_mine, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    refused_then_dropped(
+        &["inherited"],
+        Some(theirs.as_raw_fd()),
+        &["socket:[", "Unix stream socket, connected"],
+    );
+}
+
+#[test]
+fn tcp_connection_to_an_outside_listener_is_refused_then_dropped() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    // Accepted on a thread and held: the connection stays established while the test runs.
+    let held = std::thread::spawn(move || l.accept().map(|(s, _)| s));
+    let want = format!("-> 127.0.0.1:{port} (ESTABLISHED)");
+    refused_then_dropped(
+        &["tcp", &port.to_string()],
+        None,
+        &["socket:[", "TCP 127.0.0.1:", &want],
+    );
+    drop(held.join());
+}
+
+#[test]
+fn deleted_open_file_is_refused_then_dropped() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("scratch");
+    let want = format!("deleted file {} (deleted)", path.display());
+    refused_then_dropped(&["deleted", path.to_str().unwrap()], None, &[&want]);
+}
+
+#[test]
+fn device_is_refused_then_dropped() {
+    // /dev/kmsg keeps a read position in the kernel log per open: reopening it is not the
+    // same file. (/dev/null, /dev/urandom and the like are reopened, see below.)
+    refused_then_dropped(
+        &["device", "/dev/kmsg"],
+        None,
+        &["device /dev/kmsg (char 1:11)"],
+    );
+}
+
+/// Stateless devices are restorable: the checkpoint succeeds without any option.
+#[test]
+fn urandom_is_reopened() {
+    require_root();
+    let d = tempfile::tempdir().unwrap();
+    let prog = holdfd(d.path());
+    let (log, img) = (d.path().join("log"), d.path().join("img"));
+    let mut child = start(&prog, &log, &["device", "/dev/urandom"], None);
+    wait_for(&log, "counters", 10, |s| counters(s).len() >= 3);
+    let out = checkpoint(child.id() as i32, &img, &["--kill"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    child.wait().unwrap();
+    let err = d.path().join("restart.err");
+    assert!(restart(&img, &[], None, &err), "{}", read(&err));
+    let pids = pids_of(&prog);
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let link = std::fs::read_link(format!("/proc/{}/fd/5", pids[0])).unwrap();
+    assert_eq!(link, Path::new("/dev/urandom"));
+    kill(pids[0]);
+}
+
+/// `--external 5`: the restart is refused (and creates no process) until fd 5 is handed in;
+/// with `--inherit-fd 5=7` the restarted process writes into the pipe given as krg's fd 7.
+#[test]
+fn external_fd_must_be_handed_in_at_restart() {
+    require_root();
+    let d = tempfile::tempdir().unwrap();
+    let prog = holdfd(d.path());
+    let (log, img) = (d.path().join("log"), d.path().join("img"));
+    let (_rd, wr) = pipe();
+    let mut child = start(&prog, &log, &["inherited"], Some(wr.as_raw_fd()));
+    wait_for(&log, "counters", 10, |s| counters(s).len() >= 3);
+    let out = checkpoint(child.id() as i32, &img, &["--kill", "--external", "5"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    child.wait().unwrap();
+    let n = counters(&read(&log)).len();
+
+    let err = d.path().join("restart.err");
+    assert!(
+        !restart(&img, &[], None, &err),
+        "restart without fd 5 succeeded"
+    );
+    let e = read(&err);
+    assert!(
+        e.contains("fd 5 (pipe:[")
+            && e.contains("--inherit-fd 5=")
+            && e.contains("no process was created"),
+        "unclear refusal: {e}"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        pids_of(&prog).is_empty(),
+        "a refused restart left a process"
+    );
+    assert_eq!(
+        counters(&read(&log)).len(),
+        n,
+        "a refused restart ran the program"
+    );
+
+    let (mut new_rd, new_wr) = {
+        let (r, w) = pipe();
+        (std::fs::File::from(r), w)
+    };
+    assert!(
+        restart(
+            &img,
+            &["--inherit-fd", "5=7"],
+            Some((new_wr.as_raw_fd(), 7)),
+            &err
+        ),
+        "{}",
+        read(&err)
+    );
+    drop(new_wr);
+    let pids = pids_of(&prog);
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    assert_eq!(ask(pids[0], libc::SIGUSR2, &log, "PING"), "PING ok");
+    let mut got = [0u8; 5];
+    let t = Instant::now();
+    new_rd.read_exact(&mut got).unwrap();
+    assert_eq!(
+        &got, b"ping\n",
+        "fd 5 of the restarted process is the pipe handed in"
+    );
+    assert!(t.elapsed() < Duration::from_secs(10));
+    kill(pids[0]);
+}
+
+/// The export itself refuses (not only krg's early check): nothing is written and the
+/// process is released running.
+#[test]
+fn export_refuses_before_writing_anything() {
+    require_root();
+    let d = tempfile::tempdir().unwrap();
+    let prog = holdfd(d.path());
+    let log = d.path().join("log");
+    let (_rd, wr) = pipe();
+    let mut child = start(&prog, &log, &["inherited"], Some(wr.as_raw_fd()));
+    let pid = child.id() as i32;
+    wait_for(&log, "counters", 10, |s| counters(s).len() >= 3);
+    let mut w = kerfs_ghost::MemWriter::default();
+    let res = kerfs_ghost::export_process(
+        pid,
+        &kerfs_ghost::ExportOptions {
+            after: kerfs_ghost::After::Kill,
+            ..Default::default()
+        },
+        &mut w,
+    );
+    match res {
+        Err(kerfs_ghost::GhostError::Unrestorable {
+            pid: p, problems, ..
+        }) => {
+            assert_eq!(p, pid);
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert_eq!(problems[0].fd, Some(5));
+        }
+        other => panic!("export of a process holding a pipe: {other:?}"),
+    }
+    assert!(
+        w.buf.is_empty(),
+        "{} bytes written by a refused export",
+        w.buf.len()
+    );
+    assert_left_running(pid, &log);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
