@@ -148,8 +148,9 @@ pub fn export_process(
     // restart could rebuild everything; a refusal releases the process untouched. The fd
     // list (with each fd's restore method) is what goes into the image: a frozen process
     // cannot open or close fds.
-    let fds = restorable::survey(pid, &opts.fds, tracking::find_uffd(pid).map(|(fd, _)| fd))?
+    let mut fds = restorable::survey(pid, &opts.fds, tracking::find_uffd(pid).map(|(fd, _)| fd))?
         .into_fds(pid)?;
+    let deleted = read_deleted_files(pid, &mut fds)?;
     let regs = sys::get_regs(pid)?;
     guard.regs = Some(regs);
     let xstate = sys::get_xstate(pid)?;
@@ -326,6 +327,11 @@ pub fn export_process(
             });
         }
     }
+    // Deleted files follow the mappings' pages in the page data.
+    page_bytes += deleted
+        .iter()
+        .map(|c| crate::image::stored_len(c.len() as u64))
+        .sum::<u64>();
     let meta = ProcessImage {
         requirements: Some(compat::requirements(&xstate, &maps, &vdso_text)),
         pid: procfs::status_ns_last(&status, "NSpid").unwrap_or(pid),
@@ -420,6 +426,11 @@ pub fn export_process(
             .map_err(|e| GhostError::sys(format!("reading memory at {addr:#x}"), pid, e))
         },
     )?;
+    for content in &deleted {
+        let mut padded = content.clone();
+        padded.resize(crate::image::stored_len(content.len() as u64) as usize, 0);
+        w.pages(&padded)?;
+    }
     w.end()?;
     // Still frozen: from here on every write of the process marks its page.
     let tracker = tracker.filter(|_| opts.track_writes);
@@ -584,6 +595,37 @@ fn file_id(pid: i32, m: &MapLine) -> Result<FileId> {
         mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
         hash,
     })
+}
+
+/// Reads the contents of the deleted files among `fds` (those that carry it, in fd order) and
+/// records their exact size. The process is frozen: nothing changes them meanwhile (short of
+/// another process holding the same file, which a checkpoint cannot freeze).
+fn read_deleted_files(pid: i32, fds: &mut [crate::image::Fd]) -> Result<Vec<Vec<u8>>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    for f in fds.iter_mut() {
+        let Some(d) = f.deleted.as_mut().filter(|d| d.same_as.is_none()) else {
+            continue;
+        };
+        let link = format!("/proc/{pid}/fd/{}", f.fd);
+        let mut content = Vec::new();
+        fs::File::open(&link)
+            .and_then(|file| {
+                file.take(restorable::DELETED_FILE_MAX + 1)
+                    .read_to_end(&mut content)
+            })
+            .map_err(|e| GhostError::sys(format!("reading deleted file {}", f.path), pid, e))?;
+        if content.len() as u64 > restorable::DELETED_FILE_MAX {
+            return Err(GhostError::Unsupported(format!(
+                "deleted file {} of process {pid} grew past {} MiB while it was checkpointed",
+                f.path,
+                restorable::DELETED_FILE_MAX >> 20
+            )));
+        }
+        d.size = content.len() as u64;
+        out.push(content);
+    }
+    Ok(out)
 }
 
 fn robust_list(pid: i32) -> (u64, u64) {

@@ -3,7 +3,8 @@
 //! ```text
 //! header  (32 B)  magic "KRGGHOST" | format version u32 | header size u32 | meta len u64 | pages len u64
 //! meta            ProcessImage (prost)
-//! pages           contents of the stored pages, in the order of Mapping.runs
+//! pages           contents of the stored pages, in the order of Mapping.runs, then the
+//!                 contents of deleted-but-open files (Fd.deleted), each padded to whole pages
 //! trailer (40 B)  blake3(header ‖ meta ‖ pages) | end magic "KRGGEND\0"
 //! ```
 //!
@@ -319,6 +320,30 @@ pub enum FdRestore {
     /// fd 0, 1 or 2 connected to a pipe, socket or terminal: the restorer's own fd of the same
     /// number takes its place, as for a shell job (or one handed in).
     CallerStdio = 4,
+    /// A regular file deleted while open ([`Fd::deleted`]): its contents are stored in the
+    /// image and it comes back as an open, unlinked file with the same flags and offset.
+    DeletedFile = 5,
+}
+
+/// A regular file that was deleted while open, saved with the image.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DeletedFile {
+    /// Bytes of content stored in the page data (0 when `same_as` is set).
+    #[prost(uint64, tag = "1")]
+    pub size: u64,
+    /// Permission bits.
+    #[prost(uint32, tag = "2")]
+    pub mode: u32,
+    /// A lower fd on the same file, whose stored content this one shares: after restore both
+    /// are one file again (each with its own flags and offset).
+    #[prost(int32, optional, tag = "3")]
+    pub same_as: Option<i32>,
+}
+
+/// Bytes a deleted file of `size` bytes takes in the page data (whole pages, so that page
+/// data stays a sequence of pages for the checkpoint store).
+pub fn stored_len(size: u64) -> u64 {
+    size.div_ceil(crate::PAGE) * crate::PAGE
 }
 
 /// One open file descriptor.
@@ -342,6 +367,9 @@ pub struct Fd {
     /// How a restart rebuilds it (format 2 on).
     #[prost(enumeration = "FdRestore", tag = "6")]
     pub restore: i32,
+    /// For [`FdRestore::DeletedFile`]: the saved file.
+    #[prost(message, optional, tag = "7")]
+    pub deleted: Option<DeletedFile>,
 }
 
 impl Fd {
@@ -645,9 +673,30 @@ pub struct LoadedImage {
 }
 
 impl LoadedImage {
-    /// The page data, in the order of the mappings' runs.
+    /// The page data, in the order of the mappings' runs (then the deleted files).
     pub fn pages(&self) -> &[u8] {
         &self.bytes.as_slice()[self.pages_off..self.pages_off + self.pages_len]
+    }
+
+    /// The stored contents of the deleted files, by fd (checked to fit at load).
+    pub fn deleted_contents(&self) -> Vec<(i32, &[u8])> {
+        let pages = self.pages();
+        let mut off: usize = self
+            .meta
+            .mappings
+            .iter()
+            .flat_map(|m| m.runs.iter())
+            .map(|r| (r.npages * crate::PAGE) as usize)
+            .sum();
+        let mut out = Vec::new();
+        for f in &self.meta.fds {
+            if let Some(d) = &f.deleted {
+                let end = off + d.size as usize;
+                out.push((f.fd, &pages[off..end]));
+                off += stored_len(d.size) as usize;
+            }
+        }
+        out
     }
     /// Total size of the image in bytes.
     pub fn len(&self) -> usize {
@@ -809,9 +858,15 @@ fn finish_load(
         .flat_map(|m| m.runs.iter())
         .map(|r| r.npages.saturating_mul(crate::PAGE))
         .fold(0u64, |a, b| a.saturating_add(b));
-    if run_bytes != pages_len {
+    let file_bytes: u64 = meta
+        .fds
+        .iter()
+        .filter_map(|f| f.deleted.as_ref())
+        .map(|d| stored_len(d.size))
+        .fold(0u64, |a, b| a.saturating_add(b));
+    if run_bytes.saturating_add(file_bytes) != pages_len {
         return Err(GhostError::BadImage(format!(
-            "{}: page runs cover {run_bytes} bytes but {pages_len} are stored",
+            "{}: page runs cover {run_bytes} bytes and deleted files {file_bytes}, but {pages_len} are stored",
             r.describe()
         )));
     }
@@ -1010,6 +1065,28 @@ mod tests {
         assert_eq!(streamed, vec![1, 2, 4, 6, 7, 8]);
         // The streamed bytes alone are not a loadable image: the taker must re-assemble it.
         assert!(load(&mut MemReader::new(&out.mem.buf)).is_err());
+    }
+
+    #[test]
+    fn format_1_fds_are_restored_the_way_format_1_did() {
+        let fd = |fd: i32, kind: FdKind| Fd {
+            fd,
+            kind: kind as i32,
+            path: "x".into(),
+            ..Default::default()
+        };
+        let method = |f: Fd, v: u32| f.restore_method(v).ok();
+        assert_eq!(method(fd(3, FdKind::Path), 1), Some(FdRestore::Reopen));
+        assert_eq!(method(fd(0, FdKind::Tty), 1), Some(FdRestore::Reopen));
+        assert_eq!(method(fd(1, FdKind::Pipe), 1), Some(FdRestore::CallerStdio));
+        assert_eq!(method(fd(4, FdKind::Socket), 1), Some(FdRestore::External));
+        // Format 2 must say: an fd without a method is a damaged image, not a guess.
+        assert_eq!(method(fd(3, FdKind::Path), 2), None);
+        let recorded = Fd {
+            restore: FdRestore::DevNull as i32,
+            ..fd(4, FdKind::Socket)
+        };
+        assert_eq!(method(recorded, 2), Some(FdRestore::DevNull));
     }
 
     #[test]

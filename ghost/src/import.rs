@@ -103,7 +103,7 @@ fn preflight(img: &LoadedImage, opts: &ImportOptions) -> Result<Prepared> {
     for m in &meta.mappings {
         check_mapping(m)?;
     }
-    let fdplan = plan_fds(meta, img.format_version, opts)?;
+    let fdplan = plan_fds(meta, img.format_version, opts, &img.deleted_contents())?;
     Ok(Prepared { regs0, mm, fdplan })
 }
 
@@ -813,6 +813,7 @@ fn plan_fds(
     meta: &image::ProcessImage,
     format_version: u32,
     opts: &ImportOptions,
+    contents: &[(i32, &[u8])],
 ) -> Result<Vec<FdPlan>> {
     for &(target, src) in &opts.inherit_fds {
         if !meta.fds.iter().any(|f| f.fd == target) {
@@ -833,6 +834,8 @@ fn plan_fds(
     }
     let mut out = Vec::new();
     let mut missing = Vec::new();
+    // Deleted files recreated so far, by the fd that carried the content.
+    let mut recreated: Vec<(i32, File)> = Vec::new();
     for f in &meta.fds {
         let cloexec = f.flags & libc::O_CLOEXEC as u32 != 0;
         if let Some(&(_, src)) = opts.inherit_fds.iter().find(|(t, _)| *t == f.fd) {
@@ -878,6 +881,48 @@ fn plan_fds(
                 },
                 f.fd
             )),
+            FdRestore::DeletedFile => {
+                let d = f.deleted.as_ref().ok_or_else(|| {
+                    GhostError::BadImage(format!("fd {} is a deleted file without its record", f.fd))
+                })?;
+                let carrier = d.same_as.unwrap_or(f.fd);
+                let have = recreated.iter().position(|(fd, _)| *fd == carrier);
+                let file = match (have, d.same_as) {
+                    (Some(i), _) => Ok(&recreated[i].1),
+                    (None, Some(_)) => {
+                        return Err(GhostError::BadImage(format!(
+                            "fd {} shares deleted file fd {carrier}, which the image does not save first",
+                            f.fd
+                        )))
+                    }
+                    (None, None) => {
+                        let content = contents
+                            .iter()
+                            .find(|(fd, _)| *fd == f.fd)
+                            .map(|c| c.1)
+                            .unwrap_or_default();
+                        match recreate_deleted(&f.path, content, d.mode) {
+                            Ok(file) => {
+                                recreated.push((f.fd, file));
+                                Ok(&recreated[recreated.len() - 1].1)
+                            }
+                            Err(e) => Err(e),
+                        }
+                    }
+                };
+                file.and_then(|file| {
+                    reopen(&format!("/proc/self/fd/{}", file.as_raw_fd()), f.flags, f.pos)
+                })
+                .map_err(|e| {
+                    format!(
+                        "fd {} (deleted file {}) cannot be recreated here: {e} (free space in its directory or in {}, or restore it with `--inherit-fd {}=YOUR_FD`)",
+                        f.fd,
+                        f.path,
+                        std::env::temp_dir().display(),
+                        f.fd
+                    )
+                })
+            }
             FdRestore::Unrecorded => Err(format!("fd {} records no restore method", f.fd)),
         };
         match opened {
@@ -897,6 +942,60 @@ fn plan_fds(
         )));
     }
     Ok(out)
+}
+
+/// An open, unlinked regular file holding `content`, made in the directory the deleted file
+/// was in when it still exists (same filesystem, same quotas), else in the temporary
+/// directory: O_TMPFILE where the filesystem has it, else a fresh name removed at once.
+fn recreate_deleted(path: &str, content: &[u8], mode: u32) -> std::io::Result<File> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let original = std::path::Path::new(path.strip_suffix(" (deleted)").unwrap_or(path));
+    let mut dirs = Vec::new();
+    if let Some(d) = original.parent().filter(|d| d.is_dir()) {
+        dirs.push(d.to_path_buf());
+    }
+    dirs.push(std::env::temp_dir());
+    let mut last = std::io::Error::other("no directory to create it in");
+    for dir in &dirs {
+        let tmp = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
+            .mode(0o600)
+            .open(dir);
+        let file = match tmp {
+            Ok(f) => f,
+            Err(_) => {
+                // No O_TMPFILE here (e.g. a FUSE mount): a name of our own, unlinked at once.
+                static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let name = dir.join(format!(".krg-deleted-{}-{n}", std::process::id()));
+                match std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .custom_flags(libc::O_CLOEXEC)
+                    .mode(0o600)
+                    .open(&name)
+                {
+                    Ok(f) => {
+                        std::fs::remove_file(&name)?;
+                        f
+                    }
+                    Err(e) => {
+                        last = e;
+                        continue;
+                    }
+                }
+            }
+        };
+        let mut w = &file;
+        w.write_all(content)?;
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        return Ok(file);
+    }
+    Err(last)
 }
 
 fn fd_is_open(fd: RawFd) -> bool {

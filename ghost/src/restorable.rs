@@ -19,7 +19,7 @@ use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use crate::error::{GhostError, Result};
-use crate::image::{Fd, FdKind, FdRestore, MapKind};
+use crate::image::{DeletedFile, Fd, FdKind, FdRestore, MapKind};
 use crate::procfs::{self, MapLine};
 
 /// What to do with one fd instead of restoring it as it is.
@@ -168,12 +168,13 @@ pub(crate) fn survey(pid: i32, policy: &FdPolicy, skip: Option<i32>) -> Result<S
     problems.extend(threads_problem(pid, &status));
     problems.extend(children_problem(pid));
     problems.extend(cwd_problem(pid));
-    for m in &procfs::maps(pid)? {
+    let maps = procfs::maps(pid)?;
+    for m in &maps {
         if let Err(p) = map_kind(pid, m) {
             problems.push(p);
         }
     }
-    let (fds, fd_problems) = plan_fds(pid, policy, skip)?;
+    let (fds, fd_problems) = plan_fds(pid, policy, skip, &maps)?;
     problems.extend(fd_problems);
     Ok(Survey {
         comm,
@@ -327,7 +328,12 @@ pub(crate) fn map_kind(pid: i32, m: &MapLine) -> std::result::Result<Option<MapK
 
 /// Every fd of `pid` but `skip`, each with the method a restart uses for it, and the problems
 /// of those that have none.
-fn plan_fds(pid: i32, policy: &FdPolicy, skip: Option<i32>) -> Result<(Vec<Fd>, Vec<Problem>)> {
+fn plan_fds(
+    pid: i32,
+    policy: &FdPolicy,
+    skip: Option<i32>,
+    maps: &[MapLine],
+) -> Result<(Vec<Fd>, Vec<Problem>)> {
     let dir = format!("/proc/{pid}/fd");
     let rd = fs::read_dir(&dir).map_err(|e| GhostError::sys(format!("listing {dir}"), pid, e))?;
     let mut fds = Vec::new();
@@ -347,7 +353,7 @@ fn plan_fds(pid: i32, policy: &FdPolicy, skip: Option<i32>) -> Result<(Vec<Fd>, 
         seen.push(fd);
         let target = target.to_string_lossy().into_owned();
         let (pos, flags) = procfs::fdinfo(pid, fd)?;
-        match fd_restore(pid, fd, &target, flags, policy) {
+        match fd_restore(pid, fd, &target, flags, policy, maps) {
             Ok(restore) => fds.push(Fd {
                 fd,
                 kind: fd_kind(&target) as i32,
@@ -355,6 +361,7 @@ fn plan_fds(pid: i32, policy: &FdPolicy, skip: Option<i32>) -> Result<(Vec<Fd>, 
                 flags,
                 pos,
                 restore: restore as i32,
+                deleted: None,
             }),
             Err(why) => problems.push(Problem {
                 fd: Some(fd),
@@ -373,6 +380,26 @@ fn plan_fds(pid: i32, policy: &FdPolicy, skip: Option<i32>) -> Result<(Vec<Fd>, 
     }
     fds.sort_by_key(|f| f.fd);
     problems.sort_by_key(|p| p.fd);
+    // Deleted files: the size and mode to save, and which fds are one file (the lowest fd of
+    // a file carries its content, the others point to it). Export reads the contents.
+    let mut firsts: Vec<((u64, u64), i32)> = Vec::new();
+    for f in fds
+        .iter_mut()
+        .filter(|f| f.restore == FdRestore::DeletedFile as i32)
+    {
+        let md = fs::metadata(format!("/proc/{pid}/fd/{}", f.fd))
+            .map_err(|e| GhostError::sys(format!("stat of fd {}", f.fd), pid, e))?;
+        let id = (md.dev(), md.ino());
+        let same_as = firsts.iter().find(|(i, _)| *i == id).map(|&(_, fd)| fd);
+        if same_as.is_none() {
+            firsts.push((id, f.fd));
+        }
+        f.deleted = Some(DeletedFile {
+            size: if same_as.is_some() { 0 } else { md.len() },
+            mode: md.mode() & 0o7777,
+            same_as,
+        });
+    }
     Ok((fds, problems))
 }
 
@@ -403,6 +430,9 @@ fn is_terminal_major(major: u32) -> bool {
 }
 /// statfs magic of procfs: its files describe a live process.
 const PROC_SUPER_MAGIC: i64 = 0x9fa0;
+/// A deleted file is saved in the image up to this size; a bigger one refuses the checkpoint
+/// (it is read while the process is frozen, and held in memory).
+pub(crate) const DELETED_FILE_MAX: u64 = 256 << 20;
 
 /// THE decision: how a restart rebuilds fd `fd` of `pid` (`target` is its /proc link, `flags`
 /// its open flags), or why it cannot. Import implements exactly the [`FdRestore`] methods,
@@ -413,6 +443,7 @@ fn fd_restore(
     target: &str,
     flags: u32,
     policy: &FdPolicy,
+    maps: &[MapLine],
 ) -> std::result::Result<FdRestore, String> {
     match policy.get(fd) {
         Some(FdChoice::DevNull) => return Ok(FdRestore::DevNull),
@@ -467,17 +498,37 @@ fn fd_restore(
             "{target}: a kernel object (not a file) that cannot be reopened by a restart"
         ));
     }
+    let link = format!("/proc/{pid}/fd/{fd}");
     if target.ends_with(" (deleted)") {
         if target.starts_with("/memfd:") {
             return Err(format!(
-                "{target}, a memfd: its contents are not saved in the image yet"
+                "{target}, a memfd: memfds (their seals and sharing) are not restored yet"
             ));
         }
-        return Err(format!(
-            "deleted file {target}: it cannot be reopened by name and its contents are not saved in the image yet"
-        ));
+        let md = fs::metadata(&link).map_err(|e| format!("{target}: cannot stat it ({e})"))?;
+        if !md.file_type().is_file() || flags & libc::O_PATH as u32 != 0 {
+            return Err(format!(
+                "deleted {target}: only deleted regular files (not directories, devices or O_PATH fds) are saved"
+            ));
+        }
+        if md.len() > DELETED_FILE_MAX {
+            return Err(format!(
+                "deleted file {target} holds {} MiB, more than the {} MiB a checkpoint saves",
+                md.len() >> 20,
+                DELETED_FILE_MAX >> 20
+            ));
+        }
+        // Its pages in memory and its contents would become two files after restore.
+        if let Some(m) = maps.iter().find(|m| {
+            m.inode == md.ino() && m.path.ends_with(" (deleted)") && !m.path.starts_with("/SYSV")
+        }) {
+            return Err(format!(
+                "deleted file {target} is also mapped into memory at {:#x}; a deleted file that is both open and mapped is not restored yet",
+                m.start
+            ));
+        }
+        return Ok(FdRestore::DeletedFile);
     }
-    let link = format!("/proc/{pid}/fd/{fd}");
     let open = fs::metadata(&link).map_err(|e| format!("{target}: cannot stat it ({e})"))?;
     let same_path = fs::metadata(target)
         .is_ok_and(|p| p.dev() == open.dev() && p.ino() == open.ino() && p.rdev() == open.rdev());

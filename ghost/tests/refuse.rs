@@ -1,7 +1,8 @@
 //! Nothing is lost by a checkpoint: `krg checkpoint` refuses a process holding something a
-//! restart could not rebuild (a pipe or socket to the outside, a TCP connection, a deleted
-//! file, a device), names it, and leaves the process running; `--drop FD` restores the fd as
-//! /dev/null and `--external FD` has it handed in with `krg restart --inherit-fd`.
+//! restart could not rebuild (a pipe or socket to the outside, a TCP connection, a memfd, a
+//! device), names it, and leaves the process running; `--drop FD` restores the fd as
+//! /dev/null and `--external FD` has it handed in with `krg restart --inherit-fd`. Files
+//! deleted while open are saved in the image and come back open and unlinked.
 
 mod common;
 
@@ -230,11 +231,8 @@ fn tcp_connection_to_an_outside_listener_is_refused_then_dropped() {
 }
 
 #[test]
-fn deleted_open_file_is_refused_then_dropped() {
-    let d = tempfile::tempdir().unwrap();
-    let path = d.path().join("scratch");
-    let want = format!("deleted file {} (deleted)", path.display());
-    refused_then_dropped(&["deleted", path.to_str().unwrap()], None, &[&want]);
+fn memfd_is_refused_then_dropped() {
+    refused_then_dropped(&["memfd"], None, &["/memfd:holdfd (deleted), a memfd"]);
 }
 
 #[test]
@@ -376,4 +374,121 @@ fn export_refuses_before_writing_anything() {
     assert_left_running(pid, &log);
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+/// (pos, flags) of fd `fd` of `pid` from its fdinfo.
+fn fdinfo(pid: i32, fd: i32) -> (String, String) {
+    let s = read(Path::new(&format!("/proc/{pid}/fdinfo/{fd}")));
+    let field = |k: &str| {
+        s.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    (field("pos:"), field("flags:"))
+}
+
+/// A file deleted while open (two fds on it: read-write at the end, read-only at offset 3)
+/// is checkpointed with `--kill` and comes back as one open, unlinked file with the same
+/// contents, mode, offsets and flags; a write through one fd is read through the other.
+#[test]
+fn deleted_open_file_is_saved_and_restored() {
+    use std::os::unix::fs::MetadataExt;
+    require_root();
+    let d = tempfile::tempdir().unwrap();
+    let prog = holdfd(d.path());
+    let (log, img) = (d.path().join("log"), d.path().join("img"));
+    let path = d.path().join("scratch");
+    let mut child = start(&prog, &log, &["deleted", path.to_str().unwrap()], None);
+    let pid = child.id() as i32;
+    wait_for(&log, "counters", 10, |s| counters(s).len() >= 3);
+    assert!(!path.exists());
+    let before = [fdinfo(pid, 5), fdinfo(pid, 6)];
+    let mut content = "x".repeat(5000);
+    content.push_str("hello\n");
+    assert_eq!(read(Path::new(&format!("/proc/{pid}/fd/5"))), content);
+    let out = checkpoint(pid, &img, &["--kill"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    child.wait().unwrap();
+
+    let err = d.path().join("restart.err");
+    assert!(restart(&img, &[], None, &err), "{}", read(&err));
+    let pids = pids_of(&prog);
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let p = pids[0];
+    let fd = |n: i32| format!("/proc/{p}/fd/{n}");
+    let link = std::fs::read_link(fd(5)).unwrap();
+    assert!(
+        link.to_string_lossy().ends_with(" (deleted)"),
+        "fd 5 is not an unlinked file: {}",
+        link.display()
+    );
+    let (m5, m6) = (
+        std::fs::metadata(fd(5)).unwrap(),
+        std::fs::metadata(fd(6)).unwrap(),
+    );
+    assert_eq!(m5.nlink(), 0, "the restored file has a name");
+    assert_eq!(m5.mode() & 0o7777, 0o640, "mode");
+    assert_eq!(
+        (m5.dev(), m5.ino()),
+        (m6.dev(), m6.ino()),
+        "fds 5 and 6 are one file again"
+    );
+    assert_eq!(read(Path::new(&fd(5))), content, "contents");
+    assert_eq!(
+        [fdinfo(p, 5), fdinfo(p, 6)],
+        before,
+        "offsets and flags of fds 5 and 6"
+    );
+    assert_eq!(ask(p, libc::SIGUSR2, &log, "PING"), "PING ok");
+    content.push_str("ping\n");
+    assert_eq!(
+        read(Path::new(&fd(6))),
+        content,
+        "a write through fd 5 is seen through fd 6"
+    );
+    assert_eq!(fdinfo(p, 6).0, "3", "fd 6 keeps its own offset");
+    kill(p);
+}
+
+/// An image of format 1 (no restore method recorded per fd) is still restored, its fds taken
+/// the way format 1 did: files reopened by path.
+#[test]
+fn format_1_images_are_still_restored() {
+    use kerfs_ghost::image::{ProcessImage, HEADER_LEN, TRAILER_LEN};
+    require_root();
+    let d = tempfile::tempdir().unwrap();
+    let prog = holdfd(d.path());
+    let log = d.path().join("log");
+    let mut child = start(&prog, &log, &["device", "/dev/urandom"], None);
+    wait_for(&log, "counters", 10, |s| counters(s).len() >= 3);
+    let v2 = export_killed(child.id() as i32).buf;
+    child.wait().unwrap();
+    // Rewritten as format 1 wrote it: version 1 in the header, no restore methods.
+    let meta_len = u64::from_le_bytes(v2[16..24].try_into().unwrap()) as usize;
+    let mut meta: ProcessImage =
+        prost::Message::decode(&v2[HEADER_LEN..HEADER_LEN + meta_len]).unwrap();
+    for f in &mut meta.fds {
+        f.restore = 0;
+    }
+    let meta_bytes = prost::Message::encode_to_vec(&meta);
+    let mut v1 = v2[..HEADER_LEN].to_vec();
+    v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+    v1[16..24].copy_from_slice(&(meta_bytes.len() as u64).to_le_bytes());
+    v1.extend_from_slice(&meta_bytes);
+    v1.extend_from_slice(&v2[HEADER_LEN + meta_len..v2.len() - TRAILER_LEN]);
+    let hash = blake3::hash(&v1);
+    v1.extend_from_slice(hash.as_bytes());
+    v1.extend_from_slice(kerfs_ghost::image::END_MAGIC);
+    let loaded = kerfs_ghost::load_image(&mut kerfs_ghost::MemReader::new(&v1)).unwrap();
+    assert_eq!(loaded.format_version, 1);
+    let rep = kerfs_ghost::import_image(&loaded, &kerfs_ghost::ImportOptions::default())
+        .expect("a format 1 image restores");
+    let link = std::fs::read_link(format!("/proc/{}/fd/5", rep.pid)).unwrap();
+    assert_eq!(link, Path::new("/dev/urandom"));
+    let n = counters(&read(&log)).len();
+    wait_for(&log, "counting after restart", 10, |s| {
+        counters(s).len() >= n + 10
+    });
+    kill(rep.pid);
 }

@@ -1,7 +1,10 @@
 /* Test program for checkpoint refusals: holds one resource at fd 5 and counts in a log.
  *   holdfd LOG inherited        fd 5 is given by the parent (a pipe or socketpair end)
  *   holdfd LOG tcp PORT         fd 5 is a TCP connection to 127.0.0.1:PORT
- *   holdfd LOG deleted PATH     fd 5 is PATH, opened read-write, written, then unlinked
+ *   holdfd LOG deleted PATH     fd 5 is PATH (mode 0640) opened read-write, written with 5000
+ *                               'x' and "hello\n"; fd 6 is PATH opened again read-only at
+ *                               offset 3; then PATH is unlinked
+ *   holdfd LOG memfd            fd 5 is a memfd
  *   holdfd LOG device PATH      fd 5 is PATH opened read-only (a device)
  * SIGUSR1: logs what fd 5 is now ("FD5 devnull" / "FD5 other" / "FD5 closed").
  * SIGUSR2: writes "ping\n" to fd 5 and logs "PING ok" or "PING failed". */
@@ -13,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
@@ -34,8 +38,19 @@ static int open_resource(const char *mode, const char *arg) {
         a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
         if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0) return -1;
     } else if (!strcmp(mode, "deleted")) {
-        fd = open(arg, O_RDWR | O_CREAT | O_TRUNC, 0600);
-        if (fd < 0 || write(fd, "hello\n", 6) != 6 || unlink(arg) != 0) return -1;
+        char xs[5000];
+        memset(xs, 'x', sizeof xs);
+        fd = open(arg, O_RDWR | O_CREAT | O_TRUNC, 0640);
+        if (fd < 0 || fchmod(fd, 0640) != 0 || write(fd, xs, sizeof xs) != sizeof xs ||
+            write(fd, "hello\n", 6) != 6)
+            return -1;
+        int again = open(arg, O_RDONLY);
+        if (again < 0 || lseek(again, 3, SEEK_SET) != 3 || dup2(again, 6) != 6 || unlink(arg) != 0)
+            return -1;
+        if (again != 6) close(again);
+    } else if (!strcmp(mode, "memfd")) {
+        fd = memfd_create("holdfd", 0);
+        if (fd < 0 || write(fd, "hello\n", 6) != 6) return -1;
     } else if (!strcmp(mode, "device")) {
         fd = open(arg, O_RDONLY);
     }
@@ -69,7 +84,7 @@ int main(int argc, char **argv) {
             else if (S_ISCHR(st.st_mode) && st.st_rdev == makedev(1, 3))
                 dprintf(log, "FD5 devnull\n");
             else
-                dprintf(log, "FD5 other mode %o\n", st.st_mode);
+                dprintf(log, "FD5 other mode %o nlink %lu\n", st.st_mode, (unsigned long)st.st_nlink);
         }
         if (usr2 != seen2) {
             seen2 = usr2;
