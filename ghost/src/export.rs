@@ -150,7 +150,7 @@ pub fn export_process(
     // cannot open or close fds.
     let mut fds = restorable::survey(pid, &opts.fds, tracking::find_uffd(pid).map(|(fd, _)| fd))?
         .into_fds(pid)?;
-    let deleted = read_deleted_files(pid, &mut fds)?;
+    let carried = read_fd_contents(pid, &mut fds)?;
     let regs = sys::get_regs(pid)?;
     guard.regs = Some(regs);
     let xstate = sys::get_xstate(pid)?;
@@ -327,8 +327,8 @@ pub fn export_process(
             });
         }
     }
-    // Deleted files follow the mappings' pages in the page data.
-    page_bytes += deleted
+    // What fds carry follows the mappings' pages in the page data.
+    page_bytes += carried
         .iter()
         .map(|c| crate::image::stored_len(c.len() as u64))
         .sum::<u64>();
@@ -426,7 +426,7 @@ pub fn export_process(
             .map_err(|e| GhostError::sys(format!("reading memory at {addr:#x}"), pid, e))
         },
     )?;
-    for content in &deleted {
+    for content in &carried {
         let mut padded = content.clone();
         padded.resize(crate::image::stored_len(content.len() as u64) as usize, 0);
         w.pages(&padded)?;
@@ -597,33 +597,65 @@ fn file_id(pid: i32, m: &MapLine) -> Result<FileId> {
     })
 }
 
-/// Reads the contents of the deleted files among `fds` (those that carry it, in fd order) and
-/// records their exact size. The process is frozen: nothing changes them meanwhile (short of
-/// another process holding the same file, which a checkpoint cannot freeze).
-fn read_deleted_files(pid: i32, fds: &mut [crate::image::Fd]) -> Result<Vec<Vec<u8>>> {
+/// Reads what fds carry into the image, in fd order (see [`crate::image::Fd::stored_bytes`]):
+/// the contents of deleted files (recording their exact size) and the bytes buffered in
+/// internal pipes (recording them and each pipe's capacity). The process is frozen: nothing
+/// changes them meanwhile (short of another process holding the same file or pipe, which a
+/// checkpoint of one process cannot freeze).
+fn read_fd_contents(pid: i32, fds: &mut [crate::image::Fd]) -> Result<Vec<Vec<u8>>> {
     use std::io::Read;
     let mut out = Vec::new();
+    // Pipes already read: (inode, capacity).
+    let mut pipes: Vec<(u64, u32)> = Vec::new();
+    let mut pidfd = None;
     for f in fds.iter_mut() {
-        let Some(d) = f.deleted.as_mut().filter(|d| d.same_as.is_none()) else {
-            continue;
-        };
-        let link = format!("/proc/{pid}/fd/{}", f.fd);
-        let mut content = Vec::new();
-        fs::File::open(&link)
-            .and_then(|file| {
-                file.take(restorable::DELETED_FILE_MAX + 1)
-                    .read_to_end(&mut content)
-            })
-            .map_err(|e| GhostError::sys(format!("reading deleted file {}", f.path), pid, e))?;
-        if content.len() as u64 > restorable::DELETED_FILE_MAX {
-            return Err(GhostError::Unsupported(format!(
-                "deleted file {} of process {pid} grew past {} MiB while it was checkpointed",
-                f.path,
-                restorable::DELETED_FILE_MAX >> 20
-            )));
+        if let Some(d) = f.deleted.as_mut().filter(|d| d.same_as.is_none()) {
+            let link = format!("/proc/{pid}/fd/{}", f.fd);
+            let mut content = Vec::new();
+            fs::File::open(&link)
+                .and_then(|file| {
+                    file.take(restorable::DELETED_FILE_MAX + 1)
+                        .read_to_end(&mut content)
+                })
+                .map_err(|e| GhostError::sys(format!("reading deleted file {}", f.path), pid, e))?;
+            if content.len() as u64 > restorable::DELETED_FILE_MAX {
+                return Err(GhostError::Unsupported(format!(
+                    "deleted file {} of process {pid} grew past {} MiB while it was checkpointed",
+                    f.path,
+                    restorable::DELETED_FILE_MAX >> 20
+                )));
+            }
+            d.size = content.len() as u64;
+            out.push(content);
         }
-        d.size = content.len() as u64;
-        out.push(content);
+        let read_end = restorable::reads(f.flags);
+        if let Some(p) = f.pipe.as_mut() {
+            if let Some(&(_, cap)) = pipes.iter().find(|(i, _)| *i == p.inode) {
+                p.capacity = cap;
+                continue;
+            }
+            if !read_end {
+                // The buffer is read through a read end; the pipe's first one carries it.
+                continue;
+            }
+            if pidfd.is_none() {
+                pidfd = Some(sys::pidfd_open(pid)?);
+            }
+            let Some(pidfd) = &pidfd else { continue };
+            let (cap, content) = sys::peek_pipe(pid, pidfd, f.fd)?;
+            p.capacity = cap;
+            p.buffered = content.len() as u64;
+            pipes.push((p.inode, cap));
+            out.push(content);
+        }
+    }
+    // Write ends before the pipe's first read end learn the capacity now.
+    for f in fds.iter_mut() {
+        if let Some(p) = f.pipe.as_mut() {
+            if let Some(&(_, cap)) = pipes.iter().find(|(i, _)| *i == p.inode) {
+                p.capacity = cap;
+            }
+        }
     }
     Ok(out)
 }

@@ -3,8 +3,9 @@
 //! ```text
 //! header  (32 B)  magic "KRGGHOST" | format version u32 | header size u32 | meta len u64 | pages len u64
 //! meta            ProcessImage (prost)
-//! pages           contents of the stored pages, in the order of Mapping.runs, then the
-//!                 contents of deleted-but-open files (Fd.deleted), each padded to whole pages
+//! pages           contents of the stored pages, in the order of Mapping.runs, then, in fd
+//!                 order, what fds carry (Fd::stored_bytes: a deleted-but-open file, the
+//!                 bytes buffered in a pipe), each padded to whole pages
 //! trailer (40 B)  blake3(header ‖ meta ‖ pages) | end magic "KRGGEND\0"
 //! ```
 //!
@@ -323,6 +324,24 @@ pub enum FdRestore {
     /// A regular file deleted while open ([`Fd::deleted`]): its contents are stored in the
     /// image and it comes back as an open, unlinked file with the same flags and offset.
     DeletedFile = 5,
+    /// One end of a pipe whose both ends the process holds ([`Fd::pipe`]): the pipe is made
+    /// again with its capacity and the bytes buffered in it.
+    PipeInProcess = 6,
+}
+
+/// One end of a pipe held, both ends, by the process.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PipeEnd {
+    /// Inode of the pipe: the fds with the same one are ends of one pipe.
+    #[prost(uint64, tag = "1")]
+    pub inode: u64,
+    /// F_GETPIPE_SZ.
+    #[prost(uint32, tag = "2")]
+    pub capacity: u32,
+    /// Bytes buffered in the pipe, stored in the page data; only the first fd of a pipe
+    /// carries them (0 on the others).
+    #[prost(uint64, tag = "3")]
+    pub buffered: u64,
 }
 
 /// A regular file that was deleted while open, saved with the image.
@@ -343,7 +362,7 @@ pub struct DeletedFile {
 /// Bytes a deleted file of `size` bytes takes in the page data (whole pages, so that page
 /// data stays a sequence of pages for the checkpoint store).
 pub fn stored_len(size: u64) -> u64 {
-    size.div_ceil(crate::PAGE) * crate::PAGE
+    size.div_ceil(crate::PAGE).saturating_mul(crate::PAGE)
 }
 
 /// One open file descriptor.
@@ -370,9 +389,18 @@ pub struct Fd {
     /// For [`FdRestore::DeletedFile`]: the saved file.
     #[prost(message, optional, tag = "7")]
     pub deleted: Option<DeletedFile>,
+    /// For [`FdRestore::PipeInProcess`]: which pipe, and what it held.
+    #[prost(message, optional, tag = "8")]
+    pub pipe: Option<PipeEnd>,
 }
 
 impl Fd {
+    /// Bytes this fd carries in the page data (a deleted file's contents, a pipe's buffer).
+    pub fn stored_bytes(&self) -> u64 {
+        let deleted = self.deleted.as_ref().map_or(0, |d| d.size);
+        deleted.saturating_add(self.pipe.as_ref().map_or(0, |p| p.buffered))
+    }
+
     /// How a restart rebuilds this fd. Images of format 1 did not record it: their pipes,
     /// sockets and other fds had to be handed in (or, for fds 0-2, were replaced by the
     /// restorer's own), files and terminals were reopened; that is what is returned for them.
@@ -673,13 +701,13 @@ pub struct LoadedImage {
 }
 
 impl LoadedImage {
-    /// The page data, in the order of the mappings' runs (then the deleted files).
+    /// The page data, in the order of the mappings' runs (then what fds carry).
     pub fn pages(&self) -> &[u8] {
         &self.bytes.as_slice()[self.pages_off..self.pages_off + self.pages_len]
     }
 
-    /// The stored contents of the deleted files, by fd (checked to fit at load).
-    pub fn deleted_contents(&self) -> Vec<(i32, &[u8])> {
+    /// What fds carry in the page data ([`Fd::stored_bytes`]), by fd (checked to fit at load).
+    pub fn fd_contents(&self) -> Vec<(i32, &[u8])> {
         let pages = self.pages();
         let mut off: usize = self
             .meta
@@ -690,10 +718,10 @@ impl LoadedImage {
             .sum();
         let mut out = Vec::new();
         for f in &self.meta.fds {
-            if let Some(d) = &f.deleted {
-                let end = off + d.size as usize;
-                out.push((f.fd, &pages[off..end]));
-                off += stored_len(d.size) as usize;
+            let n = f.stored_bytes();
+            if n > 0 {
+                out.push((f.fd, &pages[off..off + n as usize]));
+                off += stored_len(n) as usize;
             }
         }
         out
@@ -858,15 +886,14 @@ fn finish_load(
         .flat_map(|m| m.runs.iter())
         .map(|r| r.npages.saturating_mul(crate::PAGE))
         .fold(0u64, |a, b| a.saturating_add(b));
-    let file_bytes: u64 = meta
+    let fd_bytes: u64 = meta
         .fds
         .iter()
-        .filter_map(|f| f.deleted.as_ref())
-        .map(|d| stored_len(d.size))
+        .map(|f| stored_len(f.stored_bytes()))
         .fold(0u64, |a, b| a.saturating_add(b));
-    if run_bytes.saturating_add(file_bytes) != pages_len {
+    if run_bytes.saturating_add(fd_bytes) != pages_len {
         return Err(GhostError::BadImage(format!(
-            "{}: page runs cover {run_bytes} bytes and deleted files {file_bytes}, but {pages_len} are stored",
+            "{}: page runs cover {run_bytes} bytes and fds {fd_bytes}, but {pages_len} are stored",
             r.describe()
         )));
     }

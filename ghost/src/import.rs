@@ -103,7 +103,7 @@ fn preflight(img: &LoadedImage, opts: &ImportOptions) -> Result<Prepared> {
     for m in &meta.mappings {
         check_mapping(m)?;
     }
-    let fdplan = plan_fds(meta, img.format_version, opts, &img.deleted_contents())?;
+    let fdplan = plan_fds(meta, img.format_version, opts, &img.fd_contents())?;
     Ok(Prepared { regs0, mm, fdplan })
 }
 
@@ -836,6 +836,8 @@ fn plan_fds(
     let mut missing = Vec::new();
     // Deleted files recreated so far, by the fd that carried the content.
     let mut recreated: Vec<(i32, File)> = Vec::new();
+    // Internal pipes made so far.
+    let mut pipes: Vec<MadePipe> = Vec::new();
     for f in &meta.fds {
         let cloexec = f.flags & libc::O_CLOEXEC as u32 != 0;
         if let Some(&(_, src)) = opts.inherit_fds.iter().find(|(t, _)| *t == f.fd) {
@@ -866,6 +868,37 @@ fn plan_fds(
                     src: f.fd,
                     cloexec,
                     _owned: None,
+                });
+                continue;
+            }
+            FdRestore::PipeInProcess => {
+                let p = f.pipe.as_ref().ok_or_else(|| {
+                    GhostError::BadImage(format!("fd {} is a pipe end without its record", f.fd))
+                })?;
+                let i = match pipes.iter().position(|m| m.inode == p.inode) {
+                    Some(i) => i,
+                    None => {
+                        let made = make_pipe(meta, p.inode, p.capacity, contents).map_err(|e| {
+                            GhostError::Restore {
+                                step: format!("make the pipe of fd {} again", f.fd),
+                                msg: e.to_string(),
+                            }
+                        })?;
+                        pipes.push(made);
+                        pipes.len() - 1
+                    }
+                };
+                let m = &mut pipes[i];
+                let (raw, owned) = if crate::restorable::reads(f.flags) {
+                    (m.rd_raw, m.rd.take())
+                } else {
+                    (m.wr_raw, m.wr.take())
+                };
+                out.push(FdPlan {
+                    target: f.fd,
+                    src: raw,
+                    cloexec,
+                    _owned: owned,
                 });
                 continue;
             }
@@ -942,6 +975,71 @@ fn plan_fds(
         )));
     }
     Ok(out)
+}
+
+/// A pipe made again for the fds of one internal pipe; each end is handed to the first fd
+/// plan that uses it (which keeps it open until the child has it), the others share it.
+struct MadePipe {
+    inode: u64,
+    rd: Option<File>,
+    wr: Option<File>,
+    rd_raw: RawFd,
+    wr_raw: RawFd,
+}
+
+/// The pipe `inode` of the image: same capacity, refilled with the bytes it buffered, each
+/// end with the O_NONBLOCK of the first fd of that end (the flag belongs to the end, which
+/// dup'ed fds share).
+fn make_pipe(
+    meta: &image::ProcessImage,
+    inode: u64,
+    capacity: u32,
+    contents: &[(i32, &[u8])],
+) -> std::io::Result<MadePipe> {
+    use std::io::Write;
+    let mut p = [0i32; 2];
+    // SAFETY: p is a 2-int array.
+    if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh fds from pipe2, owned from here on.
+    let (rd, wr) = unsafe { (File::from_raw_fd(p[0]), File::from_raw_fd(p[1])) };
+    let cap = capacity as libc::c_int;
+    // SAFETY: fcntl on our own fd.
+    if cap > 0 && unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETPIPE_SZ, cap) } < cap {
+        return Err(std::io::Error::last_os_error());
+    }
+    let ends: Vec<&image::Fd> = meta
+        .fds
+        .iter()
+        .filter(|g| g.pipe.as_ref().is_some_and(|q| q.inode == inode))
+        .collect();
+    let buffered = ends
+        .iter()
+        .find(|g| g.stored_bytes() > 0)
+        .and_then(|g| contents.iter().find(|(fd, _)| *fd == g.fd))
+        .map(|c| c.1)
+        .unwrap_or_default();
+    // Non-blocking: bytes that do not fit are an error, not a hang.
+    (&wr).write_all(buffered)?;
+    for (end, want_read) in [(&rd, true), (&wr, false)] {
+        let nonblock = ends
+            .iter()
+            .find(|g| crate::restorable::reads(g.flags) == want_read)
+            .is_some_and(|g| g.flags & libc::O_NONBLOCK as u32 != 0);
+        let fl = if nonblock { libc::O_NONBLOCK } else { 0 };
+        // SAFETY: fcntl on our own fd.
+        if unsafe { libc::fcntl(end.as_raw_fd(), libc::F_SETFL, fl) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(MadePipe {
+        inode,
+        rd_raw: rd.as_raw_fd(),
+        wr_raw: wr.as_raw_fd(),
+        rd: Some(rd),
+        wr: Some(wr),
+    })
 }
 
 /// An open, unlinked regular file holding `content`, made in the directory the deleted file

@@ -19,7 +19,7 @@ use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use crate::error::{GhostError, Result};
-use crate::image::{DeletedFile, Fd, FdKind, FdRestore, MapKind};
+use crate::image::{DeletedFile, Fd, FdKind, FdRestore, MapKind, PipeEnd};
 use crate::procfs::{self, MapLine};
 
 /// What to do with one fd instead of restoring it as it is.
@@ -339,6 +339,8 @@ fn plan_fds(
     let mut fds = Vec::new();
     let mut problems = Vec::new();
     let mut seen = Vec::new();
+    // (fd, /proc link, pos, flags) first: whether a pipe is internal depends on the other fds.
+    let mut listed = Vec::new();
     for ent in rd.flatten() {
         let Some(fd) = ent.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
@@ -350,13 +352,22 @@ fn plan_fds(
         let Ok(target) = fs::read_link(ent.path()) else {
             continue;
         };
-        seen.push(fd);
-        let target = target.to_string_lossy().into_owned();
         let (pos, flags) = procfs::fdinfo(pid, fd)?;
-        match fd_restore(pid, fd, &target, flags, policy, maps) {
+        listed.push((fd, target.to_string_lossy().into_owned(), pos, flags));
+    }
+    let internal = internal_pipes(&listed);
+    for (fd, target, pos, flags) in listed {
+        seen.push(fd);
+        match fd_restore(pid, fd, &target, flags, policy, maps, &internal) {
             Ok(restore) => fds.push(Fd {
                 fd,
                 kind: fd_kind(&target) as i32,
+                pipe: pipe_inode(&target)
+                    .filter(|_| restore == FdRestore::PipeInProcess)
+                    .map(|inode| PipeEnd {
+                        inode,
+                        ..Default::default()
+                    }),
                 path: target,
                 flags,
                 pos,
@@ -403,6 +414,40 @@ fn plan_fds(
     Ok((fds, problems))
 }
 
+/// The inode of a `pipe:[N]` link.
+fn pipe_inode(target: &str) -> Option<u64> {
+    target
+        .strip_prefix("pipe:[")
+        .and_then(|r| r.strip_suffix(']'))
+        .and_then(|n| n.parse().ok())
+}
+
+/// Whether an fd with these open flags reads (else it writes) a pipe.
+pub(crate) fn reads(flags: u32) -> bool {
+    flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32
+}
+
+/// Pipes of which the process holds both a read end and a write end: made again whole at
+/// restart, with their buffered bytes. (A pipe with one end elsewhere cannot be: the other
+/// side is not in the image.)
+fn internal_pipes(listed: &[(i32, String, i64, u32)]) -> Vec<u64> {
+    let ends = |want_read: bool| -> Vec<u64> {
+        listed
+            .iter()
+            .filter(|(_, _, _, flags)| reads(*flags) == want_read)
+            .filter_map(|(_, t, _, _)| pipe_inode(t))
+            .collect()
+    };
+    let (readers, writers) = (ends(true), ends(false));
+    let mut both: Vec<u64> = readers
+        .into_iter()
+        .filter(|i| writers.contains(i))
+        .collect();
+    both.sort_unstable();
+    both.dedup();
+    both
+}
+
 /// The informational kind recorded with an fd.
 fn fd_kind(target: &str) -> FdKind {
     if target.starts_with("pipe:") {
@@ -444,6 +489,7 @@ fn fd_restore(
     flags: u32,
     policy: &FdPolicy,
     maps: &[MapLine],
+    internal_pipes: &[u64],
 ) -> std::result::Result<FdRestore, String> {
     match policy.get(fd) {
         Some(FdChoice::DevNull) => return Ok(FdRestore::DevNull),
@@ -456,11 +502,14 @@ fn fd_restore(
         .strip_prefix("pipe:[")
         .and_then(|r| r.strip_suffix(']'))
     {
+        if pipe_inode(target).is_some_and(|i| internal_pipes.contains(&i)) {
+            return Ok(FdRestore::PipeInProcess);
+        }
         if stdio {
             return Ok(FdRestore::CallerStdio);
         }
         return Err(format!(
-            "pipe:[{inode}], a pipe: its other end and the bytes buffered in it cannot be recreated by a restart"
+            "pipe:[{inode}], a pipe whose other end is outside the process: that end and the bytes buffered in it cannot be recreated by a restart"
         ));
     }
     if let Some(inode) = target

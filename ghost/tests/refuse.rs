@@ -2,7 +2,8 @@
 //! restart could not rebuild (a pipe or socket to the outside, a TCP connection, a memfd, a
 //! device), names it, and leaves the process running; `--drop FD` restores the fd as
 //! /dev/null and `--external FD` has it handed in with `krg restart --inherit-fd`. Files
-//! deleted while open are saved in the image and come back open and unlinked.
+//! deleted while open are saved in the image and come back open and unlinked; pipes with
+//! both ends in the process come back with the bytes buffered in them.
 
 mod common;
 
@@ -201,7 +202,7 @@ fn pipe_to_the_outside_is_refused_then_dropped() {
     refused_then_dropped(
         &["inherited"],
         Some(wr.as_raw_fd()),
-        &["pipe:[", "a pipe: its other end"],
+        &["pipe:[", "a pipe whose other end is outside the process"],
     );
 }
 
@@ -491,4 +492,53 @@ fn format_1_images_are_still_restored() {
         counters(s).len() >= n + 10
     });
     kill(rep.pid);
+}
+
+/// A pipe with both ends in the process: a leave-running checkpoint does not consume its
+/// buffer (the original still reads every byte), and a restart from that image refills it:
+/// the restored process reads the same 30000 bytes, then what it writes itself; the read
+/// end keeps O_NONBLOCK.
+#[test]
+fn pipe_within_the_process_keeps_its_buffered_bytes() {
+    require_root();
+    let d = tempfile::tempdir().unwrap();
+    let prog = holdfd(d.path());
+    let (log, img) = (d.path().join("log"), d.path().join("img"));
+    let mut child = start(&prog, &log, &["pipe-self"], None);
+    let pid = child.id() as i32;
+    wait_for(&log, "counters", 10, |s| counters(s).len() >= 3);
+    let before = [fdinfo(pid, 5).1, fdinfo(pid, 6).1];
+    let out = checkpoint(pid, &img, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        ask(pid, libc::SIGHUP, &log, "DRAIN"),
+        "DRAIN 30000 ok ",
+        "the checkpoint consumed bytes of the pipe"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let err = d.path().join("restart.err");
+    assert!(restart(&img, &[], None, &err), "{}", read(&err));
+    let pids = pids_of(&prog);
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let p = pids[0];
+    assert_eq!(
+        [fdinfo(p, 5).1, fdinfo(p, 6).1],
+        before,
+        "flags of both ends"
+    );
+    let (m5, m6) = (
+        std::fs::metadata(format!("/proc/{p}/fd/5")).unwrap(),
+        std::fs::metadata(format!("/proc/{p}/fd/6")).unwrap(),
+    );
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        m5.ino(),
+        m6.ino(),
+        "fds 5 and 6 are the two ends of one pipe"
+    );
+    assert_eq!(ask(p, libc::SIGUSR2, &log, "PING"), "PING ok");
+    assert_eq!(ask(p, libc::SIGHUP, &log, "DRAIN"), "DRAIN 30005 ok ping|");
+    kill(p);
 }

@@ -5,9 +5,13 @@
  *                               'x' and "hello\n"; fd 6 is PATH opened again read-only at
  *                               offset 3; then PATH is unlinked
  *   holdfd LOG memfd            fd 5 is a memfd
+ *   holdfd LOG pipe-self        fd 5 is the write end of a pipe whose read end is fd 6
+ *                               (non-blocking), 3000 lines "line NNNN\n" buffered in it
  *   holdfd LOG device PATH      fd 5 is PATH opened read-only (a device)
  * SIGUSR1: logs what fd 5 is now ("FD5 devnull" / "FD5 other" / "FD5 closed").
- * SIGUSR2: writes "ping\n" to fd 5 and logs "PING ok" or "PING failed". */
+ * SIGUSR2: writes "ping\n" to fd 5 and logs "PING ok" or "PING failed".
+ * SIGHUP: reads fd 6 until it is empty and logs "DRAIN <bytes> <ok|bad> <rest>": whether
+ * the first 30000 bytes are the 3000 lines, and what follows them (newlines as '|'). */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -22,9 +26,26 @@
 #include <sys/sysmacros.h>
 #include <unistd.h>
 
-static volatile sig_atomic_t usr1, usr2;
+static volatile sig_atomic_t usr1, usr2, hup;
 static void on_usr1(int s) { (void)s; usr1++; }
 static void on_usr2(int s) { (void)s; usr2++; }
+static void on_hup(int s) { (void)s; hup++; }
+
+static void drain(int log) {
+    static char buf[1 << 20];
+    ssize_t n = 0, r;
+    while (n < (ssize_t)sizeof buf && (r = read(6, buf + n, sizeof buf - n)) > 0) n += r;
+    int ok = n >= 30000;
+    char line[16];
+    for (int i = 0; ok && i < 3000; i++) {
+        snprintf(line, sizeof line, "line %04d\n", i);
+        ok = !memcmp(buf + i * 10, line, 10);
+    }
+    for (ssize_t i = 30000; i < n; i++)
+        if (buf[i] == '\n') buf[i] = '|';
+    dprintf(log, "DRAIN %zd %s %.*s\n", n, ok ? "ok" : "bad", n > 30000 ? (int)(n - 30000) : 0,
+            buf + 30000);
+}
 
 static int open_resource(const char *mode, const char *arg) {
     if (!strcmp(mode, "inherited")) return 5;
@@ -48,6 +69,18 @@ static int open_resource(const char *mode, const char *arg) {
         if (again < 0 || lseek(again, 3, SEEK_SET) != 3 || dup2(again, 6) != 6 || unlink(arg) != 0)
             return -1;
         if (again != 6) close(again);
+    } else if (!strcmp(mode, "pipe-self")) {
+        int p[2];
+        char line[16];
+        if (pipe(p) != 0 || dup2(p[1], 5) != 5 || dup2(p[0], 6) != 6) return -1;
+        if (p[0] != 5 && p[0] != 6) close(p[0]);
+        if (p[1] != 5 && p[1] != 6) close(p[1]);
+        for (int i = 0; i < 3000; i++) {
+            snprintf(line, sizeof line, "line %04d\n", i);
+            if (write(5, line, 10) != 10) return -1;
+        }
+        if (fcntl(6, F_SETFL, O_NONBLOCK) != 0) return -1;
+        return 5;
     } else if (!strcmp(mode, "memfd")) {
         fd = memfd_create("holdfd", 0);
         if (fd < 0 || write(fd, "hello\n", 6) != 6) return -1;
@@ -73,7 +106,9 @@ int main(int argc, char **argv) {
     sigaction(SIGUSR1, &sa, 0);
     sa.sa_handler = on_usr2;
     sigaction(SIGUSR2, &sa, 0);
-    int seen1 = 0, seen2 = 0;
+    sa.sa_handler = on_hup;
+    sigaction(SIGHUP, &sa, 0);
+    int seen1 = 0, seen2 = 0, seen_hup = 0;
     for (unsigned long counter = 1;; counter++) {
         dprintf(log, "%lu\n", counter);
         if (usr1 != seen1) {
@@ -85,6 +120,10 @@ int main(int argc, char **argv) {
                 dprintf(log, "FD5 devnull\n");
             else
                 dprintf(log, "FD5 other mode %o nlink %lu\n", st.st_mode, (unsigned long)st.st_nlink);
+        }
+        if (hup != seen_hup) {
+            seen_hup = hup;
+            drain(log);
         }
         if (usr2 != seen2) {
             seen2 = usr2;
