@@ -355,9 +355,25 @@ fn plan_fds(
         let (pos, flags) = procfs::fdinfo(pid, fd)?;
         listed.push((fd, target.to_string_lossy().into_owned(), pos, flags));
     }
-    let internal = internal_pipes(&listed);
+    let mut internal = internal_pipes(&listed);
+    // A pipe another process also holds is not internal: restored, it would be cut off.
+    let shared = held_elsewhere(pid, &internal);
+    internal.retain(|i| !shared.iter().any(|(s, _)| s == i));
     for (fd, target, pos, flags) in listed {
         seen.push(fd);
+        if let Some((_, other)) = pipe_inode(&target)
+            .and_then(|i| shared.iter().find(|(s, _)| *s == i))
+            .filter(|_| policy.get(fd).is_none())
+        {
+            problems.push(Problem {
+                fd: Some(fd),
+                what: format!(
+                    "fd {fd}: {target}, a pipe whose both ends are in the process, but {other} holds it too: restored, the pipe would be cut off from it"
+                ),
+                hint: None,
+            });
+            continue;
+        }
         match fd_restore(pid, fd, &target, flags, policy, maps, &internal) {
             Ok(restore) => fds.push(Fd {
                 fd,
@@ -446,6 +462,52 @@ fn internal_pipes(listed: &[(i32, String, i64, u32)]) -> Vec<u64> {
     both.sort_unstable();
     both.dedup();
     both
+}
+
+/// The pipes among `inodes` that a process other than `pid` also holds, each with one such
+/// process ("process N (comm)"). Every process's fds are looked at: a few ms on a busy host,
+/// and only when the process has internal pipes.
+fn held_elsewhere(pid: i32, inodes: &[u64]) -> Vec<(u64, String)> {
+    let mut out: Vec<(u64, String)> = Vec::new();
+    if inodes.is_empty() {
+        return out;
+    }
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return out;
+    };
+    // Threads of `pid` share its fd table; so may processes made with CLONE_FILES, which
+    // show the same fds: those are told apart by their thread group.
+    let tgid_of = |p: &str| {
+        fs::read_to_string(format!("/proc/{p}/status"))
+            .ok()
+            .and_then(|s| procfs::status_field(&s, "Tgid"))
+            .and_then(|t| t.parse::<i32>().ok())
+    };
+    for ent in procs.flatten() {
+        let name = ent.file_name();
+        let Some(other) = name.to_str().filter(|n| n.parse::<i32>().is_ok()) else {
+            continue;
+        };
+        if other == pid.to_string() || tgid_of(other) == Some(pid) {
+            continue;
+        }
+        let Ok(fds) = fs::read_dir(format!("/proc/{other}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Some(inode) = fs::read_link(fd.path())
+                .ok()
+                .and_then(|t| pipe_inode(&t.to_string_lossy()))
+            else {
+                continue;
+            };
+            if inodes.contains(&inode) && !out.iter().any(|(i, _)| *i == inode) {
+                let comm = fs::read_to_string(format!("/proc/{other}/comm")).unwrap_or_default();
+                out.push((inode, format!("process {other} ({})", comm.trim())));
+            }
+        }
+    }
+    out
 }
 
 /// The informational kind recorded with an fd.

@@ -542,3 +542,39 @@ fn pipe_within_the_process_keeps_its_buffered_bytes() {
     assert_eq!(ask(p, libc::SIGHUP, &log, "DRAIN"), "DRAIN 30005 ok ping|");
     kill(p);
 }
+
+/// A pipe whose both ends the process holds, but that another process holds too, is not
+/// internal: the checkpoint is refused and names that process.
+#[test]
+fn pipe_within_the_process_also_held_elsewhere_is_refused() {
+    require_root();
+    let d = tempfile::tempdir().unwrap();
+    let prog = holdfd(d.path());
+    let (log, img) = (d.path().join("log"), d.path().join("img"));
+    let mut child = start(&prog, &log, &["pipe-self"], None);
+    let pid = child.id() as i32;
+    wait_for(&log, "counters", 10, |s| counters(s).len() >= 3);
+    // SAFETY: pidfd_open/pidfd_getfd on our own child; results checked.
+    let copy = unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
+        assert!(pidfd >= 0);
+        let fd = libc::syscall(libc::SYS_pidfd_getfd, pidfd, 6, 0);
+        libc::close(pidfd as i32);
+        assert!(fd >= 0);
+        OwnedFd::from_raw_fd(fd as i32)
+    };
+    let out = checkpoint(pid, &img, &["--kill"]);
+    let e = stderr(&out);
+    assert!(!out.status.success(), "{e}");
+    let me = format!("but process {} (", std::process::id());
+    assert!(
+        e.contains("fd 5: pipe:[") && e.contains("fd 6: pipe:["),
+        "{e}"
+    );
+    assert!(e.contains(&me) && e.contains("holds it too"), "{e}");
+    assert_left_running(pid, &log);
+    drop(copy);
+    let out = checkpoint(pid, &img, &["--kill"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    child.wait().unwrap();
+}

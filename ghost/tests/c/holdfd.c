@@ -12,6 +12,7 @@
  * SIGUSR2: writes "ping\n" to fd 5 and logs "PING ok" or "PING failed".
  * SIGHUP: reads fd 6 until it is empty and logs "DRAIN <bytes> <ok|bad> <rest>": whether
  * the first 30000 bytes are the 3000 lines, and what follows them (newlines as '|'). */
+#define _GNU_SOURCE /* memfd_create */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
