@@ -427,9 +427,9 @@ pub fn export_process(
         },
     )?;
     for content in &carried {
-        let mut padded = content.clone();
-        padded.resize(crate::image::stored_len(content.len() as u64) as usize, 0);
-        w.pages(&padded)?;
+        let pad = crate::image::stored_len(content.len() as u64) as usize - content.len();
+        w.pages(content)?;
+        w.pages(&vec![0u8; pad])?;
     }
     w.end()?;
     // Still frozen: from here on every write of the process marks its page.

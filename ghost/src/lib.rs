@@ -22,10 +22,13 @@
 //!   answer without freezing; an [`FdPolicy`] restores chosen fds as /dev/null or has them
 //!   handed in at import ([`ImportOptions::inherit_fds`]).
 //!
+//!   Files deleted while open and pipes whose both ends the process holds are saved with
+//!   their contents.
+//!
 //! Limits: one thread, no children; no itimers/POSIX timers, SysV IPC, inotify/epoll/eventfd
-//! fds; pipes and sockets on fds 0-2 take the importer's own stdio, elsewhere they are refused
-//! unless dropped or external; the restoring host must run the same kernel (same vDSO) on a
-//! CPU with the same XSAVE features.
+//! fds; pipes and sockets on fds 0-2 take the importer's own stdio, other sockets and pipes
+//! to the outside are refused unless dropped or external; the restoring host must run the
+//! same kernel (same vDSO) on a CPU with the same XSAVE features.
 //! Needs root (or CAP_SYS_PTRACE + CAP_CHECKPOINT_RESTORE).
 
 mod compat;
