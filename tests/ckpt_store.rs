@@ -1,7 +1,8 @@
 //! The checkpoint store on a real cluster with real processes: `krg checkpoint --to kerfs:`,
 //! restart from another mount namespace, incremental (deduplicated) versions, kill -9 of krg
-//! and of a chunk server mid-checkpoint, corrupted pack chunks, and GC next to a running
-//! checkpoint. Needs root (ptrace, PID namespaces, unshare -m).
+//! and of a chunk server mid-checkpoint, corrupted pack chunks, GC next to a running
+//! checkpoint, and fds whose contents a version carries (internal pipes, deleted files) or
+//! that refuse the checkpoint. Needs root (ptrace, PID namespaces, unshare -m).
 //!
 //! Build the binaries first: `cargo build --workspace --bins` (scripts/test does).
 

@@ -578,3 +578,64 @@ fn pipe_within_the_process_also_held_elsewhere_is_refused() {
     assert!(out.status.success(), "{}", stderr(&out));
     child.wait().unwrap();
 }
+
+/// Refusals of what is not an fd: the checkpoint (with `--kill`) fails naming it and the
+/// process is left running.
+fn refused(args: &[&str], expect: &[&str]) {
+    require_root();
+    let d = tempfile::tempdir().unwrap();
+    let prog = holdfd(d.path());
+    let (log, img) = (d.path().join("log"), d.path().join("img"));
+    let mut child = start(&prog, &log, args, None);
+    let pid = child.id() as i32;
+    wait_for(&log, "counters", 10, |s| counters(s).len() >= 3);
+    let out = checkpoint(pid, &img, &["--kill"]);
+    let e = stderr(&out);
+    assert!(!out.status.success(), "checkpoint succeeded: {e}");
+    for want in [&format!("process {pid} (holdfd)")]
+        .into_iter()
+        .map(String::as_str)
+        .chain(expect.iter().copied())
+    {
+        assert!(e.contains(want), "the refusal does not say {want:?}: {e}");
+    }
+    assert!(!img.exists());
+    assert_left_running(pid, &log);
+    // The child of the "child" case first (it is reparented, not killed, with its parent).
+    let kids = read(Path::new(&format!("/proc/{pid}/task/{pid}/children")));
+    for k in kids
+        .split_whitespace()
+        .filter_map(|k| k.parse::<i32>().ok())
+    {
+        // SAFETY: signalling a process this test's program forked.
+        unsafe { libc::kill(k, libc::SIGKILL) };
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn a_process_with_a_child_is_refused() {
+    refused(&["child"], &["it has child processes", "(holdfd)"]);
+}
+
+#[test]
+fn a_second_thread_is_refused() {
+    refused(&["thread"], &["it has 2 threads"]);
+}
+
+#[test]
+fn a_deleted_working_directory_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let gone = d.path().join("gone");
+    let want = format!("its working directory {} (deleted)", gone.display());
+    refused(&["cwd-gone", gone.to_str().unwrap()], &[&want]);
+}
+
+#[test]
+fn system_v_shared_memory_is_refused() {
+    refused(
+        &["sysv"],
+        &["/SYSV00000000 (deleted)", "System V shared memory"],
+    );
+}

@@ -5,6 +5,10 @@
  *                               'x' and "hello\n"; fd 6 is PATH opened again read-only at
  *                               offset 3; then PATH is unlinked
  *   holdfd LOG memfd            fd 5 is a memfd
+ *   holdfd LOG child            a child process that sleeps (fd 5 is /dev/null)
+ *   holdfd LOG thread           a second thread that sleeps (fd 5 is /dev/null)
+ *   holdfd LOG cwd-gone DIR     works in DIR, which it removes (fd 5 is /dev/null)
+ *   holdfd LOG sysv             attaches a System V shared memory segment (fd 5 /dev/null)
  *   holdfd LOG pipe-self        fd 5 is the write end of a pipe whose read end is fd 6
  *                               (non-blocking), 3000 lines "line NNNN\n" buffered in it
  *   holdfd LOG device PATH      fd 5 is PATH opened read-only (a device)
@@ -21,7 +25,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
 #include <sys/mman.h>
+#include <sys/shm.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
@@ -48,9 +54,32 @@ static void drain(int log) {
             buf + 30000);
 }
 
+static void *sleeper(void *arg) {
+    (void)arg;
+    for (;;) pause();
+    return 0;
+}
+
 static int open_resource(const char *mode, const char *arg) {
     if (!strcmp(mode, "inherited")) return 5;
     int fd = -1;
+    if (!strcmp(mode, "child")) {
+        if (fork() == 0)
+            for (;;) pause();
+        mode = "device", arg = "/dev/null";
+    } else if (!strcmp(mode, "thread")) {
+        pthread_t t;
+        if (pthread_create(&t, 0, sleeper, 0) != 0) return -1;
+        mode = "device", arg = "/dev/null";
+    } else if (!strcmp(mode, "cwd-gone")) {
+        if (mkdir(arg, 0700) != 0 || chdir(arg) != 0 || rmdir(arg) != 0) return -1;
+        mode = "device", arg = "/dev/null";
+    } else if (!strcmp(mode, "sysv")) {
+        int id = shmget(IPC_PRIVATE, 4096, IPC_CREAT | 0600);
+        if (id < 0 || shmat(id, 0, 0) == (void *)-1) return -1;
+        shmctl(id, IPC_RMID, 0); /* gone once detached: nothing left behind by the test */
+        mode = "device", arg = "/dev/null";
+    }
     if (!strcmp(mode, "tcp")) {
         fd = socket(AF_INET, SOCK_STREAM, 0);
         struct sockaddr_in a;
