@@ -42,7 +42,8 @@ enum Cmd {
         cmd: Vec<String>,
     },
     /// Write the ghost image of a running process to a file or a checkpoint store
-    /// (kerfs:/PATH, a new version).
+    /// (kerfs:/PATH, a new version). Refused, with the process left running, if a restart
+    /// could not rebuild something it holds (see --drop and --external for fds).
     Checkpoint {
         /// PID (as seen from here).
         #[arg(required_unless_present = "app", conflicts_with = "app")]
@@ -1161,5 +1162,19 @@ fn cmd_migrate(pid: i32, dest: &str) -> Result<i32> {
                 "no answer from {dest}; pid {pid} was resumed here (check that it is not also running there)"
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_inherit;
+
+    #[test]
+    fn inherit_fd_takes_a_pair_or_one_number_for_both() {
+        assert_eq!(parse_inherit("5=7"), Ok((5, 7)));
+        assert_eq!(parse_inherit("5"), Ok((5, 5)));
+        assert!(parse_inherit("5=").is_err());
+        assert!(parse_inherit("-1").is_err());
+        assert!(parse_inherit("x=3").is_err());
     }
 }
