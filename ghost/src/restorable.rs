@@ -168,6 +168,7 @@ pub(crate) fn survey(pid: i32, policy: &FdPolicy, skip: Option<i32>) -> Result<S
     problems.extend(threads_problem(pid, &status));
     problems.extend(children_problem(pid));
     problems.extend(cwd_problem(pid));
+    problems.extend(timers_problem(pid));
     let maps = procfs::maps(pid)?;
     for m in &maps {
         if let Err(p) = map_kind(pid, m) {
@@ -230,6 +231,36 @@ fn children_problem(pid: i32) -> Option<Problem> {
         ),
         hint: Some("checkpoint it once they have exited and been reaped".into()),
     })
+}
+
+/// POSIX timers (timer_create) are not captured: a restarted process would wait forever for
+/// their signals.
+fn timers_problem(pid: i32) -> Option<Problem> {
+    let timers = fs::read_to_string(format!("/proc/{pid}/timers")).unwrap_or_default();
+    let n = timers.lines().filter(|l| l.starts_with("ID:")).count();
+    (n > 0).then(|| Problem {
+        fd: None,
+        what: format!("it has {n} POSIX timer(s) (timer_create, see /proc/{pid}/timers), which are not restored yet"),
+        hint: Some("delete them (timer_delete) before the checkpoint".into()),
+    })
+}
+
+/// The file locks fd `fd` holds, from its fdinfo ("POSIX  ADVISORY  WRITE ..." lines).
+fn locks_of(pid: i32, fd: i32) -> Vec<String> {
+    let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default();
+    info.lines()
+        .filter_map(|l| l.strip_prefix("lock:"))
+        .map(|l| {
+            // "1: POSIX  ADVISORY  WRITE 1234 fe:00:99 0 EOF": kind, mode and range.
+            let f: Vec<&str> = l.split_whitespace().collect();
+            match (f.get(1), f.get(3), f.get(6), f.get(7)) {
+                (Some(kind), Some(mode), Some(start), Some(end)) => {
+                    format!("{kind} {mode} {start}-{end}")
+                }
+                _ => l.trim().to_string(),
+            }
+        })
+        .collect()
 }
 
 /// The restart chdirs to the recorded path: it must name the same directory.
@@ -369,6 +400,18 @@ fn plan_fds(
                 fd: Some(fd),
                 what: format!(
                     "fd {fd}: {target}, a pipe whose both ends are in the process, but {other} holds it too: restored, the pipe would be cut off from it"
+                ),
+                hint: None,
+            });
+            continue;
+        }
+        let locks = locks_of(pid, fd);
+        if !locks.is_empty() && policy.get(fd).is_none() {
+            problems.push(Problem {
+                fd: Some(fd),
+                what: format!(
+                    "fd {fd}: {target} holds file lock(s) {}: locks are not restored yet, the restarted process would run without them",
+                    locks.join(", ")
                 ),
                 hint: None,
             });

@@ -639,3 +639,16 @@ fn system_v_shared_memory_is_refused() {
         &["/SYSV00000000 (deleted)", "System V shared memory"],
     );
 }
+
+#[test]
+fn a_file_lock_is_refused_then_dropped() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("locked");
+    let want = format!("{} holds file lock(s) POSIX WRITE 0-EOF", path.display());
+    refused_then_dropped(&["lock", path.to_str().unwrap()], None, &[&want]);
+}
+
+#[test]
+fn a_posix_timer_is_refused() {
+    refused(&["timer"], &["it has 1 POSIX timer(s)"]);
+}

@@ -8,6 +8,8 @@
  *   holdfd LOG child            a child process that sleeps (fd 5 is /dev/null)
  *   holdfd LOG thread           a second thread that sleeps (fd 5 is /dev/null)
  *   holdfd LOG cwd-gone DIR     works in DIR, which it removes (fd 5 is /dev/null)
+ *   holdfd LOG lock PATH        fd 5 is PATH, write-locked with fcntl(F_SETLK)
+ *   holdfd LOG timer            a POSIX timer (fd 5 is /dev/null)
  *   holdfd LOG sysv             attaches a System V shared memory segment (fd 5 /dev/null)
  *   holdfd LOG pipe-self        fd 5 is the write end of a pipe whose read end is fd 6
  *                               (non-blocking), 3000 lines "line NNNN\n" buffered in it
@@ -29,6 +31,7 @@
 #include <sys/mman.h>
 #include <sys/shm.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <unistd.h>
@@ -73,6 +76,23 @@ static int open_resource(const char *mode, const char *arg) {
         mode = "device", arg = "/dev/null";
     } else if (!strcmp(mode, "cwd-gone")) {
         if (mkdir(arg, 0700) != 0 || chdir(arg) != 0 || rmdir(arg) != 0) return -1;
+        mode = "device", arg = "/dev/null";
+    } else if (!strcmp(mode, "lock")) {
+        struct flock fl;
+        memset(&fl, 0, sizeof fl);
+        fl.l_type = F_WRLCK;
+        fl.l_whence = SEEK_SET;
+        /* Moved to fd 5 before locking: closing any fd of the file drops a POSIX lock. */
+        fd = open(arg, O_RDWR | O_CREAT, 0600);
+        if (fd < 0 || (fd != 5 && (dup2(fd, 5) != 5 || close(fd) != 0))) return -1;
+        if (fcntl(5, F_SETLK, &fl) != 0) return -1;
+        return 5;
+    } else if (!strcmp(mode, "timer")) {
+        timer_t t;
+        struct sigevent ev;
+        memset(&ev, 0, sizeof ev);
+        ev.sigev_notify = SIGEV_NONE;
+        if (timer_create(CLOCK_MONOTONIC, &ev, &t) != 0) return -1;
         mode = "device", arg = "/dev/null";
     } else if (!strcmp(mode, "sysv")) {
         int id = shmget(IPC_PRIVATE, 4096, IPC_CREAT | 0600);
