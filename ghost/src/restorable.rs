@@ -387,19 +387,40 @@ fn plan_fds(
         listed.push((fd, target.to_string_lossy().into_owned(), pos, flags));
     }
     let mut internal = internal_pipes(&listed);
-    // A pipe another process also holds is not internal: restored, it would be cut off.
-    let shared = held_elsewhere(pid, &internal);
-    internal.retain(|i| !shared.iter().any(|(s, _)| s == i));
+    // An internal pipe or a deleted file another process also holds is restored as a new
+    // one, cut off from that process: refused.
+    let deleted_file = |fd: i32, target: &str| {
+        (target.ends_with(" (deleted)") && !target.starts_with("/memfd:"))
+            .then(|| fs::metadata(format!("/proc/{pid}/fd/{fd}")).ok())
+            .flatten()
+            .map(|m| Held::File(m.dev(), m.ino()))
+    };
+    let mut wanted: Vec<Held> = internal.iter().map(|&i| Held::Pipe(i)).collect();
+    wanted.extend(
+        listed
+            .iter()
+            .filter_map(|(fd, t, _, _)| deleted_file(*fd, t)),
+    );
+    let shared = held_elsewhere(pid, &wanted);
+    internal.retain(|&i| !shared.iter().any(|(s, _)| *s == Held::Pipe(i)));
     for (fd, target, pos, flags) in listed {
         seen.push(fd);
-        if let Some((_, other)) = pipe_inode(&target)
-            .and_then(|i| shared.iter().find(|(s, _)| *s == i))
+        let held = pipe_inode(&target)
+            .map(Held::Pipe)
+            .or_else(|| deleted_file(fd, &target));
+        if let Some((_, other)) = held
+            .and_then(|h| shared.iter().find(|(s, _)| *s == h))
             .filter(|_| policy.get(fd).is_none())
         {
+            let what = if target.starts_with("pipe:") {
+                "a pipe whose both ends are in the process"
+            } else {
+                "a deleted file"
+            };
             problems.push(Problem {
                 fd: Some(fd),
                 what: format!(
-                    "fd {fd}: {target}, a pipe whose both ends are in the process, but {other} holds it too: restored, the pipe would be cut off from it"
+                    "fd {fd}: {target}, {what}, but {other} holds it too: restored, it would be a new one, cut off from that process"
                 ),
                 hint: None,
             });
@@ -507,12 +528,21 @@ fn internal_pipes(listed: &[(i32, String, i64, u32)]) -> Vec<u64> {
     both
 }
 
-/// The pipes among `inodes` that a process other than `pid` also holds, each with one such
+/// Something an fd holds that a restore makes anew.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Held {
+    /// A pipe, by inode.
+    Pipe(u64),
+    /// A deleted file, by (device, inode).
+    File(u64, u64),
+}
+
+/// The things among `wanted` that a process other than `pid` also holds, each with one such
 /// process ("process N (comm)"). Every process's fds are looked at: a few ms on a busy host,
-/// and only when the process has internal pipes.
-fn held_elsewhere(pid: i32, inodes: &[u64]) -> Vec<(u64, String)> {
-    let mut out: Vec<(u64, String)> = Vec::new();
-    if inodes.is_empty() {
+/// and only when the process has internal pipes or deleted files.
+fn held_elsewhere(pid: i32, wanted: &[Held]) -> Vec<(Held, String)> {
+    let mut out: Vec<(Held, String)> = Vec::new();
+    if wanted.is_empty() {
         return out;
     }
     let Ok(procs) = fs::read_dir("/proc") else {
@@ -538,15 +568,21 @@ fn held_elsewhere(pid: i32, inodes: &[u64]) -> Vec<(u64, String)> {
             continue;
         };
         for fd in fds.flatten() {
-            let Some(inode) = fs::read_link(fd.path())
-                .ok()
-                .and_then(|t| pipe_inode(&t.to_string_lossy()))
-            else {
+            let Ok(target) = fs::read_link(fd.path()) else {
                 continue;
             };
-            if inodes.contains(&inode) && !out.iter().any(|(i, _)| *i == inode) {
+            let target = target.to_string_lossy();
+            let held = match pipe_inode(&target) {
+                Some(i) => Held::Pipe(i),
+                None if target.ends_with(" (deleted)") => match fs::metadata(fd.path()) {
+                    Ok(m) => Held::File(m.dev(), m.ino()),
+                    Err(_) => continue,
+                },
+                None => continue,
+            };
+            if wanted.contains(&held) && !out.iter().any(|(h, _)| *h == held) {
                 let comm = fs::read_to_string(format!("/proc/{other}/comm")).unwrap_or_default();
-                out.push((inode, format!("process {other} ({})", comm.trim())));
+                out.push((held, format!("process {other} ({})", comm.trim())));
             }
         }
     }

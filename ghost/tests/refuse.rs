@@ -652,3 +652,28 @@ fn a_file_lock_is_refused_then_dropped() {
 fn a_posix_timer_is_refused() {
     refused(&["timer"], &["it has 1 POSIX timer(s)"]);
 }
+
+/// A deleted file that another process also holds is refused: restored, it would be a new
+/// file that process does not see.
+#[test]
+fn deleted_file_also_held_elsewhere_is_refused() {
+    require_root();
+    let d = tempfile::tempdir().unwrap();
+    let prog = holdfd(d.path());
+    let (log, img) = (d.path().join("log"), d.path().join("img"));
+    let path = d.path().join("scratch");
+    let mut child = start(&prog, &log, &["deleted", path.to_str().unwrap()], None);
+    let pid = child.id() as i32;
+    wait_for(&log, "counters", 10, |s| counters(s).len() >= 3);
+    let held = std::fs::File::open(format!("/proc/{pid}/fd/5")).unwrap();
+    let out = checkpoint(pid, &img, &["--kill"]);
+    let e = stderr(&out);
+    assert!(!out.status.success(), "{e}");
+    let me = format!("a deleted file, but process {} (", std::process::id());
+    assert!(e.contains("fd 5: ") && e.contains(&me), "{e}");
+    assert_left_running(pid, &log);
+    drop(held);
+    let out = checkpoint(pid, &img, &["--kill"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    child.wait().unwrap();
+}
