@@ -677,3 +677,51 @@ fn deleted_file_also_held_elsewhere_is_refused() {
     assert!(out.status.success(), "{}", stderr(&out));
     child.wait().unwrap();
 }
+
+/// `krg migrate` refuses what the receiver could not rebuild before contacting it (the
+/// process stays here, running), and `--drop FD` lets the migration go through.
+#[test]
+fn migrate_is_refused_then_dropped() {
+    use std::io::{BufRead, BufReader};
+    require_root();
+    let d = tempfile::tempdir().unwrap();
+    let prog = holdfd(d.path());
+    let log = d.path().join("log");
+    let mut listen = Command::new(krg())
+        .args(["listen", "--addr", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(listen.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    let (_rd, wr) = pipe();
+    let mut child = start(&prog, &log, &["inherited"], Some(wr.as_raw_fd()));
+    let pid = child.id() as i32;
+    wait_for(&log, "counters", 10, |s| counters(s).len() >= 3);
+    let migrate = |extra: &[&str]| {
+        Command::new(krg())
+            .args(["migrate", &pid.to_string(), &addr])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = migrate(&[]);
+    let e = stderr(&out);
+    assert!(!out.status.success(), "{e}");
+    assert!(e.contains("fd 5: pipe:[") && e.contains("--drop FD"), "{e}");
+    assert_left_running(pid, &log);
+    assert_eq!(pids_of(&prog), vec![pid], "nothing arrived at the receiver");
+    let out = migrate(&["--drop", "5"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    child.wait().unwrap();
+    let pids = pids_of(&prog);
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    assert_eq!(ask(pids[0], libc::SIGUSR1, &log, "FD5 "), "FD5 devnull");
+    kill(pids[0]);
+    listen.kill().unwrap();
+    listen.wait().unwrap();
+}

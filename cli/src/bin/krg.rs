@@ -111,6 +111,10 @@ enum Cmd {
         pid: i32,
         /// Receiving `krg listen`.
         dest: String,
+        /// Restore fd FD as /dev/null on the receiver instead of refusing the migration
+        /// because of it. Repeatable.
+        #[arg(long = "drop", value_name = "FD")]
+        drop: Vec<i32>,
     },
     /// List the versions of a checkpoint store.
     Ls {
@@ -348,7 +352,15 @@ fn run(cli: Cli) -> Result<i32> {
             })
         }
         Cmd::Listen { addr } => cmd_listen(&addr),
-        Cmd::Migrate { pid, dest } => cmd_migrate(pid, &dest),
+        Cmd::Migrate { pid, dest, drop } => {
+            // `krg listen` has no fds to hand in: only --drop makes sense here.
+            let fds = FdArgs {
+                drop,
+                external: Vec::new(),
+            }
+            .policy()?;
+            cmd_migrate(pid, &dest, fds)
+        }
         Cmd::Freeze { pid } => {
             ghost::freeze(pid).with_context(|| format!("freezing pid {pid}"))?;
             Ok(0)
@@ -1124,13 +1136,16 @@ fn cmd_listen(addr: &str) -> Result<i32> {
     }
 }
 
-fn cmd_migrate(pid: i32, dest: &str) -> Result<i32> {
+fn cmd_migrate(pid: i32, dest: &str, fds: ghost::FdPolicy) -> Result<i32> {
     let t = Instant::now();
+    // Refused before the receiver is contacted; the export decides again, frozen.
+    ghost::check_restorable(pid, &fds)?;
     let mut w = ghost::TcpWriter::connect(dest)?;
     let rep = ghost::export_process(
         pid,
         &ghost::ExportOptions {
             after: ghost::After::Stop,
+            fds,
             ..Default::default()
         },
         &mut w,
