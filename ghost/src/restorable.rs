@@ -4,7 +4,8 @@
 //! anything is written, export surveys the process ([`survey`]): for every fd it decides how a
 //! restart rebuilds it ([`FdRestore`], recorded in the image and executed as recorded by
 //! import), for every mapping how it is recreated ([`map_kind`]), and it checks what is not
-//! captured at all (threads, children, a deleted working directory). Whatever cannot be
+//! captured at all (threads, children, POSIX timers, file locks, a deleted working
+//! directory, a pipe or deleted file shared with another process). Whatever cannot be
 //! rebuilt faithfully becomes a [`Problem`]; any problem refuses the export with
 //! [`GhostError::Unrestorable`] while the process is still untouched, and it is left running.
 //!
@@ -155,7 +156,8 @@ impl Survey {
 }
 
 /// Decides the restorability of everything `pid` holds: fds (less `skip`, the write-tracking
-/// descriptor, which is krg's), mappings, children and working directory. Run on a frozen
+/// descriptor, which is krg's) with their locks, mappings, threads, children, POSIX timers
+/// and working directory. Run on a frozen
 /// process by export (the authoritative check) and on a running one by
 /// [`check_restorable`] (an early answer that needs no freeze). Errors only if /proc cannot
 /// be read or `policy` names an fd the process does not have.
