@@ -14,6 +14,18 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// Kills every process running `.0` (this test's own build of the program: the original,
+/// restored ones, their children) when the test ends, also when it fails.
+struct Reaper(PathBuf);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for pid in pids_of(&self.0) {
+            kill(pid);
+        }
+    }
+}
+
 /// The test program, built into `dir`.
 fn holdfd(dir: &Path) -> PathBuf {
     build(dir, "holdfd", &[])
@@ -138,6 +150,7 @@ fn refused_then_dropped(args: &[&str], give: Option<RawFd>, expect: &[&str]) {
     require_root();
     let d = tempfile::tempdir().unwrap();
     let prog = holdfd(d.path());
+    let _reap = Reaper(prog.clone());
     let (log, img) = (d.path().join("log"), d.path().join("img"));
     let mut child = start(&prog, &log, args, give);
     let pid = child.id() as i32;
@@ -253,6 +266,7 @@ fn urandom_is_reopened() {
     require_root();
     let d = tempfile::tempdir().unwrap();
     let prog = holdfd(d.path());
+    let _reap = Reaper(prog.clone());
     let (log, img) = (d.path().join("log"), d.path().join("img"));
     let mut child = start(&prog, &log, &["device", "/dev/urandom"], None);
     wait_for(&log, "counters", 10, |s| counters(s).len() >= 3);
@@ -275,6 +289,7 @@ fn external_fd_must_be_handed_in_at_restart() {
     require_root();
     let d = tempfile::tempdir().unwrap();
     let prog = holdfd(d.path());
+    let _reap = Reaper(prog.clone());
     let (log, img) = (d.path().join("log"), d.path().join("img"));
     let (_rd, wr) = pipe();
     let mut child = start(&prog, &log, &["inherited"], Some(wr.as_raw_fd()));
@@ -343,6 +358,7 @@ fn export_refuses_before_writing_anything() {
     require_root();
     let d = tempfile::tempdir().unwrap();
     let prog = holdfd(d.path());
+    let _reap = Reaper(prog.clone());
     let log = d.path().join("log");
     let (_rd, wr) = pipe();
     let mut child = start(&prog, &log, &["inherited"], Some(wr.as_raw_fd()));
@@ -398,6 +414,7 @@ fn deleted_open_file_is_saved_and_restored() {
     require_root();
     let d = tempfile::tempdir().unwrap();
     let prog = holdfd(d.path());
+    let _reap = Reaper(prog.clone());
     let (log, img) = (d.path().join("log"), d.path().join("img"));
     let path = d.path().join("scratch");
     let mut child = start(&prog, &log, &["deleted", path.to_str().unwrap()], None);
@@ -460,6 +477,7 @@ fn format_1_images_are_still_restored() {
     require_root();
     let d = tempfile::tempdir().unwrap();
     let prog = holdfd(d.path());
+    let _reap = Reaper(prog.clone());
     let log = d.path().join("log");
     let mut child = start(&prog, &log, &["device", "/dev/urandom"], None);
     wait_for(&log, "counters", 10, |s| counters(s).len() >= 3);
@@ -503,6 +521,7 @@ fn pipe_within_the_process_keeps_its_buffered_bytes() {
     require_root();
     let d = tempfile::tempdir().unwrap();
     let prog = holdfd(d.path());
+    let _reap = Reaper(prog.clone());
     let (log, img) = (d.path().join("log"), d.path().join("img"));
     let mut child = start(&prog, &log, &["pipe-self"], None);
     let pid = child.id() as i32;
@@ -550,6 +569,7 @@ fn pipe_within_the_process_also_held_elsewhere_is_refused() {
     require_root();
     let d = tempfile::tempdir().unwrap();
     let prog = holdfd(d.path());
+    let _reap = Reaper(prog.clone());
     let (log, img) = (d.path().join("log"), d.path().join("img"));
     let mut child = start(&prog, &log, &["pipe-self"], None);
     let pid = child.id() as i32;
@@ -585,6 +605,7 @@ fn refused(args: &[&str], expect: &[&str]) {
     require_root();
     let d = tempfile::tempdir().unwrap();
     let prog = holdfd(d.path());
+    let _reap = Reaper(prog.clone());
     let (log, img) = (d.path().join("log"), d.path().join("img"));
     let mut child = start(&prog, &log, args, None);
     let pid = child.id() as i32;
@@ -660,6 +681,7 @@ fn deleted_file_also_held_elsewhere_is_refused() {
     require_root();
     let d = tempfile::tempdir().unwrap();
     let prog = holdfd(d.path());
+    let _reap = Reaper(prog.clone());
     let (log, img) = (d.path().join("log"), d.path().join("img"));
     let path = d.path().join("scratch");
     let mut child = start(&prog, &log, &["deleted", path.to_str().unwrap()], None);
@@ -686,6 +708,7 @@ fn migrate_is_refused_then_dropped() {
     require_root();
     let d = tempfile::tempdir().unwrap();
     let prog = holdfd(d.path());
+    let _reap = Reaper(prog.clone());
     let log = d.path().join("log");
     let mut listen = Command::new(krg())
         .args(["listen", "--addr", "127.0.0.1:0"])
