@@ -1,7 +1,8 @@
 //! The checkpoint store on a real cluster with real processes: `krg checkpoint --to kerfs:`,
 //! restart from another mount namespace, incremental (deduplicated) versions, kill -9 of krg
-//! and of a chunk server mid-checkpoint, corrupted pack chunks, and GC next to a running
-//! checkpoint. Needs root (ptrace, PID namespaces, unshare -m).
+//! and of a chunk server mid-checkpoint, corrupted pack chunks, GC next to a running
+//! checkpoint, and fds whose contents a version carries (internal pipes, deleted files) or
+//! that refuse the checkpoint. Needs root (ptrace, PID namespaces, unshare -m).
 //!
 //! Build the binaries first: `cargo build --workspace --bins` (scripts/test does).
 
@@ -991,5 +992,137 @@ async fn concurrent_checkpoints_publish_distinct_versions() -> Result<()> {
         let pid = restore_and_check(&cluster, &format!("{addr}@{v}"), &prog, &logs[i], 0)?;
         signal(pid, libc::SIGKILL);
     }
+    Ok(())
+}
+
+/// Starts ghost/tests/c/holdfd (built into `dir`) in `mode`, stdio on /dev/null, logging to
+/// `log`; returns it once it counts.
+fn spawn_holdfd(dir: &Path, log: &Path, mode: &[&str]) -> Result<(PathBuf, Child)> {
+    use std::os::unix::process::CommandExt;
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ghost/tests/c/holdfd.c");
+    let prog = dir.join("holdfd");
+    let st = Command::new("gcc")
+        .args(["-O2", "-o"])
+        .arg(&prog)
+        .arg(&src)
+        .status()
+        .context("gcc must be installed to build the test programs")?;
+    ensure!(st.success(), "gcc failed on {}", src.display());
+    let mut c = Command::new(&prog);
+    // SAFETY: close_range is async-signal-safe.
+    unsafe {
+        c.pre_exec(|| {
+            libc::close_range(3, u32::MAX, 0);
+            Ok(())
+        });
+    }
+    let child = c
+        .arg(log)
+        .args(mode)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    wait_log(log, "counters", 30, |s| counters(s).len() >= 3)?;
+    Ok((prog, child))
+}
+
+/// Sends `sig` and returns the first log line starting with `prefix` that it produced.
+fn ask(pid: i32, sig: i32, log: &Path, prefix: &str) -> Result<String> {
+    let count = |s: &str| s.lines().filter(|l| l.starts_with(prefix)).count();
+    let before = count(&read(log));
+    signal(pid, sig);
+    let s = wait_log(log, prefix, 30, |s| count(s) > before)?;
+    Ok(s.lines()
+        .filter(|l| l.starts_with(prefix))
+        .nth(before)
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// What fds carry goes through the store: a pipe with both ends in the process comes back
+/// on another node with its buffered bytes, a file deleted while open with its contents; a
+/// device is refused before any version is made, the process left running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fd_contents_and_refusals_through_the_store() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let (cluster, meta) = start(3).await?;
+    let d = tempfile::tempdir()?;
+
+    let pipe_dir = d.path().join("pipe");
+    std::fs::create_dir(&pipe_dir)?;
+    let log = pipe_dir.join("log");
+    let (prog, child) = spawn_holdfd(&pipe_dir, &log, &["pipe-self"])?;
+    let pid = child.id().to_string();
+    krg_ok(
+        &cluster,
+        &["checkpoint", &pid, "--to", "kerfs:/ckpt/fdpipe", "--kill"],
+    )?;
+    kill_child(child);
+    let out = restart_elsewhere(&cluster, "kerfs:/ckpt/fdpipe")?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pids = pids_of(&prog);
+    ensure!(pids.len() == 1, "restored processes: {pids:?}");
+    ensure!(ask(pids[0], libc::SIGUSR2, &log, "PING")? == "PING ok");
+    let drained = ask(pids[0], libc::SIGHUP, &log, "DRAIN")?;
+    ensure!(
+        drained == "DRAIN 30005 ok ping|",
+        "pipe after restart: {drained}"
+    );
+    signal(pids[0], libc::SIGKILL);
+
+    let del_dir = d.path().join("deleted");
+    std::fs::create_dir(&del_dir)?;
+    let log = del_dir.join("log");
+    let scratch = del_dir.join("scratch");
+    let (prog, child) = spawn_holdfd(&del_dir, &log, &["deleted", scratch.to_str().unwrap_or("")])?;
+    let pid = child.id().to_string();
+    krg_ok(
+        &cluster,
+        &["checkpoint", &pid, "--to", "kerfs:/ckpt/fddel", "--kill"],
+    )?;
+    kill_child(child);
+    let out = restart_elsewhere(&cluster, "kerfs:/ckpt/fddel")?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pids = pids_of(&prog);
+    ensure!(pids.len() == 1, "restored processes: {pids:?}");
+    let content = std::fs::read(format!("/proc/{}/fd/5", pids[0]))?;
+    let mut want = vec![b'x'; 5000];
+    want.extend_from_slice(b"hello\n");
+    ensure!(
+        content == want,
+        "the deleted file came back with other contents"
+    );
+    signal(pids[0], libc::SIGKILL);
+
+    let dev_dir = d.path().join("device");
+    std::fs::create_dir(&dev_dir)?;
+    let log = dev_dir.join("log");
+    let (_prog, child) = spawn_holdfd(&dev_dir, &log, &["device", "/dev/kmsg"])?;
+    let pid = child.id().to_string();
+    let out = krg(
+        &cluster,
+        &["checkpoint", &pid, "--to", "kerfs:/ckpt/fddev", "--kill"],
+    )?;
+    let e = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "a device was checkpointed: {e}");
+    ensure!(e.contains("fd 5: device /dev/kmsg"), "unclear refusal: {e}");
+    let n = counters(&read(&log)).len();
+    wait_log(&log, "counting after the refusal", 30, |s| {
+        counters(s).len() >= n + 10
+    })?;
+    ensure!(
+        open_store(&meta, "/ckpt/fddev").await.is_err(),
+        "a refused checkpoint made a store"
+    );
+    kill_child(child);
     Ok(())
 }

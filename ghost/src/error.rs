@@ -43,6 +43,21 @@ pub enum GhostError {
         /// What is wrong and what to do.
         msg: String,
     },
+    /// The process holds something a restart could not rebuild faithfully (see
+    /// [`crate::FdPolicy`] for fds); the export was refused before anything was written, and
+    /// the process was left running.
+    #[error("{}", crate::restorable::refusal_message(*pid, comm, problems))]
+    Unrestorable {
+        /// The process.
+        pid: i32,
+        /// Its command name.
+        comm: String,
+        /// Everything that cannot be restored.
+        problems: Vec<crate::Problem>,
+    },
+    /// An option given to export or import contradicts itself or the process.
+    #[error("invalid option: {0}")]
+    InvalidOption(String),
     /// Restoring the process failed after it was created; the half-built process was killed.
     #[error("restore failed at step '{step}': {msg}")]
     Restore {

@@ -7,11 +7,12 @@ use std::os::unix::fs::MetadataExt;
 use crate::compat;
 use crate::error::{GhostError, Result};
 use crate::image::{
-    AltStack, Fd, FdKind, FileId, ImageWriter, MapKind, Mapping, MmFields, PageRun, PendingSignal,
+    AltStack, FileId, ImageWriter, MapKind, Mapping, MmFields, PageRun, PendingSignal,
     ProcessImage, Rlimit, Rseq, SigAction,
 };
 use crate::procfs::{self, MapLine, Stat, PM_FILE, PM_PRESENT};
 use crate::rao::GhostWriter;
+use crate::restorable::{self, FdPolicy};
 use crate::sys::{self, ProcMem, Regs, Remote};
 use crate::tracking::{self, TrackBase, Tracker};
 use crate::PAGE;
@@ -41,6 +42,9 @@ pub struct ExportOptions {
     /// The pages of the previous export, when the writer holds that export's image: pages
     /// untouched since are offered to [`GhostWriter::reuse_pages`] instead of being read.
     pub base: Option<TrackBase>,
+    /// fds to restore as /dev/null or to have handed in at import, instead of refusing the
+    /// export when a restart could not rebuild them.
+    pub fds: FdPolicy,
 }
 
 /// What an export wrote.
@@ -114,13 +118,15 @@ pub fn export_process(
         msg: "no such process (check the PID; inside `krg run` use the PID printed at start)"
             .into(),
     })?;
-    let threads = procfs::status_field(&status, "Threads")
-        .and_then(|t| t.parse::<u32>().ok())
-        .unwrap_or(1);
-    if threads != 1 {
-        return Err(GhostError::Unsupported(format!(
-            "process {pid} has {threads} threads; only single-threaded processes can be exported"
-        )));
+    // Checked before the seize, which would stop only one of the threads.
+    if let Some(p) = restorable::threads_problem(pid, &status) {
+        return Err(GhostError::Unrestorable {
+            pid,
+            comm: procfs::read_to_string(pid, "comm")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default(),
+            problems: vec![p],
+        });
     }
     sys::seize(pid)?;
     let mut guard = Traced {
@@ -138,6 +144,13 @@ pub fn export_process(
             msg: format!("{} while being frozen", sys::describe_status(st)),
         });
     }
+    // Frozen: decide now, before any syscall is injected and any byte written, whether a
+    // restart could rebuild everything; a refusal releases the process untouched. The fd
+    // list (with each fd's restore method) is what goes into the image: a frozen process
+    // cannot open or close fds.
+    let mut fds = restorable::survey(pid, &opts.fds, tracking::find_uffd(pid).map(|(fd, _)| fd))?
+        .into_fds(pid)?;
+    let carried = read_fd_contents(pid, &mut fds)?;
     let regs = sys::get_regs(pid)?;
     guard.regs = Some(regs);
     let xstate = sys::get_xstate(pid)?;
@@ -197,7 +210,14 @@ pub fn export_process(
     let mut entries: Vec<Vec<u64>> = Vec::new();
     let mut page_bytes = 0u64;
     for m in &maps {
-        let Some(kind) = classify(pid, m)? else {
+        let Some(kind) = restorable::map_kind(pid, m).map_err(|p| GhostError::Unrestorable {
+            pid,
+            comm: procfs::read_to_string(pid, "comm")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default(),
+            problems: vec![p],
+        })?
+        else {
             continue;
         };
         let mut mp = Mapping {
@@ -277,7 +297,6 @@ pub fn export_process(
         private && unwritten.get(i).is_some_and(|r| r.0 <= addr) && base.same_frame(addr, entry)
     };
 
-    let fds = list_fds(pid, tracker.as_ref().map(|t| t.target_fd))?;
     let cwd = fs::read_link(format!("/proc/{pid}/cwd"))
         .map_err(|e| GhostError::sys("readlink /proc/PID/cwd", pid, e))?
         .to_string_lossy()
@@ -308,6 +327,11 @@ pub fn export_process(
             });
         }
     }
+    // What fds carry follows the mappings' pages in the page data.
+    page_bytes += carried
+        .iter()
+        .map(|c| crate::image::stored_len(c.len() as u64))
+        .sum::<u64>();
     let meta = ProcessImage {
         requirements: Some(compat::requirements(&xstate, &maps, &vdso_text)),
         pid: procfs::status_ns_last(&status, "NSpid").unwrap_or(pid),
@@ -402,6 +426,11 @@ pub fn export_process(
             .map_err(|e| GhostError::sys(format!("reading memory at {addr:#x}"), pid, e))
         },
     )?;
+    for content in &carried {
+        let pad = crate::image::stored_len(content.len() as u64) as usize - content.len();
+        w.pages(content)?;
+        w.pages(&vec![0u8; pad])?;
+    }
     w.end()?;
     // Still frozen: from here on every write of the process marks its page.
     let tracker = tracker.filter(|_| opts.track_writes);
@@ -544,46 +573,6 @@ fn ask_process(
     res
 }
 
-/// Decides how a mapping is rebuilt, or None to skip it.
-fn classify(pid: i32, m: &MapLine) -> Result<Option<MapKind>> {
-    let p = m.path.as_str();
-    Ok(Some(match p {
-        "[vsyscall]" => return Ok(None),
-        "[vvar]" | "[vvar_vclock]" | "[vdso]" => MapKind::Vdso,
-        "" | "[heap]" | "[stack]" => {
-            if m.shared {
-                MapKind::ShmemAnon
-            } else {
-                MapKind::Anon
-            }
-        }
-        _ if p.starts_with('[') => {
-            return Err(GhostError::Unsupported(format!(
-                "process {pid} has a special mapping {p} at {:#x}",
-                m.start
-            )))
-        }
-        _ if p.ends_with(" (deleted)") || m.inode == 0 => {
-            if m.shared {
-                // /dev/zero (deleted), memfd, SysV shm: contents live only in memory.
-                MapKind::ShmemAnon
-            } else {
-                return Err(GhostError::Unsupported(format!(
-                    "process {pid} maps deleted file {p} privately at {:#x}; its unchanged pages cannot be recovered",
-                    m.start
-                )));
-            }
-        }
-        _ => {
-            if m.shared {
-                MapKind::FileShared
-            } else {
-                MapKind::FilePrivate
-            }
-        }
-    }))
-}
-
 /// Identity of the file mapped at `m` (through map_files, which follows the mapping even if the
 /// path was renamed since).
 fn file_id(pid: i32, m: &MapLine) -> Result<FileId> {
@@ -608,48 +597,67 @@ fn file_id(pid: i32, m: &MapLine) -> Result<FileId> {
     })
 }
 
-/// The open descriptors, less `skip` (the write-tracking userfaultfd, which is krg's, not the
-/// program's).
-fn list_fds(pid: i32, skip: Option<i32>) -> Result<Vec<Fd>> {
-    let dir = format!("/proc/{pid}/fd");
-    let rd = fs::read_dir(&dir).map_err(|e| GhostError::sys(format!("listing {dir}"), pid, e))?;
-    let mut fds = Vec::new();
-    for ent in rd.flatten() {
-        let Some(fd) = ent.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        if Some(fd) == skip {
-            continue;
+/// Reads what fds carry into the image, in fd order (see [`crate::image::Fd::stored_bytes`]):
+/// the contents of deleted files (recording their exact size) and the bytes buffered in
+/// internal pipes (recording them and each pipe's capacity). The process is frozen: nothing
+/// changes them meanwhile (short of another process holding the same file or pipe, which a
+/// checkpoint of one process cannot freeze).
+fn read_fd_contents(pid: i32, fds: &mut [crate::image::Fd]) -> Result<Vec<Vec<u8>>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    // Pipes already read: (inode, capacity).
+    let mut pipes: Vec<(u64, u32)> = Vec::new();
+    let mut pidfd = None;
+    for f in fds.iter_mut() {
+        if let Some(d) = f.deleted.as_mut().filter(|d| d.same_as.is_none()) {
+            let link = format!("/proc/{pid}/fd/{}", f.fd);
+            let mut content = Vec::new();
+            fs::File::open(&link)
+                .and_then(|file| {
+                    file.take(restorable::DELETED_FILE_MAX + 1)
+                        .read_to_end(&mut content)
+                })
+                .map_err(|e| GhostError::sys(format!("reading deleted file {}", f.path), pid, e))?;
+            if content.len() as u64 > restorable::DELETED_FILE_MAX {
+                return Err(GhostError::Unsupported(format!(
+                    "deleted file {} of process {pid} grew past {} MiB while it was checkpointed",
+                    f.path,
+                    restorable::DELETED_FILE_MAX >> 20
+                )));
+            }
+            d.size = content.len() as u64;
+            out.push(content);
         }
-        let Ok(target) = fs::read_link(ent.path()) else {
-            continue;
-        };
-        let path = target.to_string_lossy().into_owned();
-        let (pos, flags) = procfs::fdinfo(pid, fd)?;
-        let kind = if path.starts_with("pipe:") {
-            FdKind::Pipe
-        } else if path.starts_with("socket:") {
-            FdKind::Socket
-        } else if path.starts_with("/dev/pts/")
-            || path.starts_with("/dev/tty")
-            || path == "/dev/console"
-        {
-            FdKind::Tty
-        } else if path.starts_with('/') && !path.ends_with(" (deleted)") {
-            FdKind::Path
-        } else {
-            FdKind::Other
-        };
-        fds.push(Fd {
-            fd,
-            kind: kind as i32,
-            path,
-            flags,
-            pos,
-        });
+        let read_end = restorable::reads(f.flags);
+        if let Some(p) = f.pipe.as_mut() {
+            if let Some(&(_, cap)) = pipes.iter().find(|(i, _)| *i == p.inode) {
+                p.capacity = cap;
+                continue;
+            }
+            if !read_end {
+                // The buffer is read through a read end; the pipe's first one carries it.
+                continue;
+            }
+            if pidfd.is_none() {
+                pidfd = Some(sys::pidfd_open(pid)?);
+            }
+            let Some(pidfd) = &pidfd else { continue };
+            let (cap, content) = sys::peek_pipe(pid, pidfd, f.fd)?;
+            p.capacity = cap;
+            p.buffered = content.len() as u64;
+            pipes.push((p.inode, cap));
+            out.push(content);
+        }
     }
-    fds.sort_by_key(|f| f.fd);
-    Ok(fds)
+    // Write ends before the pipe's first read end learn the capacity now.
+    for f in fds.iter_mut() {
+        if let Some(p) = f.pipe.as_mut() {
+            if let Some(&(_, cap)) = pipes.iter().find(|(i, _)| *i == p.inode) {
+                p.capacity = cap;
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn robust_list(pid: i32) -> (u64, u64) {

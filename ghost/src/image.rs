@@ -3,7 +3,9 @@
 //! ```text
 //! header  (32 B)  magic "KRGGHOST" | format version u32 | header size u32 | meta len u64 | pages len u64
 //! meta            ProcessImage (prost)
-//! pages           contents of the stored pages, in the order of Mapping.runs
+//! pages           contents of the stored pages, in the order of Mapping.runs, then, in fd
+//!                 order, what fds carry (Fd::stored_bytes: a deleted-but-open file, the
+//!                 bytes buffered in a pipe), each padded to whole pages
 //! trailer (40 B)  blake3(header ‖ meta ‖ pages) | end magic "KRGGEND\0"
 //! ```
 //!
@@ -22,7 +24,9 @@ pub const MAGIC: &[u8; 8] = b"KRGGHOST";
 /// Last bytes of every ghost image.
 pub const END_MAGIC: &[u8; 8] = b"KRGGEND\0";
 /// Format version written by this crate; images with a higher version are refused.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 records how every fd is restored ([`Fd::restore`]); version 1 images are still
+/// read, their fds taken the way version 1 restored them ([`Fd::restore_method`]).
+pub const FORMAT_VERSION: u32 = 2;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 32;
 /// Size of the trailer.
@@ -283,20 +287,82 @@ pub struct Rseq {
     pub sig: u32,
 }
 
-/// What an fd refers to.
+/// What an fd refers to (informational since format 2: [`Fd::restore`] says how it comes back).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
 #[repr(i32)]
 pub enum FdKind {
-    /// Something reopened by path: regular file, directory, /dev/null, other device.
+    /// A file, directory or device named by a path.
     Path = 0,
-    /// A terminal: reopened by path, or the restorer's own terminal.
+    /// A terminal.
     Tty = 1,
-    /// A pipe: must be handed in by the restorer (inherit).
+    /// A pipe.
     Pipe = 2,
-    /// A socket: must be handed in by the restorer (inherit).
+    /// A socket.
     Socket = 3,
-    /// Anything else (eventfd, epoll...): must be handed in.
+    /// Anything else (eventfd, epoll, a deleted file...).
     Other = 4,
+}
+
+/// How a restart rebuilds an fd. Export decides it for every fd (or refuses the checkpoint,
+/// see `restorable.rs`) and import does exactly what is recorded: no second opinion that
+/// could disagree with the first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
+#[repr(i32)]
+pub enum FdRestore {
+    /// Not recorded: a version 1 image (see [`Fd::restore_method`]); refused in version 2.
+    Unrecorded = 0,
+    /// Reopened by `path` with `flags` at offset `pos`.
+    Reopen = 1,
+    /// Opened on /dev/null with the recorded access mode (`krg checkpoint --drop FD`).
+    DevNull = 2,
+    /// Handed in by whoever restarts the process (`krg checkpoint --external FD`, then
+    /// `krg restart --inherit-fd FD=KRG_FD`); a restart without it is refused.
+    External = 3,
+    /// fd 0, 1 or 2 connected to a pipe, socket or terminal: the restorer's own fd of the same
+    /// number takes its place, as for a shell job (or one handed in).
+    CallerStdio = 4,
+    /// A regular file deleted while open ([`Fd::deleted`]): its contents are stored in the
+    /// image and it comes back as an open, unlinked file with the same flags and offset.
+    DeletedFile = 5,
+    /// One end of a pipe whose both ends the process holds ([`Fd::pipe`]): the pipe is made
+    /// again with its capacity and the bytes buffered in it.
+    PipeInProcess = 6,
+}
+
+/// One end of a pipe held, both ends, by the process.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PipeEnd {
+    /// Inode of the pipe: the fds with the same one are ends of one pipe.
+    #[prost(uint64, tag = "1")]
+    pub inode: u64,
+    /// F_GETPIPE_SZ.
+    #[prost(uint32, tag = "2")]
+    pub capacity: u32,
+    /// Bytes buffered in the pipe, stored in the page data; only the first fd of a pipe
+    /// carries them (0 on the others).
+    #[prost(uint64, tag = "3")]
+    pub buffered: u64,
+}
+
+/// A regular file that was deleted while open, saved with the image.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DeletedFile {
+    /// Bytes of content stored in the page data (0 when `same_as` is set).
+    #[prost(uint64, tag = "1")]
+    pub size: u64,
+    /// Permission bits.
+    #[prost(uint32, tag = "2")]
+    pub mode: u32,
+    /// A lower fd on the same file, whose stored content this one shares: after restore both
+    /// are one file again (each with its own flags and offset).
+    #[prost(int32, optional, tag = "3")]
+    pub same_as: Option<i32>,
+}
+
+/// Bytes a deleted file of `size` bytes takes in the page data (whole pages, so that page
+/// data stays a sequence of pages for the checkpoint store).
+pub fn stored_len(size: u64) -> u64 {
+    size.div_ceil(crate::PAGE).saturating_mul(crate::PAGE)
 }
 
 /// One open file descriptor.
@@ -317,6 +383,49 @@ pub struct Fd {
     /// File offset.
     #[prost(int64, tag = "5")]
     pub pos: i64,
+    /// How a restart rebuilds it (format 2 on).
+    #[prost(enumeration = "FdRestore", tag = "6")]
+    pub restore: i32,
+    /// For [`FdRestore::DeletedFile`]: the saved file.
+    #[prost(message, optional, tag = "7")]
+    pub deleted: Option<DeletedFile>,
+    /// For [`FdRestore::PipeInProcess`]: which pipe, and what it held.
+    #[prost(message, optional, tag = "8")]
+    pub pipe: Option<PipeEnd>,
+}
+
+impl Fd {
+    /// Bytes this fd carries in the page data (a deleted file's contents, a pipe's buffer).
+    pub fn stored_bytes(&self) -> u64 {
+        let deleted = self.deleted.as_ref().map_or(0, |d| d.size);
+        deleted.saturating_add(self.pipe.as_ref().map_or(0, |p| p.buffered))
+    }
+
+    /// How a restart rebuilds this fd. Images of format 1 did not record it: their pipes,
+    /// sockets and other fds had to be handed in (or, for fds 0-2, were replaced by the
+    /// restorer's own), files and terminals were reopened; that is what is returned for them.
+    pub fn restore_method(&self, format_version: u32) -> Result<FdRestore> {
+        let recorded = FdRestore::try_from(self.restore).map_err(|_| {
+            GhostError::BadImage(format!(
+                "fd {} has an unknown restore method {}: restore it with a newer krg",
+                self.fd, self.restore
+            ))
+        })?;
+        if recorded != FdRestore::Unrecorded {
+            return Ok(recorded);
+        }
+        if format_version >= 2 {
+            return Err(GhostError::BadImage(format!(
+                "fd {} ({}) records no restore method",
+                self.fd, self.path
+            )));
+        }
+        Ok(match FdKind::try_from(self.kind).unwrap_or(FdKind::Other) {
+            FdKind::Path | FdKind::Tty => FdRestore::Reopen,
+            _ if self.fd <= 2 => FdRestore::CallerStdio,
+            _ => FdRestore::External,
+        })
+    }
 }
 
 /// One resource limit.
@@ -584,15 +693,38 @@ impl<'a> ImageWriter<'a> {
 pub struct LoadedImage {
     /// The metadata.
     pub meta: ProcessImage,
+    /// Format version from the header (older versions are read, see [`FORMAT_VERSION`]).
+    pub format_version: u32,
     bytes: Storage,
     pages_off: usize,
     pages_len: usize,
 }
 
 impl LoadedImage {
-    /// The page data, in the order of the mappings' runs.
+    /// The page data, in the order of the mappings' runs (then what fds carry).
     pub fn pages(&self) -> &[u8] {
         &self.bytes.as_slice()[self.pages_off..self.pages_off + self.pages_len]
+    }
+
+    /// What fds carry in the page data ([`Fd::stored_bytes`]), by fd (checked to fit at load).
+    pub fn fd_contents(&self) -> Vec<(i32, &[u8])> {
+        let pages = self.pages();
+        let mut off: usize = self
+            .meta
+            .mappings
+            .iter()
+            .flat_map(|m| m.runs.iter())
+            .map(|r| (r.npages * crate::PAGE) as usize)
+            .sum();
+        let mut out = Vec::new();
+        for f in &self.meta.fds {
+            let n = f.stored_bytes();
+            if n > 0 {
+                out.push((f.fd, &pages[off..off + n as usize]));
+                off += stored_len(n) as usize;
+            }
+        }
+        out
     }
     /// Total size of the image in bytes.
     pub fn len(&self) -> usize {
@@ -668,7 +800,7 @@ pub fn load(r: &mut dyn GhostReader) -> Result<LoadedImage> {
             // A local file is mapped rather than read: no copy and no page faults on a fresh
             // buffer, page-cache pages are used in place (the restore writes from them).
             if let Some(m) = Mapped::of(f, total) {
-                return finish_load(r, Storage::Map(m), meta_len, pages_len);
+                return finish_load(r, Storage::Map(m), version, meta_len, pages_len);
             }
         }
     }
@@ -697,13 +829,14 @@ pub fn load(r: &mut dyn GhostReader) -> Result<LoadedImage> {
             r.describe()
         )));
     }
-    finish_load(r, Storage::Vec(bytes), meta_len, pages_len)
+    finish_load(r, Storage::Vec(bytes), version, meta_len, pages_len)
 }
 
 /// Checks end marker and checksum and decodes the metadata of a fully read image.
 fn finish_load(
     r: &dyn GhostReader,
     storage: Storage,
+    version: u32,
     meta_len: u64,
     pages_len: u64,
 ) -> Result<LoadedImage> {
@@ -753,14 +886,20 @@ fn finish_load(
         .flat_map(|m| m.runs.iter())
         .map(|r| r.npages.saturating_mul(crate::PAGE))
         .fold(0u64, |a, b| a.saturating_add(b));
-    if run_bytes != pages_len {
+    let fd_bytes: u64 = meta
+        .fds
+        .iter()
+        .map(|f| stored_len(f.stored_bytes()))
+        .fold(0u64, |a, b| a.saturating_add(b));
+    if run_bytes.saturating_add(fd_bytes) != pages_len {
         return Err(GhostError::BadImage(format!(
-            "{}: page runs cover {run_bytes} bytes but {pages_len} are stored",
+            "{}: page runs cover {run_bytes} bytes and fds {fd_bytes}, but {pages_len} are stored",
             r.describe()
         )));
     }
     Ok(LoadedImage {
         meta,
+        format_version: version,
         bytes: storage,
         pages_off: meta_end,
         pages_len: pages_len as usize,
@@ -953,6 +1092,28 @@ mod tests {
         assert_eq!(streamed, vec![1, 2, 4, 6, 7, 8]);
         // The streamed bytes alone are not a loadable image: the taker must re-assemble it.
         assert!(load(&mut MemReader::new(&out.mem.buf)).is_err());
+    }
+
+    #[test]
+    fn format_1_fds_are_restored_the_way_format_1_did() {
+        let fd = |fd: i32, kind: FdKind| Fd {
+            fd,
+            kind: kind as i32,
+            path: "x".into(),
+            ..Default::default()
+        };
+        let method = |f: Fd, v: u32| f.restore_method(v).ok();
+        assert_eq!(method(fd(3, FdKind::Path), 1), Some(FdRestore::Reopen));
+        assert_eq!(method(fd(0, FdKind::Tty), 1), Some(FdRestore::Reopen));
+        assert_eq!(method(fd(1, FdKind::Pipe), 1), Some(FdRestore::CallerStdio));
+        assert_eq!(method(fd(4, FdKind::Socket), 1), Some(FdRestore::External));
+        // Format 2 must say: an fd without a method is a damaged image, not a guess.
+        assert_eq!(method(fd(3, FdKind::Path), 2), None);
+        let recorded = Fd {
+            restore: FdRestore::DevNull as i32,
+            ..fd(4, FdKind::Socket)
+        };
+        assert_eq!(method(recorded, 2), Some(FdRestore::DevNull));
     }
 
     #[test]

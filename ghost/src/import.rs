@@ -14,7 +14,7 @@ use std::os::unix::fs::MetadataExt;
 
 use crate::compat;
 use crate::error::{GhostError, Result};
-use crate::image::{self, FdKind, LoadedImage, MapKind, Mapping};
+use crate::image::{self, FdRestore, LoadedImage, MapKind, Mapping};
 use crate::procfs;
 use crate::rao::GhostReader;
 use crate::sys::{self, ProcMem, Remote};
@@ -38,10 +38,11 @@ pub struct ImportOptions {
     /// PID policy.
     pub pid: PidChoice,
     /// Descriptors handed in by the caller: (fd number in the image, fd of the caller). Needed
-    /// for pipes and sockets, which cannot be reopened by name. The caller keeps its fd.
+    /// for the fds recorded as external at export ([`crate::FdChoice::External`]); one given
+    /// for any other fd of the image replaces it. The caller keeps its fd.
     pub inherit_fds: Vec<(i32, RawFd)>,
-    /// fds 0-2 that cannot be reopened (pipes, sockets, vanished terminals) take the caller's
-    /// own 0-2 instead of failing the restore (like a shell job).
+    /// fds 0-2 recorded as the caller's stdio (pipes, sockets, terminals) take the caller's
+    /// own 0-2, like a shell job; without this they must be handed in.
     pub stdio_fallback: bool,
 }
 
@@ -70,8 +71,22 @@ pub fn import_process(r: &mut dyn GhostReader, opts: &ImportOptions) -> Result<I
     import_image(&img, opts)
 }
 
-/// Imports an image already read with [`crate::load_image`].
-pub fn import_image(img: &LoadedImage, opts: &ImportOptions) -> Result<ImportReport> {
+/// Checks everything [`import_image`] checks before it creates a process (host
+/// compatibility, mapped files, every fd: external ones handed in, files reopenable), so that
+/// a caller can refuse a restart before it creates anything of its own (`krg restart` forks
+/// a PID namespace init first).
+pub fn check_import(img: &LoadedImage, opts: &ImportOptions) -> Result<()> {
+    preflight(img, opts).map(|_| ())
+}
+
+/// What [`preflight`] prepared for the restore.
+struct Prepared {
+    regs0: sys::Regs,
+    mm: image::MmFields,
+    fdplan: Vec<FdPlan>,
+}
+
+fn preflight(img: &LoadedImage, opts: &ImportOptions) -> Result<Prepared> {
     let meta = &img.meta;
     let req = meta
         .requirements
@@ -88,7 +103,14 @@ pub fn import_image(img: &LoadedImage, opts: &ImportOptions) -> Result<ImportRep
     for m in &meta.mappings {
         check_mapping(m)?;
     }
-    let fdplan = plan_fds(meta, opts)?;
+    let fdplan = plan_fds(meta, img.format_version, opts, &img.fd_contents())?;
+    Ok(Prepared { regs0, mm, fdplan })
+}
+
+/// Imports an image already read with [`crate::load_image`].
+pub fn import_image(img: &LoadedImage, opts: &ImportOptions) -> Result<ImportReport> {
+    let meta = &img.meta;
+    let Prepared { regs0, mm, fdplan } = preflight(img, opts)?;
     let own_maps = procfs::maps(std::process::id() as i32)?;
     let cands = trampoline_candidates(&meta.mappings, &own_maps);
     if cands.len() < 2 {
@@ -785,8 +807,37 @@ struct FdPlan {
     _owned: Option<File>,
 }
 
-fn plan_fds(meta: &image::ProcessImage, opts: &ImportOptions) -> Result<Vec<FdPlan>> {
+/// How each fd of the image is given to the child: what export recorded, done as recorded.
+/// Every fd that cannot be given is reported at once, before anything is created.
+fn plan_fds(
+    meta: &image::ProcessImage,
+    format_version: u32,
+    opts: &ImportOptions,
+    contents: &[(i32, &[u8])],
+) -> Result<Vec<FdPlan>> {
+    for &(target, src) in &opts.inherit_fds {
+        if !meta.fds.iter().any(|f| f.fd == target) {
+            return Err(GhostError::InvalidOption(format!(
+                "an fd is handed in for fd {target}, but the image has no fd {target} (its fds: {})",
+                meta.fds
+                    .iter()
+                    .map(|f| f.fd.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        if !fd_is_open(src) {
+            return Err(GhostError::InvalidOption(format!(
+                "fd {src}, handed in for fd {target}, is not open in the restoring process (open it in the shell that starts the restart, e.g. `{src}<>FILE`)"
+            )));
+        }
+    }
     let mut out = Vec::new();
+    let mut missing = Vec::new();
+    // Deleted files recreated so far, by the fd that carried the content.
+    let mut recreated: Vec<(i32, File)> = Vec::new();
+    // Internal pipes made so far.
+    let mut pipes: Vec<MadePipe> = Vec::new();
     for f in &meta.fds {
         let cloexec = f.flags & libc::O_CLOEXEC as u32 != 0;
         if let Some(&(_, src)) = opts.inherit_fds.iter().find(|(t, _)| *t == f.fd) {
@@ -798,13 +849,114 @@ fn plan_fds(meta: &image::ProcessImage, opts: &ImportOptions) -> Result<Vec<FdPl
             });
             continue;
         }
-        let kind = FdKind::try_from(f.kind).unwrap_or(FdKind::Other);
-        let opened = match kind {
-            FdKind::Path | FdKind::Tty => reopen(&f.path, f.flags, f.pos),
-            _ => Err(std::io::Error::other(format!(
-                "a {} cannot be reopened by name",
-                f.path
-            ))),
+        let opened = match f.restore_method(format_version)? {
+            FdRestore::Reopen => reopen(&f.path, f.flags, f.pos).map_err(|e| {
+                format!(
+                    "fd {} ({}) cannot be reopened here: {e} (put the file back, or hand a replacement in with `--inherit-fd {}=YOUR_FD`)",
+                    f.fd, f.path, f.fd
+                )
+            }),
+            FdRestore::DevNull => reopen("/dev/null", f.flags & libc::O_ACCMODE as u32, 0)
+                .map_err(|e| format!("fd {} cannot be opened on /dev/null: {e}", f.fd)),
+            FdRestore::External => Err(format!(
+                "fd {} ({}) was recorded as external at checkpoint: hand one in with `krg restart --inherit-fd {}=YOUR_FD`",
+                f.fd, f.path, f.fd
+            )),
+            FdRestore::CallerStdio if opts.stdio_fallback && fd_is_open(f.fd) => {
+                out.push(FdPlan {
+                    target: f.fd,
+                    src: f.fd,
+                    cloexec,
+                    _owned: None,
+                });
+                continue;
+            }
+            FdRestore::PipeInProcess => {
+                let p = f.pipe.as_ref().ok_or_else(|| {
+                    GhostError::BadImage(format!("fd {} is a pipe end without its record", f.fd))
+                })?;
+                let i = match pipes.iter().position(|m| m.inode == p.inode) {
+                    Some(i) => i,
+                    None => {
+                        let made = make_pipe(meta, p.inode, p.capacity, contents).map_err(|e| {
+                            GhostError::Restore {
+                                step: format!("make the pipe of fd {} again", f.fd),
+                                msg: e.to_string(),
+                            }
+                        })?;
+                        pipes.push(made);
+                        pipes.len() - 1
+                    }
+                };
+                let m = &mut pipes[i];
+                let (raw, owned) = if crate::restorable::reads(f.flags) {
+                    (m.rd_raw, m.rd.take())
+                } else {
+                    (m.wr_raw, m.wr.take())
+                };
+                out.push(FdPlan {
+                    target: f.fd,
+                    src: raw,
+                    cloexec,
+                    _owned: owned,
+                });
+                continue;
+            }
+            FdRestore::CallerStdio => Err(format!(
+                "fd {} ({}) is to be the restorer's own fd {}, which {} (hand one in with `--inherit-fd {}=YOUR_FD`)",
+                f.fd,
+                f.path,
+                f.fd,
+                if opts.stdio_fallback {
+                    "is not open"
+                } else {
+                    "was not offered (stdio fallback is off)"
+                },
+                f.fd
+            )),
+            FdRestore::DeletedFile => {
+                let d = f.deleted.as_ref().ok_or_else(|| {
+                    GhostError::BadImage(format!("fd {} is a deleted file without its record", f.fd))
+                })?;
+                let carrier = d.same_as.unwrap_or(f.fd);
+                let have = recreated.iter().position(|(fd, _)| *fd == carrier);
+                let file = match (have, d.same_as) {
+                    (Some(i), _) => Ok(&recreated[i].1),
+                    (None, Some(_)) => {
+                        return Err(GhostError::BadImage(format!(
+                            "fd {} shares deleted file fd {carrier}, which the image does not save first",
+                            f.fd
+                        )))
+                    }
+                    (None, None) => {
+                        let content = contents
+                            .iter()
+                            .find(|(fd, _)| *fd == f.fd)
+                            .map(|c| c.1)
+                            .unwrap_or_default();
+                        match recreate_deleted(&f.path, content, d.mode) {
+                            Ok(file) => {
+                                recreated.push((f.fd, file));
+                                Ok(&recreated[recreated.len() - 1].1)
+                            }
+                            Err(e) => Err(e),
+                        }
+                    }
+                };
+                file.and_then(|file| {
+                    reopen(&format!("/proc/self/fd/{}", file.as_raw_fd()), f.flags, f.pos)
+                })
+                .map_err(|e| {
+                    format!(
+                        "fd {} (deleted file {}) cannot be recreated here: {e} (free space in its directory or in {}, or restore it with `--inherit-fd {}=YOUR_FD`)",
+                        f.fd,
+                        f.path,
+                        std::env::temp_dir().display(),
+                        f.fd
+                    )
+                })
+            }
+            FdRestore::Unrecorded => Err(format!("fd {} records no restore method", f.fd)),
         };
         match opened {
             Ok(file) => out.push(FdPlan {
@@ -813,24 +965,140 @@ fn plan_fds(meta: &image::ProcessImage, opts: &ImportOptions) -> Result<Vec<FdPl
                 cloexec,
                 _owned: Some(file),
             }),
-            // SAFETY: F_GETFD only queries whether our fd is open.
-            Err(_) if f.fd <= 2 && opts.stdio_fallback && unsafe { libc::fcntl(f.fd, libc::F_GETFD) } >= 0 => {
-                out.push(FdPlan {
-                    target: f.fd,
-                    src: f.fd,
-                    cloexec,
-                    _owned: None,
-                })
-            }
-            Err(e) => {
-                return Err(GhostError::Incompatible(format!(
-                    "fd {} of the process ({}) cannot be restored: {e}; hand a replacement in (krg restart --inherit-fd {}=FD)",
-                    f.fd, f.path, f.fd
-                )))
-            }
+            Err(e) => missing.push(e),
         }
     }
+    if !missing.is_empty() {
+        return Err(GhostError::Incompatible(format!(
+            "no process was created: {}",
+            missing.join("; ")
+        )));
+    }
     Ok(out)
+}
+
+/// A pipe made again for the fds of one internal pipe; each end is handed to the first fd
+/// plan that uses it (which keeps it open until the child has it), the others share it.
+struct MadePipe {
+    inode: u64,
+    rd: Option<File>,
+    wr: Option<File>,
+    rd_raw: RawFd,
+    wr_raw: RawFd,
+}
+
+/// The pipe `inode` of the image: same capacity, refilled with the bytes it buffered, each
+/// end with the O_NONBLOCK of the first fd of that end (the flag belongs to the end, which
+/// dup'ed fds share).
+fn make_pipe(
+    meta: &image::ProcessImage,
+    inode: u64,
+    capacity: u32,
+    contents: &[(i32, &[u8])],
+) -> std::io::Result<MadePipe> {
+    use std::io::Write;
+    let mut p = [0i32; 2];
+    // SAFETY: p is a 2-int array.
+    if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh fds from pipe2, owned from here on.
+    let (rd, wr) = unsafe { (File::from_raw_fd(p[0]), File::from_raw_fd(p[1])) };
+    let cap = capacity as libc::c_int;
+    // SAFETY: fcntl on our own fd.
+    if cap > 0 && unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETPIPE_SZ, cap) } < cap {
+        return Err(std::io::Error::last_os_error());
+    }
+    let ends: Vec<&image::Fd> = meta
+        .fds
+        .iter()
+        .filter(|g| g.pipe.as_ref().is_some_and(|q| q.inode == inode))
+        .collect();
+    let buffered = ends
+        .iter()
+        .find(|g| g.stored_bytes() > 0)
+        .and_then(|g| contents.iter().find(|(fd, _)| *fd == g.fd))
+        .map(|c| c.1)
+        .unwrap_or_default();
+    // Non-blocking: bytes that do not fit are an error, not a hang.
+    (&wr).write_all(buffered)?;
+    for (end, want_read) in [(&rd, true), (&wr, false)] {
+        let nonblock = ends
+            .iter()
+            .find(|g| crate::restorable::reads(g.flags) == want_read)
+            .is_some_and(|g| g.flags & libc::O_NONBLOCK as u32 != 0);
+        let fl = if nonblock { libc::O_NONBLOCK } else { 0 };
+        // SAFETY: fcntl on our own fd.
+        if unsafe { libc::fcntl(end.as_raw_fd(), libc::F_SETFL, fl) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(MadePipe {
+        inode,
+        rd_raw: rd.as_raw_fd(),
+        wr_raw: wr.as_raw_fd(),
+        rd: Some(rd),
+        wr: Some(wr),
+    })
+}
+
+/// An open, unlinked regular file holding `content`, made in the directory the deleted file
+/// was in when it still exists (same filesystem, same quotas), else in the temporary
+/// directory: O_TMPFILE where the filesystem has it, else a fresh name removed at once.
+fn recreate_deleted(path: &str, content: &[u8], mode: u32) -> std::io::Result<File> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let original = std::path::Path::new(path.strip_suffix(" (deleted)").unwrap_or(path));
+    let mut dirs = Vec::new();
+    if let Some(d) = original.parent().filter(|d| d.is_dir()) {
+        dirs.push(d.to_path_buf());
+    }
+    dirs.push(std::env::temp_dir());
+    let mut last = std::io::Error::other("no directory to create it in");
+    for dir in &dirs {
+        let tmp = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
+            .mode(0o600)
+            .open(dir);
+        let file = match tmp {
+            Ok(f) => f,
+            Err(_) => {
+                // No O_TMPFILE here (e.g. a FUSE mount): a name of our own, unlinked at once.
+                static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let name = dir.join(format!(".krg-deleted-{}-{n}", std::process::id()));
+                match std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .custom_flags(libc::O_CLOEXEC)
+                    .mode(0o600)
+                    .open(&name)
+                {
+                    Ok(f) => {
+                        std::fs::remove_file(&name)?;
+                        f
+                    }
+                    Err(e) => {
+                        last = e;
+                        continue;
+                    }
+                }
+            }
+        };
+        let mut w = &file;
+        w.write_all(content)?;
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        return Ok(file);
+    }
+    Err(last)
+}
+
+fn fd_is_open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD only queries whether our fd is open.
+    fd >= 0 && unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0
 }
 
 fn reopen(path: &str, flags: u32, pos: i64) -> std::io::Result<File> {

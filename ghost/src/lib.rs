@@ -16,9 +16,19 @@
 //!   [`MemWriter`]/[`MemReader`], and [`TcpWriter`]/[`TcpReader`] for migration to a
 //!   `krg listen` on another node (see [`MigrationAck`]).
 //!
-//! Limits: one thread; no itimers/POSIX timers, SysV IPC, inotify/epoll/eventfd fds; pipes
-//! and sockets must be handed in at import ([`ImportOptions::inherit_fds`]); the restoring
-//! host must run the same kernel (same vDSO) on a CPU with the same XSAVE features.
+//! * Nothing is lost by a checkpoint: export decides, before writing anything, how a restart
+//!   rebuilds every fd and mapping, and refuses ([`GhostError::Unrestorable`], process left
+//!   running) whatever it could not rebuild faithfully. [`check_restorable`] gives the same
+//!   answer without freezing; an [`FdPolicy`] restores chosen fds as /dev/null or has them
+//!   handed in at import ([`ImportOptions::inherit_fds`]).
+//!
+//!   Files deleted while open and pipes whose both ends the process holds are saved with
+//!   their contents.
+//!
+//! Limits: one thread, no children; no itimers/POSIX timers, SysV IPC, inotify/epoll/eventfd
+//! fds; pipes and sockets on fds 0-2 take the importer's own stdio, other sockets and pipes
+//! to the outside are refused unless dropped or external; the restoring host must run the
+//! same kernel (same vDSO) on a CPU with the same XSAVE features.
 //! Needs root (or CAP_SYS_PTRACE + CAP_CHECKPOINT_RESTORE).
 
 mod compat;
@@ -28,17 +38,21 @@ pub mod image;
 mod import;
 mod procfs;
 mod rao;
+mod restorable;
 mod sys;
 pub mod tracking;
 
 pub use error::{GhostError, Result};
 pub use export::{export_process, After, ExportOptions, ExportReport};
 pub use image::{load as load_image, LoadedImage, FORMAT_VERSION};
-pub use import::{import_image, import_process, ImportOptions, ImportReport, PidChoice};
+pub use import::{
+    check_import, import_image, import_process, ImportOptions, ImportReport, PidChoice,
+};
 pub use rao::{
     FileReader, FileWriter, GhostReader, GhostWriter, MemReader, MemWriter, MigrationAck,
     TcpReader, TcpWriter,
 };
+pub use restorable::{check_restorable, FdChoice, FdPolicy, Problem};
 pub use tracking::TrackBase;
 
 /// Page size the image format counts in (x86_64 base pages).

@@ -486,3 +486,91 @@ impl Remote {
         Ok(r as u64)
     }
 }
+
+/// A pidfd for `pid` (to take copies of its fds with pidfd_getfd).
+pub(crate) fn pidfd_open(pid: i32) -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open with valid arguments; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(GhostError::last_os("pidfd_open", pid));
+    }
+    // SAFETY: pidfd_open returned a new descriptor we own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// (capacity, buffered bytes) of the pipe that fd `fd` of `pid` reads, without consuming
+/// them: a copy of the fd is taken (pidfd_getfd) and the buffer duplicated with tee(2) into
+/// a scratch pipe of the same capacity, which is then read.
+pub(crate) fn peek_pipe(pid: i32, pidfd: &std::os::fd::OwnedFd, fd: i32) -> Result<(u32, Vec<u8>)> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let what = |w: &str| format!("{w} (buffer of the pipe at fd {fd})");
+    // SAFETY: pidfd_getfd with valid arguments; the result is checked.
+    let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if got < 0 {
+        return Err(GhostError::last_os(what("pidfd_getfd"), pid));
+    }
+    // SAFETY: pidfd_getfd returned a new descriptor we own.
+    let src = unsafe { OwnedFd::from_raw_fd(got as i32) };
+    // SAFETY: fcntl/ioctl on our own fd.
+    let cap = unsafe { libc::fcntl(src.as_raw_fd(), libc::F_GETPIPE_SZ) };
+    if cap < 0 {
+        return Err(GhostError::last_os(what("F_GETPIPE_SZ"), pid));
+    }
+    let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    if unsafe { libc::ioctl(src.as_raw_fd(), libc::FIONREAD, &mut queued) } != 0 {
+        return Err(GhostError::last_os(what("FIONREAD"), pid));
+    }
+    if queued <= 0 {
+        return Ok((cap as u32, Vec::new()));
+    }
+    let mut p = [0i32; 2];
+    // SAFETY: p is a 2-int array.
+    if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        return Err(GhostError::last_os(what("pipe2"), pid));
+    }
+    // SAFETY: fresh fds from pipe2, owned from here on.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
+    // Same capacity, so as many buffer slots as the source can have in use.
+    // SAFETY: fcntl on our own fd.
+    if unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETPIPE_SZ, cap) } < cap {
+        return Err(GhostError::last_os(what("F_SETPIPE_SZ"), pid));
+    }
+    // One call: tee duplicates from the start of the source every time, so a second call
+    // would copy the same bytes again.
+    // SAFETY: tee between two pipes we hold.
+    let n = unsafe {
+        libc::tee(
+            src.as_raw_fd(),
+            wr.as_raw_fd(),
+            queued as usize,
+            libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        return Err(GhostError::last_os(what("tee"), pid));
+    }
+    if n != queued as isize {
+        return Err(GhostError::Unsupported(format!(
+            "process {pid}: only {n} of the {queued} bytes buffered in the pipe at fd {fd} could be copied"
+        )));
+    }
+    let mut buf = vec![0u8; n as usize];
+    let mut got = 0usize;
+    while got < buf.len() {
+        // SAFETY: reading into the rest of buf from our own fd.
+        let r = unsafe {
+            libc::read(
+                rd.as_raw_fd(),
+                buf[got..].as_mut_ptr() as *mut libc::c_void,
+                buf.len() - got,
+            )
+        };
+        if r <= 0 {
+            return Err(GhostError::last_os(what("reading the scratch pipe"), pid));
+        }
+        got += r as usize;
+    }
+    Ok((cap as u32, buf))
+}

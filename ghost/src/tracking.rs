@@ -205,8 +205,6 @@ pub(crate) fn frames_visible() -> bool {
 pub(crate) struct Tracker {
     pid: i32,
     uffd: OwnedFd,
-    /// The descriptor number in the target (export leaves it out of the image).
-    pub target_fd: i32,
     pagemap: fs::File,
 }
 
@@ -310,12 +308,7 @@ impl Tracker {
             .read(true)
             .open(format!("/proc/{pid}/pagemap"))
             .map_err(|e| GhostError::sys("open /proc/PID/pagemap", pid, e))?;
-        Ok(Tracker {
-            pid,
-            uffd,
-            target_fd,
-            pagemap,
-        })
+        Ok(Tracker { pid, uffd, pagemap })
     }
 
     /// Pages that are still write-protected since the last [`Tracker::rearm`], present, and

@@ -42,7 +42,8 @@ enum Cmd {
         cmd: Vec<String>,
     },
     /// Write the ghost image of a running process to a file or a checkpoint store
-    /// (kerfs:/PATH, a new version).
+    /// (kerfs:/PATH, a new version). Refused, with the process left running, if a restart
+    /// could not rebuild something it holds (see --drop and --external for fds).
     Checkpoint {
         /// PID (as seen from here).
         #[arg(required_unless_present = "app", conflicts_with = "app")]
@@ -79,6 +80,8 @@ enum Cmd {
         /// Kill it once the image is safely written.
         #[arg(long, group = "after")]
         kill: bool,
+        #[command(flatten)]
+        fds: FdArgs,
     },
     /// Restart a process from an image, in a fresh PID namespace with its old PID.
     Restart {
@@ -89,8 +92,11 @@ enum Cmd {
         /// Return once the process runs instead of waiting for it to exit.
         #[arg(long)]
         detach: bool,
-        /// Give the restored process one of krg's fds: IMAGE_FD=KRG_FD (for pipes, sockets).
-        #[arg(long = "inherit-fd", value_parser = parse_inherit)]
+        /// Hand one of krg's own open fds to the restored process: IMAGE_FD=KRG_FD, or FD for
+        /// the same number on both sides (e.g. `krg restart IMG --inherit-fd 5 5<>FILE`).
+        /// Required for every fd checkpointed with --external; replaces any other fd.
+        /// Repeatable.
+        #[arg(long = "inherit-fd", value_name = "IMAGE_FD[=KRG_FD]", value_parser = parse_inherit)]
         inherit_fd: Vec<(i32, RawFd)>,
     },
     /// Receive migrating processes (`krg migrate`) and run them here.
@@ -105,6 +111,10 @@ enum Cmd {
         pid: i32,
         /// Receiving `krg listen`.
         dest: String,
+        /// Restore fd FD as /dev/null on the receiver instead of refusing the migration
+        /// because of it. Repeatable.
+        #[arg(long = "drop", value_name = "FD")]
+        drop: Vec<i32>,
     },
     /// List the versions of a checkpoint store.
     Ls {
@@ -161,14 +171,40 @@ struct ClusterArgs {
     key_file: Option<std::path::PathBuf>,
 }
 
+/// What to do with fds a restart could not rebuild (otherwise the checkpoint is refused).
+#[derive(Args, Clone, Default)]
+struct FdArgs {
+    /// Restore fd FD as /dev/null (same number and access mode) instead of refusing the
+    /// checkpoint because of it. Repeatable.
+    #[arg(long = "drop", value_name = "FD")]
+    drop: Vec<i32>,
+    /// Record fd FD as external: `krg restart --inherit-fd FD=YOUR_FD` must hand one in
+    /// (a restart without it is refused). Repeatable.
+    #[arg(long = "external", value_name = "FD")]
+    external: Vec<i32>,
+}
+
+impl FdArgs {
+    fn policy(&self) -> Result<ghost::FdPolicy> {
+        let mut p = ghost::FdPolicy::new();
+        for &fd in &self.drop {
+            p.choose(fd, ghost::FdChoice::DevNull)?;
+        }
+        for &fd in &self.external {
+            p.choose(fd, ghost::FdChoice::External)?;
+        }
+        Ok(p)
+    }
+}
+
 fn parse_inherit(s: &str) -> Result<(i32, RawFd), String> {
-    let (a, b) = s
-        .split_once('=')
-        .ok_or_else(|| format!("expected IMAGE_FD=KRG_FD, got {s}"))?;
-    Ok((
-        a.parse().map_err(|_| format!("bad fd {a}"))?,
-        b.parse().map_err(|_| format!("bad fd {b}"))?,
-    ))
+    let (a, b) = s.split_once('=').unwrap_or((s, s));
+    let fd = |x: &str| {
+        x.parse::<i32>().ok().filter(|n| *n >= 0).ok_or_else(|| {
+            format!("expected IMAGE_FD=KRG_FD or FD, got {s}: {x} is not an fd number")
+        })
+    };
+    Ok((fd(a)?, fd(b)?))
 }
 
 fn main() {
@@ -199,6 +235,7 @@ fn run(cli: Cli) -> Result<i32> {
             leave_running: _,
             stop,
             kill,
+            fds,
         } => {
             let after = if kill {
                 ghost::After::Kill
@@ -217,6 +254,10 @@ fn run(cli: Cli) -> Result<i32> {
                 (None, Some(name)) => format!("kerfs:/ckpt/{name}"),
                 (None, None) => bail!("give --to FILE or --to kerfs:/PATH"),
             };
+            let fds = fds.policy()?;
+            // Refused before any file, version or freeze is made; the export decides again
+            // on the frozen process (the authoritative check).
+            ghost::check_restorable(pid, &fds)?;
             if to.starts_with("kerfs:") {
                 let job = StoreCheckpoint {
                     pid,
@@ -226,6 +267,7 @@ fn run(cli: Cli) -> Result<i32> {
                     keep_last,
                     periodic,
                     track_writes: !no_track_writes,
+                    fds,
                 };
                 return cmd_checkpoint_store(&job, &cluster);
             }
@@ -238,6 +280,7 @@ fn run(cli: Cli) -> Result<i32> {
                 pid,
                 &ghost::ExportOptions {
                     after,
+                    fds,
                     ..Default::default()
                 },
                 &mut w,
@@ -309,7 +352,15 @@ fn run(cli: Cli) -> Result<i32> {
             })
         }
         Cmd::Listen { addr } => cmd_listen(&addr),
-        Cmd::Migrate { pid, dest } => cmd_migrate(pid, &dest),
+        Cmd::Migrate { pid, dest, drop } => {
+            // `krg listen` has no fds to hand in: only --drop makes sense here.
+            let fds = FdArgs {
+                drop,
+                external: Vec::new(),
+            }
+            .policy()?;
+            cmd_migrate(pid, &dest, fds)
+        }
         Cmd::Freeze { pid } => {
             ghost::freeze(pid).with_context(|| format!("freezing pid {pid}"))?;
             Ok(0)
@@ -366,6 +417,7 @@ struct StoreCheckpoint {
     keep_last: Option<usize>,
     periodic: Option<std::time::Duration>,
     track_writes: bool,
+    fds: ghost::FdPolicy,
 }
 
 fn cmd_checkpoint_store(job: &StoreCheckpoint, cluster: &ClusterArgs) -> Result<i32> {
@@ -490,6 +542,7 @@ fn checkpoint_once(
             // A process killed after its checkpoint has no next one to prepare for.
             track_writes: tracking.is_some() && job.after != ghost::After::Kill,
             base,
+            fds: job.fds.clone(),
         },
         &mut sink,
     );
@@ -987,13 +1040,15 @@ fn cmd_restart(
             images.len()
         );
     };
-    new_pid_namespace()?;
-    let init = spawn_ns_init()?;
     let opts = ghost::ImportOptions {
         pid: ghost::PidChoice::Same,
         inherit_fds: inherit,
         stdio_fallback: true,
     };
+    // Before the namespace init is forked: a restart that cannot succeed creates nothing.
+    ghost::check_import(img, &opts).with_context(|| format!("cannot restart from {file}"))?;
+    new_pid_namespace()?;
+    let init = spawn_ns_init()?;
     let rep = match ghost::import_image(img, &opts) {
         Ok(rep) => rep,
         Err(e) => {
@@ -1081,13 +1136,16 @@ fn cmd_listen(addr: &str) -> Result<i32> {
     }
 }
 
-fn cmd_migrate(pid: i32, dest: &str) -> Result<i32> {
+fn cmd_migrate(pid: i32, dest: &str, fds: ghost::FdPolicy) -> Result<i32> {
     let t = Instant::now();
+    // Refused before the receiver is contacted; the export decides again, frozen.
+    ghost::check_restorable(pid, &fds)?;
     let mut w = ghost::TcpWriter::connect(dest)?;
     let rep = ghost::export_process(
         pid,
         &ghost::ExportOptions {
             after: ghost::After::Stop,
+            fds,
             ..Default::default()
         },
         &mut w,
@@ -1119,5 +1177,19 @@ fn cmd_migrate(pid: i32, dest: &str) -> Result<i32> {
                 "no answer from {dest}; pid {pid} was resumed here (check that it is not also running there)"
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_inherit;
+
+    #[test]
+    fn inherit_fd_takes_a_pair_or_one_number_for_both() {
+        assert_eq!(parse_inherit("5=7"), Ok((5, 7)));
+        assert_eq!(parse_inherit("5"), Ok((5, 5)));
+        assert!(parse_inherit("5=").is_err());
+        assert!(parse_inherit("-1").is_err());
+        assert!(parse_inherit("x=3").is_err());
     }
 }

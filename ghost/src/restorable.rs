@@ -1,0 +1,1001 @@
+//! Restorability: an image holds only what import can rebuild, decided once, at export.
+//!
+//! A checkpoint that succeeds but cannot be restarted loses the process (`--kill`). So before
+//! anything is written, export surveys the process ([`survey`]): for every fd it decides how a
+//! restart rebuilds it ([`FdRestore`], recorded in the image and executed as recorded by
+//! import), for every mapping how it is recreated ([`map_kind`]), and it checks what is not
+//! captured at all (threads, children, POSIX timers, file locks, a deleted working
+//! directory, a pipe or deleted file shared with another process). Whatever cannot be
+//! rebuilt faithfully becomes a [`Problem`]; any problem refuses the export with
+//! [`GhostError::Unrestorable`] while the process is still untouched, and it is left running.
+//!
+//! The caller can resolve an fd problem with an [`FdPolicy`]: restore the fd as /dev/null
+//! ([`FdChoice::DevNull`], `krg checkpoint --drop FD`) or have it handed in at restart
+//! ([`FdChoice::External`], `krg checkpoint --external FD`, then
+//! `krg restart --inherit-fd FD=KRG_FD`).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+
+use crate::error::{GhostError, Result};
+use crate::image::{DeletedFile, Fd, FdKind, FdRestore, MapKind, PipeEnd};
+use crate::procfs::{self, MapLine};
+
+/// What to do with one fd instead of restoring it as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FdChoice {
+    /// Restore it as /dev/null (same number, access mode and close-on-exec flag).
+    DevNull,
+    /// Record it as external: whoever restarts the process must hand in a descriptor for it
+    /// ([`crate::ImportOptions::inherit_fds`]); a restart without one is refused.
+    External,
+}
+
+/// Per-fd choices of an export ([`crate::ExportOptions::fds`]). Every fd named must exist in
+/// the process when it is exported, so that a mistyped number is an error, not a no-op.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FdPolicy {
+    chosen: BTreeMap<i32, FdChoice>,
+}
+
+impl FdPolicy {
+    /// A policy that keeps every fd as it is.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Chooses what to do with `fd`. Choosing the same thing twice is fine; two different
+    /// choices for one fd, or a negative fd, are refused.
+    pub fn choose(&mut self, fd: i32, choice: FdChoice) -> Result<()> {
+        if fd < 0 {
+            return Err(GhostError::InvalidOption(format!(
+                "fd {fd} is not a descriptor number (give 0 or more)"
+            )));
+        }
+        match self.chosen.get(&fd) {
+            Some(&old) if old != choice => Err(GhostError::InvalidOption(format!(
+                "fd {fd} is given both as {} and as {}: choose one",
+                old.flag(),
+                choice.flag()
+            ))),
+            _ => {
+                self.chosen.insert(fd, choice);
+                Ok(())
+            }
+        }
+    }
+
+    /// The choice made for `fd`, if any.
+    pub fn get(&self, fd: i32) -> Option<FdChoice> {
+        self.chosen.get(&fd).copied()
+    }
+
+    /// Every (fd, choice), by fd number.
+    pub fn iter(&self) -> impl Iterator<Item = (i32, FdChoice)> + '_ {
+        self.chosen.iter().map(|(&fd, &c)| (fd, c))
+    }
+}
+
+impl FdChoice {
+    /// The `krg checkpoint` option that makes this choice, for messages.
+    fn flag(self) -> &'static str {
+        match self {
+            FdChoice::DevNull => "--drop",
+            FdChoice::External => "--external",
+        }
+    }
+}
+
+/// One thing of a process that a restart could not rebuild faithfully.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The fd, when the problem is one (then [`FdPolicy`] can resolve it).
+    pub fd: Option<i32>,
+    /// What it is and why it cannot be restored, e.g. `fd 5: pipe:[1234]: ...`.
+    pub what: String,
+    /// What the user can do, for problems that are not fds (fds share one hint).
+    pub hint: Option<String>,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.what)?;
+        if let Some(h) = &self.hint {
+            write!(f, " ({h})")?;
+        }
+        Ok(())
+    }
+}
+
+/// The message of [`GhostError::Unrestorable`].
+pub(crate) fn refusal_message(pid: i32, comm: &str, problems: &[Problem]) -> String {
+    let mut s = format!(
+        "process {pid} ({comm}) cannot be checkpointed: a restart could not rebuild {}; nothing was written and the process was left running",
+        if problems.len() == 1 { "this" } else { "these" }
+    );
+    for p in problems {
+        s.push_str("\n  - ");
+        s.push_str(&p.to_string());
+    }
+    if problems.iter().any(|p| p.fd.is_some()) {
+        s.push_str(
+            "\nfor an fd: `--drop FD` restores it as /dev/null; `--external FD` records it so \
+             that the restart is handed one in its place (`krg restart --inherit-fd FD=YOUR_FD`); \
+             or have the program close it before the checkpoint",
+        );
+    }
+    s
+}
+
+/// What a survey of a process found.
+pub(crate) struct Survey {
+    /// Command name, for messages.
+    pub comm: String,
+    /// Every fd (less the one skipped) with its restore method; fds with a problem are left
+    /// out.
+    pub fds: Vec<Fd>,
+    /// Everything a restart could not rebuild.
+    pub problems: Vec<Problem>,
+}
+
+impl Survey {
+    /// The fds, or the refusal if anything cannot be restored.
+    pub fn into_fds(self, pid: i32) -> Result<Vec<Fd>> {
+        if self.problems.is_empty() {
+            Ok(self.fds)
+        } else {
+            Err(GhostError::Unrestorable {
+                pid,
+                comm: self.comm,
+                problems: self.problems,
+            })
+        }
+    }
+}
+
+/// Decides the restorability of everything `pid` holds: fds (less `skip`, the write-tracking
+/// descriptor, which is krg's) with their locks, mappings, threads, children, POSIX timers
+/// and working directory. Run on a frozen
+/// process by export (the authoritative check) and on a running one by
+/// [`check_restorable`] (an early answer that needs no freeze). Errors only if /proc cannot
+/// be read or `policy` names an fd the process does not have.
+pub(crate) fn survey(pid: i32, policy: &FdPolicy, skip: Option<i32>) -> Result<Survey> {
+    let comm = procfs::read_to_string(pid, "comm")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let mut problems = Vec::new();
+    let status = procfs::read_to_string(pid, "status")?;
+    problems.extend(threads_problem(pid, &status));
+    problems.extend(children_problem(pid));
+    problems.extend(cwd_problem(pid));
+    problems.extend(timers_problem(pid));
+    let maps = procfs::maps(pid)?;
+    for m in &maps {
+        if let Err(p) = map_kind(pid, m) {
+            problems.push(p);
+        }
+    }
+    let (fds, fd_problems) = plan_fds(pid, policy, skip, &maps)?;
+    problems.extend(fd_problems);
+    Ok(Survey {
+        comm,
+        fds,
+        problems,
+    })
+}
+
+/// Checks, without stopping it, that `pid` could be checkpointed and restarted with `policy`:
+/// the same decisions [`crate::export_process`] makes (and makes again, on the frozen
+/// process). Returns [`GhostError::Unrestorable`] listing every problem.
+pub fn check_restorable(pid: i32, policy: &FdPolicy) -> Result<()> {
+    if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        return Err(GhostError::Process {
+            pid,
+            msg: "no such process (check the PID; inside `krg run` use the PID printed at start)"
+                .into(),
+        });
+    }
+    let skip = crate::tracking::find_uffd(pid).map(|(fd, _)| fd);
+    survey(pid, policy, skip)?.into_fds(pid).map(|_| ())
+}
+
+/// A process with more than one thread (export captures one).
+pub(crate) fn threads_problem(pid: i32, status: &str) -> Option<Problem> {
+    let threads = procfs::status_field(status, "Threads")
+        .and_then(|t| t.parse::<u32>().ok())
+        .unwrap_or(1);
+    (threads != 1).then(|| Problem {
+        fd: None,
+        what: format!("it has {threads} threads; only single-threaded processes are captured"),
+        hint: Some(format!(
+            "see /proc/{pid}/task; multi-threaded checkpoints are not supported yet"
+        )),
+    })
+}
+
+/// Children are not captured: a restarted parent would find none to wait for.
+fn children_problem(pid: i32) -> Option<Problem> {
+    let list = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let kids: Vec<String> = list
+        .split_whitespace()
+        .map(|c| {
+            let comm = fs::read_to_string(format!("/proc/{c}/comm")).unwrap_or_default();
+            format!("{c} ({})", comm.trim())
+        })
+        .collect();
+    (!kids.is_empty()).then(|| Problem {
+        fd: None,
+        what: format!(
+            "it has child processes {}; they are not captured and the restarted process would have none",
+            kids.join(", ")
+        ),
+        hint: Some("checkpoint it once they have exited and been reaped".into()),
+    })
+}
+
+/// POSIX timers (timer_create) are not captured: a restarted process would wait forever for
+/// their signals.
+fn timers_problem(pid: i32) -> Option<Problem> {
+    let timers = fs::read_to_string(format!("/proc/{pid}/timers")).unwrap_or_default();
+    let n = timers.lines().filter(|l| l.starts_with("ID:")).count();
+    (n > 0).then(|| Problem {
+        fd: None,
+        what: format!("it has {n} POSIX timer(s) (timer_create, see /proc/{pid}/timers), which are not restored yet"),
+        hint: Some("delete them (timer_delete) before the checkpoint".into()),
+    })
+}
+
+/// The file locks fd `fd` holds, from its fdinfo ("POSIX  ADVISORY  WRITE ..." lines).
+fn locks_of(pid: i32, fd: i32) -> Vec<String> {
+    let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default();
+    info.lines()
+        .filter_map(|l| l.strip_prefix("lock:"))
+        .map(|l| {
+            // "1: POSIX  ADVISORY  WRITE 1234 fe:00:99 0 EOF": kind, mode and range.
+            let f: Vec<&str> = l.split_whitespace().collect();
+            match (f.get(1), f.get(3), f.get(6), f.get(7)) {
+                (Some(kind), Some(mode), Some(start), Some(end)) => {
+                    format!("{kind} {mode} {start}-{end}")
+                }
+                _ => l.trim().to_string(),
+            }
+        })
+        .collect()
+}
+
+/// The restart chdirs to the recorded path: it must name the same directory.
+fn cwd_problem(pid: i32) -> Option<Problem> {
+    let link = format!("/proc/{pid}/cwd");
+    let path = fs::read_link(&link).ok()?.to_string_lossy().into_owned();
+    let same = match (fs::metadata(&link), fs::metadata(&path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    };
+    (!same).then(|| Problem {
+        fd: None,
+        what: format!(
+            "its working directory {path} was deleted or is not reachable by that path from here"
+        ),
+        hint: Some("make the program chdir to an existing directory first".into()),
+    })
+}
+
+/// How a mapping is rebuilt (None: it is skipped), or why it cannot be.
+pub(crate) fn map_kind(pid: i32, m: &MapLine) -> std::result::Result<Option<MapKind>, Problem> {
+    let p = m.path.as_str();
+    let refuse = |why: String, hint: &str| Problem {
+        fd: None,
+        what: format!("mapping {:#x}-{:#x} {p}: {why}", m.start, m.end),
+        hint: Some(hint.into()),
+    };
+    Ok(Some(match p {
+        "[vsyscall]" => return Ok(None),
+        "[vvar]" | "[vvar_vclock]" | "[vdso]" => MapKind::Vdso,
+        "" | "[heap]" | "[stack]" => {
+            if m.shared {
+                MapKind::ShmemAnon
+            } else {
+                MapKind::Anon
+            }
+        }
+        _ if p.starts_with('[') => {
+            return Err(refuse(
+                "a special kernel mapping that is not recreated".into(),
+                "not supported",
+            ))
+        }
+        _ if p.starts_with("/SYSV") && p.ends_with(" (deleted)") => return Err(refuse(
+            "System V shared memory; restored it would be a private copy, cut off from the segment"
+                .into(),
+            "System V IPC checkpoint is not supported yet; detach it (shmdt) first",
+        )),
+        _ if !p.starts_with('/') => {
+            return Err(refuse(
+                "memory of a kernel object (not a file), which is not recreated".into(),
+                "not supported",
+            ))
+        }
+        _ if p.ends_with(" (deleted)") || m.inode == 0 => {
+            if m.shared {
+                // /dev/zero (deleted), memfd: the contents live only in memory and are stored.
+                MapKind::ShmemAnon
+            } else {
+                return Err(refuse(
+                    "a deleted file mapped privately; its unchanged pages cannot be recovered".into(),
+                    "the file was deleted or replaced while mapped (an upgraded binary?): restart the program",
+                ));
+            }
+        }
+        _ => {
+            let link = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+            let mapped = fs::metadata(&link).map_err(|e| {
+                refuse(
+                    format!("cannot stat the mapped file ({e})"),
+                    "check that krg runs as root",
+                )
+            })?;
+            if mapped.file_type().is_char_device() || mapped.file_type().is_block_device() {
+                return Err(refuse(
+                    "a device mapped into memory; its state cannot be carried to a restart".into(),
+                    "not supported",
+                ));
+            }
+            let same =
+                fs::metadata(p).is_ok_and(|b| b.dev() == mapped.dev() && b.ino() == mapped.ino());
+            if !same {
+                return Err(refuse(
+                    "that path now names another file (or nothing) as seen from krg, so a restart could not map it".into(),
+                    "the file was renamed or replaced, or the process runs in another mount namespace",
+                ));
+            }
+            if m.shared {
+                MapKind::FileShared
+            } else {
+                MapKind::FilePrivate
+            }
+        }
+    }))
+}
+
+/// Every fd of `pid` but `skip`, each with the method a restart uses for it, and the problems
+/// of those that have none.
+fn plan_fds(
+    pid: i32,
+    policy: &FdPolicy,
+    skip: Option<i32>,
+    maps: &[MapLine],
+) -> Result<(Vec<Fd>, Vec<Problem>)> {
+    let dir = format!("/proc/{pid}/fd");
+    let rd = fs::read_dir(&dir).map_err(|e| GhostError::sys(format!("listing {dir}"), pid, e))?;
+    let mut fds = Vec::new();
+    let mut problems = Vec::new();
+    let mut seen = Vec::new();
+    // (fd, /proc link, pos, flags) first: whether a pipe is internal depends on the other fds.
+    let mut listed = Vec::new();
+    for ent in rd.flatten() {
+        let Some(fd) = ent.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if Some(fd) == skip {
+            continue;
+        }
+        // Closed between the listing and here (the survey of a running process).
+        let Ok(target) = fs::read_link(ent.path()) else {
+            continue;
+        };
+        let (pos, flags) = procfs::fdinfo(pid, fd)?;
+        listed.push((fd, target.to_string_lossy().into_owned(), pos, flags));
+    }
+    let mut internal = internal_pipes(&listed);
+    // An internal pipe or a deleted file another process also holds is restored as a new
+    // one, cut off from that process: refused.
+    let deleted_file = |fd: i32, target: &str| {
+        (target.ends_with(" (deleted)") && !target.starts_with("/memfd:"))
+            .then(|| fs::metadata(format!("/proc/{pid}/fd/{fd}")).ok())
+            .flatten()
+            .map(|m| Held::File(m.dev(), m.ino()))
+    };
+    let mut wanted: Vec<Held> = internal.iter().map(|&i| Held::Pipe(i)).collect();
+    wanted.extend(
+        listed
+            .iter()
+            .filter_map(|(fd, t, _, _)| deleted_file(*fd, t)),
+    );
+    let shared = held_elsewhere(pid, &wanted);
+    internal.retain(|&i| !shared.iter().any(|(s, _)| *s == Held::Pipe(i)));
+    for (fd, target, pos, flags) in listed {
+        seen.push(fd);
+        let held = pipe_inode(&target)
+            .map(Held::Pipe)
+            .or_else(|| deleted_file(fd, &target));
+        if let Some((_, other)) = held
+            .and_then(|h| shared.iter().find(|(s, _)| *s == h))
+            .filter(|_| policy.get(fd).is_none())
+        {
+            let what = if target.starts_with("pipe:") {
+                "a pipe whose both ends are in the process"
+            } else {
+                "a deleted file"
+            };
+            problems.push(Problem {
+                fd: Some(fd),
+                what: format!(
+                    "fd {fd}: {target}, {what}, but {other} holds it too: restored, it would be a new one, cut off from that process"
+                ),
+                hint: None,
+            });
+            continue;
+        }
+        let locks = locks_of(pid, fd);
+        if !locks.is_empty() && policy.get(fd).is_none() {
+            problems.push(Problem {
+                fd: Some(fd),
+                what: format!(
+                    "fd {fd}: {target} holds file lock(s) {}: locks are not restored yet, the restarted process would run without them",
+                    locks.join(", ")
+                ),
+                hint: None,
+            });
+            continue;
+        }
+        match fd_restore(pid, fd, &target, flags, policy, maps, &internal) {
+            Ok(restore) => fds.push(Fd {
+                fd,
+                kind: fd_kind(&target) as i32,
+                pipe: pipe_inode(&target)
+                    .filter(|_| restore == FdRestore::PipeInProcess)
+                    .map(|inode| PipeEnd {
+                        inode,
+                        ..Default::default()
+                    }),
+                path: target,
+                flags,
+                pos,
+                restore: restore as i32,
+                deleted: None,
+            }),
+            Err(why) => problems.push(Problem {
+                fd: Some(fd),
+                what: format!("fd {fd}: {why}"),
+                hint: None,
+            }),
+        }
+    }
+    for (fd, choice) in policy.iter() {
+        if !seen.contains(&fd) {
+            return Err(GhostError::InvalidOption(format!(
+                "{} {fd}: process {pid} has no fd {fd} (see ls -l /proc/{pid}/fd)",
+                choice.flag()
+            )));
+        }
+    }
+    fds.sort_by_key(|f| f.fd);
+    problems.sort_by_key(|p| p.fd);
+    // Deleted files: the size and mode to save, and which fds are one file (the lowest fd of
+    // a file carries its content, the others point to it). Export reads the contents.
+    let mut firsts: Vec<((u64, u64), i32)> = Vec::new();
+    for f in fds
+        .iter_mut()
+        .filter(|f| f.restore == FdRestore::DeletedFile as i32)
+    {
+        let md = fs::metadata(format!("/proc/{pid}/fd/{}", f.fd))
+            .map_err(|e| GhostError::sys(format!("stat of fd {}", f.fd), pid, e))?;
+        let id = (md.dev(), md.ino());
+        let same_as = firsts.iter().find(|(i, _)| *i == id).map(|&(_, fd)| fd);
+        if same_as.is_none() {
+            firsts.push((id, f.fd));
+        }
+        f.deleted = Some(DeletedFile {
+            size: if same_as.is_some() { 0 } else { md.len() },
+            mode: md.mode() & 0o7777,
+            same_as,
+        });
+    }
+    Ok((fds, problems))
+}
+
+/// The inode of a `pipe:[N]` link.
+fn pipe_inode(target: &str) -> Option<u64> {
+    target
+        .strip_prefix("pipe:[")
+        .and_then(|r| r.strip_suffix(']'))
+        .and_then(|n| n.parse().ok())
+}
+
+/// Whether an fd with these open flags reads (else it writes) a pipe.
+pub(crate) fn reads(flags: u32) -> bool {
+    flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32
+}
+
+/// Pipes of which the process holds both a read end and a write end: made again whole at
+/// restart, with their buffered bytes. (A pipe with one end elsewhere cannot be: the other
+/// side is not in the image.)
+fn internal_pipes(listed: &[(i32, String, i64, u32)]) -> Vec<u64> {
+    let ends = |want_read: bool| -> Vec<u64> {
+        listed
+            .iter()
+            .filter(|(_, _, _, flags)| reads(*flags) == want_read)
+            .filter_map(|(_, t, _, _)| pipe_inode(t))
+            .collect()
+    };
+    let (readers, writers) = (ends(true), ends(false));
+    let mut both: Vec<u64> = readers
+        .into_iter()
+        .filter(|i| writers.contains(i))
+        .collect();
+    both.sort_unstable();
+    both.dedup();
+    both
+}
+
+/// Something an fd holds that a restore makes anew.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Held {
+    /// A pipe, by inode.
+    Pipe(u64),
+    /// A deleted file, by (device, inode).
+    File(u64, u64),
+}
+
+/// The things among `wanted` that a process other than `pid` also holds, each with one such
+/// process ("process N (comm)"). Every process's fds are looked at: a few ms on a busy host,
+/// and only when the process has internal pipes or deleted files.
+fn held_elsewhere(pid: i32, wanted: &[Held]) -> Vec<(Held, String)> {
+    let mut out: Vec<(Held, String)> = Vec::new();
+    if wanted.is_empty() {
+        return out;
+    }
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return out;
+    };
+    // Threads of `pid` share its fd table; so may processes made with CLONE_FILES, which
+    // show the same fds: those are told apart by their thread group.
+    let tgid_of = |p: &str| {
+        fs::read_to_string(format!("/proc/{p}/status"))
+            .ok()
+            .and_then(|s| procfs::status_field(&s, "Tgid"))
+            .and_then(|t| t.parse::<i32>().ok())
+    };
+    for ent in procs.flatten() {
+        let name = ent.file_name();
+        let Some(other) = name.to_str().filter(|n| n.parse::<i32>().is_ok()) else {
+            continue;
+        };
+        if other == pid.to_string() || tgid_of(other) == Some(pid) {
+            continue;
+        }
+        let Ok(fds) = fs::read_dir(format!("/proc/{other}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(target) = fs::read_link(fd.path()) else {
+                continue;
+            };
+            let target = target.to_string_lossy();
+            let held = match pipe_inode(&target) {
+                Some(i) => Held::Pipe(i),
+                None if target.ends_with(" (deleted)") => match fs::metadata(fd.path()) {
+                    Ok(m) => Held::File(m.dev(), m.ino()),
+                    Err(_) => continue,
+                },
+                None => continue,
+            };
+            if wanted.contains(&held) && !out.iter().any(|(h, _)| *h == held) {
+                let comm = fs::read_to_string(format!("/proc/{other}/comm")).unwrap_or_default();
+                out.push((held, format!("process {other} ({})", comm.trim())));
+            }
+        }
+    }
+    out
+}
+
+/// The informational kind recorded with an fd.
+fn fd_kind(target: &str) -> FdKind {
+    if target.starts_with("pipe:") {
+        FdKind::Pipe
+    } else if target.starts_with("socket:") {
+        FdKind::Socket
+    } else if target.starts_with("/dev/pts/")
+        || target.starts_with("/dev/tty")
+        || target == "/dev/console"
+    {
+        FdKind::Tty
+    } else if target.starts_with('/') && !target.ends_with(" (deleted)") {
+        FdKind::Path
+    } else {
+        FdKind::Other
+    }
+}
+
+/// Character devices without per-open state, the same on every node: reopening them by path
+/// is a faithful restore. (major, minor): null, zero, full, random, urandom.
+const STATELESS_DEVICES: &[(u32, u32)] = &[(1, 3), (1, 5), (1, 7), (1, 8), (1, 9)];
+/// Terminal majors: consoles and serial lines (4), /dev/tty, console, ptmx (5), pts (136-143).
+fn is_terminal_major(major: u32) -> bool {
+    major == 4 || major == 5 || (136..=143).contains(&major)
+}
+/// statfs magic of procfs: its files describe a live process.
+const PROC_SUPER_MAGIC: i64 = 0x9fa0;
+/// A deleted file is saved in the image up to this size; a bigger one refuses the checkpoint
+/// (it is read while the process is frozen, and held in memory).
+pub(crate) const DELETED_FILE_MAX: u64 = 256 << 20;
+
+/// THE decision: how a restart rebuilds fd `fd` of `pid` (`target` is its /proc link, `flags`
+/// its open flags), or why it cannot. Import implements exactly the [`FdRestore`] methods,
+/// so whatever this returns `Ok` for, a restart can do.
+fn fd_restore(
+    pid: i32,
+    fd: i32,
+    target: &str,
+    flags: u32,
+    policy: &FdPolicy,
+    maps: &[MapLine],
+    internal_pipes: &[u64],
+) -> std::result::Result<FdRestore, String> {
+    match policy.get(fd) {
+        Some(FdChoice::DevNull) => return Ok(FdRestore::DevNull),
+        Some(FdChoice::External) => return Ok(FdRestore::External),
+        None => {}
+    }
+    // Pipes, sockets and terminals on 0-2 are the caller's stdio, as for a shell job.
+    let stdio = fd <= 2;
+    if let Some(inode) = target
+        .strip_prefix("pipe:[")
+        .and_then(|r| r.strip_suffix(']'))
+    {
+        if pipe_inode(target).is_some_and(|i| internal_pipes.contains(&i)) {
+            return Ok(FdRestore::PipeInProcess);
+        }
+        if stdio {
+            return Ok(FdRestore::CallerStdio);
+        }
+        return Err(format!(
+            "pipe:[{inode}], a pipe whose other end is outside the process: that end and the bytes buffered in it cannot be recreated by a restart"
+        ));
+    }
+    if let Some(inode) = target
+        .strip_prefix("socket:[")
+        .and_then(|r| r.strip_suffix(']'))
+    {
+        if stdio {
+            return Ok(FdRestore::CallerStdio);
+        }
+        let (desc, why) = inode
+            .parse::<u64>()
+            .ok()
+            .and_then(|ino| describe_socket(pid, ino))
+            .unwrap_or_else(|| {
+                (
+                    "(protocol not identified)".into(),
+                    "sockets are not restored",
+                )
+            });
+        return Err(format!("socket:[{inode}] {desc}: {why}"));
+    }
+    if let Some(what) = target.strip_prefix("anon_inode:") {
+        let what = what.trim_start_matches('[').trim_end_matches(']');
+        return Err(format!(
+            "{target}, a{} {what} descriptor: this kind of descriptor is not restored yet",
+            if what.starts_with(['a', 'e', 'i', 'o', 'u']) {
+                "n"
+            } else {
+                ""
+            }
+        ));
+    }
+    if !target.starts_with('/') {
+        return Err(format!(
+            "{target}: a kernel object (not a file) that cannot be reopened by a restart"
+        ));
+    }
+    let link = format!("/proc/{pid}/fd/{fd}");
+    if target.ends_with(" (deleted)") {
+        if target.starts_with("/memfd:") {
+            return Err(format!(
+                "{target}, a memfd: memfds (their seals and sharing) are not restored yet"
+            ));
+        }
+        let md = fs::metadata(&link).map_err(|e| format!("{target}: cannot stat it ({e})"))?;
+        if !md.file_type().is_file() || flags & libc::O_PATH as u32 != 0 {
+            return Err(format!(
+                "deleted {target}: only deleted regular files (not directories, devices or O_PATH fds) are saved"
+            ));
+        }
+        if md.len() > DELETED_FILE_MAX {
+            return Err(format!(
+                "deleted file {target} holds {} MiB, more than the {} MiB a checkpoint saves",
+                md.len() >> 20,
+                DELETED_FILE_MAX >> 20
+            ));
+        }
+        // Its pages in memory and its contents would become two files after restore.
+        if let Some(m) = maps.iter().find(|m| {
+            m.inode == md.ino() && m.path.ends_with(" (deleted)") && !m.path.starts_with("/SYSV")
+        }) {
+            return Err(format!(
+                "deleted file {target} is also mapped into memory at {:#x}; a deleted file that is both open and mapped is not restored yet",
+                m.start
+            ));
+        }
+        return Ok(FdRestore::DeletedFile);
+    }
+    let open = fs::metadata(&link).map_err(|e| format!("{target}: cannot stat it ({e})"))?;
+    let same_path = fs::metadata(target)
+        .is_ok_and(|p| p.dev() == open.dev() && p.ino() == open.ino() && p.rdev() == open.rdev());
+    let not_same = || {
+        format!(
+            "{target}: that path now names another file (or nothing) as seen from krg, so a restart could not reopen it (renamed or replaced, or another mount namespace)"
+        )
+    };
+    // An O_PATH fd only names the file: reopening the name is faithful whatever it is.
+    if flags & libc::O_PATH as u32 != 0 {
+        return if same_path {
+            Ok(FdRestore::Reopen)
+        } else {
+            Err(not_same())
+        };
+    }
+    let ft = open.file_type();
+    if ft.is_fifo() {
+        return Err(format!(
+            "FIFO (named pipe) {target}: reopening it would block the restart and lose the bytes buffered in it"
+        ));
+    }
+    if ft.is_socket() {
+        return Err(format!("{target}: a socket, which is not restored"));
+    }
+    if ft.is_char_device() || ft.is_block_device() {
+        let (major, minor) = (libc::major(open.rdev()), libc::minor(open.rdev()));
+        if ft.is_char_device() && is_terminal_major(major) && stdio {
+            return Ok(FdRestore::CallerStdio);
+        }
+        if ft.is_char_device() && STATELESS_DEVICES.contains(&(major, minor)) {
+            return if same_path {
+                Ok(FdRestore::Reopen)
+            } else {
+                Err(not_same())
+            };
+        }
+        let (what, class) = if ft.is_block_device() {
+            ("block", "device")
+        } else if is_terminal_major(major) {
+            ("char", "terminal")
+        } else {
+            ("char", "device")
+        };
+        return Err(format!(
+            "{class} {target} ({what} {major}:{minor}): its state belongs to this node and cannot be carried to a restart"
+        ));
+    }
+    if on_procfs(&link) {
+        return Err(format!(
+            "{target}: a /proc file describes a live process; reopened after a restart it would describe another"
+        ));
+    }
+    if !same_path {
+        return Err(not_same());
+    }
+    Ok(FdRestore::Reopen)
+}
+
+fn on_procfs(path: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(path) else {
+        return false;
+    };
+    // SAFETY: statfs with a valid C string and an out struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == PROC_SUPER_MAGIC }
+}
+
+/// (description, why it is not restored) of socket inode `ino`, from the tables of the
+/// process's network namespace.
+fn describe_socket(pid: i32, ino: u64) -> Option<(String, &'static str)> {
+    for (table, proto) in [
+        ("tcp", "TCP"),
+        ("tcp6", "TCP"),
+        ("udp", "UDP"),
+        ("udp6", "UDP"),
+    ] {
+        let text = fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        if let Some(d) = text.lines().skip(1).find_map(|l| inet_line(l, ino, proto)) {
+            return Some(d);
+        }
+    }
+    let unix = fs::read_to_string(format!("/proc/{pid}/net/unix")).unwrap_or_default();
+    if let Some(d) = unix.lines().skip(1).find_map(|l| unix_line(l, ino)) {
+        return Some(d);
+    }
+    for (table, proto, col) in [
+        ("netlink", "Netlink", 9),
+        ("packet", "packet", 8),
+        ("raw", "raw IP", 9),
+        ("raw6", "raw IPv6", 9),
+    ] {
+        let text = fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        let found = text.lines().skip(1).any(|l| {
+            l.split_whitespace()
+                .nth(col)
+                .and_then(|i| i.parse::<u64>().ok())
+                == Some(ino)
+        });
+        if found {
+            return Some((format!("{proto} socket"), "sockets are not restored"));
+        }
+    }
+    None
+}
+
+/// A line of /proc/net/{tcp,tcp6,udp,udp6} if it is socket `ino`.
+fn inet_line(line: &str, ino: u64, proto: &str) -> Option<(String, &'static str)> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    if f.get(9)?.parse::<u64>().ok()? != ino {
+        return None;
+    }
+    let local = inet_addr(f.get(1)?)?;
+    let remote = inet_addr(f.get(2)?)?;
+    let state = u8::from_str_radix(f.get(3)?, 16).ok()?;
+    let unbound = |a: &std::net::SocketAddr| a.port() == 0 && a.ip().is_unspecified();
+    Some(if proto == "TCP" && state == 0x0A {
+        (
+            format!("TCP listening on {local}"),
+            "listening sockets are not re-bound at restart yet",
+        )
+    } else if proto == "TCP" {
+        (
+            format!("TCP {local} -> {remote} ({})", tcp_state(state)),
+            "a connection cannot be re-established with its peer by a restart",
+        )
+    } else if unbound(&remote) {
+        (
+            format!("UDP bound to {local}"),
+            "UDP sockets are not re-bound at restart yet",
+        )
+    } else {
+        (
+            format!("UDP {local} -> {remote}"),
+            "UDP sockets are not re-bound at restart yet",
+        )
+    })
+}
+
+fn tcp_state(st: u8) -> &'static str {
+    match st {
+        0x01 => "ESTABLISHED",
+        0x02 => "SYN_SENT",
+        0x03 => "SYN_RECV",
+        0x04 => "FIN_WAIT1",
+        0x05 => "FIN_WAIT2",
+        0x06 => "TIME_WAIT",
+        0x07 => "CLOSE",
+        0x08 => "CLOSE_WAIT",
+        0x09 => "LAST_ACK",
+        0x0B => "CLOSING",
+        _ => "unknown state",
+    }
+}
+
+/// "0100007F:1F90" (IPv4) or 32 hex digits and a port (IPv6), as the kernel prints them: each
+/// 32-bit word of the address in host byte order, the port in host order.
+fn inet_addr(s: &str) -> Option<std::net::SocketAddr> {
+    let (a, p) = s.split_once(':')?;
+    let port = u16::from_str_radix(p, 16).ok()?;
+    let word = |i: usize| {
+        a.get(i * 8..i * 8 + 8)
+            .and_then(|w| u32::from_str_radix(w, 16).ok())
+            .map(u32::to_ne_bytes)
+    };
+    let ip: std::net::IpAddr = match a.len() {
+        8 => std::net::Ipv4Addr::from(word(0)?).into(),
+        32 => {
+            let mut b = [0u8; 16];
+            for i in 0..4 {
+                b[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            std::net::Ipv6Addr::from(b).into()
+        }
+        _ => return None,
+    };
+    Some(std::net::SocketAddr::new(ip, port))
+}
+
+/// A line of /proc/net/unix if it is socket `ino`.
+fn unix_line(line: &str, ino: u64) -> Option<(String, &'static str)> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    if f.get(6)?.parse::<u64>().ok()? != ino {
+        return None;
+    }
+    let flags = u32::from_str_radix(f.get(3)?, 16).ok()?;
+    let ty = match u16::from_str_radix(f.get(4)?, 16).ok()? {
+        1 => "stream",
+        2 => "datagram",
+        5 => "seqpacket",
+        _ => "",
+    };
+    let state = u8::from_str_radix(f.get(5)?, 16).ok()?;
+    let name = match f.get(7) {
+        Some(p) => format!("at {p}"),
+        None => "unnamed".into(),
+    };
+    // __SO_ACCEPTCON in the flags marks a listening socket.
+    let desc = if flags & 0x1_0000 != 0 {
+        format!("Unix {ty} socket listening {name}")
+    } else if state == 3 {
+        format!("Unix {ty} socket, connected, {name} (a socketpair or a connection)")
+    } else {
+        format!("Unix {ty} socket, {name}")
+    };
+    Some((
+        desc,
+        "Unix sockets (their peer and queued messages) are not restored yet",
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_refuses_two_choices_for_one_fd() {
+        let mut p = FdPolicy::new();
+        p.choose(5, FdChoice::DevNull).unwrap();
+        p.choose(5, FdChoice::DevNull).unwrap();
+        let e = p.choose(5, FdChoice::External).unwrap_err().to_string();
+        assert!(e.contains("--drop") && e.contains("--external"), "{e}");
+        assert!(p.choose(-1, FdChoice::DevNull).is_err());
+        assert_eq!(p.get(5), Some(FdChoice::DevNull));
+        assert_eq!(p.get(6), None);
+    }
+
+    #[test]
+    fn tcp_lines_are_described_with_addresses_and_state() {
+        let l = "   1: 0100007F:D4F4 0200000A:0050 01 00000000:00000000 00:00000000 00000000     0        0 3673 1 0000000000000000 20 4 1 130 146";
+        let (d, _) = inet_line(l, 3673, "TCP").unwrap();
+        assert_eq!(d, "TCP 127.0.0.1:54516 -> 10.0.0.2:80 (ESTABLISHED)");
+        assert!(inet_line(l, 3674, "TCP").is_none());
+        let l = "   0: 00000000:07E8 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1070 1";
+        assert_eq!(
+            inet_line(l, 1070, "TCP").unwrap().0,
+            "TCP listening on 0.0.0.0:2024"
+        );
+        let l6 = "   0: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 77 1";
+        assert_eq!(
+            inet_line(l6, 77, "TCP").unwrap().0,
+            "TCP listening on [::1]:8080"
+        );
+    }
+
+    #[test]
+    fn unix_lines_tell_socketpairs_from_listeners() {
+        let pair = "00000000eebbe3db: 00000003 00000000 00000000 0001 03  3665";
+        assert!(unix_line(pair, 3665)
+            .unwrap()
+            .0
+            .contains("stream socket, connected, unnamed"));
+        let listen = "0000000012345678: 00000002 00000000 00010000 0001 01 4000 /run/x.sock";
+        assert_eq!(
+            unix_line(listen, 4000).unwrap().0,
+            "Unix stream socket listening at /run/x.sock"
+        );
+    }
+
+    #[test]
+    fn refusal_names_the_process_and_the_fd_options() {
+        let m = refusal_message(
+            42,
+            "prog",
+            &[Problem {
+                fd: Some(5),
+                what: "fd 5: pipe:[1]".into(),
+                hint: None,
+            }],
+        );
+        assert!(m.starts_with("process 42 (prog)"), "{m}");
+        assert!(
+            m.contains("fd 5: pipe:[1]") && m.contains("--drop FD"),
+            "{m}"
+        );
+    }
+}
