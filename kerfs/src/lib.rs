@@ -7,10 +7,8 @@
 //! detaches from the terminal. Every failure is a [`error::FsError`] carrying an errno.
 //!
 //! Installing: `mount -t fuse.kerfs ADDRS DIR` runs `/sbin/mount.fuse3`, which runs `kerfs`
-//! from `$PATH` (`/bin/sh -c "kerfs ADDRS DIR -o OPTS"`). So put the binary on the PATH of
-//! mount(8), e.g. `ln -s /path/to/target/release/kerfs /usr/local/bin/kerfs`; no
-//! `/sbin/mount.fuse.kerfs` helper is needed. An fstab line looks like
-//! `127.0.0.1:7001,127.0.0.1:7002 /mnt/kerfs fuse.kerfs _netdev,allow_other 0 0`.
+//! from `$PATH` (`/bin/sh -c "kerfs ADDRS DIR -o OPTS"`); `scripts/install` puts it in
+//! /usr/local/bin, and the README shows the fstab line.
 
 pub mod daemon;
 pub mod error;

@@ -602,3 +602,47 @@ async fn watch_children(daemons: &mut Daemons) -> String {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example configs scripts/install puts in /etc/kerfs parse, with every key known
+    /// (the structs refuse unknown ones), and give what they say.
+    #[test]
+    fn installed_example_configs_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/install.d");
+        let meta: MetaArgs = config_file(Some(&dir.join("meta.toml.example"))).unwrap();
+        assert_eq!(meta.id, Some(1));
+        assert_eq!(
+            parse_peers(meta.peers.as_deref().unwrap()).unwrap().len(),
+            3
+        );
+        let chunk = ChunkSettings::from(ChunkArgs {
+            config: Some(dir.join("chunk.toml.example")),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(chunk.failure_domain, "rack1");
+        assert_eq!(chunk.heartbeat_secs, 2);
+        assert_eq!(chunk.data, PathBuf::from("/srv/kerfs/disk1"));
+        // A flag wins over the file.
+        let chunk = ChunkSettings::from(ChunkArgs {
+            config: Some(dir.join("chunk.toml.example")),
+            failure_domain: Some("rack9".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(chunk.failure_domain, "rack9");
+        let bad = std::env::temp_dir().join(format!("kerfsd-bad-{}.toml", std::process::id()));
+        std::fs::write(&bad, "listen = \"127.0.0.1:1\"\nbogus = 1\n").unwrap();
+        let err = ChunkSettings::from(ChunkArgs {
+            config: Some(bad.clone()),
+            ..Default::default()
+        })
+        .err()
+        .unwrap();
+        let _ = std::fs::remove_file(&bad);
+        assert!(format!("{err:#}").contains("bogus"), "{err:#}");
+    }
+}

@@ -22,6 +22,7 @@ use kerfs_ghost as ghost;
 #[derive(Parser)]
 #[command(
     name = "krg",
+    version,
     about = "Checkpoint, restart and migrate processes (ghost processes)"
 )]
 struct Cli {
