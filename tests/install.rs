@@ -40,19 +40,21 @@ async fn install_then_mount_by_type_and_by_fstab() -> Result<()> {
         root.path().join("etc/kerfs"),
         root.path().join("systemd"),
     );
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/install");
-    let out = run(
-        Command::new(&script)
-            .arg("--prefix")
-            .arg(&prefix)
-            .arg("--etc")
-            .arg(&etc)
-            .arg("--systemd-dir")
-            .arg(&units)
-            .arg("--from")
-            .arg(built_dir),
-        "scripts/install",
-    )?;
+    let install = || {
+        run(
+            Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/install"))
+                .arg("--prefix")
+                .arg(&prefix)
+                .arg("--etc")
+                .arg(&etc)
+                .arg("--systemd-dir")
+                .arg(&units)
+                .arg("--from")
+                .arg(built_dir),
+            "scripts/install",
+        )
+    };
+    let out = install()?;
     info!("scripts/install said:\n{out}");
     let bin = prefix.join("bin");
     for b in ["kerfsd", "kerfs", "kerfsctl", "krg"] {
@@ -87,18 +89,7 @@ async fn install_then_mount_by_type_and_by_fstab() -> Result<()> {
     }
     // Installing again keeps what the operator edited.
     std::fs::write(etc.join("kerfs.toml.example"), "meta = \"edited\"\n")?;
-    run(
-        Command::new(&script)
-            .arg("--prefix")
-            .arg(&prefix)
-            .arg("--etc")
-            .arg(&etc)
-            .arg("--systemd-dir")
-            .arg(&units)
-            .arg("--from")
-            .arg(built_dir),
-        "scripts/install again",
-    )?;
+    install()?;
     ensure!(
         std::fs::read_to_string(etc.join("kerfs.toml.example"))? == "meta = \"edited\"\n",
         "a second install overwrote a config"
