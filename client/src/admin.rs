@@ -314,8 +314,10 @@ pub async fn repair_report(
 pub enum CopyState {
     /// Holds the current version on a live server.
     Ok,
-    /// Missed a write epoch (or failed a check): holds an old version.
+    /// Missed a write epoch: holds an old version.
     Stale,
+    /// Its server found a block of it failing its checksum; repair replaces it.
+    Corrupt,
     /// Its server is down or unknown.
     Missing,
 }
@@ -408,6 +410,8 @@ pub async fn file_chunks(client: &MetaClient, path: &str) -> ClientResult<FileCh
                     let st = server_state(p.server_id);
                     let state = if st != "up" && st != "draining" {
                         CopyState::Missing
+                    } else if !p.current && p.corrupt {
+                        CopyState::Corrupt
                     } else if !p.current {
                         CopyState::Stale
                     } else {

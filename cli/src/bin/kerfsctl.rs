@@ -93,8 +93,8 @@ enum Cmd {
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
-    /// The chunks of a file: version and copies (ok, stale, or missing when the server
-    /// holding it is down).
+    /// The chunks of a file: version and copies (ok, stale, corrupt when it failed a
+    /// checksum, or missing when the server holding it is down).
     Chunks { path: String },
     /// Show or set the data layout of a directory (inherited by new entries).
     Layout {
@@ -407,6 +407,7 @@ fn print_chunks(f: &FileChunks) {
                 let mark = match p.state {
                     CopyState::Ok => "ok".to_string(),
                     CopyState::Stale => "STALE".to_string(),
+                    CopyState::Corrupt => "CORRUPT".to_string(),
                     CopyState::Missing => format!("MISSING:server {}", p.server_state),
                 };
                 let shard = p.shard_index.map(|s| format!("s{s}:")).unwrap_or_default();

@@ -736,14 +736,14 @@ fn heartbeats_expiry_and_full_reports() {
         }],
         vec![],
     );
-    let cur: Vec<(u64, bool)> = t.chunks(ino).chunks[0]
+    let cur: Vec<(u64, bool, bool)> = t.chunks(ino).chunks[0]
         .replicas
         .iter()
-        .map(|p| (p.server_id, p.current))
+        .map(|p| (p.server_id, p.current, p.corrupt))
         .collect();
     assert!(
-        cur.contains(&(a, false)) && cur.contains(&(b, true)),
-        "{cur:?}"
+        cur.contains(&(a, false, true)) && cur.contains(&(b, true, false)),
+        "the copy on a is corrupt, not merely stale: {cur:?}"
     );
     // A full report: chunks nobody placed there are garbage, queued with their version.
     let hb = t

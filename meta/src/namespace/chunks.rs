@@ -375,7 +375,7 @@ pub fn heartbeat(ctx: &Ctx, state: &mut Overlay<'_>, h: &ChunkServerHeartbeat) -
         state.delete(delete_key(id, chunk));
     }
     for c in hb.chunks.iter().filter(|c| c.corrupt) {
-        mark_not_current(state, id, c.chunk_id)?;
+        mark_corrupt(state, id, c.chunk_id)?;
     }
     // Before the full report: a copy accepted here is placed, not garbage.
     repair::completed(ctx, state, id, &hb.repaired)?;
@@ -432,7 +432,9 @@ pub(super) fn owner_of(state: &dyn KvRead, chunk: u64) -> R<Option<(ChunkOwner, 
 }
 
 /// A server reported its copy of `chunk` as corrupt: it must not be read any more.
-fn mark_not_current(state: &mut Overlay<'_>, server: u64, chunk: u64) -> R<()> {
+/// A server found `chunk` failing a block checksum: its copy there is no longer current,
+/// and says why (`kerfsctl chunks` shows it as corrupt, not stale).
+fn mark_corrupt(state: &mut Overlay<'_>, server: u64, chunk: u64) -> R<()> {
     let Some((o, mut c)) = owner_of(state, chunk)? else {
         return Ok(());
     };
@@ -440,6 +442,7 @@ fn mark_not_current(state: &mut Overlay<'_>, server: u64, chunk: u64) -> R<()> {
     for p in c.replicas.iter_mut() {
         if p.server_id == server && p.chunk_id == chunk && p.current {
             p.current = false;
+            p.corrupt = true;
             changed = true;
         }
     }
@@ -747,6 +750,7 @@ pub fn allocate(ctx: &Ctx, state: &mut Overlay<'_>, a: &AllocateChunks) -> R<Rep
                 chunk_id,
                 shard_index,
                 current: true,
+                corrupt: false,
             });
         }
         let c = ChunkRec {
@@ -802,6 +806,8 @@ pub fn commit(ctx: &Ctx, state: &mut Overlay<'_>, cw: &CommitWrite) -> R<Reply> 
         }
         for p in c.replicas.iter_mut() {
             p.current = w.servers_ok.contains(&p.server_id);
+            // A copy the write reached whole again is no longer the damaged one.
+            p.corrupt &= !p.current;
         }
         // A repair copy made before this commit may lack what it wrote: refuse it.
         c.writes = c.writes.wrapping_add(1);

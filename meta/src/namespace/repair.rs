@@ -594,6 +594,7 @@ pub(super) fn completed(
                     chunk_id: t.chunk_id,
                     shard_index: t.shard_index,
                     current: true,
+                    corrupt: false,
                 };
                 c.writes = c.writes.wrapping_add(1);
                 rec::put(state, ckey.clone(), &c);
@@ -696,6 +697,7 @@ pub fn replace_replica(ctx: &Ctx, state: &mut Overlay<'_>, r: &ReplaceReplica) -
         chunk_id: old.chunk_id,
         shard_index: old.shard_index,
         current: false,
+        corrupt: false,
     };
     c.writes = c.writes.wrapping_add(1);
     rec::put(state, key, &c);
