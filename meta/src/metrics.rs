@@ -32,6 +32,12 @@ pub struct MetaMetrics {
     /// (from this node's applied state, refreshed every few seconds).
     pub chunks_under_replicated: AtomicU64,
     pub chunks_repairing: AtomicU64,
+    /// Of the under-replicated ones, those with too few good copies to be read at all.
+    pub chunks_unreadable: AtomicU64,
+    /// Chunk servers by state, as this node's applied state has them.
+    pub chunk_servers_up: AtomicU64,
+    pub chunk_servers_down: AtomicU64,
+    pub chunk_servers_draining: AtomicU64,
     pub repairs_total: AtomicU64,
     pub repairs_failed_total: AtomicU64,
 }
@@ -106,6 +112,24 @@ impl MetaMetrics {
             "Under-replicated chunks with a repair task handed to a chunk server.",
             g(&self.chunks_repairing).to_string(),
         );
+        line(
+            "kerfs_meta_chunks_unreadable",
+            "gauge",
+            "Chunks with too few good copies left to be read (replicated: none; EC: < k).",
+            g(&self.chunks_unreadable).to_string(),
+        );
+        for (state, value) in [
+            ("up", &self.chunk_servers_up),
+            ("down", &self.chunk_servers_down),
+            ("draining", &self.chunk_servers_draining),
+        ] {
+            line(
+                &format!("kerfs_meta_chunk_servers_{state}"),
+                "gauge",
+                &format!("Chunk servers that are {state}."),
+                g(value).to_string(),
+            );
+        }
         line(
             "kerfs_meta_repairs_total",
             "counter",

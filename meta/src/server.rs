@@ -26,9 +26,9 @@ use kerfs_proto::meta_server::{Meta, MetaServer};
 use kerfs_proto::raft_client::RaftClient;
 use kerfs_proto::raft_server::{Raft, RaftServer};
 use kerfs_proto::{
-    command, meta_response, read_op, Command, ExpireChunkServers, ExpireClients, MetaResponse,
-    NotLeader, PeerStatus, RaftAck, RaftBatch, ReadOp, ReadRequest, RepairChunks, RepairStatus,
-    Reply, StatusReply, StatusRequest, Timespec, WriteRequest, MAX_MESSAGE_BYTES,
+    command, meta_response, read_op, Command, ExpireChunkServers, ExpireClients, ListChunkServers,
+    MetaResponse, NotLeader, PeerStatus, RaftAck, RaftBatch, ReadOp, ReadRequest, RepairChunks,
+    RepairStatus, Reply, StatusReply, StatusRequest, Timespec, WriteRequest, MAX_MESSAGE_BYTES,
 };
 
 use crate::lease::Lease;
@@ -883,10 +883,22 @@ impl Driver {
         }
     }
 
-    /// The repair queue's size, from this node's applied state (a local read: the gauge may
-    /// lag the leader by a few entries).
-    /// Publishes the repair counters; true while chunks lack copies or repairs are under way.
+    /// Publishes the repair counters and the chunk servers' states, from this node's
+    /// applied state (local reads: the gauges may lag the leader by a few entries); true
+    /// while chunks lack copies or repairs are under way.
     fn update_repair_metrics(&self) -> bool {
+        let servers = self.node.read(&ReadOp {
+            caller: None,
+            op: Some(read_op::Op::ListChunkServers(ListChunkServers {})),
+        });
+        let count = |state: &str| servers.servers.iter().filter(|s| s.state == state).count();
+        let m = &self.metrics;
+        m.chunk_servers_up
+            .store(count("up") as u64, Ordering::Relaxed);
+        m.chunk_servers_down
+            .store(count("down") as u64, Ordering::Relaxed);
+        m.chunk_servers_draining
+            .store(count("draining") as u64, Ordering::Relaxed);
         let reply = self.node.read(&ReadOp {
             caller: None,
             op: Some(read_op::Op::RepairStatus(RepairStatus { limit: 1 })),
@@ -895,9 +907,9 @@ impl Driver {
             // Unknown: keep ticking, as before the counters existed.
             return true;
         };
-        let m = &self.metrics;
         m.chunks_under_replicated
             .store(r.under_replicated, Ordering::Relaxed);
+        m.chunks_unreadable.store(r.unreadable, Ordering::Relaxed);
         m.chunks_repairing.store(r.repairing, Ordering::Relaxed);
         m.repairs_total.store(r.repaired_total, Ordering::Relaxed);
         m.repairs_failed_total
