@@ -472,7 +472,16 @@ impl ReadCtx {
             offset,
             end: offset + len as u64,
         };
-        let got = h.read_at(offset, len).await.map_err(unreadable)?;
+        // On a runtime worker rather than in the caller's block_on: receiving a read copies
+        // every frame, and the reads in flight should do that on every core.
+        let read = {
+            let h = h.clone();
+            tokio::spawn(async move { h.read_at(offset, len).await })
+        };
+        let got = read
+            .await
+            .map_err(|e| CkptError::Writer(format!("pack read task failed: {e}")))?
+            .map_err(unreadable)?;
         if got.len() != len {
             return Err(CkptError::Damaged {
                 object: name,
