@@ -6,7 +6,9 @@
 # chunks, `kerfsd dev` with 3 chunk servers); then, ROUNDS times, each krg binary restarts each
 # image from the file and from KerFS in turn (page cache warm for both), and the restored
 # memory is checked (the program compares every page with its pattern).
-# Prints every time and the KerFS/file ratio per binary and image; the range over the rounds last.
+# Prints every time and the KerFS/file ratio per binary and image, and, as the floor of a
+# restart from KerFS, the time `kerfsctl get` takes to read the distinct image's pack (the
+# same page bytes, through the same client library); the range over the rounds last.
 # Needs root and gcc.
 # Usage: bench/ckpt_restart.sh [MiB] [ROUNDS]
 #   KERFS_BIN=dir with kerfsd, kerfsctl, krg (default: a release build of this tree)
@@ -99,9 +101,17 @@ restart() {
     echo "$t1 - $t0" | bc -l
 }
 
+PACK=$(ctl ls /r2/distinct/packs | awk '/\.pack$/ {print $NF}')
+
 declare -A R
 printf '%-5s %-4s %-8s %9s %9s %7s\n' round krg image "file s" "kerfs s" ratio
 for r in $(seq 1 "$ROUNDS"); do
+    t0=$(now)
+    ctl get "/r2/distinct/packs/$PACK" /dev/null
+    t1=$(now)
+    get=$(echo "$t1 - $t0" | bc -l)
+    R[get]="${R[get]:-} $get"
+    printf '%-5s kerfsctl get of the distinct pack (%s MiB): %.3f s\n' "$r" "$MB" "$get"
     for i in "${!KRGS[@]}"; do
         for m in "${MODES[@]}"; do
             f=$(restart "${KRGS[$i]}" "$DIR/img.$m" "$m")
@@ -117,6 +127,7 @@ for r in $(seq 1 "$ROUNDS"); do
 done
 range() { tr ' ' '\n' | grep . | sort -g | sed -n '1p;$p' | xargs printf '%.2f-%.2f'; }
 echo "ranges over $ROUNDS rounds ($MB MiB):"
+printf '  kerfsctl get of the distinct pack %s s\n' "$(echo "${R[get]}" | range)"
 for n in "${NAMES[@]}"; do
     for m in "${MODES[@]}"; do
         printf '  %-4s %-8s file %s s, kerfs %s s, kerfs/file %s\n' "$n" "$m" \

@@ -1039,7 +1039,13 @@ async fn deduplicated_and_zero_heavy_images_restore_page_by_page() -> Result<()>
         wait_log(&log, "counters", 30, |s| counters(s).len() >= 3)?;
         krg_ok(
             &cluster,
-            &["checkpoint", &child.id().to_string(), "--to", &addr, "--kill"],
+            &[
+                "checkpoint",
+                &child.id().to_string(),
+                "--to",
+                &addr,
+                "--kill",
+            ],
         )?;
         kill_child(child);
         let store = open_store(&meta, &path).await?;

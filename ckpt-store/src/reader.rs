@@ -308,7 +308,10 @@ fn plan_fill(
                 "a page reference names pack #{pack}, the manifest lists {packs}"
             )));
         }
-        if r.first.checked_add(r.count).is_none_or(|e| e > MAX_PACK_PAGE) {
+        if r.first
+            .checked_add(r.count)
+            .is_none_or(|e| e > MAX_PACK_PAGE)
+        {
             return Err(damaged(format!(
                 "a page reference names pages {}+{} of a pack, past any pack's end",
                 r.first, r.count
