@@ -6,7 +6,9 @@
 # chunks, `kerfsd dev` with 3 chunk servers); then, ROUNDS times, each krg binary restarts each
 # image from the file and from KerFS in turn (page cache warm for both), and the restored
 # memory is checked (the program compares every page with its pattern).
-# Prints every time and the KerFS/file ratio per binary and image, and, as the floor of a
+# Prints every wall time and the KerFS/file ratio per binary and image, the CPU time of each
+# restart (krg's, plus the cluster's for a restart from KerFS: on a machine shared with other
+# work it varies less than the wall time), and, as the floor of a
 # restart from KerFS, the time `kerfsctl get` takes to read the distinct image's pack (the
 # same page bytes, through the same client library); the range over the rounds last.
 # Needs root and gcc.
@@ -80,15 +82,28 @@ for m in "${MODES[@]}"; do
         "$("$KERFS_BIN/krg" ls "kerfs:/r2/$m" | tail -1)"
 done
 
+# CPU seconds (user + system) used so far by kerfsd dev and its meta and chunk servers.
+cluster_cpu() {
+    local ticks=0 p
+    for p in "$DEV" $(pgrep -P "$DEV"); do
+        # Fields 14 and 15 of /proc/PID/stat, counted after the ")" that ends the command name.
+        ticks=$((ticks + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')))
+    done
+    echo "$ticks / $(getconf CLK_TCK)" | bc -l
+}
+
 # One timed restart of $2 with krg $1; the restored memory is checked afterwards (not timed).
+# Prints the wall time and the CPU time of krg plus the cluster's during the restart.
 restart() {
-    local krg=$1 src=$2 m=$3 log="$DIR/log.$3" t0 t1 n
+    local krg=$1 src=$2 m=$3 log="$DIR/log.$3" t0 t1 c0 c1
     kill_heaps
     : >"$log"
     cat "$DIR/img.$m" >/dev/null
+    c0=$(cluster_cpu)
     t0=$(now)
-    "$krg" restart "$src" --detach 2>>"$DIR/krg.log" >/dev/null
+    /usr/bin/time -f '%U %S' -o "$DIR/cpu" "$krg" restart "$src" --detach 2>>"$DIR/krg.log" >/dev/null
     t1=$(now)
+    c1=$(cluster_cpu)
     for _ in $(seq 1 600); do grep -q '^[0-9]' "$log" 2>/dev/null && break; sleep 0.05; done
     for p in /proc/[0-9]*; do
         [ "$(readlink "$p/exe" 2>/dev/null)" = "$DIR/heap" ] && kill -USR2 "${p#/proc/}"
@@ -99,12 +114,14 @@ restart() {
         exit 1
     fi
     echo "$t1 - $t0" | bc -l
+    echo "$(awk '{print $1 + $2}' "$DIR/cpu") + $c1 - $c0" | bc -l
 }
 
 PACK=$(ctl ls /r2/distinct/packs | awk '/\.pack$/ {print $NF}')
 
 declare -A R
-printf '%-5s %-4s %-8s %9s %9s %7s\n' round krg image "file s" "kerfs s" ratio
+printf '%-5s %-4s %-8s %9s %9s %7s %11s %12s %9s\n' round krg image "file s" "kerfs s" ratio \
+    "file cpu s" "kerfs cpu s" "cpu ratio"
 for r in $(seq 1 "$ROUNDS"); do
     t0=$(now)
     ctl get "/r2/distinct/packs/$PACK" /dev/null
@@ -114,24 +131,32 @@ for r in $(seq 1 "$ROUNDS"); do
     printf '%-5s kerfsctl get of the distinct pack (%s MiB): %.3f s\n' "$r" "$MB" "$get"
     for i in "${!KRGS[@]}"; do
         for m in "${MODES[@]}"; do
-            f=$(restart "${KRGS[$i]}" "$DIR/img.$m" "$m")
-            k=$(restart "${KRGS[$i]}" "kerfs:/r2/$m" "$m")
+            # Plain substitutions, so that a failed restart (or memory check) stops the run.
+            out=$(restart "${KRGS[$i]}" "$DIR/img.$m" "$m")
+            read -r f fc <<<"$(echo $out)"
+            out=$(restart "${KRGS[$i]}" "kerfs:/r2/$m" "$m")
+            read -r k kc <<<"$(echo $out)"
             ratio=$(echo "$k / $f" | bc -l)
+            cratio=$(echo "$kc / $fc" | bc -l)
             key="${NAMES[$i]}.$m"
             R[$key]="${R[$key]:-} $ratio"
             R[$key.f]="${R[$key.f]:-} $f"
             R[$key.k]="${R[$key.k]:-} $k"
-            printf '%-5s %-4s %-8s %9.3f %9.3f %7.2f\n' "$r" "${NAMES[$i]}" "$m" "$f" "$k" "$ratio"
+            R[$key.c]="${R[$key.c]:-} $cratio"
+            printf '%-5s %-4s %-8s %9.3f %9.3f %7.2f %11.3f %12.3f %9.2f\n' "$r" "${NAMES[$i]}" "$m" \
+                "$f" "$k" "$ratio" "$fc" "$kc" "$cratio"
         done
     done
 done
 range() { tr ' ' '\n' | grep . | sort -g | sed -n '1p;$p' | xargs printf '%.2f-%.2f'; }
+median() { tr ' ' '\n' | grep . | sort -g | awk '{v[NR] = $1} END {printf "%.2f", NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
 echo "ranges over $ROUNDS rounds ($MB MiB):"
 printf '  kerfsctl get of the distinct pack %s s\n' "$(echo "${R[get]}" | range)"
 for n in "${NAMES[@]}"; do
     for m in "${MODES[@]}"; do
-        printf '  %-4s %-8s file %s s, kerfs %s s, kerfs/file %s\n' "$n" "$m" \
-            "$(echo "${R[$n.$m.f]}" | range)" "$(echo "${R[$n.$m.k]}" | range)" \
-            "$(echo "${R[$n.$m]}" | range)"
+        printf '  %-4s %-8s file %s s, kerfs %s s, kerfs/file %s (median %s), CPU kerfs/file %s\n' \
+            "$n" "$m" "$(echo "${R[$n.$m.f]}" | range)" "$(echo "${R[$n.$m.k]}" | range)" \
+            "$(echo "${R[$n.$m]}" | range)" "$(echo "${R[$n.$m]}" | median)" \
+            "$(echo "${R[$n.$m.c]}" | range)"
     done
 done

@@ -50,13 +50,16 @@ const GAP_PAGES: u64 = 16;
 /// Pack page numbers above this are refused: their byte offsets would not fit in a u64.
 const MAX_PACK_PAGE: u64 = u64::MAX / PAGE as u64;
 
+/// The page hashes of a pack (its index), shared by every reader of the version.
+type PackHashes = Arc<Vec<[u8; 32]>>;
+
 /// A version opened for restore: its manifest and a handle on each pack it uses.
 pub struct OpenVersion {
     store: Store,
     /// The manifest.
     pub manifest: Manifest,
     packs: Vec<FileHandle>,
-    hashes: Vec<Arc<Vec<[u8; 32]>>>,
+    hashes: Vec<PackHashes>,
 }
 
 /// Packs whose index is read and which are opened at the same time.
@@ -82,7 +85,7 @@ impl Store {
         // Each pack costs a few metadata round trips (index lookup and read, pack lookup and
         // open): a version built on many incremental packs would wait for them one by one.
         let data = &data;
-        let opened: Vec<Result<(Arc<Vec<[u8; 32]>>, FileHandle)>> = stream::iter(&manifest.packs)
+        let opened: Vec<Result<(PackHashes, FileHandle)>> = stream::iter(&manifest.packs)
             .map(|name| async move {
                 let hashes = self.pack_hashes(name).await?;
                 let attr = self.pack_ino(name).await?;
@@ -438,7 +441,7 @@ struct ReadCtx {
     version: u64,
     pack_names: Vec<String>,
     packs: Vec<FileHandle>,
-    hashes: Vec<Arc<Vec<[u8; 32]>>>,
+    hashes: Vec<PackHashes>,
 }
 
 /// The image stream of one process of a version.
@@ -762,17 +765,18 @@ mod tests {
             run(0, 0, 1),
         ];
         let plan = fill_and_check(&runs, 0, 9, 2);
-        let reads: Vec<(usize, u64, u64, Vec<(u64, u64)>)> = plan
-            .pieces
-            .iter()
-            .map(|p| (p.pack, p.first, p.count, p.needed.clone()))
-            .collect();
+        let piece = |pack, first, count, needed: &[(u64, u64)]| Piece {
+            pack,
+            first,
+            count,
+            needed: needed.to_vec(),
+        };
         assert_eq!(
-            reads,
+            plan.pieces,
             vec![
-                (0, 0, 11, vec![(0, 1), (10, 11)]),
-                (0, 100, 1, vec![(100, 101)]),
-                (1, 5, 2, vec![(5, 7)]),
+                piece(0, 0, 11, &[(0, 1), (10, 11)]),
+                piece(0, 100, 1, &[(100, 101)]),
+                piece(1, 5, 2, &[(5, 7)]),
             ]
         );
         assert_eq!(plan.zeros, vec![(1, 3), (8, 1)]);
