@@ -410,14 +410,49 @@ fn plan_fill(
     Ok(plan)
 }
 
+/// Below this many pages, the copies out of one read are made on the calling thread alone.
+const PAR_COPY_PAGES: u64 = 4096;
+
 /// Copies the pages of one read (`data`) to where `copies` says; returns the pages copied.
+/// Many copies (a page shared by much of the image) are split over two threads: the cost is
+/// the page faults of the fresh destination, which the kernel takes on both cores at once.
 fn copy_out(copies: &[Fanout], data: &[u8], dst: &mut [u8]) -> u64 {
-    let mut pages = 0;
-    for c in copies {
-        dst[page_bytes(c.to, c.pages)].copy_from_slice(&data[page_bytes(c.from, c.pages)]);
-        pages += c.pages;
+    let pages = copies.iter().map(|c| c.pages).sum();
+    let k = copies.len() / 2;
+    // Copies are made in image order, so those before `k` end where copy `k` starts at the
+    // latest; checked, since the split below relies on it.
+    let split = copies.get(k).map_or(0, |c| c.to);
+    let ordered = copies[..k].iter().all(|c| c.to + c.pages <= split);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if pages < PAR_COPY_PAGES || k == 0 || !ordered || threads < 2 {
+        copy_from(copies, data, dst, 0);
+        return pages;
     }
+    let (low, high) = dst.split_at_mut(page_bytes(0, split).end);
+    // Behind a lock only so that, if no thread can be had, this thread can still take it.
+    let high = std::sync::Mutex::new(high);
+    let copy_high = || {
+        let mut h = high.lock().unwrap_or_else(|e| e.into_inner());
+        copy_from(&copies[k..], data, &mut h, split);
+    };
+    std::thread::scope(|s| {
+        let second = std::thread::Builder::new().spawn_scoped(s, copy_high);
+        copy_from(&copies[..k], data, low, 0);
+        match second {
+            // A panic there is an out-of-range copy, a bug here: raised again on this thread.
+            Ok(h) => h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+            // No thread to be had: the second half here too.
+            Err(_) => copy_high(),
+        }
+    });
     pages
+}
+
+/// The copies of [`copy_out`] into `dst`, which starts at image page `base` of the fill.
+fn copy_from(copies: &[Fanout], data: &[u8], dst: &mut [u8], base: u64) {
+    for c in copies {
+        dst[page_bytes(c.to - base, c.pages)].copy_from_slice(&data[page_bytes(c.from, c.pages)]);
+    }
 }
 
 /// Makes `b` all zero, writing only the pages that are not: the loader's buffer is fresh
@@ -750,6 +785,18 @@ mod tests {
         assert_eq!(plan.pieces.len(), 1);
         assert_eq!((plan.pieces[0].first, plan.pieces[0].count), (7, 1));
         assert_eq!(plan.copies[0].len(), 3000);
+    }
+
+    #[test]
+    fn many_copies_out_of_one_read_split_over_threads_land_in_place() {
+        // Two pack pages in one read, referenced alternately 10,000 times (more than
+        // PAR_COPY_PAGES): a copy of the second thread's half landing one page off shows.
+        let runs: Vec<PageRefRun> = (0..10_000).map(|i| run(1, 7 + 2 * (i % 2), 1)).collect();
+        let plan = fill_and_check(&runs, 0, 10_000, 1);
+        assert_eq!(plan.pieces.len(), 1);
+        assert!(plan.copies[0].len() as u64 >= 2 * PAR_COPY_PAGES);
+        // A window starting mid-image: the split point is not page 0 of the fill.
+        fill_and_check(&runs, 1234, 8000, 1);
     }
 
     #[test]
