@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use kerfs_ckpt::Store;
 use kerfs_client::{DataClient, MetaClient};
+use kerfs_ghost::GhostReader;
 use kerfs_tests::*;
 use tracing::info;
 
@@ -49,9 +50,15 @@ fn build(dir: &Path, name: &str) -> Result<PathBuf> {
     Ok(out)
 }
 
-/// The test program: `mb` MiB heap of pattern `seed`, counting into `log`. Only stdio (on
-/// /dev/null) is inherited: cargo's jobserver pipe could not be restored.
+/// The test program: `mb` MiB heap of pattern `seed` (every page distinct), counting into
+/// `log`.
 fn spawn_heap(prog: &Path, mb: u64, log: &Path, seed: u64) -> Result<Child> {
+    spawn_heap_mode(prog, mb, log, seed, "distinct")
+}
+
+/// [`spawn_heap`] with the program's MODE (which pages share content, see tests/c/ckpt_heap.c).
+/// Only stdio (on /dev/null) is inherited: cargo's jobserver pipe could not be restored.
+fn spawn_heap_mode(prog: &Path, mb: u64, log: &Path, seed: u64, mode: &str) -> Result<Child> {
     use std::os::unix::process::CommandExt;
     let mut c = Command::new(prog);
     // SAFETY: close_range is async-signal-safe.
@@ -64,6 +71,7 @@ fn spawn_heap(prog: &Path, mb: u64, log: &Path, seed: u64) -> Result<Child> {
     Ok(c.arg(mb.to_string())
         .arg(log)
         .arg(seed.to_string())
+        .arg(mode)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -1124,5 +1132,107 @@ async fn fd_contents_and_refusals_through_the_store() -> Result<()> {
         "a refused checkpoint made a store"
     );
     kill_child(child);
+    Ok(())
+}
+
+/// Reads `r` to its end, `sizes` bytes at a time (cycling).
+fn read_in_pieces(r: &mut dyn GhostReader, sizes: &[usize]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    for &size in sizes.iter().cycle() {
+        let at = out.len();
+        out.resize(at + size, 0);
+        let n = r.read(&mut out[at..])?;
+        out.truncate(at + n);
+        if n == 0 {
+            return Ok(out);
+        }
+    }
+    unreachable!("cycle() never ends")
+}
+
+/// Deduplicated and zero-heavy images restore page by page. The `mixed` heap repeats 13
+/// contents (each stored once and referenced hundreds of times) between pages of their own and
+/// zero pages, so a page copied to the wrong address fails the program's check of every page;
+/// `zeros` is 60 zero pages out of 64; `same` is one page referenced by the whole heap. A
+/// second version of the restored `mixed` process, after a rewrite, references pages of two
+/// packs; its image read in odd-sized pieces (the reader's windows) is the same as in one read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deduplicated_and_zero_heavy_images_restore_page_by_page() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let (cluster, meta) = start(3).await?;
+    let d = tempfile::tempdir()?;
+    let prog = build(d.path(), "ckpt_heap")?;
+    let mb = 24;
+    let heap_pages = mb * MIB / 4096;
+    for mode in ["mixed", "zeros", "same"] {
+        let log = d.path().join(format!("log.{mode}"));
+        let path = format!("/ckpt/dedup-{mode}");
+        let addr = format!("kerfs:{path}");
+        let child = spawn_heap_mode(&prog, mb, &log, 3, mode)?;
+        wait_log(&log, "counters", 30, |s| counters(s).len() >= 3)?;
+        krg_ok(
+            &cluster,
+            &[
+                "checkpoint",
+                &child.id().to_string(),
+                "--to",
+                &addr,
+                "--kill",
+            ],
+        )?;
+        kill_child(child);
+        let store = open_store(&meta, &path).await?;
+        let stats = store.versions().await?[0].stats;
+        info!(mode, ?stats, "first version");
+        // The heap's own share of the image (the rest is stack, libc's data...).
+        let new_pages = stats.new_bytes / 4096;
+        let (zero_min, dedup_min, new_max) = match mode {
+            // 768 zero pages, 1075 of their own, 4301 of 13 contents.
+            "mixed" => (heap_pages / 8, heap_pages * 2 / 3, heap_pages / 4),
+            "zeros" => (heap_pages * 15 / 16, 0, heap_pages / 8),
+            _ => (0, heap_pages - 1, 256),
+        };
+        ensure!(
+            stats.zero_pages >= zero_min && stats.dedup_pages >= dedup_min && new_pages <= new_max,
+            "the {mode} heap was not stored as expected: {stats:?}"
+        );
+        let restored = restore_and_check(&cluster, &addr, &prog, &log, 0)?;
+        if mode != "mixed" {
+            signal(restored, libc::SIGKILL);
+            continue;
+        }
+        signal(restored, libc::SIGUSR1);
+        wait_log(&log, "a rewrite", 30, |s| s.contains("MUT 1"))?;
+        krg_ok(
+            &cluster,
+            &["checkpoint", &restored.to_string(), "--to", &addr, "--kill"],
+        )?;
+        let v2 = store.manifest(2).await?;
+        ensure!(
+            v2.packs.len() == 2,
+            "version 2 of the mixed heap uses packs {:?}, not both packs",
+            v2.packs
+        );
+        let version = store.open_version(Some(2)).await?;
+        let rt = tokio::runtime::Handle::current();
+        let (whole, pieces) = tokio::task::spawn_blocking(move || {
+            let mut one = version.reader(0, &rt, None);
+            let size = one.size_hint().unwrap_or(0) as usize + 1;
+            let whole = read_in_pieces(&mut one, &[size])?;
+            let sizes = [1, 4095, 4096, 3 * 4096 + 7, 70_000, (1 << 20) + 5, 40 << 20];
+            let pieces = read_in_pieces(&mut version.reader(0, &rt, None), &sizes)?;
+            rt.block_on(version.close());
+            Ok::<_, anyhow::Error>((whole, pieces))
+        })
+        .await??;
+        ensure!(
+            whole.len() as u64 > mb * MIB,
+            "the image is {} bytes",
+            whole.len()
+        );
+        ensure_same(&pieces, &whole, "the image read in pieces against one read")?;
+        restore_and_check(&cluster, &addr, &prog, &log, 1)?;
+        kill_all(&prog);
+    }
     Ok(())
 }

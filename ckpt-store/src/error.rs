@@ -77,6 +77,9 @@ pub enum CkptError {
     /// A store address that is not `kerfs:/path[@VERSION]`.
     #[error("{0}")]
     Address(String),
+    /// An inconsistency the code should have made impossible.
+    #[error("internal error (a bug in krg; please report it): {0}")]
+    Internal(String),
 }
 
 /// Result with [`CkptError`].

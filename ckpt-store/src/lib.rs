@@ -11,7 +11,8 @@
 //!   `GhostWriter` that `kerfs_ghost::export_process` streams into; [`Checkpoint::commit`]
 //!   makes the version durable and visible with one rename.
 //! * [`Store::open_version`] → [`OpenVersion::reader`]: the `GhostReader` that re-assembles
-//!   the original image, checked end to end by ghost's own checksum.
+//!   the original image, every page checked against its pack index, each distinct page
+//!   read once however many image pages share its content.
 //! * [`Store::gc`] with a [`Retention`]: removes old versions and unreferenced packs, safe
 //!   against a checkpoint being written at the same time.
 //!

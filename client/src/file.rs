@@ -1242,6 +1242,10 @@ impl FileHandle {
         .buffered(self.inner.config.parallel_chunks)
         .collect()
         .await;
+        if parts.len() == 1 {
+            // A read inside one chunk: its buffer is the answer, no second copy.
+            return parts.into_iter().next().unwrap_or_else(|| Ok(Vec::new()));
+        }
         let mut out = Vec::with_capacity((end - offset) as usize);
         for p in parts {
             out.extend_from_slice(&p?);
