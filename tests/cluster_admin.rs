@@ -4,7 +4,7 @@
 //!
 //! - `status_follows_the_cluster_down_and_exit_codes_say_how_bad`: healthy (exit 0,
 //!   HEALTH_OK); a chunk server killed (exit 3, HEALTH_WARN naming it, its copies missing in
-//!   `chunks`); two of three metadata nodes killed (exit 4, HEALTH_ERR: no leader, the
+//!   `chunks`, and in the leader's metrics); two of three metadata nodes killed (exit 4, HEALTH_ERR: no leader, the
 //!   unreachable ones named); all of them killed (exit 5); and a plain `ls` against the dead
 //!   cluster fails with exit 5 too.
 //! - `json_of_every_command_parses`: nodes, df, ls, stat, mkdir, touch, mv, rm, put, get,
@@ -131,8 +131,23 @@ async fn status_follows_the_cluster_down_and_exit_codes_say_how_bad() -> Result<
         "chunk 0's copies after server {victim} died: {states:?}"
     );
 
-    // Two of three metadata nodes die: no leader, HEALTH_ERR.
+    // The leader's metrics say the same (refreshed every few seconds from applied state).
     let leader = v["leader"].as_u64().context("no leader")?;
+    let want = format!("kerfs_meta_chunk_servers_down{{node=\"{leader}\"}} 1");
+    let start = Instant::now();
+    loop {
+        let page = cluster.meta.metrics(leader)?;
+        if page.contains(&want) && page.contains("kerfs_meta_chunks_unreadable{") {
+            break;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(15),
+            "the leader's metrics do not show the dead server ({want}):\n{page}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Two of three metadata nodes die: no leader, HEALTH_ERR.
     let others: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
     cluster.meta.kill9(leader)?;
     cluster.meta.kill9(others[0])?;
