@@ -25,7 +25,11 @@ pub const MAGIC: &[u8; 8] = b"KRGGHOST";
 pub const END_MAGIC: &[u8; 8] = b"KRGGEND\0";
 /// Format version written by this crate; images with a higher version are refused.
 /// Version 2 records how every fd is restored ([`Fd::restore`]); version 1 images are still
-/// read, their fds taken the way version 1 restored them ([`Fd::restore_method`]).
+/// read, their fds taken the way version 1 restored them ([`Fd::restore_method`]). The event
+/// and timer fd methods ([`FdRestore::EventFd`] and on) and their state fields were added
+/// within version 2: a reader that predates them refuses such an fd as an unknown restore
+/// method (asking for a newer krg) rather than misreading it, and images without them read
+/// as before.
 pub const FORMAT_VERSION: u32 = 2;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 32;

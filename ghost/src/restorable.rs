@@ -9,6 +9,12 @@
 //! rebuilt faithfully becomes a [`Problem`]; any problem refuses the export with
 //! [`GhostError::Unrestorable`] while the process is still untouched, and it is left running.
 //!
+//! Event and timer fds are rebuilt from their fdinfo ([`anon_restore`]): an eventfd's
+//! counter, a timerfd's clock, time left, interval and unread expirations (read with
+//! timerfd_gettime first, see [`timerfd_state`]), a signalfd's mask, an epoll fd's
+//! registrations. An epoll registration must name an fd of the process still open on the
+//! registered file (checked with kcmp); what it watches is restored or refused on its own.
+//!
 //! The caller can resolve an fd problem with an [`FdPolicy`]: restore the fd as /dev/null
 //! ([`FdChoice::DevNull`], `krg checkpoint --drop FD`) or have it handed in at restart
 //! ([`FdChoice::External`], `krg checkpoint --external FD`, then
@@ -1246,6 +1252,70 @@ fn unix_line(line: &str, ino: u64) -> Option<(String, &'static str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn eventfd_and_signalfd_fdinfo_are_parsed() {
+        let e = "pos:\t0\nflags:\t04002\nmnt_id:\t17\nino:\t1038\neventfd-count:               1a\neventfd-id: 2\neventfd-semaphore: 1\n";
+        assert_eq!(
+            parse_eventfd(e),
+            Some(EventFdState {
+                count: 26,
+                semaphore: true
+            })
+        );
+        // Kernels before 6.6 do not show the semaphore mode.
+        assert_eq!(
+            parse_eventfd("eventfd-count: 5\n").map(|e| e.semaphore),
+            Some(false)
+        );
+        assert_eq!(parse_eventfd("pos:\t0\n"), None);
+        let s = "pos:\t0\nflags:\t02000002\nsigmask:\t0000000800000200\n";
+        assert_eq!(
+            parse_signalfd(s).map(|m| m.sigmask),
+            Some((1 << (libc::SIGUSR1 - 1)) | (1 << 35))
+        );
+    }
+
+    #[test]
+    fn timerfd_fdinfo_is_parsed() {
+        let t = "pos:\t0\nflags:\t02\nclockid: 0\nticks: 3\nsettime flags: 01\nit_value: (99, 684346951)\nit_interval: (0, 100000000)\n";
+        assert_eq!(
+            parse_timerfd(t),
+            Some(TimerFdState {
+                clockid: 0,
+                ticks: 3,
+                settime_flags: 1,
+                value_ns: 99_684_346_951,
+                interval_ns: 100_000_000,
+                realtime_expiry_ns: None,
+            })
+        );
+        assert_eq!(parse_timerfd("clockid: 0\nticks: x\n"), None);
+    }
+
+    #[test]
+    fn epoll_fdinfo_lines_are_parsed() {
+        let e = "pos:\t0\nflags:\t02\nmnt_id:\t17\nino:\t1038\n\
+                 tfd:        4 events: 40000019 data:                7  pos:0 ino:40e sdev:10\n\
+                 tfd:       12 events: 80000019 data: ffffffffffffffff  pos:5 ino:3c4a7 sdev:fe00000\n";
+        let l = parse_epoll_lines(e).unwrap();
+        assert_eq!(l.len(), 2);
+        assert_eq!(
+            l[0].target,
+            EpollTarget {
+                fd: 4,
+                events: 0x4000_0019,
+                data: 7
+            }
+        );
+        assert_eq!((l[1].target.fd, l[1].target.data), (12, u64::MAX));
+        assert_eq!((l[1].pos, l[1].ino, l[1].sdev), (5, 0x3c4a7, 0xfe0_0000));
+        assert_eq!(parse_epoll("pos:\t0\n"), Some(vec![]));
+        assert_eq!(
+            parse_epoll("tfd: 4 events: zz data: 1 pos:0 ino:1 sdev:1\n"),
+            None
+        );
+    }
 
     #[test]
     fn policy_refuses_two_choices_for_one_fd() {
