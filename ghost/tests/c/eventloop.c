@@ -9,7 +9,8 @@
  *   eventloop LOG GO inotify      also: an inotify fd watching /tmp
  * fds (in this order, after the log's): an eventfd holding 12345 (non-blocking, close-on-exec), a
  * semaphore eventfd holding 3 (non-blocking), a CLOCK_MONOTONIC timerfd due in 5 s then
- * every 1 s, a one-shot timerfd that already fired (one unread expiration, non-blocking), an
+ * every 1 s, a one-shot timerfd that already fired (one unread expiration, non-blocking), a
+ * 100 ms periodic timerfd left unread (non-blocking, at least 4 expirations pending), an
  * absolute CLOCK_REALTIME timerfd due 30 s after setup, a signalfd for SIGUSR2 (blocked,
  * non-blocking), a pipe (read end non-blocking) holding "hello", an eventfd holding 1 and
  * an eventfd holding 0, and an epoll fd (close-on-exec) watching the pipe (level, data
@@ -101,6 +102,9 @@ int main(int argc, char **argv) {
     int tfired = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK);
     struct itimerspec once = {{0, 0}, {0, 1000000}};
     timerfd_settime(tfired, 0, &once, NULL);
+    int tmissed = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK);
+    struct itimerspec fast = {{0, 100000000}, {0, 10000000}};
+    timerfd_settime(tmissed, 0, &fast, NULL);
     int tabs = timerfd_create(CLOCK_REALTIME, 0);
     struct timespec wall;
     clock_gettime(CLOCK_REALTIME, &wall);
@@ -137,7 +141,7 @@ int main(int argc, char **argv) {
         int in = inotify_init1(IN_NONBLOCK);
         inotify_add_watch(in, "/tmp", IN_CREATE);
     }
-    usleep(20000); /* tfired fires */
+    usleep(350000); /* tfired fires, tmissed expires 4 times unread */
     fprintf(logf, "READY\n");
     fflush(logf);
     while (access(argv[2], F_OK) != 0) usleep(20000);
@@ -188,6 +192,12 @@ int main(int argc, char **argv) {
     v = 0;
     check(read(tfired, &v, 8) == 8 && v == 1, "timerfd-pending", "read %llu (%s)", (unsigned long long)v,
           strerror(errno));
+    v = 0;
+    check(read(tmissed, &v, 8) == 8 && v >= 4, "timerfd-missed",
+          "read %llu expirations of a 100 ms timer left unread 350 ms, want 4 or more", (unsigned long long)v);
+    uint64_t mt = 0;
+    double again = wait_tick(tmissed, &mt);
+    check(again >= 0 && again < 0.5, "timerfd-missed-period", "fired %.2f s later, want within 0.5 s", again);
     struct itimerspec cur;
     timerfd_gettime(tabs, &cur);
     check(cur.it_value.tv_sec > 0 && cur.it_value.tv_sec < 30 && cur.it_interval.tv_sec == 0, "timerfd-absolute",
