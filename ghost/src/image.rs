@@ -341,6 +341,31 @@ pub enum FdRestore {
     /// An epoll instance ([`Fd::epoll`]): made again, and its registrations added once every
     /// other fd of the process is in place (they name fds of the process).
     Epoll = 10,
+    /// An inotify instance ([`Fd::inotify`]): made again with its watches, each on the path
+    /// its inode had at checkpoint and with its watch descriptor number.
+    Inotify = 11,
+}
+
+/// One watch of an inotify instance.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct InotifyWatch {
+    /// The watch descriptor the process knows it by.
+    #[prost(int32, tag = "1")]
+    pub wd: i32,
+    /// Its mask (events, IN_ONESHOT, IN_EXCL_UNLINK).
+    #[prost(uint32, tag = "2")]
+    pub mask: u32,
+    /// The watched file or directory, resolved from its file handle at checkpoint.
+    #[prost(string, tag = "3")]
+    pub path: String,
+}
+
+/// The watches of an inotify instance (it had no unread event: those are refused).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct InotifyState {
+    /// By watch descriptor.
+    #[prost(message, repeated, tag = "1")]
+    pub watches: Vec<InotifyWatch>,
 }
 
 /// The state of an eventfd, from its fdinfo.
@@ -486,6 +511,9 @@ pub struct Fd {
     /// For [`FdRestore::Epoll`].
     #[prost(message, optional, tag = "12")]
     pub epoll: Option<EpollState>,
+    /// For [`FdRestore::Inotify`].
+    #[prost(message, optional, tag = "13")]
+    pub inotify: Option<InotifyState>,
 }
 
 impl Fd {

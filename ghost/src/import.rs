@@ -996,6 +996,11 @@ fn plan_fds(
                 make_epoll(f.flags)
                     .map_err(|e| format!("fd {} (epoll) cannot be made again: {e}", f.fd))
             }
+            FdRestore::Inotify => {
+                let w = f.inotify.as_ref().ok_or_else(|| missing_record(f, "inotify"))?;
+                make_inotify(w, f.flags)
+                    .map_err(|e| format!("fd {} (inotify) cannot be made again: {e}", f.fd))
+            }
             FdRestore::Unrecorded => Err(format!("fd {} records no restore method", f.fd)),
         };
         match opened {
@@ -1104,6 +1109,54 @@ fn make_epoll(flags: u32) -> std::io::Result<File> {
     // SAFETY: epoll_create1 with a constant flag.
     let r = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     own_fd(r as libc::c_long, flags)
+}
+
+/// An inotify instance with the recorded watches, each under its recorded watch descriptor.
+/// The kernel hands out descriptors in increasing order from the last one given, so a watch
+/// is added, removed and added again until it gets its number; the IN_IGNORED events the
+/// removals queue are read off before the fd is handed over (it had no unread event).
+fn make_inotify(w: &image::InotifyState, flags: u32) -> std::io::Result<File> {
+    // SAFETY: inotify_init1 with constant flags.
+    let r = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
+    let file = own_fd(r as libc::c_long, libc::O_NONBLOCK as u32)?;
+    for watch in &w.watches {
+        let path = CString::new(watch.path.as_str()).map_err(std::io::Error::other)?;
+        // The path is what the inode resolved to: the watch is on it, not on a link's target.
+        let mask = watch.mask | libc::IN_DONT_FOLLOW;
+        loop {
+            // SAFETY: valid fd and C string.
+            let wd = unsafe { libc::inotify_add_watch(file.as_raw_fd(), path.as_ptr(), mask) };
+            if wd < 0 {
+                return Err(std::io::Error::other(format!(
+                    "watching {}: {}",
+                    watch.path,
+                    std::io::Error::last_os_error()
+                )));
+            }
+            if wd == watch.wd {
+                break;
+            }
+            if wd > watch.wd {
+                return Err(std::io::Error::other(format!(
+                    "{} got watch descriptor {wd}, past its {}",
+                    watch.path, watch.wd
+                )));
+            }
+            // SAFETY: removing the watch just added.
+            unsafe { libc::inotify_rm_watch(file.as_raw_fd(), wd) };
+        }
+    }
+    let mut buf = [0u8; 4096];
+    // SAFETY: reading into a local buffer until the queue is empty (EAGAIN).
+    while unsafe {
+        libc::read(
+            file.as_raw_fd(),
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.len(),
+        )
+    } > 0
+    {}
+    own_fd(file.into_raw_fd() as libc::c_long, flags)
 }
 
 /// Adds the recorded registrations of epoll fd `f` in the child, where the fds they name

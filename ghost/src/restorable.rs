@@ -27,8 +27,8 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use crate::error::{GhostError, Result};
 use crate::image::{
-    DeletedFile, EpollState, EpollTarget, EventFdState, Fd, FdKind, FdRestore, MapKind, PipeEnd,
-    SignalFdState, TimerFdState,
+    DeletedFile, EpollState, EpollTarget, EventFdState, Fd, FdKind, FdRestore, InotifyState,
+    InotifyWatch, MapKind, PipeEnd, SignalFdState, TimerFdState,
 };
 use crate::procfs::{self, MapLine};
 
@@ -476,8 +476,12 @@ fn plan_fds(
                     KernelObject::SignalFd(m) => Some(m.clone()),
                     _ => None,
                 },
-                epoll: match object {
-                    KernelObject::Epoll(e) => Some(e),
+                epoll: match &object {
+                    KernelObject::Epoll(e) => Some(e.clone()),
+                    _ => None,
+                },
+                inotify: match object {
+                    KernelObject::Inotify(i) => Some(i),
                     _ => None,
                 },
             }),
@@ -820,6 +824,7 @@ enum KernelObject {
     TimerFd(TimerFdState),
     SignalFd(SignalFdState),
     Epoll(EpollState),
+    Inotify(InotifyState),
 }
 
 /// How an anonymous-inode fd (`anon_inode:[what]`) is rebuilt, with the state it is rebuilt
@@ -855,9 +860,12 @@ fn anon_restore(
             check_epoll_targets(pid, fd, &targets, policy)?;
             Ok((FdRestore::Epoll, KernelObject::Epoll(EpollState { targets })))
         }
-        "inotify" => Err(format!(
-            "anon_inode:{what}, an inotify instance: its watches and queued events are not restored yet; have the program close it before the checkpoint and add its watches again after the restart, or `--drop {fd}` if it can do without the events"
-        )),
+        "inotify" => {
+            let w = inotify_state(pid, fd, &info()?).map_err(|e| {
+                format!("anon_inode:inotify, an inotify instance: {e}; or have the program close it before the checkpoint and add its watches again after the restart, or `--drop {fd}` if it can do without the events")
+            })?;
+            Ok((FdRestore::Inotify, KernelObject::Inotify(w)))
+        }
         _ => Err(format!(
             "anon_inode:[{what}], a{} {what} descriptor: this kind of descriptor is not restored yet",
             if what.starts_with(['a', 'e', 'i', 'o', 'u']) { "n" } else { "" }
@@ -964,6 +972,126 @@ fn timerfd_state(
             Some(crate::sys::clock_ns(libc::CLOCK_REALTIME) + state.value_ns as i64);
     }
     Ok(state)
+}
+
+/// One `inotify wd:` line of an inotify fdinfo: (wd, inode, kernel dev, mask, handle type,
+/// handle bytes).
+type InotifyLine = (i32, u64, u64, u32, i32, Vec<u8>);
+
+fn parse_inotify(info: &str) -> Option<Vec<InotifyLine>> {
+    let mut out = Vec::new();
+    for l in info.lines().filter_map(|l| l.strip_prefix("inotify ")) {
+        let get = |key: &str| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix(key)?.strip_prefix(':'))
+        };
+        let hex = |key: &str| get(key).and_then(|v| u64::from_str_radix(v, 16).ok());
+        let handle = get("f_handle")?;
+        let bytes = (0..handle.len() / 2)
+            .map(|i| u8::from_str_radix(handle.get(2 * i..2 * i + 2)?, 16).ok())
+            .collect::<Option<Vec<u8>>>()?;
+        if bytes.len() as u64 != hex("fhandle-bytes")? {
+            return None;
+        }
+        out.push((
+            i32::try_from(hex("wd")?).ok()?,
+            hex("ino")?,
+            hex("sdev")?,
+            u32::try_from(hex("mask")?).ok()?,
+            i32::try_from(hex("fhandle-type")?).ok()?,
+            bytes,
+        ));
+    }
+    Some(out)
+}
+
+/// The watches of inotify fd `fd` of `pid`, each resolved to a path from its file handle
+/// (open_by_handle_at on a mount of its filesystem, then the path of what was opened,
+/// checked to name the same inode from here). Refused if events are queued unread: they
+/// cannot be put back into the queue.
+fn inotify_state(pid: i32, fd: i32, info: &str) -> std::result::Result<InotifyState, String> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let lines = parse_inotify(info).ok_or(
+        "its fdinfo has unreadable `inotify wd:` lines (a kernel without file handles in it?)",
+    )?;
+    let pidfd = crate::sys::pidfd_open(pid).map_err(|e| e.to_string())?;
+    let copy = crate::sys::pidfd_getfd(&pidfd, fd).map_err(|e| format!("pidfd_getfd: {e}"))?;
+    let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    if unsafe { libc::ioctl(copy.as_raw_fd(), libc::FIONREAD, &mut queued) } != 0 || queued > 0 {
+        return Err(format!(
+            "{queued} bytes of events are queued unread, and would be lost; checkpoint it once it has read them"
+        ));
+    }
+    let mountinfo = fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
+    let mut watches = Vec::new();
+    for (wd, ino, sdev, mask, htype, handle) in lines {
+        let (major, minor) = (sdev >> 20, sdev & 0xf_ffff);
+        let cant =
+            |why: String| format!("watch {wd} (inode {ino} on device {major}:{minor}): {why}");
+        let mount = mountinfo
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.get(2) == Some(&format!("{major}:{minor}").as_str()))
+                    .then(|| f.get(4).map(|m| m.to_string()))?
+            })
+            .ok_or_else(|| cant("no mount of its filesystem in the process".into()))?;
+        // Not O_PATH: open_by_handle_at refuses an O_PATH mount fd (EBADF).
+        let mount_dir = std::ffi::CString::new(format!("/proc/{pid}/root{mount}"))
+            .map_err(|_| cant("a mount point with a NUL byte".into()))?;
+        // SAFETY: open with a valid C string; the result is checked.
+        let mfd = unsafe {
+            libc::open(
+                mount_dir.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if mfd < 0 {
+            return Err(cant(format!(
+                "cannot open its mount {mount} ({})",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: open returned a new descriptor we own.
+        let mfd = unsafe { OwnedFd::from_raw_fd(mfd) };
+        // struct file_handle: u32 handle_bytes, i32 handle_type, then the bytes.
+        let mut fh = Vec::with_capacity(8 + handle.len());
+        fh.extend_from_slice(&(handle.len() as u32).to_ne_bytes());
+        fh.extend_from_slice(&htype.to_ne_bytes());
+        fh.extend_from_slice(&handle);
+        // SAFETY: fh is a complete struct file_handle; the result is checked.
+        let obj = unsafe {
+            libc::open_by_handle_at(
+                mfd.as_raw_fd(),
+                fh.as_mut_ptr() as *mut libc::file_handle,
+                libc::O_PATH | libc::O_CLOEXEC,
+            )
+        };
+        if obj < 0 {
+            return Err(cant(format!(
+                "its file handle cannot be opened ({}; deleted since?)",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: open_by_handle_at returned a new descriptor we own.
+        let obj = unsafe { OwnedFd::from_raw_fd(obj) };
+        let path = fs::read_link(format!("/proc/self/fd/{}", obj.as_raw_fd()))
+            .map_err(|e| cant(format!("its path cannot be read ({e})")))?
+            .to_string_lossy()
+            .into_owned();
+        let same = fs::symlink_metadata(&path).is_ok_and(|m| {
+            m.ino() == ino
+                && u64::from(libc::major(m.dev())) == major
+                && u64::from(libc::minor(m.dev())) == minor
+        });
+        if !same {
+            return Err(cant(format!("{path}, its path as seen from krg, names another file (or nothing), so a restart could not watch it again")));
+        }
+        watches.push(InotifyWatch { wd, mask, path });
+    }
+    watches.sort_by_key(|w| w.wd);
+    Ok(InotifyState { watches })
 }
 
 /// One `tfd:` line of an epoll fdinfo: the registration, and the target file's offset,

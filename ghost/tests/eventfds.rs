@@ -3,8 +3,8 @@
 //! --kill`, restarted with `krg restart`, and then checks its own state (tests/c/eventloop.c):
 //! counters, semaphore mode, flags, the signal mask, the epoll set with its data, edge-triggered
 //! and oneshot behaviour, timers firing within their time left and then at their interval,
-//! an unread expiration. What cannot be restored (an epoll registration of an fd closed
-//! since, an inotify fd) refuses the checkpoint and leaves the process running.
+//! an unread expiration, inotify watches with their descriptors. What cannot be restored (an
+//! epoll registration of an fd closed since, an inotify fd with unread events) refuses the checkpoint and leaves the process running.
 
 mod common;
 
@@ -44,7 +44,9 @@ fn stderr(o: &Output) -> String {
 /// Starts eventloop with `extra` and waits until it has set everything up.
 fn start(d: &Path, extra: &[&str]) -> (PathBuf, PathBuf, PathBuf, std::process::Child) {
     let prog = build(d, "eventloop", &[]);
-    let (log, go) = (d.join("log"), d.join("go"));
+    // GO in a directory of its own: the inotify fd watches it, and must see nothing else.
+    let (log, go) = (d.join("log"), d.join("w").join("go"));
+    std::fs::create_dir(d.join("w")).unwrap();
     let mut args = vec![log.to_str().unwrap(), go.to_str().unwrap()];
     args.extend_from_slice(extra);
     let child = spawn(&prog, &args);
@@ -57,9 +59,22 @@ fn start(d: &Path, extra: &[&str]) -> (PathBuf, PathBuf, PathBuf, std::process::
 
 #[test]
 fn event_timer_signal_and_epoll_fds_come_back_with_their_state() {
+    checkpoint_restart_check(&[], 20);
+}
+
+#[test]
+fn inotify_watches_come_back_with_their_descriptors() {
+    let s = checkpoint_restart_check(&["inotify"], 22);
+    assert!(s.contains("OK inotify\n"), "{s}");
+}
+
+/// Starts eventloop with `extra`, checkpoints it with `--kill`, restarts it, has it check
+/// its state and returns its log, asserting that at least `checks` checks passed and none
+/// failed.
+fn checkpoint_restart_check(extra: &[&str], checks: usize) -> String {
     require_root();
     let d = tempfile::tempdir().unwrap();
-    let (prog, log, go, mut child) = start(d.path(), &[]);
+    let (prog, log, go, mut child) = start(d.path(), extra);
     let _reap = Reaper(prog.clone());
     let img = d.path().join("img");
     let out = checkpoint(child.id() as i32, &img);
@@ -89,9 +104,10 @@ fn event_timer_signal_and_epoll_fds_come_back_with_their_state() {
         bad.join("\n")
     );
     assert!(
-        s.lines().filter(|l| l.starts_with("OK ")).count() >= 20,
+        s.lines().filter(|l| l.starts_with("OK ")).count() >= checks,
         "not every check ran:\n{s}"
     );
+    s
 }
 
 /// `--kill` refused with every piece of `expect` in the message, the process left running.
@@ -125,11 +141,12 @@ fn epoll_watching_a_closed_fd_is_refused() {
 }
 
 #[test]
-fn inotify_is_refused_with_what_to_do() {
+fn inotify_with_unread_events_is_refused_with_what_to_do() {
     refused(
-        "inotify",
+        "inotify-unread",
         &[
             "an inotify instance",
+            "queued unread",
             "add its watches again after the restart",
             "--drop",
         ],

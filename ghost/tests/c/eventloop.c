@@ -6,7 +6,10 @@
  *   eventloop LOG GO stale        also: an eventfd registered in the epoll fd, then dup'ed
  *                                 and closed (epoll keeps watching the file under its old
  *                                 number, which is no longer open)
- *   eventloop LOG GO inotify      also: an inotify fd watching /tmp
+ *   eventloop LOG GO inotify      also: an inotify fd (non-blocking) watching the directory of
+ *                                 GO for IN_CREATE as watch 2 (watch 1, on /, removed);
+ *                                 checked: creating GO is reported on watch 2, named "go"
+ *   eventloop LOG GO inotify-unread  the same, with an event left unread in its queue
  * fds (in this order, after the log's): an eventfd holding 12345 (non-blocking, close-on-exec), a
  * semaphore eventfd holding 3 (non-blocking), a CLOCK_MONOTONIC timerfd due in 5 s then
  * every 1 s, a one-shot timerfd that already fired (one unread expiration, non-blocking), a
@@ -35,6 +38,7 @@
 #include <unistd.h>
 
 static FILE *logf;
+static int in = -1, in_wd = -1;
 static int bad;
 
 static void check(int ok, const char *name, const char *fmt, ...) {
@@ -137,9 +141,20 @@ int main(int argc, char **argv) {
         epoll_ctl(ep, EPOLL_CTL_ADD, gone, &ev);
         dup(gone);
         close(gone);
-    } else if (strcmp(extra, "inotify") == 0) {
-        int in = inotify_init1(IN_NONBLOCK);
-        inotify_add_watch(in, "/tmp", IN_CREATE);
+    } else if (strncmp(extra, "inotify", 7) == 0) {
+        in = inotify_init1(IN_NONBLOCK);
+        char dir[512], ignored[4096];
+        snprintf(dir, sizeof dir, "%s", argv[2]);
+        *strrchr(dir, '/') = 0;
+        inotify_rm_watch(in, inotify_add_watch(in, "/", IN_CREATE));
+        while (read(in, ignored, sizeof ignored) > 0) {
+        }
+        in_wd = inotify_add_watch(in, dir, IN_CREATE);
+        if (strcmp(extra, "inotify-unread") == 0) {
+            char unread[600];
+            snprintf(unread, sizeof unread, "%s/unread", dir);
+            close(open(unread, O_CREAT | O_WRONLY, 0600));
+        }
     }
     usleep(350000); /* tfired fires, tmissed expires 4 times unread */
     fprintf(logf, "READY\n");
@@ -223,6 +238,17 @@ int main(int argc, char **argv) {
     flags(tper, "timerfd-flags", 0, 0);
     flags(tfired, "timerfd-pending-flags", 1, 0);
 
+    if (in >= 0) {
+        char evbuf[4096] __attribute__((aligned(8)));
+        struct pollfd p = {in, POLLIN, 0};
+        ssize_t got = poll(&p, 1, 2000) == 1 ? read(in, evbuf, sizeof evbuf) : -1;
+        struct inotify_event *ie = (struct inotify_event *)evbuf;
+        check(in_wd == 2 && got >= (ssize_t)sizeof *ie && ie->wd == 2 && (ie->mask & IN_CREATE) && ie->len > 0 &&
+                  strcmp(ie->name, "go") == 0,
+              "inotify", "read %zd, wd %d (want 2), mask %#x, name %s", got, got > 0 ? ie->wd : -1,
+              got > 0 ? ie->mask : 0, got > 0 && ie->len ? ie->name : "");
+        flags(in, "inotify-flags", 1, 0);
+    }
     fprintf(logf, "VERDICT %s\n", bad ? "bad" : "ok");
     fflush(logf);
     for (;;) pause();
