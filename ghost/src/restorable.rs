@@ -14,6 +14,8 @@
 //! timerfd_gettime first, see [`timerfd_state`]), a signalfd's mask, an epoll fd's
 //! registrations. An epoll registration must name an fd of the process still open on the
 //! registered file (checked with kcmp); what it watches is restored or refused on its own.
+//! An inotify fd's watches are resolved to paths through their file handles
+//! ([`inotify_state`]); unread events refuse it.
 //!
 //! The caller can resolve an fd problem with an [`FdPolicy`]: restore the fd as /dev/null
 //! ([`FdChoice::DevNull`], `krg checkpoint --drop FD`) or have it handed in at restart
