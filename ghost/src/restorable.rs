@@ -858,8 +858,9 @@ fn anon_restore(
             Ok((FdRestore::TimerFd, KernelObject::TimerFd(t)))
         }
         "eventpoll" => {
-            let targets = parse_epoll(&info()?).ok_or_else(|| unparsable("tfd"))?;
-            check_epoll_targets(pid, fd, &targets, policy)?;
+            let lines = parse_epoll_lines(&info()?).ok_or_else(|| unparsable("tfd"))?;
+            check_epoll_targets(pid, fd, &lines, policy)?;
+            let targets = lines.into_iter().map(|l| l.target).collect();
             Ok((FdRestore::Epoll, KernelObject::Epoll(EpollState { targets })))
         }
         "inotify" => {
@@ -1127,10 +1128,6 @@ fn parse_epoll_lines(info: &str) -> Option<Vec<EpollLine>> {
     Some(out)
 }
 
-fn parse_epoll(info: &str) -> Option<Vec<EpollTarget>> {
-    parse_epoll_lines(info).map(|v| v.into_iter().map(|l| l.target).collect())
-}
-
 /// Every registration of epoll fd `epfd` must name an fd of the process open on the
 /// registered file, restored as something epoll can watch: epoll keeps watching a file that
 /// is still open elsewhere after its fd was closed (or reused for another file), and a
@@ -1138,25 +1135,18 @@ fn parse_epoll(info: &str) -> Option<Vec<EpollTarget>> {
 fn check_epoll_targets(
     pid: i32,
     epfd: i32,
-    targets: &[EpollTarget],
+    lines: &[EpollLine],
     policy: &FdPolicy,
 ) -> std::result::Result<(), String> {
-    let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{epfd}"))
-        .map_err(|e| format!("anon_inode:[eventpoll]: cannot read its fdinfo ({e})"))?;
-    let lines = parse_epoll_lines(&info).unwrap_or_default();
     let mut bad = Vec::new();
-    for (i, t) in targets.iter().enumerate() {
+    for (i, l) in lines.iter().enumerate() {
+        let t = &l.target;
         // The same number can be registered more than once (with different files): kcmp
-        // names a registration by its number and its rank among those with that number.
-        let toff = targets[..i].iter().filter(|o| o.fd == t.fd).count();
-        let same = same_epoll_target(pid, epfd, t.fd, toff as u32)
-            .or_else(|| {
-                lines
-                    .iter()
-                    .find(|l| l.target == *t)
-                    .map(|l| same_file(pid, l))
-            })
-            .unwrap_or(false);
+        // names a registration by its number and its rank among those with that number, in
+        // the order the fdinfo lists them.
+        let toff = lines[..i].iter().filter(|o| o.target.fd == t.fd).count();
+        let same =
+            same_epoll_target(pid, epfd, t.fd, toff as u32).unwrap_or_else(|| same_file(pid, l));
         if !same {
             bad.push(format!(
                 "it watches fd {} (events {:#x}, data {:#x}), which was closed or now names another file: epoll still watches the file the fd had, and a restart could not register it again (have the program remove it with EPOLL_CTL_DEL before closing the fd)",
@@ -1440,9 +1430,9 @@ mod tests {
         );
         assert_eq!((l[1].target.fd, l[1].target.data), (12, u64::MAX));
         assert_eq!((l[1].pos, l[1].ino, l[1].sdev), (5, 0x3c4a7, 0xfe0_0000));
-        assert_eq!(parse_epoll("pos:\t0\n"), Some(vec![]));
+        assert_eq!(parse_epoll_lines("pos:\t0\n"), Some(vec![]));
         assert_eq!(
-            parse_epoll("tfd: 4 events: zz data: 1 pos:0 ino:1 sdev:1\n"),
+            parse_epoll_lines("tfd: 4 events: zz data: 1 pos:0 ino:1 sdev:1\n"),
             None
         );
     }
