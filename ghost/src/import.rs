@@ -1161,6 +1161,10 @@ fn make_inotify(w: &image::InotifyState, flags: u32) -> std::io::Result<File> {
 
 /// Adds the recorded registrations of epoll fd `f` in the child, where the fds they name
 /// are in place: an epoll registration is keyed by the fd number as well as the file.
+/// Adding a registration reports the target's current readiness, so an edge-triggered one
+/// whose target is ready is reported once more after the restart even if the process had
+/// been told before the checkpoint (the kernel does not show whether it was): a spurious
+/// wakeup, which edge-triggered loops tolerate, never a lost one.
 fn register_epoll(
     remote: &Remote,
     put: &dyn Fn(u64, &[u8]) -> Result<u64>,
