@@ -25,7 +25,11 @@ pub const MAGIC: &[u8; 8] = b"KRGGHOST";
 pub const END_MAGIC: &[u8; 8] = b"KRGGEND\0";
 /// Format version written by this crate; images with a higher version are refused.
 /// Version 2 records how every fd is restored ([`Fd::restore`]); version 1 images are still
-/// read, their fds taken the way version 1 restored them ([`Fd::restore_method`]).
+/// read, their fds taken the way version 1 restored them ([`Fd::restore_method`]). The event
+/// and timer fd methods ([`FdRestore::EventFd`] and on) and their state fields were added
+/// within version 2: a reader that predates them refuses such an fd as an unknown restore
+/// method (asking for a newer krg) rather than misreading it, and images without them read
+/// as before.
 pub const FORMAT_VERSION: u32 = 2;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 32;
@@ -327,6 +331,109 @@ pub enum FdRestore {
     /// One end of a pipe whose both ends the process holds ([`Fd::pipe`]): the pipe is made
     /// again with its capacity and the bytes buffered in it.
     PipeInProcess = 6,
+    /// An eventfd ([`Fd::eventfd`]): made again with its counter and semaphore mode.
+    EventFd = 7,
+    /// A timerfd ([`Fd::timerfd`]): made again on its clock, re-armed with the time that was
+    /// left and its interval, with its unread expirations.
+    TimerFd = 8,
+    /// A signalfd ([`Fd::signalfd`]): made again with its signal mask.
+    SignalFd = 9,
+    /// An epoll instance ([`Fd::epoll`]): made again, and its registrations added once every
+    /// other fd of the process is in place (they name fds of the process).
+    Epoll = 10,
+    /// An inotify instance ([`Fd::inotify`]): made again with its watches, each on the path
+    /// its inode had at checkpoint and with its watch descriptor number.
+    Inotify = 11,
+}
+
+/// One watch of an inotify instance.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct InotifyWatch {
+    /// The watch descriptor the process knows it by.
+    #[prost(int32, tag = "1")]
+    pub wd: i32,
+    /// Its mask (events, IN_ONESHOT, IN_EXCL_UNLINK).
+    #[prost(uint32, tag = "2")]
+    pub mask: u32,
+    /// The watched file or directory, resolved from its file handle at checkpoint.
+    #[prost(string, tag = "3")]
+    pub path: String,
+}
+
+/// The watches of an inotify instance (it had no unread event: those are refused).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct InotifyState {
+    /// By watch descriptor.
+    #[prost(message, repeated, tag = "1")]
+    pub watches: Vec<InotifyWatch>,
+}
+
+/// The state of an eventfd, from its fdinfo.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct EventFdState {
+    /// `eventfd-count`.
+    #[prost(uint64, tag = "1")]
+    pub count: u64,
+    /// `eventfd-semaphore` (EFD_SEMAPHORE).
+    #[prost(bool, tag = "2")]
+    pub semaphore: bool,
+}
+
+/// The state of a timerfd: its fdinfo, with the time left read by timerfd_gettime (the
+/// fdinfo shows 0 for a periodic timer that expired and was not read since).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TimerFdState {
+    /// `clockid` (CLOCK_REALTIME, CLOCK_MONOTONIC, CLOCK_BOOTTIME, the _ALARM ones).
+    #[prost(int32, tag = "1")]
+    pub clockid: i32,
+    /// `ticks`: expirations not read yet.
+    #[prost(uint64, tag = "2")]
+    pub ticks: u64,
+    /// `settime flags` (TFD_TIMER_ABSTIME, TFD_TIMER_CANCEL_ON_SET).
+    #[prost(uint32, tag = "3")]
+    pub settime_flags: u32,
+    /// Time left to the next expiration, in ns (0: disarmed).
+    #[prost(uint64, tag = "4")]
+    pub value_ns: u64,
+    /// Interval, in ns (0: one-shot).
+    #[prost(uint64, tag = "5")]
+    pub interval_ns: u64,
+    /// For an absolute timer on a wall clock (CLOCK_REALTIME[_ALARM] with
+    /// TFD_TIMER_ABSTIME): the expiration as a CLOCK_REALTIME time in ns, kept as it is at
+    /// restart, however long the process was down.
+    #[prost(int64, optional, tag = "6")]
+    pub realtime_expiry_ns: Option<i64>,
+}
+
+/// The state of a signalfd.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SignalFdState {
+    /// `sigmask`: bit N-1 for signal N.
+    #[prost(uint64, tag = "1")]
+    pub sigmask: u64,
+}
+
+/// One registration of an epoll instance (a `tfd:` line of its fdinfo).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct EpollTarget {
+    /// The registered fd number, an fd of the process open on the registered file.
+    #[prost(int32, tag = "1")]
+    pub fd: i32,
+    /// The events mask, EPOLLET, EPOLLONESHOT, EPOLLEXCLUSIVE and EPOLLWAKEUP included (a
+    /// oneshot that fired keeps only those flags, so it comes back disabled).
+    #[prost(uint32, tag = "2")]
+    pub events: u32,
+    /// The user data returned with its events.
+    #[prost(uint64, tag = "3")]
+    pub data: u64,
+}
+
+/// The registered set of an epoll instance.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct EpollState {
+    /// Its registrations, in fdinfo order.
+    #[prost(message, repeated, tag = "1")]
+    pub targets: Vec<EpollTarget>,
 }
 
 /// One end of a pipe held, both ends, by the process.
@@ -392,6 +499,21 @@ pub struct Fd {
     /// For [`FdRestore::PipeInProcess`]: which pipe, and what it held.
     #[prost(message, optional, tag = "8")]
     pub pipe: Option<PipeEnd>,
+    /// For [`FdRestore::EventFd`].
+    #[prost(message, optional, tag = "9")]
+    pub eventfd: Option<EventFdState>,
+    /// For [`FdRestore::TimerFd`].
+    #[prost(message, optional, tag = "10")]
+    pub timerfd: Option<TimerFdState>,
+    /// For [`FdRestore::SignalFd`].
+    #[prost(message, optional, tag = "11")]
+    pub signalfd: Option<SignalFdState>,
+    /// For [`FdRestore::Epoll`].
+    #[prost(message, optional, tag = "12")]
+    pub epoll: Option<EpollState>,
+    /// For [`FdRestore::Inotify`].
+    #[prost(message, optional, tag = "13")]
+    pub inotify: Option<InotifyState>,
 }
 
 impl Fd {

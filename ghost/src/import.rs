@@ -9,7 +9,7 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 
 use crate::compat;
@@ -240,7 +240,8 @@ pub fn import_image(img: &LoadedImage, opts: &ImportOptions) -> Result<ImportRep
         });
     }
     sys::set_options(child, sys::PTRACE_O_EXITKILL)?;
-    rebuild(child, tramp, tmp_area, img, &mm, regs0)?;
+    let handed_in: Vec<i32> = opts.inherit_fds.iter().map(|&(t, _)| t).collect();
+    rebuild(child, tramp, tmp_area, img, &mm, regs0, &handed_in)?;
     guard.armed = false;
     Ok(ImportReport {
         pid: child,
@@ -283,8 +284,15 @@ fn rebuild(
     img: &LoadedImage,
     mm: &image::MmFields,
     regs0: sys::Regs,
+    handed_in: &[i32],
 ) -> Result<()> {
     let meta = &img.meta;
+    // Event fds made here (not handed in) whose state is set in the child.
+    let made = |what: FdRestore| {
+        meta.fds
+            .iter()
+            .filter(move |f| f.restore == what as i32 && !handed_in.contains(&f.fd))
+    };
     let base = sys::get_regs(pid)?;
     let remote = Remote {
         pid,
@@ -510,7 +518,15 @@ fn rebuild(
             tracing::warn!(pid, resource = rl.resource, "could not restore an rlimit");
         }
     }
-    // 9. Remove the trampoline: the restored process must not see it.
+    // 9. Epoll registrations, now that every fd they name is in place; then the timers,
+    // as late as possible, so that the restore does not eat into their time left.
+    for f in made(FdRestore::Epoll) {
+        register_epoll(&remote, &put, f)?;
+    }
+    for f in made(FdRestore::TimerFd) {
+        arm_timerfd(&remote, &put, f)?;
+    }
+    // 10. Remove the trampoline: the restored process must not see it.
     remote
         .call_ok(
             "munmap trampoline",
@@ -519,7 +535,7 @@ fn rebuild(
         )
         .map_err(step_err("unmap trampoline"))?;
     sys::set_sigmask(pid, meta.sigmask)?;
-    // 10. Registers. A process caught in a restartable syscall re-runs it.
+    // 11. Registers. A process caught in a restartable syscall re-runs it.
     let mut regs = regs0;
     let ax = regs.rax as i64;
     if (regs.orig_rax as i64) >= 0 {
@@ -956,6 +972,35 @@ fn plan_fds(
                     )
                 })
             }
+            FdRestore::EventFd => {
+                let e = f.eventfd.as_ref().ok_or_else(|| missing_record(f, "eventfd"))?;
+                make_eventfd(e, f.flags)
+                    .map_err(|e| format!("fd {} (eventfd) cannot be made again: {e}", f.fd))
+            }
+            FdRestore::SignalFd => {
+                let m = f.signalfd.as_ref().ok_or_else(|| missing_record(f, "signalfd"))?;
+                make_signalfd(m.sigmask, f.flags)
+                    .map_err(|e| format!("fd {} (signalfd) cannot be made again: {e}", f.fd))
+            }
+            FdRestore::TimerFd => {
+                let t = f.timerfd.as_ref().ok_or_else(|| missing_record(f, "timerfd"))?;
+                make_timerfd(t.clockid, f.flags).map_err(|e| {
+                    format!(
+                        "fd {} (timerfd on clock {}) cannot be made again: {e}",
+                        f.fd, t.clockid
+                    )
+                })
+            }
+            FdRestore::Epoll => {
+                f.epoll.as_ref().ok_or_else(|| missing_record(f, "epoll"))?;
+                make_epoll(f.flags)
+                    .map_err(|e| format!("fd {} (epoll) cannot be made again: {e}", f.fd))
+            }
+            FdRestore::Inotify => {
+                let w = f.inotify.as_ref().ok_or_else(|| missing_record(f, "inotify"))?;
+                make_inotify(w, f.flags)
+                    .map_err(|e| format!("fd {} (inotify) cannot be made again: {e}", f.fd))
+            }
             FdRestore::Unrecorded => Err(format!("fd {} records no restore method", f.fd)),
         };
         match opened {
@@ -975,6 +1020,248 @@ fn plan_fds(
         )));
     }
     Ok(out)
+}
+
+fn missing_record(f: &image::Fd, what: &str) -> GhostError {
+    GhostError::BadImage(format!(
+        "fd {} is an {what} without its recorded state",
+        f.fd
+    ))
+}
+
+/// Takes ownership of the descriptor a syscall returned (or its error) and gives it the
+/// O_NONBLOCK of the recorded `flags`; close-on-exec is set when it is placed in the child.
+fn own_fd(r: libc::c_long, flags: u32) -> std::io::Result<File> {
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the syscall just returned this new descriptor.
+    let file = unsafe { File::from_raw_fd(r as RawFd) };
+    let fl = if flags & libc::O_NONBLOCK as u32 != 0 {
+        libc::O_NONBLOCK
+    } else {
+        0
+    };
+    // SAFETY: fcntl on our own fd.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
+/// An eventfd with the recorded counter and semaphore mode. The counter is written rather
+/// than given to eventfd2, which takes only 32 bits; made non-blocking for that write, so
+/// that a bad count is an error, not a hang.
+fn make_eventfd(e: &image::EventFdState, flags: u32) -> std::io::Result<File> {
+    let sem = if e.semaphore { libc::EFD_SEMAPHORE } else { 0 };
+    // SAFETY: eventfd2 with constant flags.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_eventfd2,
+            0,
+            libc::EFD_CLOEXEC | libc::EFD_NONBLOCK | sem,
+        )
+    };
+    let file = own_fd(r, libc::O_NONBLOCK as u32)?;
+    if e.count > 0 {
+        // SAFETY: writing one u64 from a local.
+        let n = unsafe {
+            libc::write(
+                file.as_raw_fd(),
+                &e.count as *const u64 as *const libc::c_void,
+                8,
+            )
+        };
+        if n != 8 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    own_fd(file.into_raw_fd() as libc::c_long, flags)
+}
+
+/// A signalfd for the recorded mask. It reads the signals of whichever process reads it, so
+/// it can be made here and handed to the child.
+fn make_signalfd(sigmask: u64, flags: u32) -> std::io::Result<File> {
+    // SAFETY: signalfd4 reads an 8-byte mask from a local.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_signalfd4,
+            -1,
+            &sigmask as *const u64,
+            8usize,
+            libc::SFD_CLOEXEC,
+        )
+    };
+    own_fd(r, flags)
+}
+
+/// A timerfd on `clockid`, disarmed: it is armed in the child at the end of the restore
+/// ([`arm_timerfd`]), so that the time spent restoring does not run down its time left.
+fn make_timerfd(clockid: i32, flags: u32) -> std::io::Result<File> {
+    // SAFETY: timerfd_create with constant flags.
+    let r = unsafe { libc::timerfd_create(clockid, libc::TFD_CLOEXEC) };
+    own_fd(r as libc::c_long, flags)
+}
+
+/// An empty epoll instance: its registrations name fds of the child and are added there
+/// ([`register_epoll`]) once every fd is in place.
+fn make_epoll(flags: u32) -> std::io::Result<File> {
+    // SAFETY: epoll_create1 with a constant flag.
+    let r = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    own_fd(r as libc::c_long, flags)
+}
+
+/// An inotify instance with the recorded watches, each under its recorded watch descriptor.
+/// The kernel hands out descriptors in increasing order from the last one given, so a watch
+/// is added, removed and added again until it gets its number; the IN_IGNORED events the
+/// removals queue are read off before the fd is handed over (it had no unread event).
+fn make_inotify(w: &image::InotifyState, flags: u32) -> std::io::Result<File> {
+    // SAFETY: inotify_init1 with constant flags.
+    let r = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
+    let file = own_fd(r as libc::c_long, libc::O_NONBLOCK as u32)?;
+    for watch in &w.watches {
+        let path = CString::new(watch.path.as_str()).map_err(std::io::Error::other)?;
+        // The path is what the inode resolved to: the watch is on it, not on a link's target.
+        let mask = watch.mask | libc::IN_DONT_FOLLOW;
+        loop {
+            // SAFETY: valid fd and C string.
+            let wd = unsafe { libc::inotify_add_watch(file.as_raw_fd(), path.as_ptr(), mask) };
+            if wd < 0 {
+                return Err(std::io::Error::other(format!(
+                    "watching {}: {}",
+                    watch.path,
+                    std::io::Error::last_os_error()
+                )));
+            }
+            if wd == watch.wd {
+                break;
+            }
+            if wd > watch.wd {
+                return Err(std::io::Error::other(format!(
+                    "{} got watch descriptor {wd}, past its {}",
+                    watch.path, watch.wd
+                )));
+            }
+            // SAFETY: removing the watch just added.
+            unsafe { libc::inotify_rm_watch(file.as_raw_fd(), wd) };
+        }
+    }
+    let mut buf = [0u8; 4096];
+    // SAFETY: reading into a local buffer until the queue is empty (EAGAIN).
+    while unsafe {
+        libc::read(
+            file.as_raw_fd(),
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.len(),
+        )
+    } > 0
+    {}
+    own_fd(file.into_raw_fd() as libc::c_long, flags)
+}
+
+/// Adds the recorded registrations of epoll fd `f` in the child, where the fds they name
+/// are in place: an epoll registration is keyed by the fd number as well as the file.
+/// Adding a registration reports the target's current readiness, so an edge-triggered one
+/// whose target is ready is reported once more after the restart even if the process had
+/// been told before the checkpoint (the kernel does not show whether it was): a spurious
+/// wakeup, which edge-triggered loops tolerate, never a lost one.
+fn register_epoll(
+    remote: &Remote,
+    put: &dyn Fn(u64, &[u8]) -> Result<u64>,
+    f: &image::Fd,
+) -> Result<()> {
+    for t in f.epoll.iter().flat_map(|e| &e.targets) {
+        // struct epoll_event is packed on x86_64: u32 events, u64 data.
+        let mut ev = Vec::with_capacity(12);
+        ev.extend_from_slice(&t.events.to_le_bytes());
+        ev.extend_from_slice(&t.data.to_le_bytes());
+        let p = put(0, &ev)?;
+        remote
+            .call_ok(
+                "epoll_ctl",
+                libc::SYS_epoll_ctl,
+                [
+                    f.fd as u64,
+                    libc::EPOLL_CTL_ADD as u64,
+                    t.fd as u64,
+                    p,
+                    0,
+                    0,
+                ],
+            )
+            .map_err(step_err(format!(
+                "register fd {} (events {:#x}) in epoll fd {}",
+                t.fd, t.events, f.fd
+            )))?;
+    }
+    Ok(())
+}
+
+/// _IOW('T', 0, u64): sets the unread expirations of a timerfd (CONFIG_CHECKPOINT_RESTORE).
+const TFD_IOC_SET_TICKS: u64 = 0x4008_5400;
+
+/// Arms timerfd `f` in the child: the time it had left (an absolute wall-clock timer: its
+/// recorded expiry, however long the process was down) and its interval, then its unread
+/// expirations. Without TFD_IOC_SET_TICKS on the host, pending expirations come back as one,
+/// the timer then firing at once (the time left of a periodic timer is then lost).
+fn arm_timerfd(
+    remote: &Remote,
+    put: &dyn Fn(u64, &[u8]) -> Result<u64>,
+    f: &image::Fd,
+) -> Result<()> {
+    let Some(t) = &f.timerfd else { return Ok(()) };
+    let abstime = libc::TFD_TIMER_ABSTIME as u32;
+    let cancel_on_set = t.settime_flags & libc::TFD_TIMER_CANCEL_ON_SET as u32;
+    let (flags, value_ns) = match t.realtime_expiry_ns {
+        Some(at) => (abstime | cancel_on_set, at.max(1) as u64),
+        // Time left on a clock that does not span reboots or nodes: counted from now, kept
+        // absolute if it was so that the process sees the same settime flags.
+        None if t.settime_flags & abstime != 0 && t.value_ns > 0 => (
+            abstime,
+            (sys::clock_ns(t.clockid) as u64).saturating_add(t.value_ns),
+        ),
+        None => (0, t.value_ns),
+    };
+    let settime = |value_ns: u64, flags: u32| -> Result<()> {
+        let mut its = Vec::with_capacity(32);
+        for v in [
+            t.interval_ns / 1_000_000_000,
+            t.interval_ns % 1_000_000_000,
+            value_ns / 1_000_000_000,
+            value_ns % 1_000_000_000,
+        ] {
+            its.extend_from_slice(&v.to_le_bytes());
+        }
+        let p = put(0, &its)?;
+        remote
+            .call_ok(
+                "timerfd_settime",
+                libc::SYS_timerfd_settime,
+                [f.fd as u64, flags as u64, p, 0, 0, 0],
+            )
+            .map(|_| ())
+            .map_err(step_err(format!("arm timerfd fd {}", f.fd)))
+    };
+    if value_ns > 0 {
+        settime(value_ns, flags)?;
+    }
+    if t.ticks > 0 {
+        let p = put(0, &t.ticks.to_le_bytes())?;
+        let r = remote.call(
+            libc::SYS_ioctl,
+            [f.fd as u64, TFD_IOC_SET_TICKS, p, 0, 0, 0],
+        )?;
+        if r < 0 {
+            tracing::warn!(
+                fd = f.fd,
+                ticks = t.ticks,
+                err = r,
+                "TFD_IOC_SET_TICKS failed: the timer's pending expirations come back as one"
+            );
+            settime(1, 0)?;
+        }
+    }
+    Ok(())
 }
 
 /// A pipe made again for the fds of one internal pipe; each end is handed to the first fd

@@ -9,6 +9,14 @@
 //! rebuilt faithfully becomes a [`Problem`]; any problem refuses the export with
 //! [`GhostError::Unrestorable`] while the process is still untouched, and it is left running.
 //!
+//! Event and timer fds are rebuilt from their fdinfo ([`anon_restore`]): an eventfd's
+//! counter, a timerfd's clock, time left, interval and unread expirations (read with
+//! timerfd_gettime first, see [`timerfd_state`]), a signalfd's mask, an epoll fd's
+//! registrations. An epoll registration must name an fd of the process still open on the
+//! registered file (checked with kcmp); what it watches is restored or refused on its own.
+//! An inotify fd's watches are resolved to paths through their file handles
+//! ([`inotify_state`]); unread events refuse it.
+//!
 //! The caller can resolve an fd problem with an [`FdPolicy`]: restore the fd as /dev/null
 //! ([`FdChoice::DevNull`], `krg checkpoint --drop FD`) or have it handed in at restart
 //! ([`FdChoice::External`], `krg checkpoint --external FD`, then
@@ -20,7 +28,10 @@ use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use crate::error::{GhostError, Result};
-use crate::image::{DeletedFile, Fd, FdKind, FdRestore, MapKind, PipeEnd};
+use crate::image::{
+    DeletedFile, EpollState, EpollTarget, EventFdState, Fd, FdKind, FdRestore, InotifyState,
+    InotifyWatch, MapKind, PipeEnd, SignalFdState, TimerFdState,
+};
 use crate::procfs::{self, MapLine};
 
 /// What to do with one fd instead of restoring it as it is.
@@ -441,7 +452,7 @@ fn plan_fds(
             continue;
         }
         match fd_restore(pid, fd, &target, flags, policy, maps, &internal) {
-            Ok(restore) => fds.push(Fd {
+            Ok((restore, object)) => fds.push(Fd {
                 fd,
                 kind: fd_kind(&target) as i32,
                 pipe: pipe_inode(&target)
@@ -455,6 +466,26 @@ fn plan_fds(
                 pos,
                 restore: restore as i32,
                 deleted: None,
+                eventfd: match &object {
+                    KernelObject::EventFd(e) => Some(e.clone()),
+                    _ => None,
+                },
+                timerfd: match &object {
+                    KernelObject::TimerFd(t) => Some(t.clone()),
+                    _ => None,
+                },
+                signalfd: match &object {
+                    KernelObject::SignalFd(m) => Some(m.clone()),
+                    _ => None,
+                },
+                epoll: match &object {
+                    KernelObject::Epoll(e) => Some(e.clone()),
+                    _ => None,
+                },
+                inotify: match object {
+                    KernelObject::Inotify(i) => Some(i),
+                    _ => None,
+                },
             }),
             Err(why) => problems.push(Problem {
                 fd: Some(fd),
@@ -633,12 +664,29 @@ fn fd_restore(
     policy: &FdPolicy,
     maps: &[MapLine],
     internal_pipes: &[u64],
-) -> std::result::Result<FdRestore, String> {
+) -> std::result::Result<(FdRestore, KernelObject), String> {
     match policy.get(fd) {
-        Some(FdChoice::DevNull) => return Ok(FdRestore::DevNull),
-        Some(FdChoice::External) => return Ok(FdRestore::External),
+        Some(FdChoice::DevNull) => return Ok((FdRestore::DevNull, KernelObject::Plain)),
+        Some(FdChoice::External) => return Ok((FdRestore::External, KernelObject::Plain)),
         None => {}
     }
+    // eventfd, timerfd, epoll...: kernel objects with no path, rebuilt from their fdinfo.
+    if let Some(what) = target.strip_prefix("anon_inode:") {
+        let what = what.trim_start_matches('[').trim_end_matches(']');
+        return anon_restore(pid, fd, what, policy);
+    }
+    file_restore(pid, fd, target, flags, maps, internal_pipes).map(|r| (r, KernelObject::Plain))
+}
+
+/// [`fd_restore`] for what is not an anonymous-inode object.
+fn file_restore(
+    pid: i32,
+    fd: i32,
+    target: &str,
+    flags: u32,
+    maps: &[MapLine],
+    internal_pipes: &[u64],
+) -> std::result::Result<FdRestore, String> {
     // Pipes, sockets and terminals on 0-2 are the caller's stdio, as for a shell job.
     let stdio = fd <= 2;
     if let Some(inode) = target
@@ -673,17 +721,6 @@ fn fd_restore(
                 )
             });
         return Err(format!("socket:[{inode}] {desc}: {why}"));
-    }
-    if let Some(what) = target.strip_prefix("anon_inode:") {
-        let what = what.trim_start_matches('[').trim_end_matches(']');
-        return Err(format!(
-            "{target}, a{} {what} descriptor: this kind of descriptor is not restored yet",
-            if what.starts_with(['a', 'e', 'i', 'o', 'u']) {
-                "n"
-            } else {
-                ""
-            }
-        ));
     }
     if !target.starts_with('/') {
         return Err(format!(
@@ -778,6 +815,405 @@ fn fd_restore(
         return Err(not_same());
     }
     Ok(FdRestore::Reopen)
+}
+
+/// The state an anonymous-inode fd is rebuilt from, recorded with it in the image.
+#[derive(Debug, Clone, PartialEq)]
+enum KernelObject {
+    /// Nothing beyond the fd's path, flags and offset.
+    Plain,
+    EventFd(EventFdState),
+    TimerFd(TimerFdState),
+    SignalFd(SignalFdState),
+    Epoll(EpollState),
+    Inotify(InotifyState),
+}
+
+/// How an anonymous-inode fd (`anon_inode:[what]`) is rebuilt, with the state it is rebuilt
+/// from, or why it cannot be.
+fn anon_restore(
+    pid: i32,
+    fd: i32,
+    what: &str,
+    policy: &FdPolicy,
+) -> std::result::Result<(FdRestore, KernelObject), String> {
+    let info = || {
+        fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))
+            .map_err(|e| format!("anon_inode:[{what}]: cannot read its fdinfo ({e})"))
+    };
+    let unparsable = |field: &str| {
+        format!("anon_inode:[{what}]: /proc/{pid}/fdinfo/{fd} has no readable `{field}` line (a kernel this version does not know?)")
+    };
+    match what {
+        "eventfd" => {
+            let e = parse_eventfd(&info()?).ok_or_else(|| unparsable("eventfd-count"))?;
+            Ok((FdRestore::EventFd, KernelObject::EventFd(e)))
+        }
+        "signalfd" => {
+            let m = parse_signalfd(&info()?).ok_or_else(|| unparsable("sigmask"))?;
+            Ok((FdRestore::SignalFd, KernelObject::SignalFd(m)))
+        }
+        "timerfd" => {
+            let t = timerfd_state(pid, fd, &info).map_err(|e| format!("anon_inode:[timerfd]: {e}"))?;
+            Ok((FdRestore::TimerFd, KernelObject::TimerFd(t)))
+        }
+        "eventpoll" => {
+            let lines = parse_epoll_lines(&info()?).ok_or_else(|| unparsable("tfd"))?;
+            check_epoll_targets(pid, fd, &lines, policy)?;
+            let targets = lines.into_iter().map(|l| l.target).collect();
+            Ok((FdRestore::Epoll, KernelObject::Epoll(EpollState { targets })))
+        }
+        "inotify" => {
+            let w = inotify_state(pid, fd, &info()?).map_err(|e| {
+                format!("anon_inode:inotify, an inotify instance: {e}; or have the program close it before the checkpoint and add its watches again after the restart, or `--drop {fd}` if it can do without the events")
+            })?;
+            Ok((FdRestore::Inotify, KernelObject::Inotify(w)))
+        }
+        _ => Err(format!(
+            "anon_inode:[{what}], a{} {what} descriptor: this kind of descriptor is not restored yet",
+            if what.starts_with(['a', 'e', 'i', 'o', 'u']) { "n" } else { "" }
+        )),
+    }
+}
+
+/// Value of the `key:` line of an fdinfo.
+fn fdinfo_field<'a>(info: &'a str, key: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+/// `eventfd-count` (hex) and `eventfd-semaphore` (absent before Linux 6.6: a kernel that
+/// does not show it is taken as not in semaphore mode).
+fn parse_eventfd(info: &str) -> Option<EventFdState> {
+    Some(EventFdState {
+        count: u64::from_str_radix(fdinfo_field(info, "eventfd-count")?, 16).ok()?,
+        semaphore: fdinfo_field(info, "eventfd-semaphore") == Some("1"),
+    })
+}
+
+/// `sigmask` (hex, as in /proc/PID/status).
+fn parse_signalfd(info: &str) -> Option<SignalFdState> {
+    Some(SignalFdState {
+        sigmask: u64::from_str_radix(fdinfo_field(info, "sigmask")?, 16).ok()?,
+    })
+}
+
+/// `(sec, nsec)` of a timerfd fdinfo, in ns.
+fn parse_timespec(s: &str) -> Option<u64> {
+    let (sec, nsec) = s.strip_prefix('(')?.strip_suffix(')')?.split_once(',')?;
+    let sec: u64 = sec.trim().parse().ok()?;
+    let nsec: u64 = nsec.trim().parse().ok()?;
+    sec.checked_mul(1_000_000_000)?.checked_add(nsec)
+}
+
+/// clockid, ticks, settime flags (octal), it_value and it_interval of a timerfd fdinfo.
+fn parse_timerfd(info: &str) -> Option<TimerFdState> {
+    Some(TimerFdState {
+        clockid: fdinfo_field(info, "clockid")?.parse().ok()?,
+        ticks: fdinfo_field(info, "ticks")?.parse().ok()?,
+        settime_flags: u32::from_str_radix(fdinfo_field(info, "settime flags")?, 8).ok()?,
+        value_ns: parse_timespec(fdinfo_field(info, "it_value")?)?,
+        interval_ns: parse_timespec(fdinfo_field(info, "it_interval")?)?,
+        realtime_expiry_ns: None,
+    })
+}
+
+/// The state of timerfd `fd` of `pid`. The fdinfo shows a periodic timer that expired and was
+/// not read since as disarmed with one tick: the kernel counts the missed periods only when
+/// the timer is read or queried. So the time left is queried (timerfd_gettime on a copy of the
+/// fd, which counts them into `ticks` just as the process's next read would) before the
+/// fdinfo is read for the ticks.
+fn timerfd_state(
+    pid: i32,
+    fd: i32,
+    info: &dyn Fn() -> std::result::Result<String, String>,
+) -> std::result::Result<TimerFdState, String> {
+    use std::os::fd::AsRawFd;
+    let pidfd = crate::sys::pidfd_open(pid).map_err(|e| e.to_string())?;
+    let copy = crate::sys::pidfd_getfd(&pidfd, fd).map_err(|e| format!("pidfd_getfd: {e}"))?;
+    let gettime = || {
+        // SAFETY: an all-zero itimerspec is a valid value.
+        let mut cur: libc::itimerspec = unsafe { std::mem::zeroed() };
+        // SAFETY: timerfd_gettime on our copy of the fd, writing one itimerspec.
+        if unsafe { libc::timerfd_gettime(copy.as_raw_fd(), &mut cur) } != 0 {
+            return Err(format!(
+                "timerfd_gettime: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(cur)
+    };
+    let ns = |t: &libc::timespec| t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64;
+    // A period that ends between the fdinfo read and the query after it is counted by that
+    // query, not in the ticks read: the time left jumps up then, and it is read again.
+    let mut before = gettime()?;
+    let mut state = None;
+    for _ in 0..3 {
+        let s = parse_timerfd(&info()?)
+            .ok_or("its fdinfo has no readable clockid/ticks/it_value lines")?;
+        let after = gettime()?;
+        let stable = ns(&after.it_value) <= ns(&before.it_value);
+        state = Some(TimerFdState {
+            value_ns: ns(&after.it_value),
+            interval_ns: ns(&after.it_interval),
+            ..s
+        });
+        if stable {
+            break;
+        }
+        before = after;
+    }
+    let mut state = state.ok_or("its state could not be read")?;
+    let wall_clock = matches!(
+        state.clockid,
+        libc::CLOCK_REALTIME | libc::CLOCK_REALTIME_ALARM
+    );
+    if wall_clock && state.settime_flags & libc::TFD_TIMER_ABSTIME as u32 != 0 && state.value_ns > 0
+    {
+        state.realtime_expiry_ns =
+            Some(crate::sys::clock_ns(libc::CLOCK_REALTIME) + state.value_ns as i64);
+    }
+    Ok(state)
+}
+
+/// One `inotify wd:` line of an inotify fdinfo: (wd, inode, kernel dev, mask, handle type,
+/// handle bytes).
+type InotifyLine = (i32, u64, u64, u32, i32, Vec<u8>);
+
+fn parse_inotify(info: &str) -> Option<Vec<InotifyLine>> {
+    let mut out = Vec::new();
+    for l in info.lines().filter_map(|l| l.strip_prefix("inotify ")) {
+        let get = |key: &str| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix(key)?.strip_prefix(':'))
+        };
+        let hex = |key: &str| get(key).and_then(|v| u64::from_str_radix(v, 16).ok());
+        let handle = get("f_handle")?;
+        let bytes = (0..handle.len() / 2)
+            .map(|i| u8::from_str_radix(handle.get(2 * i..2 * i + 2)?, 16).ok())
+            .collect::<Option<Vec<u8>>>()?;
+        if bytes.len() as u64 != hex("fhandle-bytes")? {
+            return None;
+        }
+        out.push((
+            i32::try_from(hex("wd")?).ok()?,
+            hex("ino")?,
+            hex("sdev")?,
+            u32::try_from(hex("mask")?).ok()?,
+            i32::try_from(hex("fhandle-type")?).ok()?,
+            bytes,
+        ));
+    }
+    Some(out)
+}
+
+/// The watches of inotify fd `fd` of `pid`, each resolved to a path from its file handle
+/// (open_by_handle_at on a mount of its filesystem, then the path of what was opened,
+/// checked to name the same inode from here). Refused if events are queued unread: they
+/// cannot be put back into the queue.
+fn inotify_state(pid: i32, fd: i32, info: &str) -> std::result::Result<InotifyState, String> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let lines = parse_inotify(info).ok_or(
+        "its fdinfo has unreadable `inotify wd:` lines (a kernel without file handles in it?)",
+    )?;
+    let pidfd = crate::sys::pidfd_open(pid).map_err(|e| e.to_string())?;
+    let copy = crate::sys::pidfd_getfd(&pidfd, fd).map_err(|e| format!("pidfd_getfd: {e}"))?;
+    let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    if unsafe { libc::ioctl(copy.as_raw_fd(), libc::FIONREAD, &mut queued) } != 0 || queued > 0 {
+        return Err(format!(
+            "{queued} bytes of events are queued unread, and would be lost; checkpoint it once it has read them"
+        ));
+    }
+    let mountinfo = fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
+    let mut watches = Vec::new();
+    for (wd, ino, sdev, mask, htype, handle) in lines {
+        let (major, minor) = (sdev >> 20, sdev & 0xf_ffff);
+        let cant =
+            |why: String| format!("watch {wd} (inode {ino} on device {major}:{minor}): {why}");
+        let mount = mountinfo
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.get(2) == Some(&format!("{major}:{minor}").as_str()))
+                    .then(|| f.get(4).map(|m| m.to_string()))?
+            })
+            .ok_or_else(|| cant("no mount of its filesystem in the process".into()))?;
+        // Not O_PATH: open_by_handle_at refuses an O_PATH mount fd (EBADF).
+        let mount_dir = std::ffi::CString::new(format!("/proc/{pid}/root{mount}"))
+            .map_err(|_| cant("a mount point with a NUL byte".into()))?;
+        // SAFETY: open with a valid C string; the result is checked.
+        let mfd = unsafe {
+            libc::open(
+                mount_dir.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if mfd < 0 {
+            return Err(cant(format!(
+                "cannot open its mount {mount} ({})",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: open returned a new descriptor we own.
+        let mfd = unsafe { OwnedFd::from_raw_fd(mfd) };
+        // struct file_handle: u32 handle_bytes, i32 handle_type, then the bytes.
+        let mut fh = Vec::with_capacity(8 + handle.len());
+        fh.extend_from_slice(&(handle.len() as u32).to_ne_bytes());
+        fh.extend_from_slice(&htype.to_ne_bytes());
+        fh.extend_from_slice(&handle);
+        // SAFETY: fh is a complete struct file_handle; the result is checked.
+        let obj = unsafe {
+            libc::open_by_handle_at(
+                mfd.as_raw_fd(),
+                fh.as_mut_ptr() as *mut libc::file_handle,
+                libc::O_PATH | libc::O_CLOEXEC,
+            )
+        };
+        if obj < 0 {
+            return Err(cant(format!(
+                "its file handle cannot be opened ({}; deleted since?)",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: open_by_handle_at returned a new descriptor we own.
+        let obj = unsafe { OwnedFd::from_raw_fd(obj) };
+        let path = fs::read_link(format!("/proc/self/fd/{}", obj.as_raw_fd()))
+            .map_err(|e| cant(format!("its path cannot be read ({e})")))?
+            .to_string_lossy()
+            .into_owned();
+        let same = fs::symlink_metadata(&path).is_ok_and(|m| {
+            m.ino() == ino
+                && u64::from(libc::major(m.dev())) == major
+                && u64::from(libc::minor(m.dev())) == minor
+        });
+        if !same {
+            return Err(cant(format!("{path}, its path as seen from krg, names another file (or nothing), so a restart could not watch it again")));
+        }
+        watches.push(InotifyWatch { wd, mask, path });
+    }
+    watches.sort_by_key(|w| w.wd);
+    Ok(InotifyState { watches })
+}
+
+/// One `tfd:` line of an epoll fdinfo: the registration, and the target file's offset,
+/// inode and device (kernel-internal dev_t: major << 20 | minor).
+#[derive(Debug, Clone, PartialEq)]
+struct EpollLine {
+    target: EpollTarget,
+    pos: i64,
+    ino: u64,
+    sdev: u64,
+}
+
+/// `tfd: N events: X data: Y  pos:P ino:I sdev:D` lines (events, data, ino, sdev in hex).
+fn parse_epoll_lines(info: &str) -> Option<Vec<EpollLine>> {
+    let mut out = Vec::new();
+    for l in info.lines().filter(|l| l.starts_with("tfd:")) {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let after = |key: &str| f.iter().position(|w| *w == key).and_then(|i| f.get(i + 1));
+        let tagged = |key: &str| f.iter().find_map(|w| w.strip_prefix(key));
+        out.push(EpollLine {
+            target: EpollTarget {
+                fd: after("tfd:")?.parse().ok()?,
+                events: u32::from_str_radix(after("events:")?, 16).ok()?,
+                data: u64::from_str_radix(after("data:")?, 16).ok()?,
+            },
+            pos: tagged("pos:")?.parse().ok()?,
+            ino: u64::from_str_radix(tagged("ino:")?, 16).ok()?,
+            sdev: u64::from_str_radix(tagged("sdev:")?, 16).ok()?,
+        });
+    }
+    Some(out)
+}
+
+/// Every registration of epoll fd `epfd` must name an fd of the process open on the
+/// registered file, restored as something epoll can watch: epoll keeps watching a file that
+/// is still open elsewhere after its fd was closed (or reused for another file), and a
+/// restart could not register that file under that number.
+fn check_epoll_targets(
+    pid: i32,
+    epfd: i32,
+    lines: &[EpollLine],
+    policy: &FdPolicy,
+) -> std::result::Result<(), String> {
+    let mut bad = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        let t = &l.target;
+        // The same number can be registered more than once (with different files): kcmp
+        // names a registration by its number and its rank among those with that number, in
+        // the order the fdinfo lists them.
+        let toff = lines[..i].iter().filter(|o| o.target.fd == t.fd).count();
+        let same =
+            same_epoll_target(pid, epfd, t.fd, toff as u32).unwrap_or_else(|| same_file(pid, l));
+        if !same {
+            bad.push(format!(
+                "it watches fd {} (events {:#x}, data {:#x}), which was closed or now names another file: epoll still watches the file the fd had, and a restart could not register it again (have the program remove it with EPOLL_CTL_DEL before closing the fd)",
+                t.fd, t.events, t.data
+            ));
+        } else if policy.get(t.fd) == Some(FdChoice::DevNull) {
+            bad.push(format!(
+                "it watches fd {}, which is to be restored as /dev/null (--drop {}), which epoll cannot watch: drop the epoll fd as well, or keep fd {}",
+                t.fd, t.fd, t.fd
+            ));
+        }
+    }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "anon_inode:[eventpoll], an epoll instance: {}",
+            bad.join("; ")
+        ))
+    }
+}
+
+/// kcmp(KCMP_EPOLL_TFD): whether registration (`tfd`, `toff`) of epoll fd `epfd` is the file
+/// at fd `tfd` of `pid`. None if kcmp is not available (a kernel without CONFIG_KCMP).
+fn same_epoll_target(pid: i32, epfd: i32, tfd: i32, toff: u32) -> Option<bool> {
+    const KCMP_EPOLL_TFD: libc::c_long = 7;
+    #[repr(C)]
+    struct KcmpEpollSlot {
+        efd: u32,
+        tfd: u32,
+        toff: u32,
+    }
+    let slot = KcmpEpollSlot {
+        efd: epfd as u32,
+        tfd: tfd as u32,
+        toff,
+    };
+    // SAFETY: kcmp reads the slot struct; it changes nothing.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid,
+            pid,
+            KCMP_EPOLL_TFD,
+            tfd as libc::c_long,
+            &slot as *const KcmpEpollSlot,
+        )
+    };
+    match (r, std::io::Error::last_os_error().raw_os_error()) {
+        (0, _) => Some(true),
+        (r, _) if r > 0 => Some(false),
+        // No fd `tfd` in the process (EBADF), or no such registration (ENOENT).
+        (_, Some(libc::EBADF) | Some(libc::ENOENT)) => Some(false),
+        _ => None,
+    }
+}
+
+/// Without kcmp: whether fd `l.target.fd` of `pid` has the inode, device and offset the
+/// registration's file has. (Anonymous-inode objects of one kind share an inode, so this
+/// cannot tell two eventfds apart; kcmp can.)
+fn same_file(pid: i32, l: &EpollLine) -> bool {
+    let Ok(md) = fs::metadata(format!("/proc/{pid}/fd/{}", l.target.fd)) else {
+        return false;
+    };
+    let kernel_dev = (u64::from(libc::major(md.dev())) << 20) | u64::from(libc::minor(md.dev()));
+    let pos = procfs::fdinfo(pid, l.target.fd).map(|(p, _)| p).ok();
+    md.ino() == l.ino && kernel_dev == l.sdev && pos == Some(l.pos)
 }
 
 fn on_procfs(path: &str) -> bool {
@@ -936,6 +1372,70 @@ fn unix_line(line: &str, ino: u64) -> Option<(String, &'static str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn eventfd_and_signalfd_fdinfo_are_parsed() {
+        let e = "pos:\t0\nflags:\t04002\nmnt_id:\t17\nino:\t1038\neventfd-count:               1a\neventfd-id: 2\neventfd-semaphore: 1\n";
+        assert_eq!(
+            parse_eventfd(e),
+            Some(EventFdState {
+                count: 26,
+                semaphore: true
+            })
+        );
+        // Kernels before 6.6 do not show the semaphore mode.
+        assert_eq!(
+            parse_eventfd("eventfd-count: 5\n").map(|e| e.semaphore),
+            Some(false)
+        );
+        assert_eq!(parse_eventfd("pos:\t0\n"), None);
+        let s = "pos:\t0\nflags:\t02000002\nsigmask:\t0000000800000200\n";
+        assert_eq!(
+            parse_signalfd(s).map(|m| m.sigmask),
+            Some((1 << (libc::SIGUSR1 - 1)) | (1 << 35))
+        );
+    }
+
+    #[test]
+    fn timerfd_fdinfo_is_parsed() {
+        let t = "pos:\t0\nflags:\t02\nclockid: 0\nticks: 3\nsettime flags: 01\nit_value: (99, 684346951)\nit_interval: (0, 100000000)\n";
+        assert_eq!(
+            parse_timerfd(t),
+            Some(TimerFdState {
+                clockid: 0,
+                ticks: 3,
+                settime_flags: 1,
+                value_ns: 99_684_346_951,
+                interval_ns: 100_000_000,
+                realtime_expiry_ns: None,
+            })
+        );
+        assert_eq!(parse_timerfd("clockid: 0\nticks: x\n"), None);
+    }
+
+    #[test]
+    fn epoll_fdinfo_lines_are_parsed() {
+        let e = "pos:\t0\nflags:\t02\nmnt_id:\t17\nino:\t1038\n\
+                 tfd:        4 events: 40000019 data:                7  pos:0 ino:40e sdev:10\n\
+                 tfd:       12 events: 80000019 data: ffffffffffffffff  pos:5 ino:3c4a7 sdev:fe00000\n";
+        let l = parse_epoll_lines(e).unwrap();
+        assert_eq!(l.len(), 2);
+        assert_eq!(
+            l[0].target,
+            EpollTarget {
+                fd: 4,
+                events: 0x4000_0019,
+                data: 7
+            }
+        );
+        assert_eq!((l[1].target.fd, l[1].target.data), (12, u64::MAX));
+        assert_eq!((l[1].pos, l[1].ino, l[1].sdev), (5, 0x3c4a7, 0xfe0_0000));
+        assert_eq!(parse_epoll_lines("pos:\t0\n"), Some(vec![]));
+        assert_eq!(
+            parse_epoll_lines("tfd: 4 events: zz data: 1 pos:0 ino:1 sdev:1\n"),
+            None
+        );
+    }
 
     #[test]
     fn policy_refuses_two_choices_for_one_fd() {

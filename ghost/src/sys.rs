@@ -499,6 +499,32 @@ pub(crate) fn pidfd_open(pid: i32) -> Result<std::os::fd::OwnedFd> {
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// A copy of fd `fd` of the process of `pidfd` (same open file description).
+pub(crate) fn pidfd_getfd(
+    pidfd: &std::os::fd::OwnedFd,
+    fd: i32,
+) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_getfd with valid arguments; the result is checked.
+    let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if got < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pidfd_getfd returned a new descriptor we own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(got as i32) })
+}
+
+/// The time on `clock`, in ns.
+pub(crate) fn clock_ns(clock: libc::clockid_t) -> i64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec; a clock that does not exist leaves it 0.
+    unsafe { libc::clock_gettime(clock, &mut t) };
+    t.tv_sec * 1_000_000_000 + t.tv_nsec
+}
+
 /// (capacity, buffered bytes) of the pipe that fd `fd` of `pid` reads, without consuming
 /// them: a copy of the fd is taken (pidfd_getfd) and the buffer duplicated with tee(2) into
 /// a scratch pipe of the same capacity, which is then read.
