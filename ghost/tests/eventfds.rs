@@ -10,36 +10,7 @@ mod common;
 
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-
-/// Kills every process running `.0` (this test's own build of the program) when the test
-/// ends, also when it fails.
-struct Reaper(PathBuf);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        for pid in pids_of(&self.0) {
-            kill(pid);
-        }
-    }
-}
-
-fn checkpoint(pid: i32, img: &Path) -> Output {
-    Command::new(krg())
-        .args([
-            "checkpoint",
-            &pid.to_string(),
-            "--to",
-            img.to_str().unwrap(),
-            "--kill",
-        ])
-        .output()
-        .expect("run krg checkpoint")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use std::process::{Command, Stdio};
 
 /// Starts eventloop with `extra` and waits until it has set everything up.
 fn start(d: &Path, extra: &[&str]) -> (PathBuf, PathBuf, PathBuf, std::process::Child) {
@@ -77,7 +48,7 @@ fn checkpoint_restart_check(extra: &[&str], checks: usize) -> String {
     let (prog, log, go, mut child) = start(d.path(), extra);
     let _reap = Reaper(prog.clone());
     let img = d.path().join("img");
-    let out = checkpoint(child.id() as i32, &img);
+    let out = checkpoint(child.id() as i32, &img, &["--kill"]);
     assert!(out.status.success(), "checkpoint: {}", stderr(&out));
     child.wait().unwrap();
     let err = d.path().join("restart.err");
@@ -118,7 +89,7 @@ fn refused(extra: &str, expect: &[&str]) {
     let _reap = Reaper(prog);
     let pid = child.id() as i32;
     let img = d.path().join("img");
-    let out = checkpoint(pid, &img);
+    let out = checkpoint(pid, &img, &["--kill"]);
     let e = stderr(&out);
     assert!(!out.status.success(), "checkpoint succeeded: {e}");
     for want in expect {

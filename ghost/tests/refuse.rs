@@ -11,20 +11,8 @@ use common::*;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// Kills every process running `.0` (this test's own build of the program: the original,
-/// restored ones, their children) when the test ends, also when it fails.
-struct Reaper(PathBuf);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        for pid in pids_of(&self.0) {
-            kill(pid);
-        }
-    }
-}
 
 /// The test program, built into `dir`.
 fn holdfd(dir: &Path) -> PathBuf {
@@ -56,23 +44,6 @@ fn start(prog: &Path, log: &Path, args: &[&str], give: Option<RawFd>) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .expect("start holdfd")
-}
-
-fn checkpoint(pid: i32, img: &Path, extra: &[&str]) -> Output {
-    Command::new(krg())
-        .args([
-            "checkpoint",
-            &pid.to_string(),
-            "--to",
-            img.to_str().unwrap(),
-        ])
-        .args(extra)
-        .output()
-        .expect("run krg checkpoint")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// The process is running, untraced and not stopped, and its counter advances.

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// These tests trace and recreate real processes: without root they must fail, not skip.
@@ -164,4 +164,30 @@ pub fn export_killed(pid: i32) -> kerfs_ghost::MemWriter {
     )
     .expect("export");
     w
+}
+
+/// Kills every process running `.0` (a test's own build of a program: the original, the
+/// restored ones, their children) when the test ends, also when it fails.
+pub struct Reaper(pub PathBuf);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for pid in pids_of(&self.0) {
+            kill(pid);
+        }
+    }
+}
+
+/// `krg checkpoint PID --to IMG EXTRA...`, its output kept for the test to judge.
+pub fn checkpoint(pid: i32, img: &Path, extra: &[&str]) -> Output {
+    Command::new(krg())
+        .args(["checkpoint", &pid.to_string(), "--to"])
+        .arg(img)
+        .args(extra)
+        .output()
+        .expect("run krg checkpoint")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
 }
