@@ -14,14 +14,23 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The test program, built into `dir`.
-fn holdfd(dir: &Path) -> PathBuf {
-    build(dir, "holdfd", &[])
+/// The test program built into the scratch directory `dir`, the reaper of its processes,
+/// and its log and image paths there.
+fn holdfd(dir: &Path) -> (PathBuf, Reaper, PathBuf, PathBuf) {
+    let prog = build(dir, "holdfd", &[]);
+    let reap = Reaper(prog.clone());
+    (prog, reap, dir.join("log"), dir.join("img"))
 }
 
 /// Starts `prog LOG args...` with stdio on /dev/null, `give` (if any) as its fd 5 and no
-/// other fd above 2.
+/// other fd above 2, and returns once it counts (its state is set up).
 fn start(prog: &Path, log: &Path, args: &[&str], give: Option<RawFd>) -> Child {
+    let child = spawn_holdfd(prog, log, args, give);
+    wait_for(log, "counters", 10, |s| counters(s).len() >= 3);
+    child
+}
+
+fn spawn_holdfd(prog: &Path, log: &Path, args: &[&str], give: Option<RawFd>) -> Child {
     use std::os::unix::process::CommandExt;
     let mut c = Command::new(prog);
     // SAFETY: dup2, fcntl and close_range are async-signal-safe.
@@ -120,12 +129,9 @@ fn restart(img: &Path, extra: &[&str], give: Option<(RawFd, RawFd)>, err: &Path)
 fn refused_then_dropped(args: &[&str], give: Option<RawFd>, expect: &[&str]) {
     require_root();
     let d = tempfile::tempdir().unwrap();
-    let prog = holdfd(d.path());
-    let _reap = Reaper(prog.clone());
-    let (log, img) = (d.path().join("log"), d.path().join("img"));
+    let (prog, _reap, log, img) = holdfd(d.path());
     let mut child = start(&prog, &log, args, give);
     let pid = child.id() as i32;
-    wait_for(&log, "counters", 10, |s| counters(s).len() >= 3);
     for after in [&["--kill"][..], &["--stop"], &[]] {
         let out = checkpoint(pid, &img, after);
         let e = stderr(&out);
@@ -236,11 +242,8 @@ fn device_is_refused_then_dropped() {
 fn urandom_is_reopened() {
     require_root();
     let d = tempfile::tempdir().unwrap();
-    let prog = holdfd(d.path());
-    let _reap = Reaper(prog.clone());
-    let (log, img) = (d.path().join("log"), d.path().join("img"));
+    let (prog, _reap, log, img) = holdfd(d.path());
     let mut child = start(&prog, &log, &["device", "/dev/urandom"], None);
-    wait_for(&log, "counters", 10, |s| counters(s).len() >= 3);
     let out = checkpoint(child.id() as i32, &img, &["--kill"]);
     assert!(out.status.success(), "{}", stderr(&out));
     child.wait().unwrap();
@@ -259,12 +262,9 @@ fn urandom_is_reopened() {
 fn external_fd_must_be_handed_in_at_restart() {
     require_root();
     let d = tempfile::tempdir().unwrap();
-    let prog = holdfd(d.path());
-    let _reap = Reaper(prog.clone());
-    let (log, img) = (d.path().join("log"), d.path().join("img"));
+    let (prog, _reap, log, img) = holdfd(d.path());
     let (_rd, wr) = pipe();
     let mut child = start(&prog, &log, &["inherited"], Some(wr.as_raw_fd()));
-    wait_for(&log, "counters", 10, |s| counters(s).len() >= 3);
     let out = checkpoint(child.id() as i32, &img, &["--kill", "--external", "5"]);
     assert!(out.status.success(), "{}", stderr(&out));
     child.wait().unwrap();
@@ -328,13 +328,10 @@ fn external_fd_must_be_handed_in_at_restart() {
 fn export_refuses_before_writing_anything() {
     require_root();
     let d = tempfile::tempdir().unwrap();
-    let prog = holdfd(d.path());
-    let _reap = Reaper(prog.clone());
-    let log = d.path().join("log");
+    let (prog, _reap, log, _) = holdfd(d.path());
     let (_rd, wr) = pipe();
     let mut child = start(&prog, &log, &["inherited"], Some(wr.as_raw_fd()));
     let pid = child.id() as i32;
-    wait_for(&log, "counters", 10, |s| counters(s).len() >= 3);
     let mut w = kerfs_ghost::MemWriter::default();
     let res = kerfs_ghost::export_process(
         pid,
@@ -384,13 +381,10 @@ fn deleted_open_file_is_saved_and_restored() {
     use std::os::unix::fs::MetadataExt;
     require_root();
     let d = tempfile::tempdir().unwrap();
-    let prog = holdfd(d.path());
-    let _reap = Reaper(prog.clone());
-    let (log, img) = (d.path().join("log"), d.path().join("img"));
+    let (prog, _reap, log, img) = holdfd(d.path());
     let path = d.path().join("scratch");
     let mut child = start(&prog, &log, &["deleted", path.to_str().unwrap()], None);
     let pid = child.id() as i32;
-    wait_for(&log, "counters", 10, |s| counters(s).len() >= 3);
     assert!(!path.exists());
     let before = [fdinfo(pid, 5), fdinfo(pid, 6)];
     let mut content = "x".repeat(5000);
@@ -447,11 +441,8 @@ fn format_1_images_are_still_restored() {
     use kerfs_ghost::image::{ProcessImage, HEADER_LEN, TRAILER_LEN};
     require_root();
     let d = tempfile::tempdir().unwrap();
-    let prog = holdfd(d.path());
-    let _reap = Reaper(prog.clone());
-    let log = d.path().join("log");
+    let (prog, _reap, log, _) = holdfd(d.path());
     let mut child = start(&prog, &log, &["device", "/dev/urandom"], None);
-    wait_for(&log, "counters", 10, |s| counters(s).len() >= 3);
     let v2 = export_killed(child.id() as i32).buf;
     child.wait().unwrap();
     // Rewritten as format 1 wrote it: version 1 in the header, no restore methods.
@@ -491,12 +482,9 @@ fn format_1_images_are_still_restored() {
 fn pipe_within_the_process_keeps_its_buffered_bytes() {
     require_root();
     let d = tempfile::tempdir().unwrap();
-    let prog = holdfd(d.path());
-    let _reap = Reaper(prog.clone());
-    let (log, img) = (d.path().join("log"), d.path().join("img"));
+    let (prog, _reap, log, img) = holdfd(d.path());
     let mut child = start(&prog, &log, &["pipe-self"], None);
     let pid = child.id() as i32;
-    wait_for(&log, "counters", 10, |s| counters(s).len() >= 3);
     let before = [fdinfo(pid, 5).1, fdinfo(pid, 6).1];
     let out = checkpoint(pid, &img, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -539,12 +527,9 @@ fn pipe_within_the_process_keeps_its_buffered_bytes() {
 fn pipe_within_the_process_also_held_elsewhere_is_refused() {
     require_root();
     let d = tempfile::tempdir().unwrap();
-    let prog = holdfd(d.path());
-    let _reap = Reaper(prog.clone());
-    let (log, img) = (d.path().join("log"), d.path().join("img"));
+    let (prog, _reap, log, img) = holdfd(d.path());
     let mut child = start(&prog, &log, &["pipe-self"], None);
     let pid = child.id() as i32;
-    wait_for(&log, "counters", 10, |s| counters(s).len() >= 3);
     // SAFETY: pidfd_open/pidfd_getfd on our own child; results checked.
     let copy = unsafe {
         let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
@@ -575,12 +560,9 @@ fn pipe_within_the_process_also_held_elsewhere_is_refused() {
 fn refused(args: &[&str], expect: &[&str]) {
     require_root();
     let d = tempfile::tempdir().unwrap();
-    let prog = holdfd(d.path());
-    let _reap = Reaper(prog.clone());
-    let (log, img) = (d.path().join("log"), d.path().join("img"));
+    let (prog, _reap, log, img) = holdfd(d.path());
     let mut child = start(&prog, &log, args, None);
     let pid = child.id() as i32;
-    wait_for(&log, "counters", 10, |s| counters(s).len() >= 3);
     let out = checkpoint(pid, &img, &["--kill"]);
     let e = stderr(&out);
     assert!(!out.status.success(), "checkpoint succeeded: {e}");
@@ -651,13 +633,10 @@ fn a_posix_timer_is_refused() {
 fn deleted_file_also_held_elsewhere_is_refused() {
     require_root();
     let d = tempfile::tempdir().unwrap();
-    let prog = holdfd(d.path());
-    let _reap = Reaper(prog.clone());
-    let (log, img) = (d.path().join("log"), d.path().join("img"));
+    let (prog, _reap, log, img) = holdfd(d.path());
     let path = d.path().join("scratch");
     let mut child = start(&prog, &log, &["deleted", path.to_str().unwrap()], None);
     let pid = child.id() as i32;
-    wait_for(&log, "counters", 10, |s| counters(s).len() >= 3);
     let held = std::fs::File::open(format!("/proc/{pid}/fd/5")).unwrap();
     let out = checkpoint(pid, &img, &["--kill"]);
     let e = stderr(&out);
@@ -678,9 +657,7 @@ fn migrate_is_refused_then_dropped() {
     use std::io::{BufRead, BufReader};
     require_root();
     let d = tempfile::tempdir().unwrap();
-    let prog = holdfd(d.path());
-    let _reap = Reaper(prog.clone());
-    let log = d.path().join("log");
+    let (prog, _reap, log, _) = holdfd(d.path());
     let mut listen = Command::new(krg())
         .args(["listen", "--addr", "127.0.0.1:0"])
         .stdout(Stdio::piped())
@@ -695,7 +672,6 @@ fn migrate_is_refused_then_dropped() {
     let (_rd, wr) = pipe();
     let mut child = start(&prog, &log, &["inherited"], Some(wr.as_raw_fd()));
     let pid = child.id() as i32;
-    wait_for(&log, "counters", 10, |s| counters(s).len() >= 3);
     let migrate = |extra: &[&str]| {
         Command::new(krg())
             .args(["migrate", &pid.to_string(), &addr])
