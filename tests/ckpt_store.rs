@@ -1048,6 +1048,33 @@ fn ask(pid: i32, sig: i32, log: &Path, prefix: &str) -> Result<String> {
         .to_string())
 }
 
+/// holdfd in `mode` (built and logging in `dir`), checkpointed with `--kill` into
+/// `kerfs:/ckpt/STORE` and restarted in another mount namespace; returns the restored
+/// process and its log.
+fn holdfd_through_the_store(
+    cluster: &KerfsCluster,
+    dir: &Path,
+    mode: &[&str],
+    store: &str,
+) -> Result<(i32, PathBuf)> {
+    std::fs::create_dir(dir)?;
+    let log = dir.join("log");
+    let (prog, child) = spawn_holdfd(dir, &log, mode)?;
+    let pid = child.id().to_string();
+    let store = format!("kerfs:/ckpt/{store}");
+    krg_ok(cluster, &["checkpoint", &pid, "--to", &store, "--kill"])?;
+    kill_child(child);
+    let out = restart_elsewhere(cluster, &store)?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pids = pids_of(&prog);
+    ensure!(pids.len() == 1, "restored processes: {pids:?}");
+    Ok((pids[0], log))
+}
+
 /// What fds carry goes through the store: a pipe with both ends in the process comes back
 /// on another node with its buffered bytes, a file deleted while open with its contents; a
 /// device is refused before any version is made, the process left running.
@@ -1058,58 +1085,27 @@ async fn fd_contents_and_refusals_through_the_store() -> Result<()> {
     let d = tempfile::tempdir()?;
 
     let pipe_dir = d.path().join("pipe");
-    std::fs::create_dir(&pipe_dir)?;
-    let log = pipe_dir.join("log");
-    let (prog, child) = spawn_holdfd(&pipe_dir, &log, &["pipe-self"])?;
-    let pid = child.id().to_string();
-    krg_ok(
-        &cluster,
-        &["checkpoint", &pid, "--to", "kerfs:/ckpt/fdpipe", "--kill"],
-    )?;
-    kill_child(child);
-    let out = restart_elsewhere(&cluster, "kerfs:/ckpt/fdpipe")?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let pids = pids_of(&prog);
-    ensure!(pids.len() == 1, "restored processes: {pids:?}");
-    ensure!(ask(pids[0], libc::SIGUSR2, &log, "PING")? == "PING ok");
-    let drained = ask(pids[0], libc::SIGHUP, &log, "DRAIN")?;
+    let (pid, log) = holdfd_through_the_store(&cluster, &pipe_dir, &["pipe-self"], "fdpipe")?;
+    ensure!(ask(pid, libc::SIGUSR2, &log, "PING")? == "PING ok");
+    let drained = ask(pid, libc::SIGHUP, &log, "DRAIN")?;
     ensure!(
         drained == "DRAIN 30005 ok ping|",
         "pipe after restart: {drained}"
     );
-    signal(pids[0], libc::SIGKILL);
+    signal(pid, libc::SIGKILL);
 
     let del_dir = d.path().join("deleted");
-    std::fs::create_dir(&del_dir)?;
-    let log = del_dir.join("log");
     let scratch = del_dir.join("scratch");
-    let (prog, child) = spawn_holdfd(&del_dir, &log, &["deleted", scratch.to_str().unwrap_or("")])?;
-    let pid = child.id().to_string();
-    krg_ok(
-        &cluster,
-        &["checkpoint", &pid, "--to", "kerfs:/ckpt/fddel", "--kill"],
-    )?;
-    kill_child(child);
-    let out = restart_elsewhere(&cluster, "kerfs:/ckpt/fddel")?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let pids = pids_of(&prog);
-    ensure!(pids.len() == 1, "restored processes: {pids:?}");
-    let content = std::fs::read(format!("/proc/{}/fd/5", pids[0]))?;
+    let args = ["deleted", scratch.to_str().unwrap_or("")];
+    let (pid, _) = holdfd_through_the_store(&cluster, &del_dir, &args, "fddel")?;
+    let content = std::fs::read(format!("/proc/{pid}/fd/5"))?;
     let mut want = vec![b'x'; 5000];
     want.extend_from_slice(b"hello\n");
     ensure!(
         content == want,
         "the deleted file came back with other contents"
     );
-    signal(pids[0], libc::SIGKILL);
+    signal(pid, libc::SIGKILL);
 
     let dev_dir = d.path().join("device");
     std::fs::create_dir(&dev_dir)?;

@@ -12,7 +12,11 @@
 //!   that holds within the attribute timeout.
 //! - `unprivileged_writes_clear_set_id`: a non-owner's write to a set-user-ID or
 //!   set-group-ID file succeeds and clears the bits (a second mount sees them gone), root's
-//!   write keeps them, a non-owner's truncate clears them.
+//!   write keeps them, a non-owner's truncate clears them, chown(f, -1, -1) clears them for
+//!   root and the owner and is refused to others. (One difference from ext4 is left: a
+//!   non-owner's chown(f, -1, -1) of a set-user-ID file that this mount has open for
+//!   writing succeeds without dropping the bits, because the kernel sends it exactly as it
+//!   sends a write's privilege drop.)
 //! - `random_operations_by_random_users_match_ext4`: random trees (modes, owners) and random
 //!   operations by random users, each answer compared with the same operation on a local
 //!   ext4 directory built the same way. `KERFS_PERM_SEED` replays a seed,
@@ -361,6 +365,26 @@ async fn unprivileged_writes_clear_set_id() -> Result<()> {
         expect(User::Root, "chmod", &[&f, "4777"], "ok")?;
         expect(User::Nobody, "truncate", &[&f, "3"], "ok")?;
         expect(User::Root, "stat", &[&p(&tb, "t0")], "ok file 777 0:0 3")?;
+        // chown(f, -1, -1) drops them too, as on ext4: for root and for the owner; anyone
+        // else is refused (the mode would change).
+        let f = p(&ta, "c0");
+        expect(User::Root, "create", &[&f, "644"], "ok")?;
+        expect(User::Root, "chmod", &[&f, "6755"], "ok")?;
+        expect(User::Nobody, "chown", &[&f, "-1", "-1"], "err EPERM")?;
+        expect(User::Root, "stat", &[&f], "ok file 6755 0:0 0")?;
+        expect(User::Root, "chown", &[&f, "-1", "-1"], "ok")?;
+        expect(User::Root, "stat", &[&p(&tb, "c0")], "ok file 755 0:0 0")?;
+        let f = p(&ta, "c1");
+        expect(User::Root, "create", &[&f, "644"], "ok")?;
+        expect(User::Root, "chown", &[&f, &NOBODY.to_string(), "-1"], "ok")?;
+        expect(User::Root, "chmod", &[&f, "4755"], "ok")?;
+        expect(User::Nobody, "chown", &[&f, "-1", "-1"], "ok")?;
+        expect(
+            User::Root,
+            "stat",
+            &[&f],
+            &format!("ok file 755 {NOBODY}:0 0"),
+        )?;
         Ok(())
     })
     .await;

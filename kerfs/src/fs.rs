@@ -107,6 +107,8 @@ struct OpenFile {
     handle: u64,
     /// The inode's shared data handle (see [`DataSlot`]).
     data: FileHandle,
+    /// Opened for writing (O_WRONLY or O_RDWR).
+    writable: bool,
 }
 
 /// The data handle of one inode, shared by every open of it in this mount. Sharing is what
@@ -302,13 +304,49 @@ impl KerFs {
         {
             match truncated {
                 Some(a) => a,
-                None => client.getattr(ino).await?,
+                None => self.chown_keeping_ids(caller, ino).await?,
             }
         } else {
             client.setattr(req).await?
         };
         self.overlay_open_state(&mut a).await;
         Ok(self.file_attr(&a))
+    }
+
+    /// A setattr with nothing in it: chown(f, -1, -1), or what is left of the kernel's
+    /// privilege drop before a write by a process without CAP_FSETID (with
+    /// FUSE_HANDLE_KILLPRIV_V2 the kernel strips the mode from it and leaves the drop to us;
+    /// the write's commit does it). Linux drops set-user-ID (and a real set-group-ID) of a
+    /// regular file on every chown, ids unchanged or not (notify_change's ATTR_KILL_*), and
+    /// refuses that to a caller who neither owns the file nor is root. The two requests
+    /// look the same, so a non-owner's is taken as the write's while this mount has the
+    /// file open for writing (and changes nothing), and refused as chown's otherwise.
+    async fn chown_keeping_ids(&self, caller: &Caller, ino: u64) -> FsResult<Attr> {
+        let client = self.as_caller(caller);
+        let a = client.getattr(ino).await?;
+        let mode = a.mode & 0o7777;
+        if a.kind != FileKind::Regular as i32 || perm::clear_set_id(mode) == mode {
+            return Ok(a);
+        }
+        if !caller.owns(&a) && self.open_for_writing(ino) {
+            return Ok(a);
+        }
+        if !caller.owns(&a) {
+            return Err(FsError::new(
+                libc::EPERM,
+                format!(
+                    "chown of inode {} would drop its set-user-ID/set-group-ID bits, which only its owner or root may do",
+                    a.ino
+                ),
+            ));
+        }
+        Ok(client
+            .setattr(kerfs_proto::SetAttr {
+                ino,
+                mode: Some(perm::clear_set_id(mode)),
+                ..Default::default()
+            })
+            .await?)
     }
 
     /// truncate(2)/ftruncate(2). The bytes past the new end must go from the chunk servers
@@ -591,6 +629,13 @@ impl KerFs {
         self.next_fh.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Whether some descriptor of this mount has cluster inode `ino` open for writing.
+    fn open_for_writing(&self, ino: u64) -> bool {
+        lock(&self.files)
+            .values()
+            .any(|f| f.ino == ino && f.writable)
+    }
+
     fn file(&self, fh: u64) -> FsResult<Arc<OpenFile>> {
         lock(&self.files)
             .get(&fh)
@@ -612,7 +657,14 @@ impl KerFs {
         match self.slot_ref(ino, flags, created).await {
             Ok(data) => {
                 let fh = self.new_fh();
-                lock(&self.files).insert(fh, Arc::new(OpenFile { ino, handle, data }));
+                let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+                let file = OpenFile {
+                    ino,
+                    handle,
+                    data,
+                    writable,
+                };
+                lock(&self.files).insert(fh, Arc::new(file));
                 Ok(fh)
             }
             Err(e) => {
