@@ -1,5 +1,5 @@
 //! What the KerFS programs share: logging setup, the cluster key and metadata address lookups,
-//! signal handling and address-list parsing. The programs themselves (src/bin) stay thin over the libraries.
+//! signal handling, address-list parsing and progress bars. The programs themselves (src/bin) stay thin over the libraries.
 
 use std::path::Path;
 
@@ -108,6 +108,21 @@ pub async fn shutdown_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// A progress bar on stderr drawn with `template` (indicatif's), when stderr is a terminal;
+/// None otherwise, so that scripts and logs get plain lines instead.
+pub fn progress_bar(what: &str, template: &str) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let pb = indicatif::ProgressBar::new(0);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.set_message(what.to_string());
+    Some(pb)
 }
 
 #[cfg(test)]

@@ -347,24 +347,50 @@ async fn repair(ctx: &Ctx, now: bool, wait_secs: Option<u64>, limit: u32) -> Res
         .context("asking for a repair pass")?;
     }
     let deadline = wait_secs.map(|s| (s, std::time::Instant::now() + Duration::from_secs(s)));
+    // On a terminal, a bar of the chunks repaired since the wait began (made once there is
+    // something to wait for); else a line a second.
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let mut most_lacking = 0;
     loop {
         let r = repair_view(ctx, limit).await?;
         let lacking = r.health.under_replicated;
         match deadline {
             Some((secs, at)) if lacking > 0 => {
                 if std::time::Instant::now() > at {
+                    if let Some(b) = &bar {
+                        b.abandon();
+                    }
                     ctx.show(&r, print_repair)?;
                     anyhow::bail!(
                         "{lacking} chunks still lack copies after {secs} s; see the notes above and the chunk servers' logs"
                     );
                 }
-                eprintln!(
-                    "{lacking} chunks under-replicated, {} being repaired",
-                    r.health.repairing
-                );
+                most_lacking = most_lacking.max(lacking);
+                if bar.is_none() {
+                    bar = kerfs_cli::progress_bar(
+                        "repairing",
+                        "{msg} [{bar:40}] {pos}/{len} chunks, {elapsed} elapsed",
+                    );
+                }
+                match &bar {
+                    Some(b) => {
+                        b.set_length(most_lacking);
+                        b.set_position(most_lacking - lacking);
+                        b.set_message(format!("repairing ({} in progress)", r.health.repairing));
+                    }
+                    None => eprintln!(
+                        "{lacking} chunks under-replicated, {} being repaired",
+                        r.health.repairing
+                    ),
+                }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
-            _ => return ctx.show(&r, print_repair),
+            _ => {
+                if let Some(b) = &bar {
+                    b.finish_and_clear();
+                }
+                return ctx.show(&r, print_repair);
+            }
         }
     }
 }

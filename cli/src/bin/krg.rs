@@ -393,20 +393,12 @@ async fn open_store(cluster: &ClusterArgs, path: &str, create: bool) -> Result<S
     Ok(Store::open(DataClient::new(meta), path, create).await?)
 }
 
-/// A progress bar on stderr when it is a terminal.
+/// A byte-counting progress bar on stderr when it is a terminal.
 fn progress(what: &str) -> Option<indicatif::ProgressBar> {
-    use std::io::IsTerminal;
-    if !std::io::stderr().is_terminal() {
-        return None;
-    }
-    let pb = indicatif::ProgressBar::new(0);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
+    kerfs_cli::progress_bar(
+        what,
         "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-    ) {
-        pb.set_style(style.progress_chars("=> "));
-    }
-    pb.set_message(what.to_string());
-    Some(pb)
+    )
 }
 
 /// What `krg checkpoint ... --to kerfs:` was asked to do.
