@@ -76,14 +76,6 @@ async fn repair_report(meta: &MetaClient) -> Result<kerfs_proto::RepairReport> {
     .unwrap_or_default())
 }
 
-fn wanted(l: &Layout) -> usize {
-    if l.ec_data > 0 {
-        (l.ec_data + l.ec_parity) as usize
-    } else {
-        l.replicas as usize
-    }
-}
-
 /// Chunks of `inos` that lack a current placement on a server in `live` (addresses), as
 /// "ino/index: n of m" strings; empty when every chunk is whole.
 async fn lacking(meta: &MetaClient, inos: &[u64], live: &BTreeSet<String>) -> Result<Vec<String>> {
@@ -97,11 +89,11 @@ async fn lacking(meta: &MetaClient, inos: &[u64], live: &BTreeSet<String>) -> Re
                 .filter(|p| p.current && live.contains(&p.address))
                 .count();
             let servers: BTreeSet<u64> = c.replicas.iter().map(|p| p.server_id).collect();
-            if good < wanted(&layout) || servers.len() != c.replicas.len() {
+            if good < layout.copies() || servers.len() != c.replicas.len() {
                 out.push(format!(
                     "{ino}/{}: {good} of {} ({} placements on {} servers)",
                     c.index,
-                    wanted(&layout),
+                    layout.copies(),
                     c.replicas.len(),
                     servers.len()
                 ));

@@ -394,11 +394,7 @@ pub async fn file_chunks(client: &MetaClient, path: &str) -> ClientResult<FileCh
     )?;
     let layout = reply.layout.unwrap_or_default();
     let ec = layout.ec_data > 0;
-    let wanted = if ec {
-        (layout.ec_data + layout.ec_parity) as usize
-    } else {
-        layout.replicas as usize
-    };
+    let wanted = layout.copies();
     let chunks = reply
         .chunks
         .into_iter()

@@ -64,6 +64,26 @@ impl Timespec {
     }
 }
 
+impl Layout {
+    /// Placements each chunk wants: R replicas, or k + m shards.
+    pub fn copies(&self) -> usize {
+        if self.ec_data == 0 {
+            self.replicas as usize
+        } else {
+            (self.ec_data + self.ec_parity) as usize
+        }
+    }
+
+    /// Good placements a chunk needs to be read at all: one replica, or k shards.
+    pub fn readable_with(&self) -> usize {
+        if self.ec_data == 0 {
+            1
+        } else {
+            self.ec_data as usize
+        }
+    }
+}
+
 impl Reply {
     /// A failed operation: `errno` (a Linux errno value) and a sentence saying what to do.
     pub fn error(errno: i32, message: impl Into<String>) -> Reply {

@@ -56,24 +56,6 @@ pub fn default_layout() -> Layout {
     }
 }
 
-/// Servers one chunk occupies (R, or k+m).
-pub fn copies(l: &Layout) -> usize {
-    if l.ec_data == 0 {
-        l.replicas as usize
-    } else {
-        (l.ec_data + l.ec_parity) as usize
-    }
-}
-
-/// Good copies a chunk needs to be read at all: one replica, or k shards.
-pub fn readable_with(l: &Layout) -> usize {
-    if l.ec_data == 0 {
-        1
-    } else {
-        l.ec_data as usize
-    }
-}
-
 /// Bytes one placement of a chunk takes on its server (a shard is 1/k of the chunk).
 pub fn placement_bytes(l: &Layout) -> u64 {
     if l.ec_data == 0 {
@@ -122,11 +104,11 @@ pub fn validate_layout(l: &Layout) -> R<()> {
             if l.ec_data == 0 { "" } else { " times ec_data" }
         ));
     }
-    if l.stripe_width != 0 && (l.stripe_width as usize) < copies(l) {
+    if l.stripe_width != 0 && (l.stripe_width as usize) < l.copies() {
         return bad(format!(
             "stripe width {} is smaller than the {} servers one chunk needs (0: all servers)",
             l.stripe_width,
-            copies(l)
+            l.copies()
         ));
     }
     Ok(())
@@ -718,7 +700,7 @@ pub fn allocate(ctx: &Ctx, state: &mut Overlay<'_>, a: &AllocateChunks) -> R<Rep
         loaded.into_iter().unzip();
     let addr = addresses(&servers);
     let mut counters = rec::counters(state)?;
-    let n = copies(&layout);
+    let n = layout.copies();
     let bytes = placement_bytes(&layout);
     let mut chunks = Vec::with_capacity(indexes.len());
     for &index in &indexes {

@@ -34,9 +34,9 @@ use kerfs_proto::{
 use prost::Message;
 
 use super::chunks::{
-    addresses, all_servers, chunk_key, copies, delete_key, layout_of, load_server, placement_bytes,
-    queue_delete, readable_with, server_id, store_server, with_addresses, writable_handle,
-    STATE_DRAINING, STATE_UP,
+    addresses, all_servers, chunk_key, delete_key, layout_of, load_server, placement_bytes,
+    queue_delete, server_id, store_server, with_addresses, writable_handle, STATE_DRAINING,
+    STATE_UP,
 };
 use super::records::{self as rec, ChunkOwner, ChunkRec};
 use super::{Ctx, Fail, R};
@@ -174,7 +174,7 @@ pub(super) fn note_with(
     c: &ChunkRec,
     states: &BTreeMap<u64, String>,
 ) -> R<()> {
-    let wanted = copies(&layout_of(state, ino)?);
+    let wanted = layout_of(state, ino)?.copies();
     if good_count(c, states) < wanted {
         let key = under_key(ino, index);
         if rec::get::<UnderRec>(state, &key)?.is_none() {
@@ -368,7 +368,7 @@ fn assign(ctx: &Ctx, state: &mut Overlay<'_>, scan: usize) -> R<Reply> {
             continue;
         };
         let layout = layout_of(state, ino)?;
-        if good_count(&c, &states) >= copies(&layout) {
+        if good_count(&c, &states) >= layout.copies() {
             forget(state, ino, index)?;
             continue;
         }
@@ -462,7 +462,7 @@ fn plan(
         return Err(format!(
             "the chunk has {} placements for a layout of {}; run `kerfsctl repair --now` after checking the metadata",
             c.replicas.len(),
-            copies(layout)
+            layout.copies()
         ));
     };
     let bytes = placement_bytes(layout);
@@ -739,13 +739,13 @@ pub fn status(state: &dyn KvRead, r: &RepairStatus) -> R<Reply> {
                 continue;
             };
             let layout = layout_of(state, ino)?;
-            let wanted = copies(&layout);
+            let wanted = layout.copies();
             let good = good_count(&c, &states);
             if good >= wanted {
                 continue; // healthy again; the next tick forgets it
             }
             report.under_replicated += 1;
-            if good < readable_with(&layout) {
+            if good < layout.readable_with() {
                 report.unreadable += 1;
             }
             if u.task.is_some() {
