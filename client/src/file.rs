@@ -655,7 +655,7 @@ impl FileHandle {
     /// Records the chunks' new versions and holders in meta and raises the size.
     async fn commit(&self, size: u64, chunks: Vec<ChunkWritten>) -> ClientResult<()> {
         let clear_set_id = self.take_clear_set_id();
-        let sent = self
+        let reply = self
             .inner
             .meta
             .write(command::Op::CommitWrite(kerfs_proto::CommitWrite {
@@ -664,14 +664,9 @@ impl FileHandle {
                 chunks: chunks.clone(),
                 clear_set_id,
             }))
-            .await;
-        let reply = match sent.and_then(check) {
-            Ok(r) => r,
-            Err(e) => {
-                self.restore_set_id(clear_set_id);
-                return Err(e);
-            }
-        };
+            .await
+            .and_then(check)
+            .inspect_err(|_| self.restore_set_id(clear_set_id))?;
         let mut guard = lock(&self.inner.state);
         let st = &mut *guard;
         if let Some(a) = reply.attr {

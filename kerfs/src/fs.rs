@@ -328,10 +328,10 @@ impl KerFs {
         if a.kind != FileKind::Regular as i32 || perm::clear_set_id(mode) == mode {
             return Ok(a);
         }
-        if !caller.owns(&a) && self.open_for_writing(ino) {
-            return Ok(a);
-        }
         if !caller.owns(&a) {
+            if self.open_for_writing(ino) {
+                return Ok(a);
+            }
             return Err(FsError::new(
                 libc::EPERM,
                 format!(
@@ -360,21 +360,13 @@ impl KerFs {
         file: Option<&OpenFile>,
     ) -> FsResult<Attr> {
         let slot = self.slots.lock().await.get(&ino).map(|s| s.handle.clone());
-        match (file, slot) {
+        let data = match (file, slot) {
             // ftruncate: the kernel checked that the descriptor is open for writing.
-            (Some(f), _) => {
-                if !caller.is_root() {
-                    f.data.clear_set_id_on_commit();
-                }
-                Ok(f.data.truncate(size).await?)
-            }
+            (Some(f), _) => f.data.clone(),
             (None, Some(data)) => {
                 let a = self.as_caller(caller).getattr(ino).await?;
                 check_truncate(caller, &a)?;
-                if !caller.is_root() {
-                    data.clear_set_id_on_commit();
-                }
-                Ok(data.truncate(size).await?)
+                data
             }
             (None, None) => {
                 // The caller's own truncate checks its permission and cuts the metadata;
@@ -396,9 +388,15 @@ impl KerFs {
                     closed?;
                     return Ok(after);
                 }
-                Ok(after)
+                return Ok(after);
             }
+        };
+        // The shared handle commits under the mount's identity: say the caller lacks
+        // CAP_FSETID, so the cut drops set-user-ID/set-group-ID as the caller's own would.
+        if !caller.is_root() {
+            data.clear_set_id_on_commit();
         }
+        Ok(data.truncate(size).await?)
     }
 
     /// mknod(2): `mode` carries the file type bits (S_IFREG, S_IFIFO...).
