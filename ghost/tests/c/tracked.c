@@ -6,9 +6,13 @@
  *   - MADV_DONTNEED of heap page 200, then a read of it (now the zero page);
  *   - region A unmapped and region B moved onto A's address with mremap (B's pages keep their
  *     write protection but not their address).
- * The rest of the heap is never touched again. */
+ * The rest of the heap is never touched again.
+ * It pins itself to the CPU it starts on: the kernel rewrites the rseq area glibc registers
+ * (cpu_id_start, cpu_id in the TLS block) whenever the process resumes on another CPU, which
+ * would make the last two exports differ for a reason that has nothing to do with tracking. */
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,6 +36,10 @@ int main(int argc, char **argv) {
     int log = open(argv[1], O_WRONLY | O_CREAT | O_TRUNC, 0644);
     int src = open(argv[2], O_RDONLY);
     if (log < 0 || src < 0) return 2;
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(sched_getcpu(), &one);
+    if (sched_setaffinity(0, sizeof one, &one) != 0) return 6;
     signal(SIGUSR1, on_usr1);
     unsigned char *heap = mmap(0, HEAP_PAGES * 4096, PROT_READ | PROT_WRITE,
                                MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
