@@ -90,6 +90,8 @@ pub struct MetaClusterOptions {
     pub chunk_server_timeout_ms: Option<u64>,
     /// `--read-mode` of every metadata node (None: the daemon's default).
     pub read_mode: Option<&'static str>,
+    /// `--flush-ms` of every metadata node (None: the daemon's default).
+    pub flush_ms: Option<u64>,
 }
 
 impl Default for MetaClusterOptions {
@@ -101,6 +103,7 @@ impl Default for MetaClusterOptions {
             parent_dir: None,
             chunk_server_timeout_ms: None,
             read_mode: None,
+            flush_ms: None,
         }
     }
 }
@@ -185,6 +188,9 @@ impl MetaCluster {
         }
         if let Some(mode) = self.options.read_mode {
             cmd.args(["--read-mode", mode]);
+        }
+        if let Some(ms) = self.options.flush_ms {
+            cmd.args(["--flush-ms", &ms.to_string()]);
         }
         let child = start_daemon(cmd, &node.log, &format!("kerfsd meta {id}"))?;
         info!(node = id, pid = child.id(), addr = %node.addr, "started metadata node");
@@ -322,6 +328,16 @@ impl MetaCluster {
         let mut out = String::new();
         s.read_to_string(&mut out)?;
         Ok(out)
+    }
+
+    /// The value of one metric of node `id`.
+    pub fn metric(&self, id: u64, name: &str) -> Result<f64> {
+        let page = self.metrics(id)?;
+        let line = page
+            .lines()
+            .find(|l| l.starts_with(name) && !l.starts_with('#'))
+            .with_context(|| format!("{name} missing from the metrics of node {id}:\n{page}"))?;
+        Ok(line.rsplit(' ').next().unwrap_or("").parse()?)
     }
 
     pub fn log_of(&self, id: u64) -> String {

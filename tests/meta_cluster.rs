@@ -553,15 +553,6 @@ async fn unlinked_open_file_lives_until_close_or_client_death() -> Result<()> {
 }
 
 /// One metric of one node, from its Prometheus page.
-fn metric(cluster: &MetaCluster, id: u64, name: &str) -> Result<f64> {
-    let page = cluster.metrics(id)?;
-    let line = page
-        .lines()
-        .find(|l| l.starts_with(name) && !l.starts_with('#'))
-        .with_context(|| format!("{name} missing from the metrics of node {id}:\n{page}"))?;
-    Ok(line.rsplit(' ').next().unwrap_or("").parse()?)
-}
-
 /// A leader that holds a lease is frozen (SIGSTOP) while the others elect a new leader and
 /// acknowledge a create, then woken: a read sent to it must see the create, not its old
 /// state. Then the new leader is killed with SIGKILL and reads through the survivors must see
@@ -587,8 +578,8 @@ async fn reads_stay_linearizable_across_freeze_and_kill(mode: &'static str) -> R
     for _ in 0..200 {
         pinned.lookup(dir.ino, b"before").await?;
     }
-    let lease_reads = metric(&cluster, old, "kerfs_meta_lease_reads_total")?;
-    let rounds = metric(&cluster, old, "kerfs_meta_read_rounds_total")?;
+    let lease_reads = cluster.metric(old, "kerfs_meta_lease_reads_total")?;
+    let rounds = cluster.metric(old, "kerfs_meta_read_rounds_total")?;
     info!(mode, lease_reads, rounds, "reads served by the leader");
     if mode == "lease" {
         ensure!(
@@ -655,4 +646,145 @@ async fn lease_reads_are_never_stale_after_leader_freeze_or_kill() -> Result<()>
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn read_index_reads_are_never_stale_after_leader_freeze_or_kill() -> Result<()> {
     reads_stay_linearizable_across_freeze_and_kill("read-index").await
+}
+
+/// Four clients create files as fast as they can, two of them calling `sync` (what fsync
+/// sends) after each create, while every metadata node is killed with SIGKILL at once and
+/// restarted. Every create a client saw acknowledged must be there afterwards, and the
+/// creates in flight at the kill finish exactly once when the cluster is back. With
+/// `flush_ms` of an hour, nothing reaches the store's own files after the start: all of it
+/// comes back from the write-ahead files.
+async fn all_nodes_killed_during_a_create_storm(flush_ms: Option<u64>) -> Result<()> {
+    init_tracing();
+    let mut cluster = MetaCluster::start(MetaClusterOptions {
+        flush_ms,
+        ..Default::default()
+    })?;
+    let admin = cluster.client().await?;
+    cluster.wait_leader(&admin, Duration::from_secs(10)).await?;
+    let dir = admin.mkdir(ROOT_INO, b"storm", 0o755).await?;
+
+    let acked = Arc::new(Mutex::new(Vec::<(String, Instant)>::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let client = cluster.client().await?;
+        let (acked, stop) = (acked.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let name = format!("w{w}-{i}");
+                client
+                    .create_file(dir.ino, name.as_bytes(), 0o644)
+                    .await
+                    .with_context(|| format!("create {name}"))?;
+                if w % 2 == 1 {
+                    client.sync().await.with_context(|| format!("sync after {name}"))?;
+                }
+                acked.lock().unwrap().push((name, Instant::now()));
+                i += 1;
+            }
+            anyhow::Ok(i)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = acked.lock().unwrap().len();
+    info!(before, "killing every metadata node with SIGKILL");
+    for id in [1, 2, 3] {
+        cluster.kill9(id)?;
+    }
+    let killed_at = Instant::now();
+    for id in [1, 2, 3] {
+        cluster.restart(id)?;
+    }
+    // The writers retry through the outage; wait until they are acknowledged again.
+    let deadline = killed_at + Duration::from_secs(30);
+    while !acked
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|(_, t)| *t > killed_at + Duration::from_millis(1))
+    {
+        ensure!(
+            Instant::now() < deadline,
+            "no create acknowledged within 30 s of restarting every node"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut attempted = 0;
+    for w in writers {
+        attempted += w.await??;
+    }
+
+    let acked: BTreeSet<String> = acked.lock().unwrap().iter().map(|(n, _)| n.clone()).collect();
+    let present = names_of(&admin.readdir_all(dir.ino).await?);
+    info!(
+        before,
+        acked = acked.len(),
+        present = present.len(),
+        "comparing acknowledged creates with the directory"
+    );
+    let missing: Vec<&String> = acked.difference(&present).collect();
+    ensure!(
+        missing.is_empty(),
+        "{} acknowledged creates are missing after the kill, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    // Every create was retried until acknowledged, so the directory holds exactly those.
+    ensure!(
+        present == acked && acked.len() == attempted,
+        "{} files present, {} acknowledged, {attempted} attempted",
+        present.len(),
+        acked.len()
+    );
+    ensure!(before > 20, "only {before} creates before the kill");
+    let digests = cluster
+        .converged_digests(&admin, Duration::from_secs(20))
+        .await?;
+    assert_all_equal(&digests)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn all_nodes_killed_during_a_create_storm_lose_no_acknowledged_create() -> Result<()> {
+    all_nodes_killed_during_a_create_storm(None).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn all_nodes_killed_without_any_store_flush_lose_no_acknowledged_create() -> Result<()> {
+    all_nodes_killed_during_a_create_storm(Some(3_600_000)).await
+}
+
+/// A create is acknowledged without a disk flush on the leader; `sync` (what fsync and
+/// fsyncdir send) is acknowledged only after one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_sync_waits_for_a_disk_flush() -> Result<()> {
+    init_tracing();
+    let cluster = MetaCluster::start(MetaClusterOptions::default())?;
+    let client = cluster.client().await?;
+    let leader = cluster.wait_leader(&client, Duration::from_secs(10)).await?;
+    let dir = client.mkdir(ROOT_INO, b"d", 0o755).await?;
+    // Settle elections and registration before counting.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let syncs = |c: &MetaCluster| c.metric(leader, "kerfs_meta_log_syncs_total");
+
+    let start = syncs(&cluster)?;
+    for i in 0..200 {
+        client.create_file(dir.ino, format!("plain-{i}").as_bytes(), 0o644).await?;
+    }
+    let plain = syncs(&cluster)? - start;
+    info!(plain, "log flushes during 200 creates");
+    ensure!(plain < 10.0, "200 plain creates flushed the log {plain} times");
+
+    let start = syncs(&cluster)?;
+    for i in 0..50 {
+        client.create_file(dir.ino, format!("synced-{i}").as_bytes(), 0o644).await?;
+        client.sync().await?;
+    }
+    let synced = syncs(&cluster)? - start;
+    info!(synced, "log flushes during 50 creates each followed by a sync");
+    ensure!(synced >= 50.0, "50 syncs flushed the log only {synced} times");
+    Ok(())
 }

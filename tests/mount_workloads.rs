@@ -204,6 +204,60 @@ async fn two_mounts_close_to_open() -> Result<()> {
     Ok(())
 }
 
+/// What a program does to make metadata durable reaches the metadata log's disk flush, and
+/// nothing else does: plain creates through the mount are acknowledged without one; fsync
+/// of a file, fsync of a directory and a write to an O_SYNC file each wait for one.
+#[tokio::test(flavor = "multi_thread")]
+async fn fsync_through_the_mount_flushes_the_metadata_log() -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    require_root_and_fuse();
+    init_tracing();
+    let _serial = SERIAL.lock().await;
+    let cluster = KerfsCluster::start(KerfsClusterOptions::default()).await?;
+    let mount = Mount::new(&cluster, "fsync", "")?;
+    let client = cluster.client().await?;
+    let leader = cluster.meta.wait_leader(&client, Duration::from_secs(10)).await?;
+    let root = mount.path().to_path_buf();
+    std::fs::create_dir(root.join("d"))?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let syncs = || cluster.meta.metric(leader, "kerfs_meta_log_syncs_total");
+
+    let start = syncs()?;
+    for i in 0..50 {
+        std::fs::write(root.join(format!("d/plain-{i}")), b"x")?;
+    }
+    let plain = syncs()? - start;
+    info!(plain, "log flushes during 50 small files written without fsync");
+    ensure!(plain < 5.0, "50 plain small files flushed the log {plain} times");
+
+    let flushed = |what: &str, op: &dyn Fn() -> std::io::Result<()>| -> Result<()> {
+        let before = syncs()?;
+        op().with_context(|| what.to_string())?;
+        let n = syncs()? - before;
+        info!(what, n, "log flushes");
+        ensure!(n >= 1.0, "{what} returned without flushing the metadata log");
+        Ok(())
+    };
+    flushed("fsync of a new file", &|| {
+        let f = File::create(root.join("d/synced"))?;
+        f.sync_all()
+    })?;
+    flushed("fsync of a directory after a rename", &|| {
+        std::fs::rename(root.join("d/plain-0"), root.join("d/renamed"))?;
+        File::open(root.join("d"))?.sync_all()
+    })?;
+    flushed("a write to an O_SYNC file", &|| {
+        OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_SYNC)
+            .open(root.join("d/plain-1"))?
+            .write_all(b"sync")
+    })?;
+    drop(client);
+    mount.unmount()?;
+    Ok(())
+}
+
 // ------------------------------------------------------------------ programs
 
 /// Files of many sizes (0, around page and chunk sizes, a few MiB), nested directories, an

@@ -215,8 +215,25 @@ impl MetaClient {
     // ------------------------------------------------------------- generic calls
 
     /// Runs a namespace write exactly once, retrying through elections until the deadline.
-    /// Returns the reply whatever its errno (see [`check`]).
+    /// Returns the reply whatever its errno (see [`check`]). Acknowledged once a quorum of
+    /// metadata nodes has it in its write-ahead file: it survives a kill of every node, and
+    /// a power cut once the nodes' flush timer ran or a [`MetaClient::sync`] returned.
     pub async fn write(&self, op: command::Op) -> ClientResult<Reply> {
+        self.write_with(op, false).await
+    }
+
+    /// Returns once every namespace change this client (or anyone) made before the call is
+    /// on disk on a quorum of metadata nodes: what fsync(2) promises for metadata.
+    pub async fn sync(&self) -> ClientResult<()> {
+        if self.client_id() == 0 {
+            return Ok(()); // no session yet: this client changed nothing
+        }
+        let op = command::Op::SyncBarrier(kerfs_proto::SyncBarrier {});
+        check(self.write_with(op, true).await?)?;
+        Ok(())
+    }
+
+    async fn write_with(&self, op: command::Op, sync: bool) -> ClientResult<Reply> {
         loop {
             let client_id = self.client_id();
             if client_id == 0 {
@@ -239,6 +256,7 @@ impl MetaClient {
                 acked_below,
                 now: None,
                 caller: Some(self.caller.clone()),
+                sync,
                 op: Some(op.clone()),
             };
             let result = self.send_write(cmd).await;

@@ -799,8 +799,16 @@ impl KerFs {
         Ok(self.file(fh)?.data.fsync().await?)
     }
 
+    /// fsync(2), fdatasync(2), and every write of an O_SYNC file (the kernel sends an fsync
+    /// after it): the data on every replica's disk, then the metadata on a quorum's.
     pub async fn fsync(&self, fh: u64) -> FsResult<()> {
-        Ok(self.file(fh)?.data.fsync().await?)
+        self.file(fh)?.data.fsync().await?;
+        Ok(self.client.sync().await?)
+    }
+
+    /// fsync(2) of a directory: the namespace changes made before it on a quorum's disk.
+    pub async fn fsyncdir(&self) -> FsResult<()> {
+        Ok(self.client.sync().await?)
     }
 
     /// fallocate(2). Space is not reserved on the chunk servers (chunks are files there,

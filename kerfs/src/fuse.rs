@@ -569,8 +569,8 @@ impl Filesystem for FuseFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // Namespace changes are committed by the cluster before they are answered.
-        reply.ok();
+        let fs = self.fs.clone();
+        self.spawn(async move { reply_empty(reply, fs.fsyncdir().await, "fsyncdir") });
     }
 
     fn statfs(&self, req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

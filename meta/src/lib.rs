@@ -2,6 +2,7 @@
 //! state machine, persisted in an embedded store behind [`store::Engine`].
 //!
 //! - [`store`]: the engine trait (sled, memory) and the overlay commands are applied through.
+//! - [`wal`]: the write-ahead file that makes sled's writes survive a kill at once.
 //! - [`raft_log`]: raft's log and hard state in the engine.
 //! - [`lease`]: the leader lease of the `lease` read mode.
 //! - [`node`]: one node's raft core, I/O-free: feed it, persist, send what it returns.
@@ -15,6 +16,7 @@ pub mod node;
 pub mod raft_log;
 pub mod server;
 pub mod store;
+mod wal;
 
 pub use node::{AppliedCommand, MetaNode, NodeConfig, NodeError, ReadyOutput};
 pub use server::{run, ReadMode, ServerConfig, ServerError};

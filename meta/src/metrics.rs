@@ -20,6 +20,9 @@ pub struct MetaMetrics {
     pub is_leader: AtomicU64,
     pub leader_id: AtomicU64,
     pub proposals_total: AtomicU64,
+    /// Raft log writes flushed to disk before the node went on (new term or vote, or an
+    /// entry an fsync asked for); every other write waits for the flush timer.
+    pub log_syncs_total: AtomicU64,
     /// Proposals per second over the last measuring window, times 1000.
     pub proposals_per_sec_milli: AtomicU64,
     pub reads_total: AtomicU64,
@@ -93,6 +96,12 @@ impl MetaMetrics {
             "counter",
             "Commands proposed by this node.",
             g(&self.proposals_total).to_string(),
+        );
+        line(
+            "kerfs_meta_log_syncs_total",
+            "counter",
+            "Raft log writes flushed to disk before going on (a new term or vote, or an fsync).",
+            g(&self.log_syncs_total).to_string(),
         );
         line(
             "kerfs_meta_proposals_per_second",

@@ -3,6 +3,10 @@
 //! [`Engine`] so that another embedded store can replace it (sled 0.34 is unmaintained and
 //! only makes writes durable on flush).
 //!
+//! Durability: a write survives a kill of the process as soon as it returns (it is in the
+//! write-ahead file, see [`crate::wal`]); it survives a power cut once a durable write or the
+//! flush timer has run after it.
+//!
 //! Keys are partitioned by their first byte (see [`space`]): the raft log, the raft hard
 //! state, node-local bookkeeping and the replicated state machine.
 
@@ -10,6 +14,9 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::wal::{Wal, WalPos, APPLIED_KEY};
 
 /// First byte of every key: which part of the node's state it belongs to.
 pub mod space {
@@ -78,25 +85,86 @@ pub trait KvRead {
 
 /// An embedded ordered key-value store with atomic batches.
 pub trait Engine: KvRead + Send + Sync + 'static {
-    /// Applies the batch atomically. With `durable`, returns only once it is on disk.
+    /// Applies the batch atomically; it survives a crash of this process once this returns.
+    /// With `durable`, returns only once it (and every write before it) is on disk, so that
+    /// it also survives a crash of the machine.
     fn write(&self, batch: WriteBatch, durable: bool) -> StoreResult<()>;
+
+    /// Makes everything written so far durable in the engine's own files, so that nothing
+    /// needs replaying at the next start. The engine also does this by itself from time to
+    /// time.
+    fn checkpoint(&self) -> StoreResult<()> {
+        Ok(())
+    }
 }
 
-/// sled, one tree, durability by flush.
+/// sled behind a write-ahead file: a write is in the file (one write(2), so it survives the
+/// process being killed) before it is applied to sled; a durable write flushes the file; a
+/// background thread flushes sled every `flush_every` and deletes the files that made
+/// redundant. See [`crate::wal`].
 pub struct SledEngine {
     db: sled::Db,
+    wal: Mutex<Wal>,
+    /// Held by whoever flushes sled and retires a write-ahead file (the timer, shutdown).
+    flushing: Mutex<()>,
 }
 
 impl SledEngine {
-    pub fn open(dir: &Path) -> StoreResult<SledEngine> {
+    /// Opens the store of a node's data directory (`meta.sled`, `meta.wal`), applies what
+    /// the write-ahead files left there hold, and starts the flush timer (it stops when the
+    /// engine is dropped).
+    pub fn open(dir: &Path, flush_every: Duration) -> StoreResult<Arc<SledEngine>> {
         let db = sled::Config::new()
-            .path(dir)
+            .path(dir.join("meta.sled"))
             .cache_capacity(256 * 1024 * 1024)
-            // We flush ourselves where durability is needed; no background flusher needed.
+            // Flushed by our own timer, after which the write-ahead file it covers goes.
             .flush_every_ms(None)
             .open()?;
-        Ok(SledEngine { db })
+        let applied = db.get(APPLIED_KEY)?.and_then(|v| WalPos::decode(&v));
+        let (wal, replay, gens) = Wal::open(&dir.join("meta.wal"), applied)?;
+        if !replay.is_empty() {
+            tracing::info!(batches = replay.len(), "replaying the metadata write-ahead files");
+            for b in replay {
+                db.apply_batch(sled_batch(b))?;
+            }
+            db.flush()?;
+        }
+        wal.remove_replayed(&gens);
+        let engine = Arc::new(SledEngine {
+            db,
+            wal: Mutex::new(wal),
+            flushing: Mutex::new(()),
+        });
+        let weak = Arc::downgrade(&engine);
+        std::thread::Builder::new()
+            .name("meta-flush".into())
+            .spawn(move || loop {
+                std::thread::sleep(flush_every);
+                let Some(engine) = weak.upgrade() else { break };
+                if let Err(e) = engine.checkpoint() {
+                    tracing::error!(error = %e, "flushing the metadata store failed; the write-ahead file keeps growing until it works");
+                }
+            })
+            .map_err(|e| StoreError::Io(format!("start the metadata flush thread: {e}")))?;
+        Ok(engine)
     }
+
+    fn wal(&self) -> std::sync::MutexGuard<'_, Wal> {
+        // Every Wal method leaves it usable when it fails half-way (at worst a record is
+        // written twice, which replay tolerates), so a poisoned lock is still consistent.
+        self.wal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn sled_batch(batch: WriteBatch) -> sled::Batch {
+    let mut b = sled::Batch::default();
+    for (k, v) in batch.ops {
+        match v {
+            Some(v) => b.insert(k, v),
+            None => b.remove(k),
+        }
+    }
+    b
 }
 
 impl KvRead for SledEngine {
@@ -113,6 +181,7 @@ impl KvRead for SledEngine {
         for kv in self
             .db
             .range::<&[u8], _>((Bound::Included(start), upper))
+            .filter(|kv| kv.as_ref().map_or(true, |(k, _)| k != APPLIED_KEY))
             .take(limit)
         {
             let (k, v) = kv?;
@@ -124,17 +193,28 @@ impl KvRead for SledEngine {
 
 impl Engine for SledEngine {
     fn write(&self, batch: WriteBatch, durable: bool) -> StoreResult<()> {
-        let mut b = sled::Batch::default();
-        for (k, v) in batch.ops {
-            match v {
-                Some(v) => b.insert(k, v),
-                None => b.remove(k),
-            }
+        let mut wal = self.wal();
+        if !batch.is_empty() {
+            let pos = wal.append(&batch)?;
+            let mut b = sled_batch(batch);
+            b.insert(APPLIED_KEY, pos.encode());
+            // Applied under the same lock, so that a rotation never retires a file holding
+            // a batch sled has not seen yet.
+            self.db.apply_batch(b)?;
         }
-        self.db.apply_batch(b)?;
         if durable {
-            self.db.flush()?;
+            wal.sync()?;
         }
+        Ok(())
+    }
+
+    fn checkpoint(&self) -> StoreResult<()> {
+        let _one = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(retired) = self.wal().rotate()? else {
+            return Ok(());
+        };
+        self.db.flush()?;
+        self.wal().retire(retired);
         Ok(())
     }
 }

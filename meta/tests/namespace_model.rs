@@ -636,6 +636,7 @@ impl Sut {
                 }),
                 caller,
                 op: Some(op),
+                sync: false,
             }
         } else {
             Command {

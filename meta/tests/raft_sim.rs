@@ -986,6 +986,7 @@ impl World {
                     exclusive: true,
                     ..Default::default()
                 })),
+                sync: false,
             };
             (cmd, name)
         };

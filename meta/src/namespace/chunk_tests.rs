@@ -82,6 +82,7 @@ impl T {
             now: self.ts(),
             caller,
             op: Some(op),
+            sync: false,
         };
         self.apply(cmd)
     }

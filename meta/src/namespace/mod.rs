@@ -229,6 +229,10 @@ fn run_op(config: &NamespaceConfig, ctx: &Ctx, state: &mut Overlay<'_>, cmd: &Co
         Some(command::Op::RegisterChunkServer(r)) => chunks::register_server(ctx, &mut child, r),
         Some(command::Op::ChunkServerHeartbeat(h)) => chunks::heartbeat(ctx, &mut child, h),
         Some(command::Op::ExpireChunkServers(_)) => chunks::expire_servers(ctx, &mut child, config),
+        Some(command::Op::SyncBarrier(_)) => Ok(Reply {
+            client_id: ctx.client_id,
+            ..Default::default()
+        }),
         Some(command::Op::RepairChunks(r)) => repair::tick(ctx, &mut child, r),
         Some(command::Op::ReplaceReplica(r)) => repair::replace_replica(ctx, &mut child, r),
         Some(command::Op::SetLock(s)) => locks::set_lock(ctx, &mut child, s),

@@ -621,6 +621,7 @@ fn client_cmd(client_id: u64, seq: u64, acked_below: u64, now: i64, op: Op) -> C
         now: Some(Timespec { sec: now, nsec: 0 }),
         caller: None,
         op: Some(op),
+        sync: false,
     }
 }
 
