@@ -8,12 +8,13 @@ use crate::compat;
 use crate::error::{GhostError, Result};
 use crate::image::{
     AltStack, FileId, ImageWriter, MapKind, Mapping, MmFields, PageRun, PendingSignal,
-    ProcessImage, Rlimit, Rseq, SigAction,
+    ProcessImage, Rlimit, Rseq, SigAction, ThreadImage,
 };
 use crate::procfs::{self, MapLine, Stat, PM_FILE, PM_PRESENT};
 use crate::rao::GhostWriter;
 use crate::restorable::{self, FdPolicy};
 use crate::sys::{self, ProcMem, Regs, Remote};
+use crate::threads::{self, Held};
 use crate::tracking::{self, TrackBase, Tracker};
 use crate::PAGE;
 
@@ -66,6 +67,8 @@ pub struct ExportReport {
     pub tracked: Option<TrackBase>,
     /// Why write tracking could not be armed, when it was asked for and failed.
     pub tracking_failed: Option<String>,
+    /// Number of threads captured (the main one included).
+    pub threads: usize,
 }
 
 /// Files up to this size are hashed at export so that an identical copy on another node is
@@ -79,6 +82,8 @@ struct Traced {
     pid: i32,
     regs: Option<Regs>,
     held: Vec<i32>,
+    /// The other threads, each traced and stopped.
+    threads: Vec<Held>,
     active: bool,
 }
 
@@ -88,10 +93,25 @@ impl Traced {
             return Ok(());
         }
         self.active = false;
+        // Every thread is let go, even if one of them fails; the first error is reported.
+        let mut first = Ok(());
+        for t in self.threads.drain(..) {
+            let r = match &t.regs {
+                Some(regs) => sys::set_regs(t.tid, regs),
+                None => Ok(()),
+            }
+            .and_then(|_| sys::detach(t.tid, 0));
+            for s in t.held {
+                sys::tgkill(self.pid, t.tid, s);
+            }
+            if first.is_ok() {
+                first = r;
+            }
+        }
         if let Some(r) = &self.regs {
             sys::set_regs(self.pid, r)?;
         }
-        let r = sys::detach(self.pid, sig);
+        let r = sys::detach(self.pid, sig).and(first);
         for s in self.held.drain(..) {
             // SAFETY: plain kill(2).
             unsafe { libc::kill(self.pid, s) };
@@ -107,7 +127,8 @@ impl Drop for Traced {
 }
 
 /// Freezes `pid`, writes its ghost image to `out`, then leaves it running, stopped or killed as
-/// `opts.after` says. The process must be single-threaded and traceable by the caller.
+/// `opts.after` says. Every thread is frozen and captured. The process must be traceable by
+/// the caller.
 pub fn export_process(
     pid: i32,
     opts: &ExportOptions,
@@ -118,21 +139,12 @@ pub fn export_process(
         msg: "no such process (check the PID; inside `krg run` use the PID printed at start)"
             .into(),
     })?;
-    // Checked before the seize, which would stop only one of the threads.
-    if let Some(p) = restorable::threads_problem(pid, &status) {
-        return Err(GhostError::Unrestorable {
-            pid,
-            comm: procfs::read_to_string(pid, "comm")
-                .map(|s| s.trim().to_string())
-                .unwrap_or_default(),
-            problems: vec![p],
-        });
-    }
     sys::seize(pid)?;
     let mut guard = Traced {
         pid,
         regs: None,
         held: Vec::new(),
+        threads: Vec::new(),
         active: true,
     };
     sys::interrupt(pid)?;
@@ -144,6 +156,9 @@ pub fn export_process(
             msg: format!("{} while being frozen", sys::describe_status(st)),
         });
     }
+    // The other threads, before anything is read: memory, fds and the survey must see the
+    // process at one moment.
+    threads::freeze_others(pid, &mut guard.threads)?;
     // Frozen: decide now, before any syscall is injected and any byte written, whether a
     // restart could rebuild everything; a refusal releases the process untouched. The fd
     // list (with each fd's restore method) is what goes into the image: a frozen process
@@ -165,6 +180,12 @@ pub fn export_process(
         }
     }
     let rseq = sys::rseq_config(pid)?.map(|(ptr, len, sig)| Rseq { ptr, len, sig });
+    let mut others: Vec<ThreadImage> = Vec::new();
+    for t in guard.threads.iter_mut() {
+        let (img, regs) = threads::capture(pid, t.tid)?;
+        t.regs = Some(regs);
+        others.push(img);
+    }
 
     // State only the process itself can report: ask it through injected syscalls.
     let maps0 = procfs::maps(pid)?;
@@ -180,13 +201,14 @@ pub fn export_process(
         .windows(2)
         .position(|w| w == [0x0f, 0x05])
         .ok_or_else(|| GhostError::Unsupported("no syscall instruction in the vDSO".into()))?;
-    let remote = Remote {
-        pid,
-        syscall_at: vdso.start + syscall_off as u64,
-        base: regs,
-        held: Default::default(),
-    };
-    let asked = ask_process(&remote, &mem, &status);
+    let syscall_at = vdso.start + syscall_off as u64;
+    let remote = Remote::new(pid, syscall_at)?;
+    let thread_remotes = guard
+        .threads
+        .iter()
+        .map(|t| Remote::new(t.tid, syscall_at))
+        .collect::<Result<Vec<_>>>()?;
+    let asked = ask_process(&remote, &mem, &status, &thread_remotes);
     // The tracking descriptor is made (if new) while syscalls can still be injected.
     let tracker = match (&asked, opts.track_writes || opts.base.is_some()) {
         (Ok(_), true) => Some(Tracker::attach(&remote)),
@@ -196,9 +218,26 @@ pub fn export_process(
     // Put the registers back now: the rest is read from the outside, with the process parked
     // where our death (kill -9 of krg mid-dump) just lets it run on.
     sys::set_regs(pid, &regs)?;
-    let (sigactions, altstack, brk) = asked?;
+    for (t, r) in guard.threads.iter_mut().zip(&thread_remotes) {
+        t.held = r.held.take();
+        if let Some(regs) = &t.regs {
+            sys::set_regs(t.tid, regs)?;
+        }
+    }
+    let asked = asked?;
     sys::park(pid)?;
     sys::set_regs(pid, &regs)?;
+    for t in &guard.threads {
+        if let Some(regs) = &t.regs {
+            sys::park(t.tid)?;
+            sys::set_regs(t.tid, regs)?;
+        }
+    }
+    for (img, (alt, ctid)) in others.iter_mut().zip(&asked.threads) {
+        img.sigaltstack = alt.clone();
+        img.clear_child_tid = *ctid;
+    }
+    let (sigactions, altstack, brk) = (asked.sigactions, asked.altstack, asked.brk);
 
     let maps = procfs::maps(pid)?;
     let stat = Stat::read(pid)?;
@@ -310,7 +349,7 @@ pub fn export_process(
         .ok()
         .and_then(|s| u32::from_str_radix(s.trim(), 16).ok())
         .unwrap_or(0);
-    let (robust_head, robust_len) = robust_list(pid);
+    let (robust_head, robust_len) = threads::robust_list(pid);
     let mut rlimits = Vec::new();
     for res in 0..16u32 {
         let mut old = libc::rlimit64 {
@@ -374,6 +413,8 @@ pub fn export_process(
         robust_head,
         robust_len,
         page_bytes,
+        threads: others,
+        clear_child_tid: asked.clear_child_tid,
         created_unix_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -455,6 +496,7 @@ pub fn export_process(
         reused_bytes,
         tracked,
         tracking_failed,
+        threads: meta.threads.len() + 1,
     };
     finish(&mut guard, opts.after)?;
     Ok(report)
@@ -475,6 +517,11 @@ fn finish(guard: &mut Traced, after: After) -> Result<()> {
             let ppid = Stat::read(pid).map(|s| s.field(4) as i32).unwrap_or(0);
             // SAFETY: plain kill(2).
             unsafe { libc::kill(pid, libc::SIGKILL) };
+            // The other threads are ours to reap as their tracer: until they are, the leader's
+            // exit is not reported to anyone.
+            for t in guard.threads.drain(..) {
+                let _ = sys::wait(t.tid);
+            }
             // We are its tracer: collect the death notice. If we are also its parent the
             // zombie stays for our caller to reap (WNOWAIT); otherwise consuming it here only
             // ends the tracing and passes the zombie on to the real parent.
@@ -499,12 +546,19 @@ fn finish(guard: &mut Traced, after: After) -> Result<()> {
     }
 }
 
-/// Signal dispositions, the alternate stack and the program break, asked from inside.
-fn ask_process(
-    remote: &Remote,
-    mem: &ProcMem,
-    status: &str,
-) -> Result<(Vec<SigAction>, Option<AltStack>, u64)> {
+/// What the process reports from inside (injected syscalls).
+struct Asked {
+    sigactions: Vec<SigAction>,
+    altstack: Option<AltStack>,
+    brk: u64,
+    clear_child_tid: u64,
+    /// Alternate stack and clear_child_tid of each other thread, in `others` order.
+    threads: Vec<(Option<AltStack>, u64)>,
+}
+
+/// Signal dispositions, the program break, and each thread's alternate stack and
+/// clear_child_tid, asked from inside (`others` inject into the threads other than the main).
+fn ask_process(remote: &Remote, mem: &ProcMem, status: &str, others: &[Remote]) -> Result<Asked> {
     let mask = |k: &str| {
         procfs::status_field(status, k)
             .and_then(|v| u64::from_str_radix(&v, 16).ok())
@@ -551,19 +605,19 @@ fn ask_process(
                 mask: q(3),
             });
         }
-        remote.call_ok(
-            "sigaltstack",
-            libc::SYS_sigaltstack,
-            [0, scratch, 0, 0, 0, 0],
-        )?;
-        let mut b = [0u8; 24];
-        mem.read(scratch, &mut b)
-            .map_err(|e| GhostError::sys("reading sigaltstack", remote.pid, e))?;
-        let sp = u64::from_le_bytes(b[0..8].try_into().unwrap_or_default());
-        let flags = i32::from_le_bytes(b[8..12].try_into().unwrap_or_default());
-        let size = u64::from_le_bytes(b[16..24].try_into().unwrap_or_default());
-        let alt = (flags & libc::SS_DISABLE == 0).then_some(AltStack { sp, flags, size });
-        Ok((acts, alt, brk))
+        let (altstack, clear_child_tid) = threads::ask(remote, mem, scratch)?;
+        // The scratch page is the process's: every thread shares it.
+        let threads = others
+            .iter()
+            .map(|r| threads::ask(r, mem, scratch))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Asked {
+            sigactions: acts,
+            altstack,
+            brk,
+            clear_child_tid,
+            threads,
+        })
     })();
     remote.call_ok(
         "munmap scratch page",
@@ -658,23 +712,4 @@ fn read_fd_contents(pid: i32, fds: &mut [crate::image::Fd]) -> Result<Vec<Vec<u8
         }
     }
     Ok(out)
-}
-
-fn robust_list(pid: i32) -> (u64, u64) {
-    let mut head = 0u64;
-    let mut len = 0usize;
-    // SAFETY: out pointers are valid.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_get_robust_list,
-            pid,
-            &mut head as *mut u64,
-            &mut len as *mut usize,
-        )
-    };
-    if r == 0 {
-        (head, len as u64)
-    } else {
-        (0, 0)
-    }
 }

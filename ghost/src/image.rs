@@ -29,8 +29,11 @@ pub const END_MAGIC: &[u8; 8] = b"KRGGEND\0";
 /// and timer fd methods ([`FdRestore::EventFd`] and on) and their state fields were added
 /// within version 2: a reader that predates them refuses such an fd as an unknown restore
 /// method (asking for a newer krg) rather than misreading it, and images without them read
-/// as before.
-pub const FORMAT_VERSION: u32 = 2;
+/// as before. Version 3 adds the threads other than the main one ([`ProcessImage::threads`])
+/// and every thread's clear_child_tid: a version 2 reader would silently restore only the
+/// main thread, so it must refuse such an image; images of versions 1 and 2 have no other
+/// threads and restore as before.
+pub const FORMAT_VERSION: u32 = 3;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 32;
 /// Size of the trailer.
@@ -120,6 +123,58 @@ pub struct ProcessImage {
     /// When the image was taken (ms since the epoch).
     #[prost(uint64, tag = "26")]
     pub created_unix_ms: u64,
+    /// The threads other than the main one (whose state is the fields above), in TID order
+    /// (format 3).
+    #[prost(message, repeated, tag = "27")]
+    pub threads: Vec<ThreadImage>,
+    /// The main thread's clear_child_tid (set_tid_address), 0 if none or not obtainable
+    /// (format 3).
+    #[prost(uint64, tag = "28")]
+    pub clear_child_tid: u64,
+}
+
+/// One thread other than the main one: what the kernel keeps per thread. Memory, fds and
+/// signal dispositions are the process's and live in [`ProcessImage`].
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ThreadImage {
+    /// TID in the process's own (innermost) PID namespace: the one to take back (glibc caches
+    /// it in the thread's descriptor).
+    #[prost(int32, tag = "1")]
+    pub tid: i32,
+    /// TID as seen by the exporter, for messages.
+    #[prost(int32, tag = "2")]
+    pub host_tid: i32,
+    /// Thread name (/proc/PID/task/TID/comm).
+    #[prost(string, tag = "3")]
+    pub comm: String,
+    /// `struct user_regs_struct` (PTRACE_GETREGS), fs_base/gs_base (TLS) included.
+    #[prost(bytes = "vec", tag = "4")]
+    pub regs: Vec<u8>,
+    /// XSAVE area (NT_X86_XSTATE).
+    #[prost(bytes = "vec", tag = "5")]
+    pub xstate: Vec<u8>,
+    /// Blocked signals.
+    #[prost(uint64, tag = "6")]
+    pub sigmask: u64,
+    /// Signals pending on this thread only (the shared queue is the process's).
+    #[prost(message, repeated, tag = "7")]
+    pub pending: Vec<PendingSignal>,
+    /// Its rseq registration.
+    #[prost(message, optional, tag = "8")]
+    pub rseq: Option<Rseq>,
+    /// get_robust_list head (0: none).
+    #[prost(uint64, tag = "9")]
+    pub robust_head: u64,
+    /// get_robust_list length.
+    #[prost(uint64, tag = "10")]
+    pub robust_len: u64,
+    /// Its alternate signal stack.
+    #[prost(message, optional, tag = "11")]
+    pub sigaltstack: Option<AltStack>,
+    /// Address the kernel clears and futex-wakes when the thread exits (what pthread_join
+    /// waits on), from PR_GET_TID_ADDRESS; 0 if none.
+    #[prost(uint64, tag = "12")]
+    pub clear_child_tid: u64,
 }
 
 /// Host properties the image depends on, checked before anything is created.

@@ -96,6 +96,20 @@ fn preflight(img: &LoadedImage, opts: &ImportOptions) -> Result<Prepared> {
     compat::check(req, local_size, local_xfeat)?;
     let regs0 = sys::regs_from_bytes(&meta.regs)
         .ok_or_else(|| GhostError::BadImage("register block has the wrong size".into()))?;
+    for t in &meta.threads {
+        if sys::regs_from_bytes(&t.regs).is_none() {
+            return Err(GhostError::BadImage(format!(
+                "register block of thread {} has the wrong size",
+                t.tid
+            )));
+        }
+    }
+    if !meta.threads.is_empty() && opts.pid == PidChoice::Any {
+        return Err(GhostError::InvalidOption(format!(
+            "the image has {} threads, whose TIDs must come back (glibc caches them): restart it with its PID kept, inside a fresh PID namespace (`krg restart` does)",
+            meta.threads.len() + 1
+        )));
+    }
     let mm = meta
         .mm
         .clone()
@@ -172,7 +186,8 @@ pub fn import_image(img: &LoadedImage, opts: &ImportOptions) -> Result<ImportRep
     } else {
         clone_child(None, &plan)
     };
-    if child.is_err() && opts.pid == PidChoice::SameOrAny {
+    // Another PID would give the threads other TIDs than the ones glibc cached.
+    if child.is_err() && opts.pid == PidChoice::SameOrAny && meta.threads.is_empty() {
         same_pid = false;
         child = clone_child(None, &plan);
     }
@@ -186,6 +201,7 @@ pub fn import_image(img: &LoadedImage, opts: &ImportOptions) -> Result<ImportRep
     drop(err_w);
     let mut guard = KillGuard {
         pid: child,
+        threads: Vec::new(),
         armed: true,
     };
     // The child reports its trampoline address (or the step that failed) then closes the pipe.
@@ -241,7 +257,16 @@ pub fn import_image(img: &LoadedImage, opts: &ImportOptions) -> Result<ImportRep
     }
     sys::set_options(child, sys::PTRACE_O_EXITKILL)?;
     let handed_in: Vec<i32> = opts.inherit_fds.iter().map(|&(t, _)| t).collect();
-    rebuild(child, tramp, tmp_area, img, &mm, regs0, &handed_in)?;
+    rebuild(
+        child,
+        tramp,
+        tmp_area,
+        img,
+        &mm,
+        regs0,
+        &handed_in,
+        &mut guard.threads,
+    )?;
     guard.armed = false;
     Ok(ImportReport {
         pid: child,
@@ -253,6 +278,9 @@ pub fn import_image(img: &LoadedImage, opts: &ImportOptions) -> Result<ImportRep
 /// Kills a half-built child on error.
 struct KillGuard {
     pid: i32,
+    /// Threads created so far (host TIDs): traced by us, each must be reaped before the
+    /// leader's exit can be.
+    threads: Vec<i32>,
     armed: bool,
 }
 
@@ -263,6 +291,9 @@ impl Drop for KillGuard {
             unsafe {
                 libc::kill(self.pid, libc::SIGKILL);
                 let mut st = 0;
+                for &t in &self.threads {
+                    libc::waitpid(t, &mut st, libc::__WALL);
+                }
                 libc::waitpid(self.pid, &mut st, libc::__WALL);
             }
         }
@@ -277,6 +308,7 @@ fn step_err(step: impl Into<String>) -> impl FnOnce(GhostError) -> GhostError {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn rebuild(
     pid: i32,
     tramp: u64,
@@ -285,6 +317,7 @@ fn rebuild(
     mm: &image::MmFields,
     regs0: sys::Regs,
     handed_in: &[i32],
+    threads: &mut Vec<i32>,
 ) -> Result<()> {
     let meta = &img.meta;
     // Event fds made here (not handed in) whose state is set in the child.
@@ -293,13 +326,7 @@ fn rebuild(
             .iter()
             .filter(move |f| f.restore == what as i32 && !handed_in.contains(&f.fd))
     };
-    let base = sys::get_regs(pid)?;
-    let remote = Remote {
-        pid,
-        syscall_at: tramp,
-        base,
-        held: Default::default(),
-    };
+    let remote = Remote::new(pid, tramp)?;
     let mem = ProcMem::open(pid)?;
     let scratch = tramp + PAGE;
     let put = |off: u64, b: &[u8]| -> Result<u64> {
@@ -462,6 +489,15 @@ fn rebuild(
             )
             .map_err(step_err("register rseq"))?;
     }
+    if meta.clear_child_tid != 0 {
+        remote
+            .call_ok(
+                "set_tid_address",
+                libc::SYS_set_tid_address,
+                [meta.clear_child_tid, 0, 0, 0, 0, 0],
+            )
+            .map_err(step_err("set_tid_address"))?;
+    }
     // 8. Signals: dispositions, alternate stack, pending signals (still blocked: the donor
     // blocks everything), then the real mask.
     for a in &meta.sigactions {
@@ -479,34 +515,14 @@ fn rebuild(
             .map_err(step_err(format!("sigaction {}", a.sig)))?;
     }
     if let Some(ss) = &meta.sigaltstack {
-        let mut b = Vec::with_capacity(24);
-        b.extend_from_slice(&ss.sp.to_le_bytes());
-        b.extend_from_slice(&(ss.flags & SS_AUTODISARM).to_le_bytes());
-        b.extend_from_slice(&0u32.to_le_bytes());
-        b.extend_from_slice(&ss.size.to_le_bytes());
-        let p = put(0, &b)?;
+        let p = put(0, &altstack_bytes(ss))?;
         remote
             .call_ok("sigaltstack", libc::SYS_sigaltstack, [p, 0, 0, 0, 0, 0])
             .map_err(step_err("sigaltstack"))?;
     }
     if !meta.pending.is_empty() {
         let me = remote.call_ok("getpid", libc::SYS_getpid, [0; 6])?;
-        for ps in &meta.pending {
-            if ps.siginfo.len() != 128 {
-                continue;
-            }
-            let signo = i32::from_le_bytes(ps.siginfo[..4].try_into().unwrap_or_default());
-            let p = put(0, &ps.siginfo)?;
-            // Sent by the process to itself, so any si_code is accepted.
-            let r = if ps.shared {
-                remote.call(libc::SYS_rt_sigqueueinfo, [me, signo as u64, p, 0, 0, 0])?
-            } else {
-                remote.call(libc::SYS_rt_tgsigqueueinfo, [me, me, signo as u64, p, 0, 0])?
-            };
-            if r < 0 {
-                tracing::warn!(pid, signo, err = r, "could not re-queue a pending signal");
-            }
-        }
+        requeue(&remote, &put, me, None, &meta.pending)?;
     }
     for rl in &meta.rlimits {
         let new = libc::rlimit64 {
@@ -518,7 +534,10 @@ fn rebuild(
             tracing::warn!(pid, resource = rl.resource, "could not restore an rlimit");
         }
     }
-    // 9. Epoll registrations, now that every fd they name is in place; then the timers,
+    // 9. The other threads, with their TIDs, while the trampoline is still there to inject
+    // their syscalls; they stay stopped until the main thread is done.
+    crate::threads::recreate(&remote, &put, meta, threads)?;
+    // 10. Epoll registrations, now that every fd they name is in place; then the timers,
     // as late as possible, so that the restore does not eat into their time left.
     for f in made(FdRestore::Epoll) {
         register_epoll(&remote, &put, f)?;
@@ -526,7 +545,7 @@ fn rebuild(
     for f in made(FdRestore::TimerFd) {
         arm_timerfd(&remote, &put, f)?;
     }
-    // 10. Remove the trampoline: the restored process must not see it.
+    // 11. Remove the trampoline: the restored process must not see it.
     remote
         .call_ok(
             "munmap trampoline",
@@ -535,23 +554,60 @@ fn rebuild(
         )
         .map_err(step_err("unmap trampoline"))?;
     sys::set_sigmask(pid, meta.sigmask)?;
-    // 11. Registers. A process caught in a restartable syscall re-runs it.
-    let mut regs = regs0;
-    let ax = regs.rax as i64;
-    if (regs.orig_rax as i64) >= 0 {
-        match ax {
-            -514..=-512 => {
-                regs.rax = regs.orig_rax;
-                regs.rip -= 2;
-            }
-            -516 => regs.rax = (-libc::EINTR) as u64,
-            _ => {}
+    // 12. Registers. A process caught in a restartable syscall re-runs it.
+    sys::set_regs(pid, &sys::resume_regs(regs0))?;
+    sys::set_xstate(pid, &meta.xstate).map_err(step_err("restore FPU/AVX state"))?;
+    // The threads first: the process runs as a whole only once its leader goes.
+    for &t in threads.iter() {
+        sys::detach(t, 0)?;
+    }
+    sys::detach(pid, 0)?;
+    Ok(())
+}
+
+/// struct stack_t for sigaltstack(2). SS_ONSTACK is not settable (the kernel derives it from
+/// the stack pointer); SS_AUTODISARM is.
+pub(crate) fn altstack_bytes(ss: &image::AltStack) -> Vec<u8> {
+    let mut b = Vec::with_capacity(24);
+    b.extend_from_slice(&ss.sp.to_le_bytes());
+    b.extend_from_slice(&(ss.flags & SS_AUTODISARM).to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    b.extend_from_slice(&ss.size.to_le_bytes());
+    b
+}
+
+/// Queues `pending` signals again, injected in the thread group leader `remote` (whose PID in
+/// its namespace is `me`): to the process, or, with `tid`, to that thread. Sent by the process
+/// to itself, so any si_code is accepted.
+pub(crate) fn requeue(
+    remote: &Remote,
+    put: &dyn Fn(u64, &[u8]) -> Result<u64>,
+    me: u64,
+    tid: Option<u64>,
+    pending: &[image::PendingSignal],
+) -> Result<()> {
+    for ps in pending {
+        if ps.siginfo.len() != 128 {
+            continue;
+        }
+        let signo = i32::from_le_bytes(ps.siginfo[..4].try_into().unwrap_or_default());
+        let p = put(0, &ps.siginfo)?;
+        let r = match (ps.shared, tid) {
+            (true, _) => remote.call(libc::SYS_rt_sigqueueinfo, [me, signo as u64, p, 0, 0, 0])?,
+            (false, t) => remote.call(
+                libc::SYS_rt_tgsigqueueinfo,
+                [me, t.unwrap_or(me), signo as u64, p, 0, 0],
+            )?,
+        };
+        if r < 0 {
+            tracing::warn!(
+                pid = remote.pid,
+                signo,
+                err = r,
+                "could not re-queue a pending signal"
+            );
         }
     }
-    regs.orig_rax = u64::MAX;
-    sys::set_regs(pid, &regs)?;
-    sys::set_xstate(pid, &meta.xstate).map_err(step_err("restore FPU/AVX state"))?;
-    sys::detach(pid, 0)?;
     Ok(())
 }
 

@@ -4,14 +4,16 @@
 //! This is the Kerrighed ghost process mechanism rebuilt in user space on ptrace and /proc. It
 //! knows nothing of the KerFS cluster.
 //!
-//! * [`export_process`] freezes a single-threaded process (PTRACE_SEIZE + PTRACE_INTERRUPT),
-//!   captures its registers and XSAVE state, address space (the present private pages only;
+//! * [`export_process`] freezes a process, every thread of it (PTRACE_SEIZE + PTRACE_INTERRUPT),
+//!   captures each thread's registers (fs/gs base included), XSAVE state, signal mask and
+//!   pending signals, rseq, robust list, alternate stack and clear_child_tid, and the process's address space (the present private pages only;
 //!   file mappings by path, offset and file identity), mm fields, auxv, vDSO layout, rseq,
 //!   fds, cwd, umask, rlimits, signal state, session and process group, streams the image to
 //!   a [`GhostWriter`] and leaves the process running, stopped or killed ([`After`]).
 //! * [`import_process`] reads an image from a [`GhostReader`], refuses it if it is damaged or
 //!   needs something this host lacks, and only then creates a child (with the recorded PID
-//!   when free), rebuilds its address space with injected syscalls and lets it run.
+//!   when free), rebuilds its address space with injected syscalls, recreates the other
+//!   threads under their TIDs (clone3 `set_tid`, so the PID must be kept) and lets it run.
 //! * Resource access objects say where images go: [`FileWriter`]/[`FileReader`],
 //!   [`MemWriter`]/[`MemReader`], and [`TcpWriter`]/[`TcpReader`] for migration to a
 //!   `krg listen` on another node (see [`MigrationAck`]).
@@ -25,7 +27,7 @@
 //!   Files deleted while open and pipes whose both ends the process holds are saved with
 //!   their contents.
 //!
-//! Limits: one thread, no children; no itimers/POSIX timers, SysV IPC, inotify/epoll/eventfd
+//! Limits: no children; no itimers/POSIX timers, SysV IPC, inotify/epoll/eventfd
 //! fds; pipes and sockets on fds 0-2 take the importer's own stdio, other sockets and pipes
 //! to the outside are refused unless dropped or external; the restoring host must run the
 //! same kernel (same vDSO) on a CPU with the same XSAVE features.
@@ -40,6 +42,7 @@ mod procfs;
 mod rao;
 mod restorable;
 mod sys;
+mod threads;
 pub mod tracking;
 
 pub use error::{GhostError, Result};

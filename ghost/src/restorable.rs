@@ -4,7 +4,7 @@
 //! anything is written, export surveys the process ([`survey`]): for every fd it decides how a
 //! restart rebuilds it ([`FdRestore`], recorded in the image and executed as recorded by
 //! import), for every mapping how it is recreated ([`map_kind`]), and it checks what is not
-//! captured at all (threads, children, POSIX timers, file locks, a deleted working
+//! captured at all (children, POSIX timers, file locks, a deleted working
 //! directory, a pipe or deleted file shared with another process). Whatever cannot be
 //! rebuilt faithfully becomes a [`Problem`]; any problem refuses the export with
 //! [`GhostError::Unrestorable`] while the process is still untouched, and it is left running.
@@ -167,7 +167,7 @@ impl Survey {
 }
 
 /// Decides the restorability of everything `pid` holds: fds (less `skip`, the write-tracking
-/// descriptor, which is krg's) with their locks, mappings, threads, children, POSIX timers
+/// descriptor, which is krg's) with their locks, mappings, children, POSIX timers
 /// and working directory. Run on a frozen
 /// process by export (the authoritative check) and on a running one by
 /// [`check_restorable`] (an early answer that needs no freeze). Errors only if /proc cannot
@@ -177,8 +177,8 @@ pub(crate) fn survey(pid: i32, policy: &FdPolicy, skip: Option<i32>) -> Result<S
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
     let mut problems = Vec::new();
-    let status = procfs::read_to_string(pid, "status")?;
-    problems.extend(threads_problem(pid, &status));
+    // Fails early, with the errno, if the process is gone.
+    procfs::read_to_string(pid, "status")?;
     problems.extend(children_problem(pid));
     problems.extend(cwd_problem(pid));
     problems.extend(timers_problem(pid));
@@ -210,20 +210,6 @@ pub fn check_restorable(pid: i32, policy: &FdPolicy) -> Result<()> {
     }
     let skip = crate::tracking::find_uffd(pid).map(|(fd, _)| fd);
     survey(pid, policy, skip)?.into_fds(pid).map(|_| ())
-}
-
-/// A process with more than one thread (export captures one).
-pub(crate) fn threads_problem(pid: i32, status: &str) -> Option<Problem> {
-    let threads = procfs::status_field(status, "Threads")
-        .and_then(|t| t.parse::<u32>().ok())
-        .unwrap_or(1);
-    (threads != 1).then(|| Problem {
-        fd: None,
-        what: format!("it has {threads} threads; only single-threaded processes are captured"),
-        hint: Some(format!(
-            "see /proc/{pid}/task; multi-threaded checkpoints are not supported yet"
-        )),
-    })
 }
 
 /// Children are not captured: a restarted parent would find none to wait for.

@@ -415,6 +415,51 @@ pub(crate) struct Remote {
     /// Signals that arrived while we were stepping; they were held back and must be sent
     /// again once the tracee is released, so the process loses none.
     pub held: std::cell::RefCell<Vec<i32>>,
+    /// Host TID of the thread the last injected clone3 created (PTRACE_EVENT_CLONE).
+    pub cloned: std::cell::Cell<Option<i32>>,
+}
+
+impl Remote {
+    /// Injection into `pid` through the `syscall` instruction at `syscall_at`, starting from
+    /// its current registers.
+    pub fn new(pid: i32, syscall_at: u64) -> Result<Self> {
+        Ok(Remote {
+            pid,
+            syscall_at,
+            base: get_regs(pid)?,
+            held: Default::default(),
+            cloned: Default::default(),
+        })
+    }
+}
+
+/// The registers a thread stopped at `regs` resumes with when restored: a thread caught in a
+/// restartable syscall (futex wait, read, poll, epoll_wait...) re-runs it, one whose syscall
+/// would be restarted through restart_syscall (nanosleep, clock_nanosleep, a futex wait with
+/// a timeout) sees EINTR, since the kernel's restart block did not survive. orig_rax = -1
+/// keeps the kernel from applying its own restart logic on top.
+pub(crate) fn resume_regs(mut regs: Regs) -> Regs {
+    const ERESTARTSYS: i64 = -512;
+    const ERESTARTNOHAND: i64 = -514;
+    const ERESTART_RESTARTBLOCK: i64 = -516;
+    if (regs.orig_rax as i64) >= 0 {
+        match regs.rax as i64 {
+            ERESTARTNOHAND..=ERESTARTSYS => {
+                regs.rax = regs.orig_rax;
+                regs.rip -= 2;
+            }
+            ERESTART_RESTARTBLOCK => regs.rax = (-libc::EINTR) as u64,
+            _ => {}
+        }
+    }
+    regs.orig_rax = u64::MAX;
+    regs
+}
+
+/// tgkill(2): a signal to one thread.
+pub(crate) fn tgkill(pid: i32, tid: i32, sig: i32) {
+    // SAFETY: plain tgkill(2).
+    unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, sig) };
 }
 
 impl Remote {
@@ -439,6 +484,28 @@ impl Remote {
         )?;
         loop {
             let st = wait(self.pid)?;
+            if libc::WIFSTOPPED(st) && st >> 16 == libc::PTRACE_EVENT_CLONE {
+                // An injected clone3 of a thread (PTRACE_O_TRACECLONE): the call is still in
+                // the kernel; step on to its return. The new thread is traced and stopped.
+                let mut msg: libc::c_ulong = 0;
+                check(
+                    ptrace(
+                        libc::PTRACE_GETEVENTMSG,
+                        self.pid,
+                        0,
+                        &mut msg as *mut libc::c_ulong as usize,
+                    ),
+                    "PTRACE_GETEVENTMSG",
+                    self.pid,
+                )?;
+                self.cloned.set(Some(msg as i32));
+                check(
+                    ptrace(libc::PTRACE_SINGLESTEP, self.pid, 0, 0),
+                    "PTRACE_SINGLESTEP",
+                    self.pid,
+                )?;
+                continue;
+            }
             if libc::WIFSTOPPED(st) && libc::WSTOPSIG(st) == libc::SIGTRAP {
                 break;
             }

@@ -594,11 +594,6 @@ fn a_process_with_a_child_is_refused() {
 }
 
 #[test]
-fn a_second_thread_is_refused() {
-    refused(&["thread"], &["it has 2 threads"]);
-}
-
-#[test]
 fn a_deleted_working_directory_is_refused() {
     let d = tempfile::tempdir().unwrap();
     let gone = d.path().join("gone");
