@@ -151,3 +151,37 @@ fn threads_need_their_pid_kept() {
     assert!(e.to_string().contains("TIDs must come back"), "{e}");
     assert!(pids_of(&prog).is_empty(), "nothing was started");
 }
+
+/// A checkpoint that leaves the process running lets every thread go where it was: the pool
+/// finishes with the uninterrupted result, and the image holds every thread.
+#[test]
+fn thread_pool_left_running_after_a_checkpoint_finishes_unharmed() {
+    require_root();
+    let d = tempfile::tempdir().unwrap();
+    let prog = build(d.path(), "threadpool", &[]);
+    let _reap = Reaper(prog.clone());
+    let plain = d.path().join("plain.log");
+    assert!(spawn(&prog, &[plain.to_str().unwrap(), "200"])
+        .wait()
+        .unwrap()
+        .success());
+    let want = result_line(&read(&plain)).expect("RESULT");
+    let log = d.path().join("log");
+    let mut c = spawn(&prog, &[log.to_str().unwrap(), "200"]);
+    wait_for(&log, "work in flight", 60, |s| done_count(s) >= 20);
+    let mut w = kerfs_ghost::MemWriter::default();
+    let rep = kerfs_ghost::export_process(
+        c.id() as i32,
+        &kerfs_ghost::ExportOptions::default(),
+        &mut w,
+    )
+    .expect("export");
+    assert_eq!(rep.threads, 10, "main, 8 workers and the waiter");
+    let img = kerfs_ghost::load_image(&mut kerfs_ghost::MemReader::new(&w.buf)).unwrap();
+    assert_eq!(img.meta.threads.len(), 9);
+    assert!(img.meta.threads.iter().all(|t| t.clear_child_tid != 0));
+    assert!(c.wait().unwrap().success());
+    let s = read(&log);
+    assert_eq!(result_line(&s), Some(want), "{s}");
+    assert!(s.contains("TIDS OK"), "{s}");
+}
