@@ -175,12 +175,24 @@ async fn drain_under_writes_keeps_redundancy_then_remove() -> Result<()> {
         .max_by_key(|(_, n)| **n)
         .map(|(id, n)| (*id, *n))
         .context("no placements")?;
+    let ec_ino = files.last().map(|f| f.0).context("no EC file")?;
+    let ec_shards = chunk_table(&meta, ec_ino)
+        .await?
+        .1
+        .iter()
+        .flat_map(|c| c.replicas.iter())
+        .filter(|p| p.server_id == victim)
+        .count();
+    ensure!(
+        ec_shards > 0,
+        "the server to drain holds no EC shard: test too weak"
+    );
     let victim_addr = node(&cluster, victim)?["address"]
         .as_str()
         .context("no address")?
         .to_string();
     let victim_index = cluster.server_index(&victim_addr)?;
-    info!(victim, held, %victim_addr, "draining the server holding the most copies");
+    info!(victim, held, ec_shards, %victim_addr, "draining the server holding the most copies");
     ensure!(
         held >= 10,
         "only {held} copies on the busiest server: test too small"

@@ -98,6 +98,10 @@ pub struct ChunkHealth {
     pub unreadable: u64,
     pub repaired_total: u64,
     pub failed_total: u64,
+    /// Chunk servers being drained (not yet drained).
+    pub draining_servers: u64,
+    /// Chunks with all their copies, one of them on a draining server: still to move.
+    pub to_move: u64,
 }
 
 /// The whole cluster at a glance (`kerfsctl status`).
@@ -313,6 +317,8 @@ pub async fn repair_report(
         unreadable: report.unreadable,
         repaired_total: report.repaired_total,
         failed_total: report.failed_total,
+        draining_servers: report.draining_servers,
+        to_move: report.to_move,
     };
     Ok((health, report))
 }

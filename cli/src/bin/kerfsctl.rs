@@ -309,6 +309,12 @@ fn print_status(h: &ClusterHealth) {
         ),
         None => println!("        chunk health unknown (no metadata leader to ask)"),
     }
+    if let Some(c) = h.chunks.as_ref().filter(|c| c.draining_servers > 0) {
+        println!(
+            "        draining {} servers: {} chunks still to move (`kerfsctl node drain ID` for one)",
+            c.draining_servers, c.to_move
+        );
+    }
 }
 
 async fn nodes(ctx: &Ctx) -> Result<()> {
