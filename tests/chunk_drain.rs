@@ -10,6 +10,10 @@
 //!   drain), the server is "drained", meta places nothing there, the server itself reports
 //!   0 chunks, every file reads back identical (blake3); `node remove` is accepted, the
 //!   server is listed as removed, and with its process killed every file still reads back.
+//! - `drain_resumes_under_a_new_leader_after_the_leader_is_killed`: a drain with more moves
+//!   than one round hands out is started, the metadata leader is killed at once; without
+//!   any further drain command the new leader's mover finishes it (the server turns
+//!   "drained", nothing placed there, every chunk with its copies, files identical).
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -28,6 +32,9 @@ use serde_json::Value;
 use tracing::info;
 
 const MIB: u64 = 1024 * 1024;
+
+/// Each test starts seven daemons on 2 cores: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn chunk_table(meta: &MetaClient, ino: u64) -> Result<(Layout, Vec<FileChunk>)> {
     let reply = kerfs_client::check(
@@ -127,6 +134,7 @@ async fn server_states(meta: &MetaClient) -> Result<BTreeMap<u64, String>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn drain_under_writes_keeps_redundancy_then_remove() -> Result<()> {
     init_tracing();
+    let _serial = SERIAL.lock().await;
     let mut cluster = KerfsCluster::start(KerfsClusterOptions {
         meta: MetaClusterOptions {
             chunk_server_timeout_ms: Some(5000),
@@ -348,5 +356,100 @@ async fn drain_under_writes_keeps_redundancy_then_remove() -> Result<()> {
             "inode {ino} differs once the removed server is gone"
         );
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn drain_resumes_under_a_new_leader_after_the_leader_is_killed() -> Result<()> {
+    init_tracing();
+    let _serial = SERIAL.lock().await;
+    let mut cluster = KerfsCluster::start(KerfsClusterOptions {
+        chunk_servers: 4,
+        ..Default::default()
+    })
+    .await?;
+    let meta = cluster.client().await?;
+    let data = DataClient::new(meta.clone());
+    let r2 = layout_dir(&meta, "r2", replicated(2, MIB)).await?;
+    let mut files = Vec::new();
+    for (seed, size) in [(1u8, 20 * MIB + 3), (2, 16 * MIB), (3, 12 * MIB)] {
+        let f = data
+            .create(r2, format!("f{seed}").as_bytes(), 0o644, true)
+            .await?;
+        write_stream(&f, seed, 0, size).await?;
+        f.close().await?;
+        files.push((f.ino(), seed, size));
+    }
+    let mut load: BTreeMap<u64, usize> = BTreeMap::new();
+    for &(ino, _, _) in &files {
+        for c in chunk_table(&meta, ino).await?.1 {
+            for p in c.replicas {
+                *load.entry(p.server_id).or_default() += 1;
+            }
+        }
+    }
+    let (victim, held) = load
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .map(|(id, n)| (*id, *n))
+        .context("no placements")?;
+    let (_, status) = kerfsctl_json(&cluster, &["status"])?;
+    let leader = status["leader"].as_u64().context("no leader")?;
+
+    let (_, v) = kerfsctl_json(&cluster, &["node", "drain", &victim.to_string()])?;
+    ensure!(v["state"] == "draining", "{v:#}");
+    let left = v["chunks_left"].as_u64().unwrap_or(0);
+    ensure!(
+        left > 12,
+        "{left} of {held} chunks left right after the start: more than one round of moves is needed for this test"
+    );
+    info!(
+        victim,
+        held, left, leader, "drain started; kill -9 of the metadata leader"
+    );
+    cluster.meta.kill9(leader)?;
+
+    // Only looking from here on (no second drain command): the new leader's mover finishes.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match kerfsctl_json(&cluster, &["nodes"]) {
+            Ok((_, v)) => {
+                let n = v
+                    .as_array()
+                    .and_then(|a| a.iter().find(|n| n["id"].as_u64() == Some(victim)).cloned())
+                    .context("drained server not listed")?;
+                if n["state"] == "drained" {
+                    break;
+                }
+                ensure!(Instant::now() < deadline, "not drained in time: {n:#}");
+            }
+            Err(e) => ensure!(Instant::now() < deadline, "no answer in time: {e:#}"),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (_, status) = kerfsctl_json(&cluster, &["status"])?;
+    let new_leader = status["leader"].as_u64().context("no new leader")?;
+    ensure!(new_leader != leader, "{status:#}");
+    let states = server_states(&meta).await?;
+    let inos: Vec<u64> = files.iter().map(|f| f.0).collect();
+    for &ino in &inos {
+        for c in chunk_table(&meta, ino).await?.1 {
+            ensure!(
+                c.replicas.iter().all(|p| p.server_id != victim),
+                "inode {ino} chunk {} still placed on the drained server",
+                c.index
+            );
+        }
+    }
+    let (margin, which) = worst_margin(&meta, &inos, &states).await?;
+    ensure!(margin >= 0, "after the drain {which} good copies");
+    for &(ino, seed, size) in &files {
+        ensure!(
+            hash_of(&data, ino).await? == expected_hash(seed, size),
+            "inode {ino} reads back different bytes"
+        );
+    }
+    let (_, v) = kerfsctl_json(&cluster, &["node", "remove", &victim.to_string()])?;
+    ensure!(v["removed"] == victim, "{v:#}");
     Ok(())
 }
