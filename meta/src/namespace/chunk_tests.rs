@@ -1507,3 +1507,50 @@ fn removing_a_down_server_is_refused_only_while_it_has_the_last_copy() {
     assert!(r.message.contains("last readable copy"), "{}", r.message);
     let _ = ino;
 }
+
+#[test]
+fn a_drain_survives_the_server_going_down_and_registering_again() {
+    let (mut t, _ino, h, on, spare) = repair_setup();
+    assert_eq!(t.client(Op::Close(Close { handle: h })).errno, 0);
+    let leaving = on[0];
+    let r = t.internal(Op::DrainChunkServer(kerfs_proto::DrainChunkServer {
+        server_id: leaving,
+    }));
+    assert_eq!(r.errno, 0, "{}", r.message);
+    kill(&mut t, leaving);
+    assert_eq!(state_of(&t, leaving), "down");
+    let rep = drain_report(&t, leaving);
+    assert!(rep.requested && rep.state == "down", "{rep:?}");
+    // It restarts: registering again does not cancel the drain.
+    let r = t.internal(Op::RegisterChunkServer(RegisterChunkServer {
+        info: Some(ChunkServerInfo {
+            id: leaving,
+            address: format!("s{}:1", leaving - 1),
+            ..Default::default()
+        }),
+    }));
+    assert_eq!(r.errno, 0, "{}", r.message);
+    assert_eq!(state_of(&t, leaving), "draining");
+    t.heartbeat(leaving, false, vec![], vec![]);
+    assert_eq!(state_of(&t, leaving), "draining");
+    // The chunk is still queued (a repair or a move): the mover hands out a copy for it.
+    tick(&mut t);
+    let o = orders(&mut t, spare);
+    assert_eq!(o.len(), 1, "{:?}", repair_report(&t));
+    report_done(&mut t, spare, vec![done(&o[0], true)]);
+    tick(&mut t);
+    assert_eq!(state_of(&t, leaving), "drained");
+    // A removed server cannot come back under its id.
+    let r = t.internal(Op::RemoveChunkServer(kerfs_proto::RemoveChunkServer {
+        server_id: leaving,
+    }));
+    assert_eq!(r.errno, 0, "{}", r.message);
+    let r = t.internal(Op::RegisterChunkServer(RegisterChunkServer {
+        info: Some(ChunkServerInfo {
+            id: leaving,
+            address: format!("s{}:1", leaving - 1),
+            ..Default::default()
+        }),
+    }));
+    assert_eq!(r.errno, libc::EPERM, "{}", r.message);
+}
