@@ -285,6 +285,16 @@ async fn drain_under_writes_keeps_redundancy_then_remove() -> Result<()> {
         v["drained"] == true && v["chunks_left"] == 0 && v["state"] == "drained",
         "{v:#}"
     );
+    // Not a terminal: one progress line a second on stderr, counting down.
+    let progress: Vec<u64> = err
+        .lines()
+        .filter(|l| l.contains("chunks left"))
+        .filter_map(|l| l.split(": ").nth(1)?.split(' ').next()?.parse().ok())
+        .collect();
+    ensure!(
+        progress.first().is_some_and(|&n| n > 0),
+        "no progress shown while waiting: {err}"
+    );
     ensure!(
         saw_draining || samples == 0,
         "the server was never seen draining"
