@@ -223,7 +223,10 @@ impl Wal {
                 break;
             }
         }
-        let gen = gens.last().map_or(1, |g| g + 1).max(applied.map_or(0, |a| a.gen + 1));
+        let gen = gens
+            .last()
+            .map_or(1, |g| g + 1)
+            .max(applied.map_or(0, |a| a.gen + 1));
         let current = Self::create(dir, gen)?;
         Ok((
             Wal {
@@ -249,8 +252,7 @@ impl Wal {
             .append(true)
             .open(&path)
             .map_err(|e| io_err("create write-ahead file", &path, e))?;
-        f.write_all(HEADER)
-            .map_err(|e| io_err("write", &path, e))?;
+        f.write_all(HEADER).map_err(|e| io_err("write", &path, e))?;
         // The new file's name must survive a power cut once something in it was synced.
         if let Ok(d) = File::open(dir) {
             let _ = d.sync_all();
@@ -386,7 +388,7 @@ mod tests {
     }
 
     #[test]
-    fn a_torn_tail_is_dropped_and_damage_elsewhere_refused() {
+    fn a_torn_tail_is_dropped_and_files_after_damage_set_aside() {
         let dir = tempfile::tempdir().unwrap();
         let gen;
         {
