@@ -749,6 +749,16 @@ async fn all_nodes_killed_during_a_create_storm(flush_ms: Option<u64>) -> Result
         acked.len()
     );
     ensure!(before > 20, "only {before} creates before the kill");
+    if flush_ms.is_some() {
+        for id in [1, 2, 3] {
+            ensure!(
+                cluster
+                    .log_of(id)
+                    .contains("replaying the metadata write-ahead files"),
+                "node {id} restarted without replaying its write-ahead files"
+            );
+        }
+    }
     let digests = cluster
         .converged_digests(&admin, Duration::from_secs(20))
         .await?;

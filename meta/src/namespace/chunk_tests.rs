@@ -656,7 +656,14 @@ fn deleting_a_file_queues_its_chunks_once_the_last_handle_closes() {
         .unwrap()
         .delete
         .is_empty());
-    assert_eq!(t.client(Op::Close(Close { handle: h })).errno, 0);
+    assert_eq!(
+        t.client(Op::Close(Close {
+            handle: h,
+            more: vec![]
+        }))
+        .errno,
+        0
+    );
     let r = t.read(read_op::Op::GetChunks(GetChunks {
         ino,
         ..Default::default()
