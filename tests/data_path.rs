@@ -382,3 +382,51 @@ async fn overwrite_extend_truncate_and_chunk_boundaries() -> Result<()> {
     semantics(&data, &meta, ec, "EC 4+2").await?;
     Ok(())
 }
+
+/// A write made visible with `publish` (what close(2) on a mount does) is read by another
+/// handle at once and waits for no chunk server's disk; `fsync` then flushes it on both
+/// replicas (an empty synced write down the chain); a write followed straight by `fsync`
+/// goes out synced; `close` of the library flushes as `fsync` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn publish_waits_for_no_disk_and_fsync_flushes_every_replica() -> Result<()> {
+    init_tracing();
+    let _serial = SERIAL.lock().await;
+    let (cluster, meta, data) = start(3).await?;
+    let dir = layout_dir(&meta, "r2", replicated(2, 4 * MIB)).await?;
+    let syncs = || cluster.chunk_metric_sum("kerfs_chunk_write_syncs_total");
+
+    let f = data.create(dir, b"f", 0o644, true).await?;
+    let start = syncs()?;
+    f.write_at(0, &content(3, 0, 5000)).await?;
+    f.publish().await?;
+    ensure!(syncs()? == start, "publish flushed a chunk server's disk");
+    let attr = meta.lookup(dir, b"f").await?;
+    let reader = data.open(attr.ino, libc::O_RDONLY as u32).await?;
+    ensure!(
+        reader.read_at(0, 5000).await? == content(3, 0, 5000),
+        "another handle does not read the published bytes"
+    );
+    reader.close().await?;
+
+    f.fsync().await?;
+    let after_fsync = syncs()?;
+    ensure!(
+        after_fsync - start >= 2.0,
+        "fsync after publish flushed {} replicas, want 2",
+        after_fsync - start
+    );
+    // Nothing left unflushed: a second fsync sends nothing.
+    f.fsync().await?;
+    ensure!(
+        syncs()? == after_fsync,
+        "an fsync with nothing new flushed again"
+    );
+
+    f.write_at(5000, &content(3, 5000, 100)).await?;
+    f.close().await?;
+    ensure!(
+        syncs()? - after_fsync >= 2.0,
+        "close did not flush the last write on both replicas"
+    );
+    Ok(())
+}

@@ -466,6 +466,26 @@ impl KerfsCluster {
         self.meta.client().await
     }
 
+    /// The sum of one metric over every chunk server that answers.
+    pub fn chunk_metric_sum(&self, name: &str) -> Result<f64> {
+        use std::io::{Read, Write};
+        let mut sum = 0.0;
+        for c in self.chunks.values() {
+            let Ok(mut s) = std::net::TcpStream::connect(&c.metrics_addr) else {
+                continue;
+            };
+            s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+            let mut page = String::new();
+            s.read_to_string(&mut page)?;
+            let line = page
+                .lines()
+                .find(|l| l.starts_with(name) && !l.starts_with('#'))
+                .with_context(|| format!("{name} missing from chunk server {}", c.index))?;
+            sum += line.rsplit(' ').next().unwrap_or("").parse::<f64>()?;
+        }
+        Ok(sum)
+    }
+
     pub fn chunk_addr(&self, index: u64) -> &str {
         &self.chunks[&index].addr
     }

@@ -679,7 +679,10 @@ async fn all_nodes_killed_during_a_create_storm(flush_ms: Option<u64>) -> Result
                     .await
                     .with_context(|| format!("create {name}"))?;
                 if w % 2 == 1 {
-                    client.sync().await.with_context(|| format!("sync after {name}"))?;
+                    client
+                        .sync()
+                        .await
+                        .with_context(|| format!("sync after {name}"))?;
                 }
                 acked.lock().unwrap().push((name, Instant::now()));
                 i += 1;
@@ -718,7 +721,12 @@ async fn all_nodes_killed_during_a_create_storm(flush_ms: Option<u64>) -> Result
         attempted += w.await??;
     }
 
-    let acked: BTreeSet<String> = acked.lock().unwrap().iter().map(|(n, _)| n.clone()).collect();
+    let acked: BTreeSet<String> = acked
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(n, _)| n.clone())
+        .collect();
     let present = names_of(&admin.readdir_all(dir.ino).await?);
     info!(
         before,
@@ -741,6 +749,16 @@ async fn all_nodes_killed_during_a_create_storm(flush_ms: Option<u64>) -> Result
         acked.len()
     );
     ensure!(before > 20, "only {before} creates before the kill");
+    if flush_ms.is_some() {
+        for id in [1, 2, 3] {
+            ensure!(
+                cluster
+                    .log_of(id)
+                    .contains("replaying the metadata write-ahead files"),
+                "node {id} restarted without replaying its write-ahead files"
+            );
+        }
+    }
     let digests = cluster
         .converged_digests(&admin, Duration::from_secs(20))
         .await?;
@@ -764,7 +782,9 @@ async fn only_sync_waits_for_a_disk_flush() -> Result<()> {
     init_tracing();
     let cluster = MetaCluster::start(MetaClusterOptions::default())?;
     let client = cluster.client().await?;
-    let leader = cluster.wait_leader(&client, Duration::from_secs(10)).await?;
+    let leader = cluster
+        .wait_leader(&client, Duration::from_secs(10))
+        .await?;
     let dir = client.mkdir(ROOT_INO, b"d", 0o755).await?;
     // Settle elections and registration before counting.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -772,19 +792,32 @@ async fn only_sync_waits_for_a_disk_flush() -> Result<()> {
 
     let start = syncs(&cluster)?;
     for i in 0..200 {
-        client.create_file(dir.ino, format!("plain-{i}").as_bytes(), 0o644).await?;
+        client
+            .create_file(dir.ino, format!("plain-{i}").as_bytes(), 0o644)
+            .await?;
     }
     let plain = syncs(&cluster)? - start;
     info!(plain, "log flushes during 200 creates");
-    ensure!(plain < 10.0, "200 plain creates flushed the log {plain} times");
+    ensure!(
+        plain < 10.0,
+        "200 plain creates flushed the log {plain} times"
+    );
 
     let start = syncs(&cluster)?;
     for i in 0..50 {
-        client.create_file(dir.ino, format!("synced-{i}").as_bytes(), 0o644).await?;
+        client
+            .create_file(dir.ino, format!("synced-{i}").as_bytes(), 0o644)
+            .await?;
         client.sync().await?;
     }
     let synced = syncs(&cluster)? - start;
-    info!(synced, "log flushes during 50 creates each followed by a sync");
-    ensure!(synced >= 50.0, "50 syncs flushed the log only {synced} times");
+    info!(
+        synced,
+        "log flushes during 50 creates each followed by a sync"
+    );
+    ensure!(
+        synced >= 50.0,
+        "50 syncs flushed the log only {synced} times"
+    );
     Ok(())
 }

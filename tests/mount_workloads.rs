@@ -216,7 +216,10 @@ async fn fsync_through_the_mount_flushes_the_metadata_log() -> Result<()> {
     let cluster = KerfsCluster::start(KerfsClusterOptions::default()).await?;
     let mount = Mount::new(&cluster, "fsync", "")?;
     let client = cluster.client().await?;
-    let leader = cluster.meta.wait_leader(&client, Duration::from_secs(10)).await?;
+    let leader = cluster
+        .meta
+        .wait_leader(&client, Duration::from_secs(10))
+        .await?;
     let root = mount.path().to_path_buf();
     std::fs::create_dir(root.join("d"))?;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -227,15 +230,24 @@ async fn fsync_through_the_mount_flushes_the_metadata_log() -> Result<()> {
         std::fs::write(root.join(format!("d/plain-{i}")), b"x")?;
     }
     let plain = syncs()? - start;
-    info!(plain, "log flushes during 50 small files written without fsync");
-    ensure!(plain < 5.0, "50 plain small files flushed the log {plain} times");
+    info!(
+        plain,
+        "log flushes during 50 small files written without fsync"
+    );
+    ensure!(
+        plain < 5.0,
+        "50 plain small files flushed the log {plain} times"
+    );
 
     let flushed = |what: &str, op: &dyn Fn() -> std::io::Result<()>| -> Result<()> {
         let before = syncs()?;
         op().with_context(|| what.to_string())?;
         let n = syncs()? - before;
         info!(what, n, "log flushes");
-        ensure!(n >= 1.0, "{what} returned without flushing the metadata log");
+        ensure!(
+            n >= 1.0,
+            "{what} returned without flushing the metadata log"
+        );
         Ok(())
     };
     flushed("fsync of a new file", &|| {

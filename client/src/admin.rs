@@ -1,11 +1,16 @@
 //! What an operator asks of a cluster, as typed answers that `kerfsctl` prints as text or as
 //! JSON: the health of the whole cluster (metadata members, chunk servers, capacity, chunks
 //! lacking copies, and one verdict with the reasons for it), the chunk servers, the copies of
-//! a file's chunks, and the repair queue. Everything here only reads.
+//! a file's chunks, and the repair queue; and the chunk servers' comings and goings (drain,
+//! remove), which are metadata commands. Nothing here copies data: the metadata service's
+//! mover does.
 
 use serde::Serialize;
 
-use kerfs_proto::{read_op, ChunkServerRecord, GetChunks, ListChunkServers, RepairStatus};
+use kerfs_proto::{
+    command, read_op, ChunkServerRecord, DrainChunkServer, DrainReport, DrainStatus, GetChunks,
+    ListChunkServers, RemoveChunkServer, RepairStatus,
+};
 
 use crate::error::ClientResult;
 use crate::meta::{check, MetaClient};
@@ -93,6 +98,10 @@ pub struct ChunkHealth {
     pub unreadable: u64,
     pub repaired_total: u64,
     pub failed_total: u64,
+    /// Chunk servers being drained (not yet drained).
+    pub draining_servers: u64,
+    /// Chunks with all their copies, one of them on a draining server: still to move.
+    pub to_move: u64,
 }
 
 /// The whole cluster at a glance (`kerfsctl status`).
@@ -219,7 +228,11 @@ fn judge(
             ),
         ));
     }
-    let up: Vec<&ChunkServer> = servers.iter().filter(|s| s.state != "down").collect();
+    // Drained and removed servers take no placements: their space is not the cluster's.
+    let up: Vec<&ChunkServer> = servers
+        .iter()
+        .filter(|s| s.state == "up" || s.state == "draining")
+        .collect();
     let capacity_bytes: u64 = up.iter().map(|s| s.capacity_bytes).sum();
     let used_bytes: u64 = up.iter().map(|s| s.used_bytes).sum();
     if capacity_bytes > 0 && used_bytes as f64 > FULL_WARN * capacity_bytes as f64 {
@@ -304,8 +317,75 @@ pub async fn repair_report(
         unreadable: report.unreadable,
         repaired_total: report.repaired_total,
         failed_total: report.failed_total,
+        draining_servers: report.draining_servers,
+        to_move: report.to_move,
     };
     Ok((health, report))
+}
+
+/// How the drain of one chunk server stands (`kerfsctl node drain`).
+#[derive(Debug, Clone, Serialize)]
+pub struct DrainProgress {
+    pub server_id: u64,
+    /// The server's state: "draining", "drained", or "down" (it drains when it comes back).
+    pub state: String,
+    /// Every chunk is off it and it is marked drained: `kerfsctl node remove` may take it out.
+    pub drained: bool,
+    /// Chunks that still have a copy (replica or shard) on it.
+    pub chunks_left: u64,
+    /// Of those, the ones being copied elsewhere now.
+    pub moving: u64,
+    /// Why some of the others wait (a few distinct reasons).
+    pub notes: Vec<String>,
+}
+
+impl From<DrainReport> for DrainProgress {
+    fn from(r: DrainReport) -> DrainProgress {
+        DrainProgress {
+            server_id: r.server_id,
+            drained: r.state == "drained",
+            state: r.state,
+            chunks_left: r.chunks_left,
+            moving: r.moving,
+            notes: r.notes,
+        }
+    }
+}
+
+/// Starts draining chunk server `id` (or confirms a drain under way): every chunk moves off
+/// it, each keeping its redundancy throughout.
+pub async fn drain_server(client: &MetaClient, id: u64) -> ClientResult<DrainProgress> {
+    let reply = check(
+        client
+            .write(command::Op::DrainChunkServer(DrainChunkServer {
+                server_id: id,
+            }))
+            .await?,
+    )?;
+    Ok(reply.drain.unwrap_or_default().into())
+}
+
+/// How the drain of chunk server `id` stands.
+pub async fn drain_progress(client: &MetaClient, id: u64) -> ClientResult<DrainProgress> {
+    let reply = check(
+        client
+            .read(read_op::Op::DrainStatus(DrainStatus { server_id: id }))
+            .await?,
+    )?;
+    Ok(reply.drain.unwrap_or_default().into())
+}
+
+/// Takes chunk server `id` out of the cluster. Fails (EBUSY, saying what to do) while a
+/// chunk still needs the copy it holds.
+pub async fn remove_server(client: &MetaClient, id: u64) -> ClientResult<()> {
+    check(
+        client
+            .write(command::Op::RemoveChunkServer(RemoveChunkServer {
+                server_id: id,
+            }))
+            .await?,
+    )?;
+    Ok(())
 }
 
 /// How one copy of a chunk stands.

@@ -287,6 +287,9 @@ struct Epoch {
     /// Meta had no spare server for a lost replica (or the copy failed): stop asking in this
     /// epoch; background repair restores the copies after the commit.
     no_spare: bool,
+    /// Bytes were written in this epoch without a disk flush on the replicas: the next
+    /// `fsync` flushes them there (a new epoch's set-version flushes them too).
+    unsynced: bool,
 }
 
 impl Epoch {
@@ -307,6 +310,16 @@ impl Epoch {
         self.alive[i] = false;
         self.broken = true;
     }
+}
+
+/// How far a flush of written bytes goes before it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// On the chunk servers and recorded in meta: every client reads it, and a kill of any
+    /// process keeps it (close(2) on a mount).
+    Visible,
+    /// Also on every replica's disk (fsync(2), and what the library's `close` promises).
+    Disk,
 }
 
 /// Non-overlapping dirty byte ranges of one chunk, keyed by chunk offset.
@@ -558,7 +571,21 @@ impl FileHandle {
     /// Makes every write so far durable on the chunk servers and recorded in meta.
     pub async fn fsync(&self) -> ClientResult<()> {
         self.check_open()?;
-        self.flush().await?;
+        self.write_out(Durability::Disk).await?;
+        self.sticky_error()
+    }
+
+    /// Makes every write so far visible to every client (on the chunk servers, recorded
+    /// in meta) without waiting for the replicas' disks: what close(2) promises on a mount.
+    /// A kill of any process keeps it; a power cut of the replicas before the next
+    /// [`FileHandle::fsync`] may not.
+    pub async fn publish(&self) -> ClientResult<()> {
+        self.check_open()?;
+        self.write_out(Durability::Visible).await?;
+        self.sticky_error()
+    }
+
+    fn sticky_error(&self) -> ClientResult<()> {
         match &lock(&self.inner.state).error {
             Some(e) => Err(e.clone()),
             None => Ok(()),
@@ -568,19 +595,47 @@ impl FileHandle {
     /// Flushes, then closes the meta handle. The handle is unusable afterwards, even when
     /// this fails (the error says whether data was lost).
     pub async fn close(&self) -> ClientResult<()> {
+        self.close_with(&[], Durability::Disk).await
+    }
+
+    /// [`FileHandle::close`] with the durability the caller needs, closing `others`
+    /// (handles of the same meta session that the caller is done with, such as a mount's
+    /// handle of the process that opened the file) in the same command.
+    pub async fn close_with(&self, others: &[u64], durability: Durability) -> ClientResult<()> {
         self.check_open()?;
-        let flushed = self.fsync().await;
+        let flushed = match durability {
+            Durability::Disk => self.fsync().await,
+            Durability::Visible => self.publish().await,
+        };
         lock(&self.inner.state).closed = true;
-        let closed = self.inner.meta.close(self.inner.handle).await;
+        let closed = self.inner.meta.close_all(self.inner.handle, others).await;
         flushed?;
         closed
     }
 
-    /// Writes out every dirty extent (the flush of the write-behind buffer).
+    /// Writes out every dirty extent (the flush of the write-behind buffer), visible to
+    /// every client, not waiting for disks.
     pub async fn flush(&self) -> ClientResult<()> {
+        self.write_out(Durability::Visible).await
+    }
+
+    async fn write_out(&self, durability: Durability) -> ClientResult<()> {
         let _serial = self.inner.flush_lock.lock().await;
         let snapshot = {
             let mut st = lock(&self.inner.state);
+            if durability == Durability::Disk {
+                // Chunks written earlier without a disk flush get an empty write that
+                // flushes them on every replica, through the same chain as a write.
+                let unsynced: Vec<u64> = st
+                    .epochs
+                    .iter()
+                    .filter(|(i, e)| e.unsynced && !st.dirty.contains_key(i))
+                    .map(|(&i, _)| i)
+                    .collect();
+                for i in unsynced {
+                    st.dirty.insert(i, Extents::default());
+                }
+            }
             if st.dirty.is_empty() {
                 return Ok(());
             }
@@ -589,7 +644,7 @@ impl FileHandle {
             st.flushing.push(snap.clone());
             snap
         };
-        let result = self.flush_snapshot(&snapshot).await;
+        let result = self.flush_snapshot(&snapshot, durability).await;
         let mut st = lock(&self.inner.state);
         st.flushing.retain(|s| !Arc::ptr_eq(s, &snapshot));
         // Read-ahead started before this point may have read the servers before this data
@@ -602,7 +657,11 @@ impl FileHandle {
         result
     }
 
-    async fn flush_snapshot(&self, snap: &BTreeMap<u64, Extents>) -> ClientResult<()> {
+    async fn flush_snapshot(
+        &self,
+        snap: &BTreeMap<u64, Extents>,
+        durability: Durability,
+    ) -> ClientResult<()> {
         let indexes: Vec<u64> = snap.keys().copied().collect();
         self.ensure_epochs(&indexes).await?;
         let cs = self.inner.chunk_size;
@@ -613,7 +672,7 @@ impl FileHandle {
         let jobs: Vec<futures::future::BoxFuture<'_, (u64, ClientResult<u64>)>> = snap
             .iter()
             .map(|(&idx, ext)| {
-                Box::pin(async move { (idx, self.write_chunk(idx, ext).await) })
+                Box::pin(async move { (idx, self.write_chunk(idx, ext, durability).await) })
                     as futures::future::BoxFuture<'_, _>
             })
             .collect();
@@ -762,6 +821,7 @@ impl FileHandle {
                 broken,
                 created: false,
                 no_spare: false,
+                unsynced: false,
             }
             .with_index(c.index)
         }))
@@ -808,13 +868,24 @@ impl FileHandle {
         }
     }
 
-    /// Writes one chunk's dirty extents; returns the chunk's end offset written.
-    async fn write_chunk(&self, idx: u64, ext: &Extents) -> ClientResult<u64> {
+    /// Writes one chunk's dirty extents; returns the chunk's end offset written. EC shards
+    /// are always written with a disk flush (a stripe's read-modify-write must not mix
+    /// flushed and unflushed shards).
+    async fn write_chunk(
+        &self,
+        idx: u64,
+        ext: &Extents,
+        durability: Durability,
+    ) -> ClientResult<u64> {
         if self.inner.codec.is_some() {
             self.write_chunk_ec(idx, ext).await?;
+        } else if ext.0.is_empty() {
+            // Nothing new: only the flush of what earlier writes left unflushed.
+            self.write_replicated(idx, 0, Bytes::new(), durability)
+                .await?;
         } else {
             for (&off, data) in &ext.0 {
-                self.write_replicated(idx, off, Bytes::copy_from_slice(data))
+                self.write_replicated(idx, off, Bytes::copy_from_slice(data), durability)
                     .await?;
             }
         }
@@ -823,7 +894,14 @@ impl FileHandle {
 
     /// One extent to a replicated chunk: first live member, the others as its chain; if the
     /// first fails, the next live member becomes first.
-    async fn write_replicated(&self, idx: u64, off: u64, data: Bytes) -> ClientResult<()> {
+    async fn write_replicated(
+        &self,
+        idx: u64,
+        off: u64,
+        data: Bytes,
+        durability: Durability,
+    ) -> ClientResult<()> {
+        let sync = durability == Durability::Disk;
         let ino = self.inner.ino;
         let mut failures = Vec::new();
         let mut no_space = false;
@@ -850,7 +928,7 @@ impl FileHandle {
                     .iter()
                     .map(|&i| ep.members[i].address.clone())
                     .collect(),
-                sync: true,
+                sync,
                 create: ep.fresh,
                 shard_index: 0,
             };
@@ -863,6 +941,8 @@ impl FileHandle {
                 Ok(reply) => {
                     self.update_epoch(idx, |e| {
                         e.created = true;
+                        // A flushed write also flushed what came before it on the chunk.
+                        e.unsynced = !sync;
                         for (n, &i) in live.iter().enumerate() {
                             let ok = reply.replicas.get(n).is_some_and(|r| r.ok);
                             if !ok {

@@ -19,6 +19,6 @@ mod file;
 mod meta;
 
 pub use error::{ClientError, ClientResult};
-pub use file::{DataClient, DataConfig, FileHandle};
+pub use file::{DataClient, DataConfig, Durability, FileHandle};
 pub use kerfs_proto as proto;
 pub use meta::{check, current_caller, MetaClient, MetaClientConfig};

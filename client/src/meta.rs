@@ -658,8 +658,16 @@ impl MetaClient {
     }
 
     pub async fn close(&self, handle: u64) -> ClientResult<()> {
+        self.close_all(handle, &[]).await
+    }
+
+    /// Closes `handle` and `more` (handles of this session) in one command: all or none.
+    pub async fn close_all(&self, handle: u64, more: &[u64]) -> ClientResult<()> {
         let r = self
-            .write(command::Op::Close(kerfs_proto::Close { handle }))
+            .write(command::Op::Close(kerfs_proto::Close {
+                handle,
+                more: more.to_vec(),
+            }))
             .await?;
         check(r).map(|_| ())
     }

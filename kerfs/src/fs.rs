@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{FileAttr, FileType, INodeNo};
-use kerfs_client::{DataClient, FileHandle, MetaClient};
+use kerfs_client::{DataClient, Durability, FileHandle, MetaClient};
 use kerfs_proto::{
     perm, time_set, Attr, Caller, FileKind, FsStats, MakeNode, Reply, TimeSet, Timespec,
 };
@@ -796,7 +796,7 @@ impl KerFs {
     /// close(2) of one descriptor: written data goes to the chunk servers and the size to
     /// the cluster, so that an open on another mount after this close sees it.
     pub async fn flush(&self, fh: u64) -> FsResult<()> {
-        Ok(self.file(fh)?.data.fsync().await?)
+        Ok(self.file(fh)?.data.publish().await?)
     }
 
     /// fsync(2), fdatasync(2), and every write of an O_SYNC file (the kernel sends an fsync
@@ -928,12 +928,12 @@ impl KerFs {
                 None => None,
             }
         };
-        let closed = match last {
-            Some(data) => data.close().await.map_err(FsError::from),
-            None => Ok(()),
-        };
-        self.client.close(file.handle).await?;
-        closed
+        // The last open here closes the data handle with the caller's, in one command.
+        match last {
+            Some(data) => data.close_with(&[file.handle], Durability::Visible).await?,
+            None => self.client.close(file.handle).await?,
+        }
+        Ok(())
     }
 
     /// Closes every handle still open (the mount is going away).

@@ -890,7 +890,7 @@ impl Driver {
 
     /// Publishes the repair counters and the chunk servers' states, from this node's
     /// applied state (local reads: the gauges may lag the leader by a few entries); true
-    /// while chunks lack copies or repairs are under way.
+    /// while chunks lack copies, repairs are under way or a chunk server is draining.
     fn update_repair_metrics(&self) -> bool {
         let servers = self.node.read(&ReadOp {
             caller: None,
@@ -919,7 +919,7 @@ impl Driver {
         m.repairs_total.store(r.repaired_total, Ordering::Relaxed);
         m.repairs_failed_total
             .store(r.failed_total, Ordering::Relaxed);
-        r.under_replicated > 0 || r.repairing > 0
+        r.under_replicated > 0 || r.repairing > 0 || r.draining_servers > 0
     }
 
     fn update_metrics(&self) {

@@ -123,7 +123,10 @@ impl SledEngine {
         let applied = db.get(APPLIED_KEY)?.and_then(|v| WalPos::decode(&v));
         let (wal, replay, gens) = Wal::open(&dir.join("meta.wal"), applied)?;
         if !replay.is_empty() {
-            tracing::info!(batches = replay.len(), "replaying the metadata write-ahead files");
+            tracing::info!(
+                batches = replay.len(),
+                "replaying the metadata write-ahead files"
+            );
             for b in replay {
                 db.apply_batch(sled_batch(b))?;
             }

@@ -1012,7 +1012,13 @@ fn run(mut steps: Vec<Step>, with_client: bool) -> Result<(), TestCaseError> {
                     handles[(b as usize) % handles.len()]
                 };
                 let want = model.close(h);
-                let reply = sut.apply(who, Op::Close(Close { handle: h }));
+                let reply = sut.apply(
+                    who,
+                    Op::Close(Close {
+                        handle: h,
+                        more: vec![],
+                    }),
+                );
                 (want, reply)
             }
         };

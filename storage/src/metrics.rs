@@ -21,6 +21,8 @@ pub struct StorageMetrics {
     /// Blocks refused because their checksum did not match (reads, writes, scrubs).
     pub corrupt_blocks: AtomicU64,
     pub write_rpcs: AtomicU64,
+    /// Writes flushed to disk before their reply (synced writes, a client's fsync).
+    pub write_syncs: AtomicU64,
     pub read_rpcs: AtomicU64,
     /// Chain writes where a downstream replica failed.
     pub forward_failures: AtomicU64,
@@ -46,6 +48,12 @@ impl StorageMetrics {
             "counter",
             "Data bytes written to chunks.",
             g(&self.bytes_written),
+        );
+        line(
+            "kerfs_chunk_write_syncs_total",
+            "counter",
+            "Writes flushed to disk before their reply (synced writes, a client's fsync).",
+            g(&self.write_syncs),
         );
         line(
             "kerfs_chunk_bytes_read_total",

@@ -20,6 +20,12 @@
 //! fails its own checksum makes the whole chunk corrupt. Space for the data and the hash
 //! slots is reserved with `fallocate` before anything is overwritten, so a full disk fails a
 //! write before it touches a byte (ENOSPC cannot tear an acknowledged block).
+//!
+//! Creating a chunk and a write without `sync` wait for no disk: they survive a kill of the
+//! server (the bytes are in the kernel), and a power cut only once a later sync ran (a synced
+//! write, an empty synced write sent by the client's fsync, a set-version). That sync also
+//! flushes the chunk's directory. After a power cut, what was not synced may come back as a
+//! hole or a corrupt chunk, never as wrong bytes.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -191,6 +197,10 @@ struct ChunkFile {
     header: Header,
     hashes: Vec<[u8; 32]>,
     deleted: bool,
+    /// The directory entries of the chunk's files may not be on disk yet (a creation
+    /// waits for no disk flush; a chunk opened again may have been created so): the next
+    /// `sync` flushes the directory too.
+    dir_unsynced: bool,
 }
 
 impl ChunkFile {
@@ -286,13 +296,20 @@ impl ChunkFile {
             .map_err(|e| StorageError::io("resizing", &self.meta_path, e))
     }
 
-    fn sync(&self) -> Result<()> {
+    fn sync(&mut self) -> Result<()> {
         self.data
             .sync_data()
             .map_err(|e| StorageError::io("syncing", &self.data_path, e))?;
         self.meta
             .sync_data()
-            .map_err(|e| StorageError::io("syncing", &self.meta_path, e))
+            .map_err(|e| StorageError::io("syncing", &self.meta_path, e))?;
+        if self.dir_unsynced {
+            if let Some(dir) = self.meta_path.parent() {
+                sync_dir(dir)?;
+            }
+            self.dir_unsynced = false;
+        }
+        Ok(())
     }
 
     fn write(&mut self, offset: u64, data: &[u8], max_len: u64) -> Result<()> {
@@ -629,10 +646,9 @@ impl FileChunkStore {
                 .map_err(|e| StorageError::io("creating", &tmp, e))?;
             f.write_all_at(&header.encode(), 0)
                 .map_err(|e| StorageError::io("writing", &tmp, e))?;
-            f.sync_all()
-                .map_err(|e| StorageError::io("syncing", &tmp, e))?;
+            // No disk flush: the chunk's first sync (a synced write, an fsync, a new epoch)
+            // flushes its files and this directory.
             std::fs::rename(&tmp, &meta_path).map_err(|e| StorageError::io("renaming", &tmp, e))?;
-            sync_dir(&dir)?;
             Ok(f)
         })();
         let meta = match result {
@@ -652,6 +668,7 @@ impl FileChunkStore {
             header,
             hashes: Vec::new(),
             deleted: false,
+            dir_unsynced: true,
         };
         self.update_index(&c);
         let c = Arc::new(Mutex::new(c));
@@ -787,6 +804,7 @@ fn open_chunk(id: u64, data_path: &Path, meta_path: &Path) -> Result<ChunkFile> 
         header,
         hashes,
         deleted: false,
+        dir_unsynced: true,
     })
 }
 
@@ -846,8 +864,9 @@ impl ChunkStore for FileChunkStore {
     }
 
     fn sync(&self, id: u64) -> Result<()> {
+        self.metrics.write_syncs.fetch_add(1, Ordering::Relaxed);
         let c = self.get_existing(id)?;
-        let c = lock(&c);
+        let mut c = lock(&c);
         if c.deleted {
             return Err(StorageError::NotFound { chunk: id });
         }
@@ -936,6 +955,8 @@ impl ChunkStore for FileChunkStore {
         }
         let held = c.header.version;
         if held == to {
+            // Durably, even when this call only created it.
+            c.sync()?;
             return Ok(c.info());
         }
         if held != from {

@@ -74,6 +74,12 @@ enum Cmd {
     Df,
     /// Chunk servers: address, state, capacity, usage.
     Nodes,
+    /// Chunk servers coming and going: drain one, remove one. (Adding one is starting
+    /// `kerfsd chunk` on it: it registers by itself.)
+    Node {
+        #[command(subcommand)]
+        command: NodeCmd,
+    },
     /// Copy a local file into KerFS (through the client library, not a mount).
     Put { local: PathBuf, path: String },
     /// Copy a KerFS file to a local file ("-" for stdout).
@@ -109,6 +115,25 @@ enum Cmd {
         #[arg(long)]
         chunk_size: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Move every chunk (replicas and EC shards) off chunk server ID, keeping each chunk's
+    /// redundancy all the way; the server is then marked drained. It stays readable and
+    /// writable meanwhile but takes no new chunks.
+    Drain {
+        id: u64,
+        /// Wait until it is drained, showing the chunks left.
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        wait_secs: u64,
+    },
+    /// Take chunk server ID out of the cluster. Refused while it holds copies the cluster
+    /// needs (drain it first) or, when down, the last copy of anything.
+    Remove { id: u64 },
 }
 
 /// What every command works with.
@@ -196,6 +221,17 @@ async fn run(cli: Cli) -> Result<u8> {
         Cmd::Put { local, path } => put(&ctx, &local, &path).await?,
         Cmd::Get { path, local } => get(&ctx, &path, &local).await?,
         Cmd::Nodes => nodes(&ctx).await?,
+        Cmd::Node {
+            command:
+                NodeCmd::Drain {
+                    id,
+                    wait,
+                    wait_secs,
+                },
+        } => node_drain(&ctx, id, wait.then_some(wait_secs)).await?,
+        Cmd::Node {
+            command: NodeCmd::Remove { id },
+        } => node_remove(&ctx, id).await?,
         Cmd::Layout {
             path,
             replicas,
@@ -257,11 +293,12 @@ fn print_status(h: &ClusterHealth) {
     }
     let count = |state: &str| h.chunk_servers.iter().filter(|s| s.state == state).count();
     println!(
-        "chunks: {} servers: {} up, {} down, {} draining; {} of {} used",
-        h.chunk_servers.len(),
+        "chunks: {} servers: {} up, {} down, {} draining, {} drained; {} of {} used",
+        h.chunk_servers.len() - count("removed"),
         count("up"),
         count("down"),
         count("draining"),
+        count("drained"),
         human(h.used_bytes),
         human(h.capacity_bytes)
     );
@@ -271,6 +308,12 @@ fn print_status(h: &ClusterHealth) {
             c.under_replicated, c.repairing, c.unreadable, c.repaired_total, c.failed_total
         ),
         None => println!("        chunk health unknown (no metadata leader to ask)"),
+    }
+    if let Some(c) = h.chunks.as_ref().filter(|c| c.draining_servers > 0) {
+        println!(
+            "        draining {} servers: {} chunks still to move (`kerfsctl node drain ID` for one)",
+            c.draining_servers, c.to_move
+        );
     }
 }
 
@@ -294,6 +337,83 @@ async fn nodes(ctx: &Ctx) -> Result<()> {
                 s.failure_domain
             );
         }
+    })
+}
+
+async fn node_drain(ctx: &Ctx, id: u64, wait_secs: Option<u64>) -> Result<()> {
+    let mut p = admin::drain_server(&ctx.client, id)
+        .await
+        .with_context(|| format!("starting the drain of chunk server {id}"))?;
+    if let Some(secs) = wait_secs {
+        let at = std::time::Instant::now() + Duration::from_secs(secs);
+        // On a terminal, a bar of the chunks moved since the wait began; else a line a second.
+        let mut bar: Option<indicatif::ProgressBar> = None;
+        let mut most_left = 0;
+        while !p.drained {
+            if std::time::Instant::now() > at {
+                if let Some(b) = &bar {
+                    b.abandon();
+                }
+                ctx.show(&p, print_drain)?;
+                anyhow::bail!(
+                    "chunk server {id} still holds {} chunks after {secs} s; see the notes above, `kerfsctl repair` and the chunk servers' logs",
+                    p.chunks_left
+                );
+            }
+            most_left = most_left.max(p.chunks_left);
+            if bar.is_none() {
+                bar = kerfs_cli::progress_bar(
+                    "draining",
+                    "{msg} [{bar:40}] {pos}/{len} chunks moved, {elapsed} elapsed",
+                );
+            }
+            match &bar {
+                Some(b) => {
+                    b.set_length(most_left);
+                    b.set_position(most_left - p.chunks_left);
+                    b.set_message(format!(
+                        "draining server {id}: {} left ({} moving)",
+                        p.chunks_left, p.moving
+                    ));
+                }
+                None => eprintln!(
+                    "chunk server {id} ({}): {} chunks left, {} moving",
+                    p.state, p.chunks_left, p.moving
+                ),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            p = admin::drain_progress(&ctx.client, id).await?;
+        }
+        if let Some(b) = &bar {
+            b.finish_and_clear();
+        }
+    }
+    ctx.show(&p, print_drain)
+}
+
+fn print_drain(p: &admin::DrainProgress) {
+    if p.drained {
+        println!("chunk server {}: drained, 0 chunks left", p.server_id);
+    } else {
+        println!(
+            "chunk server {}: {}, {} chunks left ({} moving)",
+            p.server_id, p.state, p.chunks_left, p.moving
+        );
+        if p.state == "down" {
+            println!("  the server is down: its drain goes on when it comes back");
+        }
+    }
+    for n in &p.notes {
+        println!("  {n}");
+    }
+}
+
+async fn node_remove(ctx: &Ctx, id: u64) -> Result<()> {
+    admin::remove_server(&ctx.client, id)
+        .await
+        .with_context(|| format!("removing chunk server {id}"))?;
+    ctx.show(&serde_json::json!({ "removed": id }), |_| {
+        println!("chunk server {id} removed")
     })
 }
 

@@ -152,7 +152,7 @@ impl KerFs {
         if typ == LockType::Unlock {
             // Whoever takes the lock next, on any mount, must find what was written under
             // it: push it out of the write-behind buffer before letting go.
-            if let Err(e) = file.data.fsync().await {
+            if let Err(e) = file.data.publish().await {
                 warn!(ino = file.ino, error = %e, "writing data back before an unlock");
             }
         } else if kind == LockKind::Posix {

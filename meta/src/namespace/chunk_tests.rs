@@ -656,7 +656,14 @@ fn deleting_a_file_queues_its_chunks_once_the_last_handle_closes() {
         .unwrap()
         .delete
         .is_empty());
-    assert_eq!(t.client(Op::Close(Close { handle: h })).errno, 0);
+    assert_eq!(
+        t.client(Op::Close(Close {
+            handle: h,
+            more: vec![]
+        }))
+        .errno,
+        0
+    );
     let r = t.read(read_op::Op::GetChunks(GetChunks {
         ino,
         ..Default::default()
@@ -1334,4 +1341,258 @@ fn a_server_back_without_its_chunks_has_them_marked_missing_and_repaired() {
     let task = repair_report(&t).chunks[0].task.unwrap();
     assert_eq!(task.target_server, spare, "the spare first, not in place");
     assert_eq!(task.old_server, on[0]);
+}
+
+// ------------------------------------------------------------------ drain and removal
+
+fn drain_report(t: &T, server: u64) -> kerfs_proto::DrainReport {
+    let r = t.read(read_op::Op::DrainStatus(kerfs_proto::DrainStatus {
+        server_id: server,
+    }));
+    assert_eq!(r.errno, 0, "{}", r.message);
+    r.drain.unwrap()
+}
+
+fn state_of(t: &T, server: u64) -> String {
+    t.servers()
+        .into_iter()
+        .find(|s| s.info.as_ref().unwrap().id == server)
+        .unwrap()
+        .state
+}
+
+fn orders(t: &mut T, server: u64) -> Vec<kerfs_proto::ChunkRepairOrder> {
+    t.heartbeat(server, false, vec![], vec![])
+        .heartbeat
+        .unwrap()
+        .repair
+}
+
+#[test]
+fn drain_moves_the_copy_before_dropping_it_then_remove_is_allowed() {
+    let (mut t, ino, h, on, spare) = repair_setup();
+    assert_eq!(
+        t.client(Op::Close(Close {
+            handle: h,
+            more: vec![]
+        }))
+        .errno,
+        0
+    );
+    let (leaving, staying) = (on[0], on[1]);
+    let remove = |t: &mut T| {
+        t.internal(Op::RemoveChunkServer(kerfs_proto::RemoveChunkServer {
+            server_id: leaving,
+        }))
+    };
+    // It holds one of the two copies: removing it would leave the chunk with one.
+    let r = remove(&mut t);
+    assert_eq!(r.errno, libc::EBUSY, "{}", r.message);
+    assert!(r.message.contains("node drain"), "{}", r.message);
+    assert_eq!(state_of(&t, leaving), "up");
+
+    let r = t.internal(Op::DrainChunkServer(kerfs_proto::DrainChunkServer {
+        server_id: leaving,
+    }));
+    assert_eq!(r.errno, 0, "{}", r.message);
+    assert_eq!(state_of(&t, leaving), "draining");
+    let rep = r.drain.unwrap();
+    assert_eq!((rep.chunks_left, rep.moving), (1, 1), "{rep:?}");
+    // Nothing is lacking: the draining copy still counts.
+    let q = repair_report(&t);
+    assert_eq!(
+        (q.under_replicated, q.to_move, q.draining_servers),
+        (0, 1, 1)
+    );
+    let o = orders(&mut t, spare);
+    assert_eq!(o.len(), 1, "the spare gets the move");
+    // New chunks are never placed on a draining server.
+    let (_, h2) = t.create(ROOT_INO, "g");
+    for _ in 0..4 {
+        let c = t.alloc(h2, &[0]).chunks[0].clone();
+        assert!(!servers_of(&c).contains(&leaving));
+    }
+    // While the copy is made both old copies stay current; the move only lands on acceptance.
+    let c = t.chunks(ino).chunks[0].clone();
+    assert!(servers_of(&c).contains(&leaving) && c.replicas.iter().all(|p| p.current));
+    report_done(&mut t, spare, vec![done(&o[0], true)]);
+    let c = t.chunks(ino).chunks[0].clone();
+    let mut now_on = servers_of(&c);
+    now_on.sort();
+    let mut want = vec![staying, spare];
+    want.sort();
+    assert_eq!(now_on, want);
+    assert!(c.replicas.iter().all(|p| p.current));
+    let del = t
+        .heartbeat(leaving, false, vec![], vec![])
+        .heartbeat
+        .unwrap()
+        .delete;
+    assert_eq!(del.len(), 1, "the drained copy is deleted");
+    assert_eq!(state_of(&t, leaving), "drained");
+    let rep = drain_report(&t, leaving);
+    assert_eq!((rep.chunks_left, rep.state.as_str()), (0, "drained"));
+    assert_eq!(repair_report(&t).draining_servers, 0);
+    // A restart does not undo it.
+    t.heartbeat(leaving, true, vec![], vec![]);
+    assert_eq!(state_of(&t, leaving), "drained");
+
+    let r = remove(&mut t);
+    assert_eq!(r.errno, 0, "{}", r.message);
+    assert_eq!(state_of(&t, leaving), "removed");
+    let r = t.heartbeat(leaving, false, vec![], vec![]);
+    assert_eq!(r.errno, libc::EPERM, "a removed server is refused");
+    assert!(r.message.contains("removed"), "{}", r.message);
+}
+
+#[test]
+fn drain_waits_for_an_open_write_epoch_and_a_commit_meanwhile_refuses_the_copy() {
+    let (mut t, ino, h, on, spare) = repair_setup();
+    let leaving = on[0];
+    let r = t.internal(Op::DrainChunkServer(kerfs_proto::DrainChunkServer {
+        server_id: leaving,
+    }));
+    assert_eq!(r.errno, 0, "{}", r.message);
+    // `h` started the chunk's epoch and is open: no move yet, and the report says why.
+    assert!(orders(&mut t, spare).is_empty());
+    let rep = drain_report(&t, leaving);
+    assert_eq!((rep.chunks_left, rep.moving), (1, 0));
+    assert!(
+        rep.notes
+            .iter()
+            .any(|n| n.contains("waiting for the writer")),
+        "{rep:?}"
+    );
+    assert_eq!(
+        t.client(Op::Close(Close {
+            handle: h,
+            more: vec![]
+        }))
+        .errno,
+        0
+    );
+    tick(&mut t);
+    let o = orders(&mut t, spare);
+    assert_eq!(o.len(), 1);
+    // Another writer commits while the copy is made: the copy is refused, the draining copy
+    // stays, and the move is handed out again.
+    let h2 = t
+        .client(Op::Open(kerfs_proto::Open {
+            ino,
+            flags: libc::O_RDWR as u32,
+        }))
+        .handle;
+    let c = t.alloc(h2, &[0]).chunks[0].clone();
+    let r = t.commit(
+        h2,
+        MIB,
+        vec![ChunkWritten {
+            index: 0,
+            version: c.version,
+            servers_ok: on.clone(),
+        }],
+    );
+    assert_eq!(r.errno, 0, "{}", r.message);
+    assert_eq!(
+        t.client(Op::Close(Close {
+            handle: h2,
+            more: vec![]
+        }))
+        .errno,
+        0
+    );
+    report_done(&mut t, spare, vec![done(&o[0], true)]);
+    let c = t.chunks(ino).chunks[0].clone();
+    assert!(servers_of(&c).contains(&leaving), "moved despite the write");
+    assert!(c.replicas.iter().all(|p| p.current));
+    assert_eq!(state_of(&t, leaving), "draining");
+    tick(&mut t);
+    let o = orders(&mut t, spare);
+    assert_eq!(o.len(), 1, "the move is retried");
+    assert_eq!(o[0].version, c.version);
+}
+
+#[test]
+fn removing_a_down_server_is_refused_only_while_it_has_the_last_copy() {
+    let (mut t, ino, h, on, _spare) = repair_setup();
+    assert_eq!(
+        t.client(Op::Close(Close {
+            handle: h,
+            more: vec![]
+        }))
+        .errno,
+        0
+    );
+    let (dead, alive) = (on[0], on[1]);
+    kill(&mut t, dead);
+    // The other copy is good: the dead server's copy is not the last one.
+    let r = t.internal(Op::RemoveChunkServer(kerfs_proto::RemoveChunkServer {
+        server_id: dead,
+    }));
+    assert_eq!(r.errno, 0, "{}", r.message);
+    assert_eq!(state_of(&t, dead), "removed");
+    // Now `alive` holds the last current copy (the removed one and the spare have none yet).
+    let rep = repair_report(&t);
+    assert_eq!(rep.under_replicated, 1);
+    kill(&mut t, alive);
+    let r = t.internal(Op::RemoveChunkServer(kerfs_proto::RemoveChunkServer {
+        server_id: alive,
+    }));
+    assert_eq!(r.errno, libc::EBUSY, "{}", r.message);
+    assert!(r.message.contains("last readable copy"), "{}", r.message);
+    let _ = ino;
+}
+
+#[test]
+fn a_drain_survives_the_server_going_down_and_registering_again() {
+    let (mut t, _ino, h, on, spare) = repair_setup();
+    assert_eq!(
+        t.client(Op::Close(Close {
+            handle: h,
+            more: vec![]
+        }))
+        .errno,
+        0
+    );
+    let leaving = on[0];
+    let r = t.internal(Op::DrainChunkServer(kerfs_proto::DrainChunkServer {
+        server_id: leaving,
+    }));
+    assert_eq!(r.errno, 0, "{}", r.message);
+    kill(&mut t, leaving);
+    assert_eq!(state_of(&t, leaving), "down");
+    let rep = drain_report(&t, leaving);
+    assert!(rep.requested && rep.state == "down", "{rep:?}");
+    // It restarts: registering again does not cancel the drain.
+    let r = t.internal(Op::RegisterChunkServer(RegisterChunkServer {
+        info: Some(ChunkServerInfo {
+            id: leaving,
+            address: format!("s{}:1", leaving - 1),
+            ..Default::default()
+        }),
+    }));
+    assert_eq!(r.errno, 0, "{}", r.message);
+    assert_eq!(state_of(&t, leaving), "draining");
+    t.heartbeat(leaving, false, vec![], vec![]);
+    assert_eq!(state_of(&t, leaving), "draining");
+    // The chunk is still queued (a repair or a move): the mover hands out a copy for it.
+    tick(&mut t);
+    let o = orders(&mut t, spare);
+    assert_eq!(o.len(), 1, "{:?}", repair_report(&t));
+    report_done(&mut t, spare, vec![done(&o[0], true)]);
+    tick(&mut t);
+    assert_eq!(state_of(&t, leaving), "drained");
+    // A removed server cannot come back under its id.
+    let r = t.internal(Op::RemoveChunkServer(kerfs_proto::RemoveChunkServer {
+        server_id: leaving,
+    }));
+    assert_eq!(r.errno, 0, "{}", r.message);
+    let r = t.internal(Op::RegisterChunkServer(RegisterChunkServer {
+        info: Some(ChunkServerInfo {
+            id: leaving,
+            address: format!("s{}:1", leaving - 1),
+            ..Default::default()
+        }),
+    }));
+    assert_eq!(r.errno, libc::EPERM, "{}", r.message);
 }

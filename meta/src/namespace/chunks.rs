@@ -34,6 +34,10 @@ pub const DEFAULT_REPLICAS: u32 = 2;
 pub const STATE_UP: &str = "up";
 pub const STATE_DOWN: &str = "down";
 pub const STATE_DRAINING: &str = "draining";
+/// Drained: nothing is placed on it any more; it may be removed.
+pub const STATE_DRAINED: &str = "drained";
+/// Removed by the operator: its registrations and heartbeats are refused.
+pub const STATE_REMOVED: &str = "removed";
 
 /// Most chunk indexes one AllocateChunks may name (bounds the size of one raft entry's work).
 const MAX_ALLOCATE: usize = 4096;
@@ -285,10 +289,9 @@ pub fn register_server(ctx: &Ctx, state: &mut Overlay<'_>, r: &RegisterChunkServ
             },
         ),
     };
+    refuse_removed(id, &s)?;
     // Draining is the operator's decision; a restart does not cancel it.
-    if s.state != STATE_DRAINING {
-        s.state = STATE_UP.into();
-    }
+    s.state = live_state(&r, &s).into();
     s.info = Some(kerfs_proto::ChunkServerInfo { id, ..info });
     s.last_heartbeat = Some(ctx.now);
     r.want_full_report = true;
@@ -297,6 +300,32 @@ pub fn register_server(ctx: &Ctx, state: &mut Overlay<'_>, r: &RegisterChunkServ
         server_id: id,
         ..Default::default()
     })
+}
+
+/// The state of a server that is alive (registers or heartbeats): up, or draining / drained
+/// when an operator asked for a drain.
+fn live_state(r: &ServerRec, s: &ChunkServerRecord) -> &'static str {
+    if !r.drain {
+        STATE_UP
+    } else if s.state == STATE_DRAINED {
+        STATE_DRAINED
+    } else {
+        STATE_DRAINING
+    }
+}
+
+fn refuse_removed(id: u64, s: &ChunkServerRecord) -> R<()> {
+    if s.state == STATE_REMOVED {
+        return Err(Fail::new(
+            libc::EPERM,
+            format!(
+                "chunk server {id} was removed from the cluster (`kerfsctl node remove`); to \
+                 bring the machine back, empty its data directory and start `kerfsd chunk` \
+                 again: it joins as a new server"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 pub(super) fn delete_key(server: u64, chunk: u64) -> Vec<u8> {
@@ -341,6 +370,7 @@ pub fn heartbeat(ctx: &Ctx, state: &mut Overlay<'_>, h: &ChunkServerHeartbeat) -
             format!("chunk server {id} is not known to the metadata service; register first"),
         ));
     };
+    refuse_removed(id, &s)?;
     let was_down = s.state == STATE_DOWN;
     if let Some(known) = s.info.as_mut() {
         known.capacity_bytes = info.capacity_bytes;
@@ -349,9 +379,7 @@ pub fn heartbeat(ctx: &Ctx, state: &mut Overlay<'_>, h: &ChunkServerHeartbeat) -
         known.chunk_count = info.chunk_count;
     }
     s.last_heartbeat = Some(ctx.now);
-    if s.state != STATE_DRAINING {
-        s.state = STATE_UP.into();
-    }
+    s.state = live_state(&r, &s).into();
 
     for &chunk in &hb.deleted {
         state.delete(delete_key(id, chunk));
@@ -388,8 +416,12 @@ pub fn heartbeat(ctx: &Ctx, state: &mut Overlay<'_>, h: &ChunkServerHeartbeat) -
     }
     let want_full_report = r.want_full_report;
     // A repair accepted above moved placement bytes onto this server: keep them.
+    // So did the end of its own drain (the walk after an accepted repair), if it ended.
     if let Some((_, now)) = load_server(state, id)? {
         s.allocated_bytes = now.allocated_bytes;
+        if now.state == STATE_DRAINED {
+            s.state = now.state;
+        }
     }
     store_server(state, r, s);
     let repair = repair::orders_for(state, id)?;
@@ -485,7 +517,7 @@ pub fn expire_servers(ctx: &Ctx, state: &mut Overlay<'_>, config: &NamespaceConf
     Ok(Reply::default())
 }
 
-/// The servers [`expire_servers`] at `now` would mark down: not down or removed yet, and
+/// The servers [`expire_servers`] at `now` would mark down: not down, drained or removed, and
 /// silent for longer than the timeout.
 pub fn silent_servers(
     state: &dyn KvRead,
@@ -495,9 +527,11 @@ pub fn silent_servers(
     let now = now.as_nanos();
     let timeout = i128::from(config.chunk_server_timeout_ms) * 1_000_000;
     let mut out = all_servers(state)?;
+    // A drained server holds nothing: its silence loses no copy (it stays "drained").
     out.retain(|(_, s)| {
         s.state != STATE_DOWN
-            && s.state != "removed"
+            && s.state != STATE_REMOVED
+            && s.state != STATE_DRAINED
             && rec::ts_nanos(&s.last_heartbeat) + timeout < now
     });
     Ok(out)
@@ -708,6 +742,7 @@ pub fn allocate(ctx: &Ctx, state: &mut Overlay<'_>, a: &AllocateChunks) -> R<Rep
         if let Some(mut c) = rec::get::<ChunkRec>(state, &key)? {
             // A new write epoch on an existing chunk: same placements, next version.
             c.version = c.version.saturating_add(1);
+            c.epoch_handle = a.handle;
             rec::put(state, key, &c);
             chunks.push(with_addresses(&c, index, false, &addr));
             continue;
@@ -739,6 +774,7 @@ pub fn allocate(ctx: &Ctx, state: &mut Overlay<'_>, a: &AllocateChunks) -> R<Rep
             version: 1,
             replicas,
             writes: 0,
+            epoch_handle: a.handle,
         };
         let mut ids: Vec<u64> = c.replicas.iter().map(|p| p.chunk_id).collect();
         ids.dedup();

@@ -12,12 +12,14 @@
 //! - `locks`: fcntl/flock record locks, dropped with the handle they were taken through;
 //! - `chunks`: layouts, chunk servers, file chunk tables, placement, the deletion queue;
 //! - `repair`: under-replicated chunks, repair tasks for chunk servers, replica replacement;
+//! - `drain`: draining chunk servers (through the repair mover) and removing them;
 //! - `reads`: lookup, getattr, readdir, readlink, statfs, the state digest.
 //!
 //! readdir leaves "." and ".." to the FUSE layer: cookies 1 and 2 are never handed out,
 //! the first real entry of a directory has cookie 3.
 
 mod chunks;
+mod drain;
 mod locks;
 mod nodes;
 mod perm;
@@ -179,6 +181,7 @@ impl Namespace {
             Some(read_op::Op::ListChunkServers(_)) => chunks::list_servers(state),
             Some(read_op::Op::RepairStatus(r)) => repair::status(state, r),
             Some(read_op::Op::GetLock(g)) => locks::get_lock(state, g),
+            Some(read_op::Op::DrainStatus(d)) => drain::status(state, d),
         };
         result.unwrap_or_else(Fail::into_reply)
     }
@@ -238,6 +241,8 @@ fn run_op(config: &NamespaceConfig, ctx: &Ctx, state: &mut Overlay<'_>, cmd: &Co
         Some(command::Op::SetLock(s)) => locks::set_lock(ctx, &mut child, s),
         Some(command::Op::ReleaseLocks(r)) => locks::release_locks(ctx, &mut child, r),
         Some(command::Op::CancelLockWait(c)) => locks::cancel_wait(ctx, &mut child, c),
+        Some(command::Op::DrainChunkServer(d)) => drain::drain(ctx, &mut child, d),
+        Some(command::Op::RemoveChunkServer(r)) => drain::remove(ctx, &mut child, r),
     };
     match result {
         Ok(reply) => {

@@ -148,6 +148,10 @@ pub struct ServerRec {
     /// comes back from "down": meta must learn what it holds before trusting deltas).
     #[prost(bool, tag = "2")]
     pub want_full_report: bool,
+    /// An operator asked to drain it (`kerfsctl node drain`): it stays "draining" (or
+    /// "drained") across restarts and down periods until it is removed.
+    #[prost(bool, tag = "3")]
+    pub drain: bool,
 }
 
 /// One chunk of a file. Placements are stored without addresses (servers may move; reads
@@ -162,6 +166,11 @@ pub struct ChunkRec {
     /// did not move while it was made (the version alone does not move within an epoch).
     #[prost(uint64, tag = "3")]
     pub writes: u64,
+    /// The handle whose AllocateChunks started the current write epoch: while it is open its
+    /// writer may still write this version, so a drain does not switch the chunk's
+    /// placements under it.
+    #[prost(uint64, tag = "4")]
+    pub epoch_handle: u64,
 }
 
 #[derive(Clone, PartialEq, Message)]

@@ -20,6 +20,11 @@
 //! counted as current. A commit after the acceptance recomputes the current set from what
 //! the writer reached, which leaves the new copy out (and queues the chunk again).
 //!
+//! Draining uses the same mover: a placement on a "draining" server is good (read, written
+//! and counted) but queued to be replaced. Its task is handed out like a repair's once the
+//! chunk has no missing copy and no open write epoch, and the draining copy is dropped only
+//! when the new one is accepted (see `drain`).
+//!
 //! [`ReplaceReplica`] is the writer's fast path: a replica failed mid-write, the writer gets
 //! another server for the same placement at once, copies the chunk there itself, and names
 //! it in its commit, so the write is acknowledged with every copy.
@@ -38,8 +43,8 @@ use super::chunks::{
     queue_delete, server_id, store_server, with_addresses, writable_handle, STATE_DRAINING,
     STATE_UP,
 };
-use super::records::{self as rec, ChunkOwner, ChunkRec};
-use super::{Ctx, Fail, R};
+use super::records::{self as rec, ChunkOwner, ChunkRec, HandleRec};
+use super::{drain, Ctx, Fail, R};
 use crate::store::{KvRead, Overlay};
 
 pub const P_UNDER: u8 = b'u';
@@ -56,7 +61,7 @@ const MAX_TASKS_PER_SERVER: usize = 4;
 /// Tasks handed out by one tick, and under-replicated chunks one tick looks at.
 const MAX_ASSIGN_PER_TICK: usize = 256;
 const MAX_SCAN_PER_TICK: usize = 16_384;
-const MAX_SCAN_ON_REPORT: usize = 256;
+pub(super) const MAX_SCAN_ON_REPORT: usize = 256;
 /// Orders carried by one heartbeat reply.
 const MAX_ORDERS_PER_HEARTBEAT: usize = 64;
 
@@ -153,6 +158,16 @@ fn good_count(c: &ChunkRec, states: &BTreeMap<u64, String>) -> usize {
     c.replicas.iter().filter(|p| good(p, states)).count()
 }
 
+/// A placement on a server being drained: still good, but it must move.
+fn leaving(p: &ChunkPlacement, states: &BTreeMap<u64, String>) -> bool {
+    states.get(&p.server_id).map(String::as_str) == Some(STATE_DRAINING)
+}
+
+/// Whether the mover has work on chunk `c`: copies missing, or one on a draining server.
+fn needs_work(c: &ChunkRec, states: &BTreeMap<u64, String>, wanted: usize) -> bool {
+    good_count(c, states) < wanted || c.replicas.iter().any(|p| leaving(p, states))
+}
+
 /// Ends the task of `u` (if any): its delivery index goes.
 fn drop_task(state: &mut Overlay<'_>, u: &mut UnderRec) {
     if let Some(t) = u.task.take() {
@@ -175,7 +190,7 @@ pub(super) fn note_with(
     states: &BTreeMap<u64, String>,
 ) -> R<()> {
     let wanted = layout_of(state, ino)?.copies();
-    if good_count(c, states) < wanted {
+    if needs_work(c, states, wanted) {
         let key = under_key(ino, index);
         if rec::get::<UnderRec>(state, &key)?.is_none() {
             rec::put(state, key, &UnderRec::default());
@@ -234,7 +249,7 @@ pub(super) fn note_missing(state: &mut Overlay<'_>, server: u64, held: &BTreeSet
 }
 
 /// Re-checks every chunk that `pick` selects (all of them for a rescan).
-fn scan_chunks(state: &mut Overlay<'_>, pick: impl Fn(&ChunkRec) -> bool) -> R<()> {
+pub(super) fn scan_chunks(state: &mut Overlay<'_>, pick: impl Fn(&ChunkRec) -> bool) -> R<()> {
     let states = server_states(state)?;
     let mut pages = rec::Pages::new(vec![rec::P_CHUNK], vec![rec::P_CHUNK + 1], 1024);
     while let Some(rows) = pages.next_page(state)? {
@@ -325,8 +340,9 @@ pub fn tick(ctx: &Ctx, state: &mut Overlay<'_>, r: &RepairChunks) -> R<Reply> {
 }
 
 /// Walks up to `scan` entries of the queue (round-robin from the cursor): forgets healthy
-/// chunks, abandons expired tasks, hands out new ones.
-fn assign(ctx: &Ctx, state: &mut Overlay<'_>, scan: usize) -> R<Reply> {
+/// chunks, abandons expired tasks, hands out new ones. A walk that saw the whole queue
+/// also ends the drains with nothing left to move.
+pub(super) fn assign(ctx: &Ctx, state: &mut Overlay<'_>, scan: usize) -> R<Reply> {
     let servers: Vec<ChunkServerRecord> = all_servers(state)?.into_iter().map(|(_, s)| s).collect();
     let states: BTreeMap<u64, String> = servers
         .iter()
@@ -358,6 +374,9 @@ fn assign(ctx: &Ctx, state: &mut Overlay<'_>, scan: usize) -> R<Reply> {
         Some((k, _)) if rows.len() >= scan => k.clone(),
         _ => Vec::new(),
     };
+    let whole_queue = rows.len() < scan;
+    // Servers that still hold a placement of a queued chunk.
+    let mut still_placed: BTreeSet<u64> = BTreeSet::new();
     let mut assigned = 0usize;
     for (k, v) in rows {
         let (ino, index) = (rec::u64_at(&k, 1)?, rec::u64_at(&k, 9)?);
@@ -368,10 +387,11 @@ fn assign(ctx: &Ctx, state: &mut Overlay<'_>, scan: usize) -> R<Reply> {
             continue;
         };
         let layout = layout_of(state, ino)?;
-        if good_count(&c, &states) >= layout.copies() {
+        if !needs_work(&c, &states, layout.copies()) {
             forget(state, ino, index)?;
             continue;
         }
+        still_placed.extend(c.replicas.iter().map(|p| p.server_id));
         if let Some(t) = &u.task {
             let target_up = states.get(&t.target).map(String::as_str) == Some(STATE_UP);
             if target_up && rec::ts_nanos(&t.deadline) > now {
@@ -395,7 +415,15 @@ fn assign(ctx: &Ctx, state: &mut Overlay<'_>, scan: usize) -> R<Reply> {
         }
         let waiting = u.not_before.as_ref().is_some_and(|t| t.as_nanos() > now);
         if !waiting && assigned < MAX_ASSIGN_PER_TICK {
-            match plan(ctx, &servers, &states, &layout, &c, &busy) {
+            // A drain move (every copy good) waits for the writer of an open epoch: it may
+            // still write this version to the copy that would be dropped.
+            let writer = if c.replicas.iter().all(|p| good(p, &states)) && c.epoch_handle != 0 {
+                rec::get::<HandleRec>(state, &rec::key_u64(rec::P_HANDLE, c.epoch_handle))?
+                    .map(|_| c.epoch_handle)
+            } else {
+                None
+            };
+            match plan(ctx, &servers, &states, &layout, &c, &busy, writer) {
                 Ok(mut t) => {
                     counters.next_task = counters.next_task.max(1);
                     t.id = counters.next_task;
@@ -423,6 +451,13 @@ fn assign(ctx: &Ctx, state: &mut Overlay<'_>, scan: usize) -> R<Reply> {
     if counters != initial {
         rec::put(state, K_COUNTERS.to_vec(), &counters);
     }
+    if whole_queue {
+        for (id, st) in &states {
+            if st == STATE_DRAINING && !still_placed.contains(id) {
+                drain::finish(state, *id)?;
+            }
+        }
+    }
     Ok(Reply::default())
 }
 
@@ -434,6 +469,7 @@ fn plan(
     layout: &Layout,
     c: &ChunkRec,
     busy: &BTreeMap<u64, usize>,
+    writer: Option<u64>,
 ) -> Result<TaskRec, String> {
     let sources: Vec<ChunkPlacement> = c
         .replicas
@@ -458,12 +494,28 @@ fn plan(
             need
         ));
     }
-    let Some(bad) = c.replicas.iter().position(|p| !good(p, states)) else {
-        return Err(format!(
-            "the chunk has {} placements for a layout of {}; run `kerfsctl repair --now` after checking the metadata",
-            c.replicas.len(),
-            layout.copies()
-        ));
+    // A missing copy first; else the copy on a draining server, which stays current (and
+    // counted) until its replacement is accepted.
+    let bad = match c.replicas.iter().position(|p| !good(p, states)) {
+        Some(i) => i,
+        None => match c.replicas.iter().position(|p| leaving(p, states)) {
+            Some(i) => {
+                if let Some(h) = writer {
+                    return Err(format!(
+                        "waiting for the writer: handle {h} started the chunk's write epoch and is still open; it moves off draining server {} once that handle is closed",
+                        c.replicas[i].server_id
+                    ));
+                }
+                i
+            }
+            None => {
+                return Err(format!(
+                    "the chunk has {} placements for a layout of {}; run `kerfsctl repair --now` after checking the metadata",
+                    c.replicas.len(),
+                    layout.copies()
+                ))
+            }
+        },
     };
     let bytes = placement_bytes(layout);
     let Some(target) = pick_target(servers, c, bad, bytes, true, busy, None) else {
@@ -728,6 +780,7 @@ pub fn status(state: &dyn KvRead, r: &RepairStatus) -> R<Reply> {
     let mut report = RepairReport {
         repaired_total: counters.repaired,
         failed_total: counters.failed,
+        draining_servers: states.values().filter(|s| *s == STATE_DRAINING).count() as u64,
         ..Default::default()
     };
     let mut pages = rec::Pages::new(vec![P_UNDER], vec![P_UNDER + 1], 1024);
@@ -742,7 +795,10 @@ pub fn status(state: &dyn KvRead, r: &RepairStatus) -> R<Reply> {
             let wanted = layout.copies();
             let good = good_count(&c, &states);
             if good >= wanted {
-                continue; // healthy again; the next tick forgets it
+                if c.replicas.iter().any(|p| leaving(p, &states)) {
+                    report.to_move += 1;
+                }
+                continue; // healthy (or only to move off a draining server)
             }
             report.under_replicated += 1;
             if good < layout.readable_with() {

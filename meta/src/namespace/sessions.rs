@@ -317,20 +317,24 @@ fn release(state: &mut Overlay<'_>, handle: u64, h: &HandleRec) -> R<()> {
 }
 
 pub fn close(ctx: &Ctx, state: &mut Overlay<'_>, c: &Close) -> R<Reply> {
-    let hkey = rec::key_u64(rec::P_HANDLE, c.handle);
+    // A failure leaves every handle open: the command's overlay is dropped.
+    for &handle in std::iter::once(&c.handle).chain(&c.more) {
+        close_one(ctx, state, handle)?;
+    }
+    Ok(Reply::default())
+}
+
+fn close_one(ctx: &Ctx, state: &mut Overlay<'_>, handle: u64) -> R<()> {
+    let hkey = rec::key_u64(rec::P_HANDLE, handle);
     let Some(h) = rec::get::<HandleRec>(state, &hkey)? else {
-        return Err(Fail::new(
-            libc::EBADF,
-            format!("no open handle {}", c.handle),
-        ));
+        return Err(Fail::new(libc::EBADF, format!("no open handle {handle}")));
     };
     // Internal commands (client 0) may close anyone's handle; clients only their own.
     if ctx.client_id != 0 && h.client_id != ctx.client_id {
         return Err(Fail::new(
             libc::EBADF,
-            format!("handle {} belongs to another client session", c.handle),
+            format!("handle {handle} belongs to another client session"),
         ));
     }
-    release(state, c.handle, &h)?;
-    Ok(Reply::default())
+    release(state, handle, &h)
 }

@@ -508,10 +508,31 @@ fn orphan_inode_lives_until_last_close() {
     assert_ne!(h1, h2);
     assert_eq!(t.rm(None, ROOT_INO, "f", false).errno, 0);
     assert_eq!(t.attr(ino).nlink, 0);
-    assert_eq!(t.root(Op::Close(Close { handle: h1 })).errno, 0);
+    assert_eq!(
+        t.root(Op::Close(Close {
+            handle: h1,
+            more: vec![]
+        }))
+        .errno,
+        0
+    );
     assert_eq!(t.attr(ino).nlink, 0);
-    assert_eq!(t.root(Op::Close(Close { handle: h1 })).errno, libc::EBADF);
-    assert_eq!(t.root(Op::Close(Close { handle: h2 })).errno, 0);
+    assert_eq!(
+        t.root(Op::Close(Close {
+            handle: h1,
+            more: vec![]
+        }))
+        .errno,
+        libc::EBADF
+    );
+    assert_eq!(
+        t.root(Op::Close(Close {
+            handle: h2,
+            more: vec![]
+        }))
+        .errno,
+        0
+    );
     assert_eq!(
         t.read(None, read_op::Op::GetAttr(GetAttr { ino })).errno,
         libc::ENOENT
@@ -557,15 +578,26 @@ fn create_with_a_data_handle() {
     assert_eq!((again.data_handle, again.layout), (0, None));
     assert_eq!(
         t.root(Op::Close(Close {
-            handle: again.handle
+            handle: again.handle,
+            more: vec![]
         }))
         .errno,
         0
     );
     assert_eq!(t.rm(None, ROOT_INO, "f", false).errno, 0);
-    assert_eq!(t.root(Op::Close(Close { handle: h })).errno, 0);
+    // Both closed in one command, all or none: a handle given twice fails it, and both
+    // stay open.
+    let twice = Close {
+        handle: h,
+        more: vec![d, h],
+    };
+    assert_eq!(t.root(Op::Close(twice)).errno, libc::EBADF);
     assert_eq!(t.read(None, read_op::Op::GetAttr(GetAttr { ino })).errno, 0);
-    assert_eq!(t.root(Op::Close(Close { handle: d })).errno, 0);
+    let both = Close {
+        handle: h,
+        more: vec![d],
+    };
+    assert_eq!(t.root(Op::Close(both)).errno, 0);
     assert_eq!(
         t.read(None, read_op::Op::GetAttr(GetAttr { ino })).errno,
         libc::ENOENT
@@ -1095,8 +1127,17 @@ fn locks_across_clients_close_and_expiry() {
     );
     // Closing b's handle drops all its locks.
     assert_eq!(
-        t.run(client_cmd(b, 6, 6, 100, Op::Close(Close { handle: hb })))
-            .errno,
+        t.run(client_cmd(
+            b,
+            6,
+            6,
+            100,
+            Op::Close(Close {
+                handle: hb,
+                more: vec![]
+            })
+        ))
+        .errno,
         0
     );
     assert!(t.read(None, get(a, 1, LockType::Write)).lock.is_none());
