@@ -359,16 +359,35 @@ impl KerFs {
         size: u64,
         file: Option<&OpenFile>,
     ) -> FsResult<Attr> {
-        let slot = self.slots.lock().await.get(&ino).map(|s| s.handle.clone());
-        let data = match (file, slot) {
-            // ftruncate: the kernel checked that the descriptor is open for writing.
-            (Some(f), _) => f.data.clone(),
-            (None, Some(data)) => {
+        // A path truncate borrows the open slot: the release of the file's last descriptor
+        // may arrive meanwhile (the kernel sends it after close(2) returned), and must not
+        // close the handle under the cut.
+        let slot = match file {
+            Some(_) => None,
+            None => self.slots.lock().await.get_mut(&ino).map(|s| {
+                s.refs += 1;
+                s.handle.clone()
+            }),
+        };
+        if let Some(data) = slot {
+            let cut = async {
                 let a = self.as_caller(caller).getattr(ino).await?;
                 check_truncate(caller, &a)?;
-                data
+                cut_shared(caller, &data, size).await
             }
-            (None, None) => {
+            .await;
+            let released = match self.unref_slot(ino).await {
+                Some(last) => last.close_with(&[], Durability::Visible).await,
+                None => Ok(()),
+            };
+            let after = cut?;
+            released?;
+            return Ok(after);
+        }
+        let data = match file {
+            // ftruncate: the kernel checked that the descriptor is open for writing.
+            Some(f) => f.data.clone(),
+            None => {
                 // The caller's own truncate checks its permission and cuts the metadata;
                 // a data handle then cuts the boundary chunk when the file shrank into it.
                 let client = self.as_caller(caller);
@@ -391,12 +410,7 @@ impl KerFs {
                 return Ok(after);
             }
         };
-        // The shared handle commits under the mount's identity: say the caller lacks
-        // CAP_FSETID, so the cut drops set-user-ID/set-group-ID as the caller's own would.
-        if !caller.is_root() {
-            data.clear_set_id_on_commit();
-        }
-        Ok(data.truncate(size).await?)
+        cut_shared(caller, &data, size).await
     }
 
     /// mknod(2): `mode` carries the file type bits (S_IFREG, S_IFIFO...).
@@ -917,23 +931,27 @@ impl KerFs {
                 format!("no open file handle {fh}"),
             ));
         };
-        let last = {
-            let mut slots = self.slots.lock().await;
-            match slots.get_mut(&file.ino) {
-                Some(slot) if slot.refs > 1 => {
-                    slot.refs -= 1;
-                    None
-                }
-                Some(_) => slots.remove(&file.ino).map(|s| s.handle),
-                None => None,
-            }
-        };
+        let last = self.unref_slot(file.ino).await;
         // The last open here closes the data handle with the caller's, in one command.
         match last {
             Some(data) => data.close_with(&[file.handle], Durability::Visible).await?,
             None => self.client.close(file.handle).await?,
         }
         Ok(())
+    }
+
+    /// Drops one reference on the inode's data slot; returns its handle when that was the
+    /// last (the caller closes it).
+    async fn unref_slot(&self, ino: u64) -> Option<FileHandle> {
+        let mut slots = self.slots.lock().await;
+        match slots.get_mut(&ino) {
+            Some(slot) if slot.refs > 1 => {
+                slot.refs -= 1;
+                None
+            }
+            Some(_) => slots.remove(&ino).map(|s| s.handle),
+            None => None,
+        }
     }
 
     /// Closes every handle still open (the mount is going away).
@@ -1106,6 +1124,16 @@ pub fn system_time(t: Option<&Timespec>) -> SystemTime {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Every critical section is a single map operation that cannot leave it half-changed.
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Truncates through a data handle the mount shares between callers. It commits under the
+/// mount's identity: say the caller lacks CAP_FSETID, so the cut drops set-user-ID and
+/// set-group-ID as the caller's own would.
+async fn cut_shared(caller: &Caller, data: &FileHandle, size: u64) -> FsResult<Attr> {
+    if !caller.is_root() {
+        data.clear_set_id_on_commit();
+    }
+    Ok(data.truncate(size).await?)
 }
 
 #[cfg(test)]
