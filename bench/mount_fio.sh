@@ -21,29 +21,9 @@ FILES=${FILES:-10000}
 if ! command -v fio >/dev/null || ! command -v bindfs >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fio bindfs fuse3 >/dev/null
 fi
-if [ -n "${KERFS_BIN:-}" ]; then
-    bin=$KERFS_BIN
-else
-    cargo build --release -p kerfs-cli -p kerfs --bins
-    bin=$PWD/target/release
-fi
-dir=$(mktemp -d /var/tmp/kerfs-bench.XXXXXX)   # on the disk, not a tmpfs
-key="$dir/cluster.key"
-base=$((20000 + RANDOM % 10000))
-mkdir -p "$dir/local" "$dir/bindfs" "$dir/kerfs"
-"$bin/kerfsd" dev --dir "$dir/cluster" --base-port "$base" --key-file "$key" \
-    --mount "$dir/kerfs" >"$dir/dev.log" 2>&1 &
-dev=$!
-cleanup() {
-    fusermount3 -u "$dir/bindfs" 2>/dev/null || true
-    kill -TERM $dev 2>/dev/null || true
-    wait $dev 2>/dev/null || true
-    rm -rf "$dir"
-}
-trap cleanup EXIT
-for _ in $(seq 1 300); do findmnt --mountpoint "$dir/kerfs" >/dev/null 2>&1 && break; sleep 0.2; done
-findmnt --mountpoint "$dir/kerfs" >/dev/null || { cat "$dir/dev.log"; exit 1; }
-bindfs "$dir/local" "$dir/bindfs"
+. bench/mount_common.sh
+kerfs_binaries
+start_mounts
 
 drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 # fio's bandwidth (MiB/s) or IOPS of one job group, from its JSON.
@@ -57,22 +37,6 @@ import json, sys
 j = json.load(open(sys.argv[1]))["jobs"][0]
 side, what = sys.argv[2].split(".")
 print(f"{j[side]['bw'] / 1024:.1f}" if what == "bw" else f"{j[side]['iops']:.0f}")
-EOF
-}
-meta_ops() { # target -> "creates/s stats/s unlinks/s"
-    python3 - "$1" "$FILES" <<'EOF'
-import os, sys, time
-d, n = os.path.join(sys.argv[1], "files"), int(sys.argv[2])
-os.mkdir(d)
-names = [os.path.join(d, f"f{i:06d}") for i in range(n)]
-out = []
-for op in (lambda p: os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o644)), os.stat, os.unlink):
-    t = time.perf_counter()
-    for p in names:
-        op(p)
-    out.append(f"{n / (time.perf_counter() - t):.0f}")
-os.rmdir(d)
-print(" ".join(out))
 EOF
 }
 
@@ -94,14 +58,8 @@ for t in local bindfs kerfs; do
     R[$t.create]=$c R[$t.stat]=$s R[$t.unlink]=$u
 done
 
-ratio() { python3 -c "print(f'{$1 / $2:.2f}' if $2 else '-')"; }
 echo
 echo "mount benchmark: ${SIZE_MB} MiB sequential, 8 x ${WRITER_MB} MiB writers, ${FILES} files; kerfs = kerfsd dev, R=2, 3 chunk servers"
-printf '%-32s %10s %10s %10s %12s %12s\n' job local bindfs kerfs kerfs/local kerfs/bindfs
-for row in "seqw:sequential write MiB/s" "seqr:sequential read MiB/s" "randr:4 KiB random read IOPS" \
-    "par:8 writers MiB/s (total)" "create:creates/s" "stat:stats/s" "unlink:unlinks/s"; do
-    k=${row%%:*} label=${row#*:}
-    printf '%-32s %10s %10s %10s %12s %12s\n' "$label" "${R[local.$k]}" "${R[bindfs.$k]}" \
-        "${R[kerfs.$k]}" "$(ratio "${R[kerfs.$k]}" "${R[local.$k]}")" \
-        "$(ratio "${R[kerfs.$k]}" "${R[bindfs.$k]}")"
-done
+print_ratios 32 "seqw:sequential write MiB/s" "seqr:sequential read MiB/s" \
+    "randr:4 KiB random read IOPS" "par:8 writers MiB/s (total)" "create:creates/s" \
+    "stat:stats/s" "unlink:unlinks/s"
