@@ -120,51 +120,20 @@ async fn leader_killed_during_creates_loses_no_acknowledged_create() -> Result<(
     let leader = cluster.wait_leader(&admin, Duration::from_secs(10)).await?;
     let dir = admin.mkdir(ROOT_INO, b"stream", 0o755).await?;
 
-    // Four writers create files as fast as they can and record what was acknowledged.
-    let acked = Arc::new(Mutex::new(Vec::<(String, Instant)>::new()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut writers = Vec::new();
-    for w in 0..4 {
-        let client = cluster.client().await?;
-        let acked = acked.clone();
-        let stop = stop.clone();
-        writers.push(tokio::spawn(async move {
-            let mut i = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let name = format!("w{w}-{i}");
-                match client.create_file(dir.ino, name.as_bytes(), 0o644).await {
-                    Ok(_) => acked.lock().unwrap().push((name, Instant::now())),
-                    Err(e) => return Err(anyhow::anyhow!("create {name} failed: {e}")),
-                }
-                i += 1;
-            }
-            Ok(())
-        }));
-    }
+    // Four clients create files as fast as they can and record what was acknowledged.
+    let storm = CreateStorm::start(&cluster, dir.ino, 4, false).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let before = acked.lock().unwrap().len();
+    let before = storm.acked_count();
     info!(leader, before, "killing the leader with SIGKILL");
     let killed_at = Instant::now();
     cluster.kill9(leader)?;
 
-    // Writers keep going; the first acknowledgement after the kill shows a new leader serves.
-    let deadline = killed_at + Duration::from_secs(15);
-    let resumed = loop {
-        if let Some(t) = acked
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(_, t)| *t)
-            .find(|t| *t > killed_at + Duration::from_millis(1))
-        {
-            // Any ack after the kill came from the new leader (the old one is dead).
-            break t;
-        }
-        if Instant::now() > deadline {
-            bail!("no create acknowledged within 15 s of killing the leader");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    // Writers keep going; the first acknowledgement after the kill (the old leader is dead)
+    // shows a new leader serves.
+    let resumed = storm
+        .first_ack_after(killed_at, Duration::from_secs(15))
+        .await
+        .context("after killing the leader")?;
     let failover = resumed.duration_since(killed_at);
     info!(?failover, "a new leader serves");
     ensure!(
@@ -172,17 +141,7 @@ async fn leader_killed_during_creates_loses_no_acknowledged_create() -> Result<(
         "failover took {failover:?}"
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for w in writers {
-        w.await??;
-    }
-
-    let acked: Vec<String> = acked
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(n, _)| n.clone())
-        .collect();
+    let (acked, _) = storm.finish().await?;
     let present = names_of(&admin.readdir_all(dir.ino).await?);
     info!(
         acked = acked.len(),
@@ -648,6 +607,101 @@ async fn read_index_reads_are_never_stale_after_leader_freeze_or_kill() -> Resul
     reads_stay_linearizable_across_freeze_and_kill("read-index").await
 }
 
+/// Clients creating files in one directory as fast as they can, each create retried by the
+/// client through elections and outages, recording every acknowledged create and when.
+/// With `sync_every_other`, clients 1, 3... call `sync` after each create and record it only
+/// once that returned.
+struct CreateStorm {
+    acked: Arc<Mutex<Vec<(String, Instant)>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    writers: Vec<tokio::task::JoinHandle<Result<usize>>>,
+}
+
+impl CreateStorm {
+    async fn start(
+        cluster: &MetaCluster,
+        dir: u64,
+        clients: usize,
+        sync_every_other: bool,
+    ) -> Result<CreateStorm> {
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut writers = Vec::new();
+        for w in 0..clients {
+            let client = cluster.client().await?;
+            let (acked, stop) = (acked.clone(), stop.clone());
+            writers.push(tokio::spawn(async move {
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let name = format!("w{w}-{i}");
+                    client
+                        .create_file(dir, name.as_bytes(), 0o644)
+                        .await
+                        .with_context(|| format!("create {name}"))?;
+                    if sync_every_other && w % 2 == 1 {
+                        client
+                            .sync()
+                            .await
+                            .with_context(|| format!("sync after {name}"))?;
+                    }
+                    acked.lock().unwrap().push((name, Instant::now()));
+                    i += 1;
+                }
+                anyhow::Ok(i)
+            }));
+        }
+        Ok(CreateStorm {
+            acked,
+            stop,
+            writers,
+        })
+    }
+
+    fn acked_count(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Waits for the first create acknowledged after `t` (by a leader elected after it).
+    async fn first_ack_after(&self, t: Instant, timeout: Duration) -> Result<Instant> {
+        let deadline = t + timeout;
+        loop {
+            let first = self
+                .acked
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(_, at)| *at)
+                .find(|at| *at > t + Duration::from_millis(1));
+            if let Some(at) = first {
+                return Ok(at);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "no create acknowledged within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the clients once their create in flight is acknowledged; returns the names
+    /// acknowledged and how many creates were attempted.
+    async fn finish(self) -> Result<(BTreeSet<String>, usize)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut attempted = 0;
+        for w in self.writers {
+            attempted += w.await??;
+        }
+        let acked = self
+            .acked
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect();
+        Ok((acked, attempted))
+    }
+}
+
 /// Four clients create files as fast as they can, two of them calling `sync` (what fsync
 /// sends) after each create, while every metadata node is killed with SIGKILL at once and
 /// restarted. Every create a client saw acknowledged must be there afterwards, and the
@@ -664,34 +718,9 @@ async fn all_nodes_killed_during_a_create_storm(flush_ms: Option<u64>) -> Result
     cluster.wait_leader(&admin, Duration::from_secs(10)).await?;
     let dir = admin.mkdir(ROOT_INO, b"storm", 0o755).await?;
 
-    let acked = Arc::new(Mutex::new(Vec::<(String, Instant)>::new()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut writers = Vec::new();
-    for w in 0..4 {
-        let client = cluster.client().await?;
-        let (acked, stop) = (acked.clone(), stop.clone());
-        writers.push(tokio::spawn(async move {
-            let mut i = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let name = format!("w{w}-{i}");
-                client
-                    .create_file(dir.ino, name.as_bytes(), 0o644)
-                    .await
-                    .with_context(|| format!("create {name}"))?;
-                if w % 2 == 1 {
-                    client
-                        .sync()
-                        .await
-                        .with_context(|| format!("sync after {name}"))?;
-                }
-                acked.lock().unwrap().push((name, Instant::now()));
-                i += 1;
-            }
-            anyhow::Ok(i)
-        }));
-    }
+    let storm = CreateStorm::start(&cluster, dir.ino, 4, true).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let before = acked.lock().unwrap().len();
+    let before = storm.acked_count();
     info!(before, "killing every metadata node with SIGKILL");
     for id in [1, 2, 3] {
         cluster.kill9(id)?;
@@ -701,32 +730,12 @@ async fn all_nodes_killed_during_a_create_storm(flush_ms: Option<u64>) -> Result
         cluster.restart(id)?;
     }
     // The writers retry through the outage; wait until they are acknowledged again.
-    let deadline = killed_at + Duration::from_secs(30);
-    while !acked
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|(_, t)| *t > killed_at + Duration::from_millis(1))
-    {
-        ensure!(
-            Instant::now() < deadline,
-            "no create acknowledged within 30 s of restarting every node"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    storm
+        .first_ack_after(killed_at, Duration::from_secs(30))
+        .await
+        .context("after restarting every node")?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut attempted = 0;
-    for w in writers {
-        attempted += w.await??;
-    }
-
-    let acked: BTreeSet<String> = acked
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(n, _)| n.clone())
-        .collect();
+    let (acked, attempted) = storm.finish().await?;
     let present = names_of(&admin.readdir_all(dir.ino).await?);
     info!(
         before,
