@@ -91,6 +91,15 @@ impl T {
         self.client_as(None, op)
     }
 
+    /// Closes a handle of the client session; it must succeed.
+    fn close(&mut self, handle: u64) {
+        let r = self.client(Op::Close(Close {
+            handle,
+            more: vec![],
+        }));
+        assert_eq!(r.errno, 0, "close of handle {handle}: {}", r.message);
+    }
+
     fn read(&self, op: read_op::Op) -> Reply {
         self.ns.read(
             &self.eng,
@@ -656,14 +665,7 @@ fn deleting_a_file_queues_its_chunks_once_the_last_handle_closes() {
         .unwrap()
         .delete
         .is_empty());
-    assert_eq!(
-        t.client(Op::Close(Close {
-            handle: h,
-            more: vec![]
-        }))
-        .errno,
-        0
-    );
+    t.close(h);
     let r = t.read(read_op::Op::GetChunks(GetChunks {
         ino,
         ..Default::default()
@@ -1371,14 +1373,7 @@ fn orders(t: &mut T, server: u64) -> Vec<kerfs_proto::ChunkRepairOrder> {
 #[test]
 fn drain_moves_the_copy_before_dropping_it_then_remove_is_allowed() {
     let (mut t, ino, h, on, spare) = repair_setup();
-    assert_eq!(
-        t.client(Op::Close(Close {
-            handle: h,
-            more: vec![]
-        }))
-        .errno,
-        0
-    );
+    t.close(h);
     let (leaving, staying) = (on[0], on[1]);
     let remove = |t: &mut T| {
         t.internal(Op::RemoveChunkServer(kerfs_proto::RemoveChunkServer {
@@ -1463,14 +1458,7 @@ fn drain_waits_for_an_open_write_epoch_and_a_commit_meanwhile_refuses_the_copy()
             .any(|n| n.contains("waiting for the writer")),
         "{rep:?}"
     );
-    assert_eq!(
-        t.client(Op::Close(Close {
-            handle: h,
-            more: vec![]
-        }))
-        .errno,
-        0
-    );
+    t.close(h);
     tick(&mut t);
     let o = orders(&mut t, spare);
     assert_eq!(o.len(), 1);
@@ -1493,14 +1481,7 @@ fn drain_waits_for_an_open_write_epoch_and_a_commit_meanwhile_refuses_the_copy()
         }],
     );
     assert_eq!(r.errno, 0, "{}", r.message);
-    assert_eq!(
-        t.client(Op::Close(Close {
-            handle: h2,
-            more: vec![]
-        }))
-        .errno,
-        0
-    );
+    t.close(h2);
     report_done(&mut t, spare, vec![done(&o[0], true)]);
     let c = t.chunks(ino).chunks[0].clone();
     assert!(servers_of(&c).contains(&leaving), "moved despite the write");
@@ -1515,14 +1496,7 @@ fn drain_waits_for_an_open_write_epoch_and_a_commit_meanwhile_refuses_the_copy()
 #[test]
 fn removing_a_down_server_is_refused_only_while_it_has_the_last_copy() {
     let (mut t, ino, h, on, _spare) = repair_setup();
-    assert_eq!(
-        t.client(Op::Close(Close {
-            handle: h,
-            more: vec![]
-        }))
-        .errno,
-        0
-    );
+    t.close(h);
     let (dead, alive) = (on[0], on[1]);
     kill(&mut t, dead);
     // The other copy is good: the dead server's copy is not the last one.
@@ -1546,14 +1520,7 @@ fn removing_a_down_server_is_refused_only_while_it_has_the_last_copy() {
 #[test]
 fn a_drain_survives_the_server_going_down_and_registering_again() {
     let (mut t, _ino, h, on, spare) = repair_setup();
-    assert_eq!(
-        t.client(Op::Close(Close {
-            handle: h,
-            more: vec![]
-        }))
-        .errno,
-        0
-    );
+    t.close(h);
     let leaving = on[0];
     let r = t.internal(Op::DrainChunkServer(kerfs_proto::DrainChunkServer {
         server_id: leaving,
