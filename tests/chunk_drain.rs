@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use kerfs_client::{DataClient, MetaClient};
-use kerfs_proto::{read_op, FileChunk, Layout};
 use kerfs_tests::{
-    bin_path, erasure, expected_hash, hash_file, init_tracing, kerfsctl, kerfsctl_json, layout_dir,
-    replicated, write_stream, KerfsCluster, KerfsClusterOptions, MetaClusterOptions,
+    bin_path, busiest_server, chunk_table, erasure, expected_hash, hash_of, init_tracing, kerfsctl,
+    kerfsctl_json, layout_dir, replicated, write_stream, KerfsCluster, KerfsClusterOptions,
+    MetaClusterOptions,
 };
 use serde_json::Value;
 use tracing::info;
@@ -35,25 +35,6 @@ const MIB: u64 = 1024 * 1024;
 
 /// Each test starts seven daemons on 2 cores: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-async fn chunk_table(meta: &MetaClient, ino: u64) -> Result<(Layout, Vec<FileChunk>)> {
-    let reply = kerfs_client::check(
-        meta.read(read_op::Op::GetChunks(kerfs_proto::GetChunks {
-            ino,
-            first_index: 0,
-            count: 0,
-        }))
-        .await?,
-    )?;
-    Ok((reply.layout.unwrap_or_default(), reply.chunks))
-}
-
-async fn hash_of(data: &DataClient, ino: u64) -> Result<blake3::Hash> {
-    let f = data.open(ino, libc::O_RDONLY as u32).await?;
-    let h = hash_file(&f).await?;
-    f.close().await?;
-    Ok(h)
-}
 
 /// `kerfsctl --json ARGS` without borrowing the cluster (to run on a blocking thread while
 /// the test goes on): exit code, stdout, stderr.
@@ -86,6 +67,28 @@ fn node(cluster: &KerfsCluster, id: u64) -> Result<Value> {
         .find(|n| n["id"].as_u64() == Some(id))
         .cloned()
         .with_context(|| format!("server {id} not listed: {v:#}"))
+}
+
+/// After a drain: no chunk of the files is placed on `victim`, and each has every copy its
+/// layout wants.
+async fn ensure_nothing_on(
+    meta: &MetaClient,
+    inos: &[u64],
+    victim: u64,
+    states: &BTreeMap<u64, String>,
+) -> Result<()> {
+    for &ino in inos {
+        for c in chunk_table(meta, ino).await?.1 {
+            ensure!(
+                c.replicas.iter().all(|p| p.server_id != victim),
+                "inode {ino} chunk {} still placed on the drained server {victim}",
+                c.index
+            );
+        }
+    }
+    let (margin, which) = worst_margin(meta, inos, states).await?;
+    ensure!(margin >= 0, "after the drain {which} good copies");
+    Ok(())
 }
 
 /// The fewest good copies (current, on an up or draining server) any chunk of `inos` has,
@@ -170,19 +173,8 @@ async fn drain_under_writes_keeps_redundancy_then_remove() -> Result<()> {
     let before: Vec<u64> = files.iter().map(|f| f.0).collect();
 
     // The server holding the most copies (replicas and shards) leaves.
-    let mut load: BTreeMap<u64, usize> = BTreeMap::new();
-    for &ino in &before {
-        for c in chunk_table(&meta, ino).await?.1 {
-            for p in c.replicas {
-                *load.entry(p.server_id).or_default() += 1;
-            }
-        }
-    }
-    let (victim, held) = load
-        .iter()
-        .max_by_key(|(_, n)| **n)
-        .map(|(id, n)| (*id, *n))
-        .context("no placements")?;
+    let (busiest, held) = busiest_server(&meta, &before).await?;
+    let victim = busiest.server_id;
     let ec_ino = files.last().map(|f| f.0).context("no EC file")?;
     let ec_shards = chunk_table(&meta, ec_ino)
         .await?
@@ -319,17 +311,7 @@ async fn drain_under_writes_keeps_redundancy_then_remove() -> Result<()> {
         "{states:?}"
     );
     let all: Vec<u64> = files.iter().map(|f| f.0).collect();
-    for &ino in &all {
-        for c in chunk_table(&meta, ino).await?.1 {
-            ensure!(
-                c.replicas.iter().all(|p| p.server_id != victim),
-                "inode {ino} chunk {} still placed on server {victim}",
-                c.index
-            );
-        }
-    }
-    let (margin, which) = worst_margin(&meta, &all, &states).await?;
-    ensure!(margin >= 0, "after the drain {which} good copies");
+    ensure_nothing_on(&meta, &all, victim, &states).await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let n = node(&cluster, victim)?;
@@ -442,17 +424,7 @@ async fn drain_resumes_under_a_new_leader_after_the_leader_is_killed() -> Result
     ensure!(new_leader != leader, "{status:#}");
     let states = server_states(&meta).await?;
     let inos: Vec<u64> = files.iter().map(|f| f.0).collect();
-    for &ino in &inos {
-        for c in chunk_table(&meta, ino).await?.1 {
-            ensure!(
-                c.replicas.iter().all(|p| p.server_id != victim),
-                "inode {ino} chunk {} still placed on the drained server",
-                c.index
-            );
-        }
-    }
-    let (margin, which) = worst_margin(&meta, &inos, &states).await?;
-    ensure!(margin >= 0, "after the drain {which} good copies");
+    ensure_nothing_on(&meta, &inos, victim, &states).await?;
     for &(ino, seed, size) in &files {
         ensure!(
             hash_of(&data, ino).await? == expected_hash(seed, size),

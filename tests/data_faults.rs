@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use kerfs_client::{ClientError, DataClient, MetaClient};
-use kerfs_proto::{read_op, FileChunk};
+use kerfs_proto::FileChunk;
 use kerfs_tests::{
-    content, erasure, expected_hash, hash_file, init_tracing, layout_dir, log_tail, replicated,
-    write_stream, KerfsCluster, KerfsClusterOptions,
+    chunk_table, content, erasure, expected_hash, hash_file, init_tracing, layout_dir, log_tail,
+    replicated, write_stream, KerfsCluster, KerfsClusterOptions,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -29,19 +29,6 @@ const MIB: u64 = 1024 * 1024;
 
 /// Each test starts a dozen processes and moves a lot of data on 2 cores: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// The file's chunk table as meta has it.
-async fn chunk_table(meta: &MetaClient, ino: u64) -> Result<Vec<FileChunk>> {
-    let reply = kerfs_client::check(
-        meta.read(read_op::Op::GetChunks(kerfs_proto::GetChunks {
-            ino,
-            first_index: 0,
-            count: 0,
-        }))
-        .await?,
-    )?;
-    Ok(reply.chunks)
-}
 
 /// Waits until every chunk server answers ServerInfo (it listens and serves), and meta counts
 /// them all as up.
@@ -100,7 +87,7 @@ async fn server_down_during_rewrite_never_serves_the_old_version() -> Result<()>
     write_stream(&f, 1, 0, size).await?;
     f.close().await?;
     let ino = f.ino();
-    let before = chunk_table(&meta, ino).await?;
+    let before = chunk_table(&meta, ino).await?.1;
     ensure!(before.len() == 7, "{} chunks in meta, want 7", before.len());
 
     // The server holding a replica of chunk 1; chunks 1..=4 get rewritten while it is down,
@@ -137,7 +124,7 @@ async fn server_down_during_rewrite_never_serves_the_old_version() -> Result<()>
     };
     let want_hash = blake3::hash(&expected(0, size as usize));
 
-    let after = chunk_table(&meta, ino).await?;
+    let after = chunk_table(&meta, ino).await?.1;
     for c in &rewritten {
         let now = after
             .iter()
@@ -204,7 +191,7 @@ async fn server_down_during_rewrite_never_serves_the_old_version() -> Result<()>
 
     info!("asking the restarted server directly for the new versions");
     let mut rpc = cluster.chunk_rpc(cluster.chunk_addr(victim)).await?;
-    let after = chunk_table(&meta, ino).await?;
+    let after = chunk_table(&meta, ino).await?.1;
     for c in &rewritten {
         let now = after
             .iter()
@@ -259,7 +246,7 @@ async fn server_down_during_rewrite_never_serves_the_old_version() -> Result<()>
             Err(s) => return Err(s.into()),
         };
         let repaired_since = stat.version == now.version
-            && chunk_table(&meta, ino).await?.iter().any(|t| {
+            && chunk_table(&meta, ino).await?.1.iter().any(|t| {
                 t.index == c.index
                     && t.replicas
                         .iter()
@@ -606,7 +593,7 @@ async fn disk_full_writes_fail_over_or_fail_clearly_and_acked_data_survives() ->
         let f = data.create(r1, name.as_bytes(), 0o644, true).await?;
         write_stream(&f, 20 + i, 0, small).await?;
         f.close().await?;
-        let table = chunk_table(&meta, f.ino()).await?;
+        let table = chunk_table(&meta, f.ino()).await?.1;
         if table
             .iter()
             .any(|c| c.replicas.iter().any(|p| p.address == full_addr))
@@ -684,7 +671,7 @@ async fn disk_full_writes_fail_over_or_fail_clearly_and_acked_data_survives() ->
     let mut degraded = 0;
     for (dir, name, _, _) in &acked {
         let attr = meta.lookup(*dir, name.as_bytes()).await?;
-        for c in chunk_table(&meta, attr.ino).await? {
+        for c in chunk_table(&meta, attr.ino).await?.1 {
             let current = c.replicas.iter().filter(|p| p.current).count();
             ensure!(
                 current >= 1,
@@ -766,7 +753,7 @@ async fn disk_full_writes_fail_over_or_fail_clearly_and_acked_data_survives() ->
         if got != expected_hash(*seed, *size) {
             bail!(
                 "{name}: acknowledged data reads back different; chunk table {:?}",
-                table_servers(&chunk_table(&meta, attr.ino).await?)
+                table_servers(&chunk_table(&meta, attr.ino).await?.1)
             );
         }
     }

@@ -20,11 +20,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use kerfs_client::{DataClient, MetaClient};
-use kerfs_proto::{read_op, FileChunk, Layout};
+use kerfs_proto::{read_op, Layout};
 use kerfs_tests::{
-    content, erasure, expected_hash, flip_bits_in_chunk_files, hash_file, init_tracing, kerfsctl,
-    kerfsctl_json, layout_dir, replicated, write_stream, KerfsCluster, KerfsClusterOptions,
-    MetaClusterOptions,
+    busiest_server, chunk_table, content, erasure, expected_hash, flip_bits_in_chunk_files,
+    hash_of, init_tracing, kerfsctl, kerfsctl_json, layout_dir, replicated, write_stream,
+    KerfsCluster, KerfsClusterOptions, MetaClusterOptions,
 };
 use tracing::info;
 
@@ -43,26 +43,6 @@ async fn start(chunk_servers: u64, timeout_ms: Option<u64>) -> Result<KerfsClust
         ..Default::default()
     })
     .await
-}
-
-/// blake3 of the whole file, read through a fresh open.
-async fn hash_of(data: &DataClient, ino: u64) -> Result<blake3::Hash> {
-    let f = data.open(ino, libc::O_RDONLY as u32).await?;
-    let h = hash_file(&f).await?;
-    f.close().await?;
-    Ok(h)
-}
-
-async fn chunk_table(meta: &MetaClient, ino: u64) -> Result<(Layout, Vec<FileChunk>)> {
-    let reply = kerfs_client::check(
-        meta.read(read_op::Op::GetChunks(kerfs_proto::GetChunks {
-            ino,
-            first_index: 0,
-            count: 0,
-        }))
-        .await?,
-    )?;
-    Ok((reply.layout.unwrap_or_default(), reply.chunks))
 }
 
 async fn repair_report(meta: &MetaClient) -> Result<kerfs_proto::RepairReport> {
@@ -225,19 +205,8 @@ async fn r2_lost_server_is_re_replicated_then_a_second_loss_reads_back() -> Resu
     );
 
     // The server holding the most copies goes for good.
-    let mut load: BTreeMap<String, usize> = BTreeMap::new();
-    for &ino in &inos {
-        for c in chunk_table(&meta, ino).await?.1 {
-            for p in c.replicas {
-                *load.entry(p.address).or_default() += 1;
-            }
-        }
-    }
-    let (victim_addr, held) = load
-        .iter()
-        .max_by_key(|(_, n)| **n)
-        .map(|(a, n)| (a.clone(), *n))
-        .context("no placements")?;
+    let (busiest, held) = busiest_server(&meta, &inos).await?;
+    let victim_addr = busiest.address;
     let victim = cluster.server_index(&victim_addr)?;
     info!(
         victim,

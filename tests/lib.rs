@@ -705,6 +705,51 @@ pub async fn write_stream(
 }
 
 /// blake3 of the whole file, read in sequential 1 MiB requests.
+/// A file's layout and chunk table as meta has it.
+pub async fn chunk_table(
+    meta: &MetaClient,
+    ino: u64,
+) -> Result<(kerfs_proto::Layout, Vec<kerfs_proto::FileChunk>)> {
+    let reply = kerfs_client::check(
+        meta.read(kerfs_proto::read_op::Op::GetChunks(
+            kerfs_proto::GetChunks {
+                ino,
+                first_index: 0,
+                count: 0,
+            },
+        ))
+        .await?,
+    )?;
+    Ok((reply.layout.unwrap_or_default(), reply.chunks))
+}
+
+/// The chunk server holding the most copies (replicas and shards) of the files' chunks:
+/// its placement (id and address) and how many it holds.
+pub async fn busiest_server(
+    meta: &MetaClient,
+    inos: &[u64],
+) -> Result<(kerfs_proto::ChunkPlacement, usize)> {
+    let mut load: BTreeMap<u64, (kerfs_proto::ChunkPlacement, usize)> = BTreeMap::new();
+    for &ino in inos {
+        for c in chunk_table(meta, ino).await?.1 {
+            for p in c.replicas {
+                load.entry(p.server_id).or_insert_with(|| (p.clone(), 0)).1 += 1;
+            }
+        }
+    }
+    load.into_values()
+        .max_by_key(|(_, n)| *n)
+        .context("no placements")
+}
+
+/// blake3 of the whole file, read through a fresh open.
+pub async fn hash_of(data: &kerfs_client::DataClient, ino: u64) -> Result<blake3::Hash> {
+    let f = data.open(ino, libc::O_RDONLY as u32).await?;
+    let h = hash_file(&f).await?;
+    f.close().await?;
+    Ok(h)
+}
+
 pub async fn hash_file(f: &kerfs_client::FileHandle) -> Result<blake3::Hash> {
     let size = f.size();
     let mut h = blake3::Hasher::new();
