@@ -3,6 +3,8 @@
 //!
 //! - `two_mounts_close_to_open`: two `kerfs` processes on one cluster; what one writes, renames
 //!   and unlinks, the other sees.
+//! - `attribute_changes_of_an_open_file_travel_with_its_close`: tar's futimens, fchown and
+//!   fchmod before close cost no command of their own and reach the other mount with the data.
 //! - `programs_on_the_mount`: git, tar + diff, sqlite3.
 //! - `dd_survives_leader_and_chunk_server_kill9`: kill -9 of the metadata leader and of a chunk
 //!   server while dd writes; `KERFS_DD_MIB` sets the size (default 1024 = 1 GiB).
@@ -267,6 +269,182 @@ async fn fsync_through_the_mount_flushes_the_metadata_log() -> Result<()> {
     })?;
     drop(client);
     mount.unmount()?;
+    Ok(())
+}
+
+/// One file finished the way tar x, cp -a and rsync finish it: written through a new
+/// descriptor, then futimens (explicit mtime), fchown and fchmod on that descriptor, then
+/// close. Returns what fstat said between the last change and the close.
+fn write_like_tar(path: &Path, data: &[u8], mtime: i64, uid: u32, mode: u32) -> Result<libc::stat> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(data)?;
+    let fd = f.as_raw_fd();
+    let times = [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        libc::timespec {
+            tv_sec: mtime,
+            tv_nsec: 0,
+        },
+    ];
+    // SAFETY: fd is open for the duration of the calls; the buffers outlive them.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    let rc = unsafe {
+        let mut rc = libc::futimens(fd, times.as_ptr());
+        if rc == 0 {
+            rc = libc::fchown(fd, uid, uid);
+        }
+        if rc == 0 {
+            rc = libc::fchmod(fd, mode);
+        }
+        if rc == 0 {
+            rc = libc::fstat(fd, &mut st);
+        }
+        rc
+    };
+    if rc != 0 {
+        bail!(
+            "futimens/fchown/fchmod/fstat of {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    drop(f);
+    Ok(st)
+}
+
+/// The attribute changes tar makes on a file it holds open cost no metadata command of
+/// their own: they travel with the commit of the close. The file shows them at once through
+/// its descriptor, and another mount sees data and attributes together after the close. A
+/// write after an explicit mtime still marks the file modified, and a change whose outcome
+/// only the cluster knows (a set-user-ID bit) goes straight to it.
+#[tokio::test(flavor = "multi_thread")]
+async fn attribute_changes_of_an_open_file_travel_with_its_close() -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    require_root_and_fuse();
+    init_tracing();
+    let _serial = SERIAL.lock().await;
+    let cluster = KerfsCluster::start(KerfsClusterOptions::default()).await?;
+    let a = Mount::new(&cluster, "tar-a", "")?;
+    let b = Mount::new(&cluster, "tar-b", ",attr_timeout=0,entry_timeout=0")?;
+    let client = cluster.client().await?;
+    let leader = cluster
+        .meta
+        .wait_leader(&client, Duration::from_secs(10))
+        .await?;
+    let (ra, rb) = (a.path().to_path_buf(), b.path().to_path_buf());
+    std::fs::create_dir(ra.join("x"))?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let proposals = || cluster.meta.metric(leader, "kerfs_meta_proposals_total");
+
+    const FILES: u32 = 40;
+    let before = proposals()?;
+    for i in 0..FILES {
+        let mode = if i % 2 == 0 { 0o644 } else { 0o751 };
+        let st = write_like_tar(
+            &ra.join(format!("x/f{i}")),
+            &pattern(i as u8, 100 + i as usize),
+            1_000_000 + i as i64,
+            2000 + i,
+            mode,
+        )?;
+        ensure!(
+            (st.st_mode & 0o7777, st.st_uid, st.st_mtime) == (mode, 2000 + i, 1_000_000 + i as i64),
+            "fstat before close of f{i}: mode {:o} uid {} mtime {}",
+            st.st_mode & 0o7777,
+            st.st_uid,
+            st.st_mtime
+        );
+    }
+    let per_file = (proposals()? - before) / f64::from(FILES);
+    info!(per_file, "metadata commands per file written the tar way");
+    // Create, chunk allocation, commit and close; each of the three changes on its own would
+    // add one, and a flush before the futimens another.
+    ensure!(
+        per_file < 5.0,
+        "{per_file} metadata commands per tar-like file: its attribute changes were not merged into its close"
+    );
+    for i in 0..FILES {
+        let path = rb.join(format!("x/f{i}"));
+        let m = std::fs::metadata(&path)?;
+        let mode = if i % 2 == 0 { 0o644 } else { 0o751 };
+        ensure!(
+            (m.mode() & 0o7777, m.uid(), m.gid(), m.mtime(), m.len())
+                == (
+                    mode,
+                    2000 + i,
+                    2000 + i,
+                    1_000_000 + i as i64,
+                    100 + u64::from(i)
+                ),
+            "the other mount sees f{i} with mode {:o} uid {} gid {} mtime {} size {}",
+            m.mode() & 0o7777,
+            m.uid(),
+            m.gid(),
+            m.mtime(),
+            m.len()
+        );
+        ensure_same(
+            &std::fs::read(&path)?,
+            &pattern(i as u8, 100 + i as usize),
+            "f{i}'s data",
+        )?;
+    }
+
+    info!("a write after futimens marks the file modified again");
+    let later = ra.join("x/later");
+    {
+        use std::os::fd::AsRawFd;
+        let mut f = File::create(&later)?;
+        f.write_all(b"first")?;
+        let times = [
+            libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            },
+            libc::timespec {
+                tv_sec: 1_000,
+                tv_nsec: 0,
+            },
+        ];
+        // SAFETY: the descriptor is open; the array outlives the call.
+        ensure!(unsafe { libc::futimens(f.as_raw_fd(), times.as_ptr()) } == 0);
+        f.write_all(b" and second")?;
+    }
+    let m = std::fs::metadata(rb.join("x/later"))?;
+    ensure!(
+        m.mtime() > 1_000_000 && m.len() == 16,
+        "a write after an explicit mtime left mtime {} size {}",
+        m.mtime(),
+        m.len()
+    );
+
+    info!("a set-user-ID chmod through an open descriptor reaches the cluster as it is");
+    let st = write_like_tar(&ra.join("x/suid"), b"#!/bin/sh\n", 5_000_000, 0, 0o4755)?;
+    ensure!(
+        st.st_mode & 0o7777 == 0o4755,
+        "fstat: {:o}",
+        st.st_mode & 0o7777
+    );
+    let m = std::fs::metadata(rb.join("x/suid"))?;
+    ensure!(
+        (m.mode() & 0o7777, m.mtime()) == (0o4755, 5_000_000),
+        "the other mount sees suid with mode {:o} mtime {}",
+        m.mode() & 0o7777,
+        m.mtime()
+    );
+    drop(client);
+    a.unmount()?;
+    b.unmount()?;
     Ok(())
 }
 

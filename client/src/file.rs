@@ -9,11 +9,13 @@
 //!   [`DataConfig::flush_threshold`] bytes are dirty, on `fsync`, `truncate` and `close`. A
 //!   flush writes every dirty chunk in parallel; each chunk's first flush in this handle starts
 //!   a write epoch (`AllocateChunks`, then `SetVersion` on each current replica separately),
-//!   later flushes reuse the epoch until a replica fails. Every chunk write is sent with
-//!   `sync: true` (simplest correct choice: a flush is always durable, so `fsync`/`close` only
-//!   add the `CommitWrite`), and every flush ends with `CommitWrite` listing the servers that
-//!   acknowledged, so meta's idea of the current replicas and of the size is never behind
-//!   what was acknowledged to the caller.
+//!   later flushes reuse the epoch until a replica fails. A flush makes the bytes visible
+//!   ([`Durability::Visible`]); `fsync` and the library's `close` also have every replica
+//!   flush them to disk ([`Durability::Disk`]). Every flush ends with `CommitWrite` listing
+//!   the servers that acknowledged, so meta's idea of the current replicas and of the size
+//!   is never behind what was acknowledged to the caller.
+//! * **Attribute changes** a mount makes through an open file can wait for that commit
+//!   ([`FileHandle::defer_setattr`], see `deferred`).
 //! * **Reads** see this handle's own writes: the bytes read from the servers are overlaid with
 //!   the dirty extents and with extents being flushed (rather than flushing before a read, so
 //!   read-modify-write patterns do not turn into many tiny syncs). Sequential reads prefetch
@@ -35,11 +37,13 @@ use futures::StreamExt;
 use tracing::{debug, warn};
 
 use kerfs_proto::{
-    command, read_op, Attr, ChunkPlacement, ChunkSetVersionRequest, ChunkTruncateRequest,
-    ChunkWriteHeader, ChunkWritten, FileChunk, FileKind, Layout, MakeNode, Reply,
+    command, read_op, Attr, Caller, ChunkPlacement, ChunkSetVersionRequest, ChunkTruncateRequest,
+    ChunkWriteHeader, ChunkWritten, DeferredSetAttr, FileChunk, FileKind, Layout, MakeNode, Reply,
+    SetAttr, Timespec,
 };
 
 use crate::chunks::{ChunkPool, RpcError};
+use crate::deferred;
 use crate::ec::{Codec, BLOCK};
 use crate::error::{ClientError, ClientResult};
 use crate::meta::{check, MetaClient};
@@ -163,7 +167,7 @@ impl DataClient {
     /// A handle from a reply carrying the file's attributes, layout and (first) chunks.
     fn handle_from(&self, ino: u64, handle: u64, reply: Reply) -> ClientResult<FileHandle> {
         let layout = reply.layout.unwrap_or_default();
-        let size = reply.attr.map(|a| a.size).unwrap_or(0);
+        let size = reply.attr.as_ref().map(|a| a.size).unwrap_or(0);
         let codec = if layout.ec_data > 0 {
             Some(Arc::new(
                 Codec::new(layout.ec_data as usize, layout.ec_parity as usize).map_err(|e| {
@@ -199,6 +203,7 @@ impl DataClient {
                 state: Mutex::new(State {
                     size,
                     chunks,
+                    attr: reply.attr,
                     ..Default::default()
                 }),
                 flush_lock: tokio::sync::Mutex::new(()),
@@ -270,6 +275,22 @@ struct State {
     /// A writer without CAP_FSETID changed the data: the next command that records a data
     /// change (commit, truncate) clears set-user-ID/set-group-ID with it.
     clear_set_id: bool,
+    /// The file's attributes as meta last reported them to this handle (open, commit,
+    /// truncate), with the deferred changes applied: what a deferred setattr answers.
+    attr: Option<Attr>,
+    /// Attribute changes answered here and sent with the next commit (see `deferred`).
+    deferred: Vec<DeferredSetAttr>,
+}
+
+impl State {
+    /// Meta reported the file's attributes: they are the handle's, with the changes
+    /// deferred since (not in meta's answer) applied.
+    fn note_attr(&mut self, mut a: Attr) {
+        for set in self.deferred.iter().filter_map(|d| d.set.as_ref()) {
+            deferred::apply(&mut a, set);
+        }
+        self.attr = Some(a);
+    }
 }
 
 /// A write epoch on one chunk: the version we write and the members still in it.
@@ -486,6 +507,43 @@ impl FileHandle {
         }
     }
 
+    /// Takes a setattr of the file (by `caller`, on a mount that let the kernel check the
+    /// caller's right to make it) to send with the next commit, if its outcome can be
+    /// computed here; returns the attributes the file now has. `None`: send it yourself.
+    pub fn defer_setattr(&self, caller: Option<Caller>, set: SetAttr) -> Option<Attr> {
+        let mut st = lock(&self.inner.state);
+        let size = st.size;
+        let closed = st.closed;
+        let attr = st.attr.as_mut().filter(|a| !closed && a.ino == set.ino)?;
+        attr.size = size;
+        if !deferred::deferrable(attr, &set) {
+            return None;
+        }
+        deferred::apply(attr, &set);
+        attr.ctime = Some(Timespec::now());
+        let answer = *attr;
+        st.deferred.push(deferred::entry(caller, set));
+        Some(answer)
+    }
+
+    /// Whether attribute changes wait for the next commit: a change sent on its own must
+    /// not overtake them (flush first).
+    pub fn has_deferred(&self) -> bool {
+        !lock(&self.inner.state).deferred.is_empty()
+    }
+
+    /// Applies the changes waiting for the next commit to `a`, the file's attributes as
+    /// meta reports them (which does not know them yet).
+    pub fn overlay_deferred(&self, a: &mut Attr) {
+        for set in lock(&self.inner.state)
+            .deferred
+            .iter()
+            .filter_map(|d| d.set.as_ref())
+        {
+            deferred::apply(a, set);
+        }
+    }
+
     fn check_open(&self) -> ClientResult<()> {
         if lock(&self.inner.state).closed {
             return Err(ClientError::Fs {
@@ -520,6 +578,7 @@ impl FileHandle {
             }
             st.dirty_bytes += data.len();
             st.size = st.size.max(offset + data.len() as u64);
+            deferred::forget_mtimes(&mut st.deferred);
             st.generation += 1;
             st.prefetch.clear();
             st.dirty_bytes >= self.inner.config.flush_threshold
@@ -637,12 +696,20 @@ impl FileHandle {
                 }
             }
             if st.dirty.is_empty() {
-                return Ok(());
+                None
+            } else {
+                st.dirty_bytes = 0;
+                let snap = Arc::new(std::mem::take(&mut st.dirty));
+                st.flushing.push(snap.clone());
+                Some(snap)
             }
-            st.dirty_bytes = 0;
-            let snap = Arc::new(std::mem::take(&mut st.dirty));
-            st.flushing.push(snap.clone());
-            snap
+        };
+        let Some(snapshot) = snapshot else {
+            let attrs_only = !lock(&self.inner.state).deferred.is_empty();
+            if attrs_only {
+                return self.commit(0, Vec::new()).await;
+            }
+            return Ok(());
         };
         let result = self.flush_snapshot(&snapshot, durability).await;
         let mut st = lock(&self.inner.state);
@@ -711,25 +778,37 @@ impl FileHandle {
         }
     }
 
-    /// Records the chunks' new versions and holders in meta and raises the size.
+    /// Records the chunks' new versions and holders in meta and raises the size, with the
+    /// deferred attribute changes.
     async fn commit(&self, size: u64, chunks: Vec<ChunkWritten>) -> ClientResult<()> {
         let clear_set_id = self.take_clear_set_id();
-        let reply = self
-            .inner
-            .meta
-            .write(command::Op::CommitWrite(kerfs_proto::CommitWrite {
-                handle: self.inner.handle,
-                size,
-                chunks: chunks.clone(),
-                clear_set_id,
-            }))
-            .await
-            .and_then(check)
-            .inspect_err(|_| self.restore_set_id(clear_set_id))?;
+        let then_set = std::mem::take(&mut lock(&self.inner.state).deferred);
+        let send = |then_set| {
+            self.inner
+                .meta
+                .write(command::Op::CommitWrite(kerfs_proto::CommitWrite {
+                    handle: self.inner.handle,
+                    size,
+                    chunks: chunks.clone(),
+                    clear_set_id,
+                    then_set,
+                }))
+        };
+        let mut sent = send(then_set.clone()).await.and_then(check);
+        let mut attrs_failed = None;
+        if sent.is_err() && !then_set.is_empty() {
+            // The attribute changes may be what meta refused (another mount changed the
+            // owner meanwhile): the data goes in without them, and their error is the
+            // flush's, reported to close(2).
+            attrs_failed = sent.as_ref().err().cloned();
+            sent = send(Vec::new()).await.and_then(check);
+        }
+        let reply = sent.inspect_err(|_| self.restore_set_id(clear_set_id))?;
         let mut guard = lock(&self.inner.state);
         let st = &mut *guard;
         if let Some(a) = reply.attr {
             st.size = st.size.max(a.size);
+            st.note_attr(a);
         }
         for c in chunks {
             if let Some(ep) = st.epochs.get(&c.index) {
@@ -748,7 +827,10 @@ impl FileHandle {
                 );
             }
         }
-        Ok(())
+        match attrs_failed {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// Starts a write epoch on every chunk of `indexes` that has none (or a broken one).
@@ -1619,6 +1701,7 @@ impl FileHandle {
         );
         let mut st = lock(&self.inner.state);
         st.size = size;
+        st.note_attr(attr);
         let keep = size.div_ceil(cs);
         // Meta dropped the chunks past the end: forget them (and our epochs on them).
         st.chunks.retain(|&i, _| i < keep);

@@ -13,6 +13,7 @@
 
 pub mod admin;
 mod chunks;
+mod deferred;
 pub mod ec;
 mod error;
 mod file;

@@ -229,6 +229,7 @@ fn serve(plan: Plan, ready: Option<&mut Option<File>>) -> Result<()> {
         FsConfig {
             attr_ttl: plan.options.attr_timeout,
             entry_ttl: plan.options.entry_timeout,
+            default_permissions: plan.options.default_permissions,
         },
         root.ino,
     ));

@@ -41,6 +41,10 @@ pub struct FsConfig {
     pub attr_ttl: Duration,
     /// How long the kernel may cache name → inode lookups.
     pub entry_ttl: Duration,
+    /// The kernel checks permissions from the mode bits before it asks us (the
+    /// `default_permissions` mount option): a change it allowed can wait for the file's
+    /// next commit (see [`KerFs::setattr`]).
+    pub default_permissions: bool,
 }
 
 impl Default for FsConfig {
@@ -48,6 +52,7 @@ impl Default for FsConfig {
         FsConfig {
             attr_ttl: Duration::from_secs(1),
             entry_ttl: Duration::from_secs(1),
+            default_permissions: true,
         }
     }
 }
@@ -262,6 +267,7 @@ impl KerFs {
                 a.size = size;
                 a.blocks = size.div_ceil(512);
             }
+            slot.handle.overlay_deferred(a);
             if slot.handle.clears_set_id() {
                 a.mode = perm::clear_set_id(a.mode);
             }
@@ -271,18 +277,6 @@ impl KerFs {
     pub async fn setattr(&self, caller: &Caller, ino: u64, s: SetAttrIn) -> FsResult<FileAttr> {
         let ino = self.to_cluster(ino);
         let file = s.fh.and_then(|fh| self.file(fh).ok());
-        let truncated = match s.size {
-            Some(size) => Some(self.truncate(caller, ino, size, file.as_deref()).await?),
-            None => None,
-        };
-        if s.mtime.is_some() || s.atime.is_some() {
-            // Buffered writes are committed with the time of their flush, which would
-            // override the time set here (tar x, cp -p, rsync -t): commit them first.
-            let slot = self.slots.lock().await.get(&ino).map(|s| s.handle.clone());
-            if let Some(data) = slot {
-                data.flush().await?;
-            }
-        }
         let req = kerfs_proto::SetAttr {
             ino,
             // The kernel hands over st_mode with the type bits; only permissions change.
@@ -292,25 +286,63 @@ impl KerFs {
             size: None,
             atime: s.atime,
             mtime: s.mtime,
-            handle: file.map(|f| f.handle),
+            handle: file.as_ref().map(|f| f.handle),
             clear_set_id: false,
         };
-        let client = self.as_caller(caller);
-        let mut a = if req.mode.is_none()
-            && req.uid.is_none()
-            && req.gid.is_none()
-            && req.atime.is_none()
-            && req.mtime.is_none()
-        {
+        let changes_attrs = req.mode.is_some()
+            || req.uid.is_some()
+            || req.gid.is_some()
+            || req.atime.is_some()
+            || req.mtime.is_some();
+        if s.size.is_none() && changes_attrs {
+            if let Some(mut a) = self.defer_setattr(caller, &req).await {
+                self.overlay_open_state(&mut a).await;
+                return Ok(self.file_attr(&a));
+            }
+        }
+        let slot = self.slots.lock().await.get(&ino).map(|s| s.handle.clone());
+        if let Some(data) = slot.as_ref().filter(|d| d.has_deferred()) {
+            // Earlier changes wait for the commit; this one must not overtake them (a
+            // deferred chown after a direct chmod u+s would drop the bit).
+            data.flush().await?;
+        }
+        let truncated = match s.size {
+            Some(size) => Some(self.truncate(caller, ino, size, file.as_deref()).await?),
+            None => None,
+        };
+        if let Some(data) = slot.filter(|_| req.mtime.is_some() || req.atime.is_some()) {
+            // Buffered writes are committed with the time of their flush, which would
+            // override the time set here (tar x, cp -p, rsync -t): commit them first.
+            data.flush().await?;
+        }
+        let mut a = if changes_attrs {
+            self.as_caller(caller).setattr(req).await?
+        } else {
             match truncated {
                 Some(a) => a,
                 None => self.chown_keeping_ids(caller, ino).await?,
             }
-        } else {
-            client.setattr(req).await?
         };
         self.overlay_open_state(&mut a).await;
         Ok(self.file_attr(&a))
+    }
+
+    /// An attribute change of a file this mount has open for writing, answered here and sent
+    /// with the file's next commit (tar's futimens, fchown and fchmod before close cost no
+    /// command of their own; see `kerfs_client::FileHandle::defer_setattr`). Only on a
+    /// `default_permissions` mount, where the kernel has already refused what the mode bits
+    /// refuse; `None` when the change must go to the cluster now.
+    async fn defer_setattr(&self, caller: &Caller, req: &kerfs_proto::SetAttr) -> Option<Attr> {
+        if !self.config.default_permissions || !self.open_for_writing(req.ino) {
+            return None;
+        }
+        let slot = self
+            .slots
+            .lock()
+            .await
+            .get(&req.ino)
+            .map(|s| s.handle.clone())?;
+        slot.defer_setattr(Some(caller.clone()), *req)
     }
 
     /// A setattr with nothing in it: chown(f, -1, -1), or what is left of the kernel's

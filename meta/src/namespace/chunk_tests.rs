@@ -189,7 +189,7 @@ impl T {
             handle,
             size,
             chunks,
-            clear_set_id: false,
+            ..Default::default()
         }))
     }
 
@@ -510,7 +510,7 @@ fn commit_clears_setuid_for_non_root_writers() {
             handle: h,
             size: 10,
             chunks: vec![],
-            clear_set_id: false,
+            ..Default::default()
         }),
     );
     assert_eq!(r.errno, 0, "{}", r.message);
@@ -537,6 +537,7 @@ fn a_mount_vouching_for_an_unprivileged_writer_clears_set_id_in_its_commit() {
             size: 10,
             chunks: vec![],
             clear_set_id,
+            ..Default::default()
         }))
     };
     chmod(&mut t, 0o6775);
@@ -563,6 +564,117 @@ fn a_mount_vouching_for_an_unprivileged_writer_clears_set_id_in_its_commit() {
     }));
     assert_eq!(r.errno, 0, "{}", r.message);
     assert_eq!(r.attr.unwrap().mode & 0o7777, 0o0755, "truncate clears too");
+}
+
+/// tar's futimens, fchown and fchmod before close, deferred by the mount into the commit of
+/// the close: applied after the data (an explicit mtime wins over the commit's stamp), and
+/// a commit that carries only attribute changes does not stamp the file as modified.
+#[test]
+fn attribute_changes_deferred_into_a_commit_follow_its_data() {
+    let mut t = T::new();
+    t.server("a:1", "");
+    let (ino, h) = t.create(ROOT_INO, "tarred");
+    let mtime = Timespec { sec: 77, nsec: 5 };
+    let set = SetAttr {
+        ino,
+        mode: Some(0o751),
+        uid: Some(1000),
+        gid: Some(1000),
+        mtime: Some(kerfs_proto::TimeSet {
+            how: Some(kerfs_proto::time_set::How::At(mtime)),
+        }),
+        ..Default::default()
+    };
+    let r = t.client(Op::CommitWrite(CommitWrite {
+        handle: h,
+        size: 10,
+        then_set: vec![kerfs_proto::DeferredSetAttr {
+            caller: None,
+            set: Some(set),
+        }],
+        ..Default::default()
+    }));
+    assert_eq!(r.errno, 0, "{}", r.message);
+    let a = r.attr.unwrap();
+    assert_eq!(
+        (a.size, a.mode & 0o7777, a.uid, a.gid),
+        (10, 0o751, 1000, 1000)
+    );
+    assert_eq!(
+        a.mtime,
+        Some(mtime),
+        "the explicit mtime is applied after the data"
+    );
+    t.now += 5;
+    let r = t.client(Op::CommitWrite(CommitWrite {
+        handle: h,
+        then_set: vec![kerfs_proto::DeferredSetAttr {
+            caller: None,
+            set: Some(SetAttr {
+                ino,
+                mode: Some(0o640),
+                ..Default::default()
+            }),
+        }],
+        ..Default::default()
+    }));
+    assert_eq!(r.errno, 0, "{}", r.message);
+    let b = r.attr.unwrap();
+    assert_eq!((b.size, b.mode & 0o7777), (10, 0o640));
+    assert_eq!(
+        b.mtime,
+        Some(mtime),
+        "an attribute-only commit is no data change"
+    );
+}
+
+/// The deferred changes are checked as their caller when the commit arrives, and the
+/// commit is all or none: refused changes take the data's size change down with them
+/// (the client sends the data again alone and reports the refusal to close).
+#[test]
+fn a_refused_deferred_change_refuses_the_whole_commit() {
+    let mut t = T::new();
+    t.server("a:1", "");
+    let (ino, h) = t.create(ROOT_INO, "roots");
+    let stranger = Caller {
+        uid: 1000,
+        gid: 1000,
+        groups: vec![],
+    };
+    let r = t.client(Op::CommitWrite(CommitWrite {
+        handle: h,
+        size: 10,
+        then_set: vec![kerfs_proto::DeferredSetAttr {
+            caller: Some(stranger),
+            set: Some(SetAttr {
+                ino,
+                mode: Some(0o777),
+                ..Default::default()
+            }),
+        }],
+        ..Default::default()
+    }));
+    assert_eq!(r.errno, libc::EPERM, "{}", r.message);
+    let wrong_inode = t.client(Op::CommitWrite(CommitWrite {
+        handle: h,
+        size: 10,
+        then_set: vec![kerfs_proto::DeferredSetAttr {
+            caller: None,
+            set: Some(SetAttr {
+                ino: ino + 1,
+                mode: Some(0o600),
+                ..Default::default()
+            }),
+        }],
+        ..Default::default()
+    }));
+    assert_eq!(wrong_inode.errno, libc::EINVAL, "{}", wrong_inode.message);
+    let a = t.read(read_op::Op::GetAttr(GetAttr { ino })).attr.unwrap();
+    assert_eq!(
+        (a.size, a.mode & 0o7777),
+        (0, 0o644),
+        "nothing of either commit applied"
+    );
 }
 
 #[test]

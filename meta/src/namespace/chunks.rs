@@ -18,10 +18,10 @@ use kerfs_proto::{
     Reply, SetLayout, Timespec, ROOT_INO,
 };
 
-use super::nodes::{blocks_for, drop_set_id_after_write, must_inode};
+use super::nodes::{self, blocks_for, drop_set_id_after_write, must_inode};
 use super::records::{self as rec, ChunkOwner, ChunkRec, DeleteRec, HandleRec, Inode, ServerRec};
 use super::sessions::handle_writable;
-use super::{repair, Ctx, Fail, NamespaceConfig, R};
+use super::{repair, who_of, Ctx, Fail, NamespaceConfig, R};
 use crate::store::{KvRead, Overlay};
 
 pub const KIB64: u64 = 64 * 1024;
@@ -837,6 +837,7 @@ pub fn commit(ctx: &Ctx, state: &mut Overlay<'_>, cw: &CommitWrite) -> R<Reply> 
             repair::note_with(state, ino, w.index, &c, states)?;
         }
     }
+    let data_changed = !cw.chunks.is_empty() || cw.size > inode.attr.size;
     if cw.size > inode.attr.size {
         let mut c = rec::counters(state)?;
         c.total_size = c
@@ -848,13 +849,31 @@ pub fn commit(ctx: &Ctx, state: &mut Overlay<'_>, cw: &CommitWrite) -> R<Reply> 
         inode.attr.blocks = blocks_for(cw.size);
     }
     drop_set_id_after_write(&ctx.who, cw.clear_set_id, &mut inode.attr);
-    inode.attr.mtime = Some(ctx.now);
-    inode.attr.ctime = Some(ctx.now);
+    if data_changed {
+        inode.attr.mtime = Some(ctx.now);
+        inode.attr.ctime = Some(ctx.now);
+    }
     rec::store_inode(state, &inode);
-    Ok(Reply {
+    let mut reply = Reply {
         attr: Some(inode.attr),
         ..Default::default()
-    })
+    };
+    for d in &cw.then_set {
+        let Some(set) = &d.set else { continue };
+        if set.ino != ino || set.size.is_some() {
+            return Err(Fail::new(
+                libc::EINVAL,
+                format!("a deferred setattr of a commit must be of inode {ino}, without a size"),
+            ));
+        }
+        let as_caller = Ctx {
+            now: ctx.now,
+            who: who_of(d.caller.as_ref()),
+            client_id: ctx.client_id,
+        };
+        reply = nodes::setattr(&as_caller, state, set)?;
+    }
+    Ok(reply)
 }
 
 /// Drops the chunks of `ino` from `first` on: each placement is queued for deletion on its
