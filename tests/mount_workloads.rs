@@ -3,6 +3,8 @@
 //!
 //! - `two_mounts_close_to_open`: two `kerfs` processes on one cluster; what one writes, renames
 //!   and unlinks, the other sees.
+//! - `page_cache_is_kept_across_opens_of_an_unchanged_file`: FOPEN_KEEP_CACHE when the
+//!   data version is the one of the previous open, not after another mount's change.
 //! - `attribute_changes_of_an_open_file_travel_with_its_close`: tar's futimens, fchown and
 //!   fchmod before close cost no command of their own and reach the other mount with the data.
 //! - `programs_on_the_mount`: git, tar + diff, sqlite3.
@@ -201,6 +203,61 @@ async fn two_mounts_close_to_open() -> Result<()> {
     let b = Mount::new(&cluster, "b", opts)?;
     let (pa, pb) = (a.path().to_path_buf(), b.path().to_path_buf());
     blocking(&[&a, &b], move || two_mounts(&pa, &pb)).await;
+    a.unmount()?;
+    b.unmount()?;
+    Ok(())
+}
+
+/// The kernel keeps a file's cached pages across opens while its data is unchanged (no
+/// chunk read for the second `cat`), and drops them at the next open once another mount
+/// changed it, even when the change kept its size and set its mtime back (close-to-open
+/// with the page cache).
+#[tokio::test(flavor = "multi_thread")]
+async fn page_cache_is_kept_across_opens_of_an_unchanged_file() -> Result<()> {
+    require_root_and_fuse();
+    init_tracing();
+    let _serial = SERIAL.lock().await;
+    let cluster = KerfsCluster::start(KerfsClusterOptions::default()).await?;
+    let a = Mount::new(&cluster, "cache-a", "")?;
+    let b = Mount::new(&cluster, "cache-b", "")?;
+    let (fa, fb) = (a.path().join("f"), b.path().join("f"));
+    let first = pattern(3, (2 * MIB) as usize);
+    std::fs::write(&fb, &first)?;
+    let read_bytes = || cluster.chunk_metric_sum("kerfs_chunk_bytes_read_total");
+
+    let before = read_bytes()?;
+    ensure_same(&std::fs::read(&fa)?, &first, "A's first read")?;
+    let first_read = read_bytes()? - before;
+    ensure!(
+        first_read >= first.len() as f64,
+        "A's first read took only {first_read} bytes from the chunk servers"
+    );
+    let before = read_bytes()?;
+    ensure_same(&std::fs::read(&fa)?, &first, "A's second read")?;
+    let second_read = read_bytes()? - before;
+    info!(
+        first_read,
+        second_read, "chunk bytes read by two opens of an unchanged file"
+    );
+    ensure!(
+        second_read == 0.0,
+        "the second open of an unchanged file read {second_read} bytes from the chunk servers"
+    );
+
+    info!("B rewrites f in place with other bytes of the same size and sets its mtime back");
+    let mtime = std::fs::metadata(&fb)?.modified()?;
+    let second = pattern(4, first.len());
+    {
+        let f = OpenOptions::new().write(true).open(&fb)?;
+        f.write_all_at(&second, 0)?;
+        f.set_modified(mtime)?;
+    }
+    ensure!(std::fs::metadata(&fb)?.modified()? == mtime);
+    ensure_same(
+        &std::fs::read(&fa)?,
+        &second,
+        "A's read after B's same-size rewrite (stale cached pages?)",
+    )?;
     a.unmount()?;
     b.unmount()?;
     Ok(())

@@ -152,7 +152,33 @@ pub struct KerFs {
     no_caps: Mutex<HashMap<u64, Instant>>,
     /// Lock bookkeeping of this mount (see `locks`).
     locks: locks::MountLocks,
+    /// Per inode, the version of its data (see [`DataVersion`]) the cluster reported at its
+    /// last open here: what the kernel's cached pages of the file can be trusted for.
+    opened_versions: Mutex<HashMap<u64, DataVersion>>,
 }
+
+/// What changes whenever anyone changes a file's data: its size, mtime and ctime (an
+/// explicit mtime set back after a write still moves ctime, which nobody can set).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct DataVersion {
+    size: u64,
+    mtime: Option<Timespec>,
+    ctime: Option<Timespec>,
+}
+
+impl DataVersion {
+    fn of(a: &Attr) -> DataVersion {
+        DataVersion {
+            size: a.size,
+            mtime: a.mtime,
+            ctime: a.ctime,
+        }
+    }
+}
+
+/// Entries in [`KerFs::opened_versions`] before it starts over (a forgotten version only
+/// costs the kernel's cached pages of that file at its next open).
+const OPENED_VERSIONS_MAX: usize = 65536;
 
 /// The extended attribute holding file capabilities.
 const CAPS_XATTR: &[u8] = b"security.capability";
@@ -174,6 +200,7 @@ impl KerFs {
             next_fh: AtomicU64::new(1),
             no_caps: Mutex::new(HashMap::new()),
             locks: locks::MountLocks::default(),
+            opened_versions: Mutex::new(HashMap::new()),
         }
     }
 
@@ -764,7 +791,9 @@ impl KerFs {
     }
 
     /// Opens an existing file; the cluster checks access and applies O_TRUNC.
-    pub async fn open(&self, caller: &Caller, ino: u64, flags: i32) -> FsResult<u64> {
+    /// open(2) of a regular file: its file handle, and whether the kernel may keep the pages
+    /// it has cached of the file (`FOPEN_KEEP_CACHE`).
+    pub async fn open(&self, caller: &Caller, ino: u64, flags: i32) -> FsResult<(u64, bool)> {
         let ino = self.to_cluster(ino);
         let (a, handle) = self.as_caller(caller).open(ino, flags as u32).await?;
         if a.kind != FileKind::Regular as i32 {
@@ -776,7 +805,22 @@ impl KerFs {
                 format!("inode {ino} is not a regular file"),
             ));
         }
-        self.add_file(ino, handle, flags, None).await
+        let keep_cache = self.note_opened_version(&a);
+        Ok((self.add_file(ino, handle, flags, None).await?, keep_cache))
+    }
+
+    /// Close-to-open with the page cache kept across opens: the cluster's answer to an open
+    /// is current, so if the file's data version is the one of its previous open here,
+    /// nobody changed its data since, and the pages the kernel cached meanwhile (read from
+    /// that version, or written through this mount, which the kernel caches as it sends
+    /// them) are still its contents. Any other version drops them.
+    fn note_opened_version(&self, a: &Attr) -> bool {
+        let now = DataVersion::of(a);
+        let mut versions = lock(&self.opened_versions);
+        if versions.len() >= OPENED_VERSIONS_MAX {
+            versions.clear();
+        }
+        versions.insert(a.ino, now) == Some(now)
     }
 
     /// Creates (or with O_CREAT without O_EXCL, opens) and opens a regular file in one

@@ -115,11 +115,19 @@ fn reply_empty(reply: ReplyEmpty, r: Result<(), FsError>, op: &str) {
     }
 }
 
-/// Replies to open and opendir. No FOPEN_KEEP_CACHE: the kernel drops cached pages at open,
-/// which gives close-to-open consistency between mounts.
-fn reply_opened(reply: ReplyOpen, r: Result<u64, FsError>, op: &str) {
+/// Replies to open and opendir: the handle, and whether the kernel keeps the pages it has
+/// cached of the file (without FOPEN_KEEP_CACHE it drops them at open, which is how
+/// close-to-open holds between mounts; `KerFs::open` decides when keeping them is safe).
+fn reply_opened(reply: ReplyOpen, r: Result<(u64, bool), FsError>, op: &str) {
     match r {
-        Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+        Ok((fh, keep_cache)) => {
+            let flags = if keep_cache {
+                FopenFlags::FOPEN_KEEP_CACHE
+            } else {
+                FopenFlags::empty()
+            };
+            reply.opened(FileHandle(fh), flags)
+        }
         Err(e) => reply.error(errno(&e, op)),
     }
 }
@@ -483,7 +491,8 @@ impl Filesystem for FuseFs {
     fn opendir(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let (fs, caller) = (self.fs.clone(), caller_of(req));
         self.spawn(async move {
-            reply_opened(reply, fs.opendir(&caller, ino.0, flags.0).await, "opendir")
+            let r = fs.opendir(&caller, ino.0, flags.0).await;
+            reply_opened(reply, r.map(|fh| (fh, false)), "opendir")
         });
     }
 
