@@ -380,7 +380,7 @@ fn write_like_tar(path: &Path, data: &[u8], mtime: i64, uid: u32, mode: u32) -> 
 }
 
 /// The attribute changes tar makes on a file it holds open cost no metadata command of
-/// their own: they travel with the commit of the close. The file shows them at once through
+/// their own: they travel with the commit of the close (and releases share Close commands). The file shows them at once through
 /// its descriptor, and another mount sees data and attributes together after the close. A
 /// write after an explicit mtime still marks the file modified, and a change whose outcome
 /// only the cluster knows (a set-user-ID bit) goes straight to it.
@@ -498,6 +498,21 @@ async fn attribute_changes_of_an_open_file_travel_with_its_close() -> Result<()>
         "the other mount sees suid with mode {:o} mtime {}",
         m.mode() & 0o7777,
         m.mtime()
+    );
+
+    info!("the releases of files closed together go to the cluster in one Close");
+    let files: Vec<File> = (0..20)
+        .map(|i| File::open(ra.join(format!("x/f{i}"))))
+        .collect::<std::io::Result<_>>()?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = proposals()?;
+    drop(files);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let closes = proposals()? - before;
+    info!(closes, "metadata commands for 20 releases");
+    ensure!(
+        closes <= 10.0,
+        "20 files closed at once cost {closes} metadata commands"
     );
     drop(client);
     a.unmount()?;

@@ -662,14 +662,33 @@ impl FileHandle {
     /// handle of the process that opened the file) in the same command.
     pub async fn close_with(&self, others: &[u64], durability: Durability) -> ClientResult<()> {
         self.check_open()?;
+        let flushed = self.write_out_and_stop(durability).await;
+        let closed = self.inner.meta.close_all(self.inner.handle, others).await;
+        flushed?;
+        closed
+    }
+
+    /// [`FileHandle::close_with`] without the Close: publishes what is written with the
+    /// durability asked and stops using the handle, whose meta handle
+    /// ([`FileHandle::handle_id`]) the caller closes (a mount gathers several into one
+    /// command). The handle is done with even when the flush fails.
+    pub async fn finish(&self, durability: Durability) -> ClientResult<()> {
+        self.check_open()?;
+        self.write_out_and_stop(durability).await
+    }
+
+    async fn write_out_and_stop(&self, durability: Durability) -> ClientResult<()> {
         let flushed = match durability {
             Durability::Disk => self.fsync().await,
             Durability::Visible => self.publish().await,
         };
         lock(&self.inner.state).closed = true;
-        let closed = self.inner.meta.close_all(self.inner.handle, others).await;
-        flushed?;
-        closed
+        flushed
+    }
+
+    /// The meta handle this data handle writes through.
+    pub fn handle_id(&self) -> u64 {
+        self.inner.handle
     }
 
     /// Writes out every dirty extent (the flush of the write-behind buffer), visible to

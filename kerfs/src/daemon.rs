@@ -224,6 +224,8 @@ fn serve(plan: Plan, ready: Option<&mut Option<File>>) -> Result<()> {
         }
         anyhow::Ok((client, root))
     })?;
+    // KerFs starts its background tasks on this runtime.
+    let _runtime = rt.enter();
     let fs = Arc::new(KerFs::new(
         client,
         FsConfig {

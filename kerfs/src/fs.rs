@@ -16,6 +16,7 @@ use kerfs_proto::{
 
 use crate::error::{FsError, FsResult};
 
+mod closing;
 mod locks;
 pub use locks::{lock_kind_of, signal_pending, KernelLock};
 
@@ -114,6 +115,9 @@ struct OpenFile {
     data: FileHandle,
     /// Opened for writing (O_WRONLY or O_RDWR).
     writable: bool,
+    /// A lock was asked for through it: the cluster drops flock and OFD locks with the
+    /// handle, so its release must not wait in the close queue.
+    locked: std::sync::atomic::AtomicBool,
 }
 
 /// The data handle of one inode, shared by every open of it in this mount. Sharing is what
@@ -155,6 +159,8 @@ pub struct KerFs {
     /// Per inode, the version of its data (see [`DataVersion`]) the cluster reported at its
     /// last open here: what the kernel's cached pages of the file can be trusted for.
     opened_versions: Mutex<HashMap<u64, DataVersion>>,
+    /// Released handles on their way to the cluster (see `closing`).
+    closing: closing::CloseQueue,
 }
 
 /// What changes whenever anyone changes a file's data: its size, mtime and ctime (an
@@ -187,12 +193,12 @@ const CAPS_XATTR: &[u8] = b"security.capability";
 const NO_CAPS_MAX: usize = 4096;
 
 impl KerFs {
-    /// A filesystem showing cluster directory `root` as the mount's root.
+    /// A filesystem showing cluster directory `root` as the mount's root. Call it within
+    /// the tokio runtime that serves it (it starts a task there).
     pub fn new(client: MetaClient, config: FsConfig, root: u64) -> KerFs {
         KerFs {
             data: DataClient::new(client.clone()),
             slots: tokio::sync::Mutex::new(HashMap::new()),
-            client,
             config,
             root,
             files: Mutex::new(HashMap::new()),
@@ -201,6 +207,8 @@ impl KerFs {
             no_caps: Mutex::new(HashMap::new()),
             locks: locks::MountLocks::default(),
             opened_versions: Mutex::new(HashMap::new()),
+            closing: closing::CloseQueue::start(client.clone()),
+            client,
         }
     }
 
@@ -734,6 +742,7 @@ impl KerFs {
                     handle,
                     data,
                     writable,
+                    locked: Default::default(),
                 };
                 lock(&self.files).insert(fh, Arc::new(file));
                 Ok(fh)
@@ -1008,12 +1017,22 @@ impl KerFs {
             ));
         };
         let last = self.unref_slot(file.ino).await;
-        // The last open here closes the data handle with the caller's, in one command.
-        match last {
-            Some(data) => data.close_with(&[file.handle], Durability::Visible).await?,
-            None => self.client.close(file.handle).await?,
+        // The last open here closes the data handle with the caller's; both join the
+        // other handles released meanwhile in one Close command.
+        let mut handles = vec![file.handle];
+        let published = match last {
+            Some(data) => {
+                handles.push(data.handle_id());
+                data.finish(Durability::Visible).await
+            }
+            None => Ok(()),
+        };
+        if file.locked.load(Ordering::Relaxed) {
+            self.client.close_all(handles[0], &handles[1..]).await?;
+        } else {
+            self.closing.close(&handles);
         }
-        Ok(())
+        Ok(published?)
     }
 
     /// Drops one reference on the inode's data slot; returns its handle when that was the
@@ -1045,6 +1064,7 @@ impl KerFs {
             }
         }
         lock(&self.dirs).clear();
+        self.closing.drain().await;
     }
 
     // ------------------------------------------------------------- directories

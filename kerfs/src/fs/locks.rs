@@ -149,6 +149,8 @@ impl KerFs {
     ) -> FsResult<()> {
         let file = self.file(fh)?;
         let typ = lock_type(want.typ)?;
+        file.locked
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         if typ == LockType::Unlock {
             // Whoever takes the lock next, on any mount, must find what was written under
             // it: push it out of the write-behind buffer before letting go.
