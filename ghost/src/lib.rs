@@ -41,6 +41,7 @@ mod import;
 mod procfs;
 mod rao;
 mod restorable;
+mod sockets;
 mod sys;
 mod threads;
 pub mod tracking;
