@@ -5,7 +5,8 @@
 //! meta            ProcessImage (prost)
 //! pages           contents of the stored pages, in the order of Mapping.runs, then, in fd
 //!                 order, what fds carry (Fd::stored_bytes: a deleted-but-open file, the
-//!                 bytes buffered in a pipe), each padded to whole pages
+//!                 bytes buffered in a pipe, the messages queued in a socketpair end),
+//!                 each padded to whole pages
 //! trailer (40 B)  blake3(header ‖ meta ‖ pages) | end magic "KRGGEND\0"
 //! ```
 //!
@@ -26,10 +27,11 @@ pub const END_MAGIC: &[u8; 8] = b"KRGGEND\0";
 /// Format version written by this crate; images with a higher version are refused.
 /// Version 2 records how every fd is restored ([`Fd::restore`]); version 1 images are still
 /// read, their fds taken the way version 1 restored them ([`Fd::restore_method`]). The event
-/// and timer fd methods ([`FdRestore::EventFd`] and on) and their state fields were added
-/// within version 2: a reader that predates them refuses such an fd as an unknown restore
-/// method (asking for a newer krg) rather than misreading it, and images without them read
-/// as before. Version 3 adds the threads other than the main one ([`ProcessImage::threads`])
+/// and timer fd methods ([`FdRestore::EventFd`] and on, the socket ones included) and their
+/// state fields were added within version 2: a reader that predates them refuses such an fd
+/// as an unknown restore method (asking for a newer krg) rather than misreading it (one that
+/// predates the socket methods refuses an image with socketpair queues even earlier, as
+/// damaged: it cannot account for their bytes), and images without them read as before. Version 3 adds the threads other than the main one ([`ProcessImage::threads`])
 /// and every thread's clear_child_tid: a version 2 reader would silently restore only the
 /// main thread, so it must refuse such an image; images of versions 1 and 2 have no other
 /// threads and restore as before.

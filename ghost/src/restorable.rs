@@ -17,6 +17,16 @@
 //! An inotify fd's watches are resolved to paths through their file handles
 //! ([`inotify_state`]); unread events refuse it.
 //!
+//! Sockets at fd 3 and up are looked at by [`crate::sockets::inspect`] ([`socket_restore`]):
+//! TCP, UDP (IPv4, IPv6) and Unix sockets that are unbound, bound or listening are made
+//! again at their address with their options ([`FdRestore::Socket`]); a Unix socketpair
+//! whose both ends the process holds, with the messages queued in each direction
+//! ([`FdRestore::SocketPair`]). Refused: a TCP connection, a Unix socket whose peer is in
+//! another process (named in the message), a listener with connections waiting to be
+//! accepted, data queued on a UDP or unconnected datagram socket, a shut-down socket, fds in
+//! flight, a socket another process holds too, or a process in another network namespace.
+//! Sockets on 0-2 are the restorer's stdio, like pipes and terminals.
+//!
 //! The caller can resolve an fd problem with an [`FdPolicy`]: restore the fd as /dev/null
 //! ([`FdChoice::DevNull`], `krg checkpoint --drop FD`) or have it handed in at restart
 //! ([`FdChoice::External`], `krg checkpoint --external FD`, then
