@@ -652,7 +652,7 @@ pub(crate) fn make_socket(st: &SocketState, flags: u32) -> io::Result<File> {
             None
         };
         if let Some(p) = &path {
-            clear_stale(p, st.sotype)?;
+            clear_stale(p)?;
         }
         bind_raw(raw, &st.bound).map_err(|e| {
             io::Error::new(
@@ -701,9 +701,11 @@ fn bind_raw(raw: RawFd, addr: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Removes the socket file at `path` left by the dead process, if it is a socket nobody
-/// listens on (a connect is refused); anything else there is an error.
-fn clear_stale(path: &str, sotype: i32) -> io::Result<()> {
+/// Removes the socket file at `path` left by the dead process, if it is a socket no live
+/// socket is bound to; anything else there is an error. Whether one is bound is read from
+/// /proc/net/unix (the bound name of every live Unix socket), not by connecting: a test
+/// connection would be queued on a live listener, which its owner would then accept.
+fn clear_stale(path: &str) -> io::Result<()> {
     use std::os::unix::fs::FileTypeExt;
     let Ok(md) = std::fs::symlink_metadata(path) else {
         return Ok(());
@@ -714,27 +716,9 @@ fn clear_stale(path: &str, sotype: i32) -> io::Result<()> {
             format!("{path} exists and is not a socket: remove it to restart"),
         ));
     }
-    let mut addr = Vec::with_capacity(2 + path.len() + 1);
-    addr.extend_from_slice(&(libc::AF_UNIX as u16).to_ne_bytes());
-    addr.extend_from_slice(path.as_bytes());
-    addr.push(0);
-    // SAFETY: socket(2); the result is checked.
-    let r = unsafe { libc::socket(libc::AF_UNIX, sotype | libc::SOCK_CLOEXEC, 0) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor we own.
-    let probe = unsafe { OwnedFd::from_raw_fd(r) };
-    // SAFETY: connect with a valid sockaddr_un.
-    let c = unsafe {
-        libc::connect(
-            probe.as_raw_fd(),
-            addr.as_ptr() as *const libc::sockaddr,
-            addr.len() as u32,
-        )
-    };
-    let err = io::Error::last_os_error();
-    if c == 0 || err.raw_os_error() != Some(libc::ECONNREFUSED) {
+    let table = std::fs::read_to_string("/proc/self/net/unix")?;
+    let suffix = format!(" {path}");
+    if table.lines().skip(1).any(|l| l.ends_with(&suffix)) {
         return Err(io::Error::new(
             io::ErrorKind::AddrInUse,
             format!("{path} is a socket in use by another process: stop it to restart"),

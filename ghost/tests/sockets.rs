@@ -132,6 +132,74 @@ fn listeners_and_socketpairs_come_back_with_their_addresses_and_queues() {
 }
 
 #[test]
+fn a_checkpoint_leaving_the_process_running_takes_nothing_and_a_restart_beside_it_is_refused() {
+    require_root();
+    let d = tempfile::tempdir().unwrap();
+    let prog = build(d.path(), "sockets", &[]);
+    let _reap = Reaper(prog.clone());
+    let (log, path) = (d.path().join("log"), d.path().join("srv.sock"));
+    let port = free_port();
+    let name = format!("krg-test-run-{}", std::process::id());
+    let port_s = port.to_string();
+    let child = spawn(
+        &prog,
+        &[
+            log.to_str().unwrap(),
+            "serve",
+            &port_s,
+            path.to_str().unwrap(),
+            &name,
+        ],
+    );
+    let _child = child;
+    let pid = _child.id() as i32;
+    let s = wait_for(&log, "READY", 10, |s| {
+        s.contains("READY") || s.contains("SETUP")
+    });
+    assert!(s.contains("READY"), "{s}");
+    let img = d.path().join("img");
+    let out = checkpoint(pid, &img, &[]);
+    assert!(out.status.success(), "checkpoint: {}", stderr(&out));
+    // The original still listens everywhere: the restart must refuse before creating a
+    // process, and must not remove the original's socket file.
+    let err = d.path().join("restart.err");
+    let ok = Command::new(krg())
+        .args(["restart", img.to_str().unwrap(), "--detach"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .status()
+        .expect("run krg restart")
+        .success();
+    let e = read(&err);
+    assert!(!ok, "a restart beside the running original succeeded");
+    for want in [
+        "no process was created",
+        &format!("binding 127.0.0.1:{port}"),
+        "in use by another process",
+    ] {
+        assert!(
+            e.contains(want),
+            "the restart refusal does not say {want:?}: {e}"
+        );
+    }
+    assert_eq!(pids_of(&prog), vec![pid], "only the original runs");
+    // SAFETY: signalling the test program.
+    unsafe { libc::kill(pid, libc::SIGUSR1) };
+    wait_for(&log, "ACCEPTING", 20, |s| {
+        s.contains("ACCEPTING") || s.contains("VERDICT")
+    });
+    talk_to(port, &path, &name);
+    let s = wait_for(&log, "the verdict", 30, |s| s.contains("VERDICT"));
+    let bad: Vec<&str> = s.lines().filter(|l| l.starts_with("BAD")).collect();
+    assert!(
+        bad.is_empty() && s.contains("VERDICT ok"),
+        "the checkpointed process found its sockets changed:\n{}",
+        bad.join("\n")
+    );
+}
+
+#[test]
 fn outside_connections_and_pending_ones_refuse_the_checkpoint_and_the_process_runs_on() {
     require_root();
     let d = tempfile::tempdir().unwrap();
@@ -190,8 +258,12 @@ fn outside_connections_and_pending_ones_refuse_the_checkpoint_and_the_process_ru
     // Unharmed: both connections still carry data.
     // SAFETY: signalling the test program.
     unsafe { libc::kill(pid, libc::SIGUSR1) };
-    let s = wait_for(&log, "PING", 10, |s| s.contains("PING"));
+    let s = wait_for(&log, "PING", 10, |s| s.contains("QUEUES"));
     assert!(s.contains("PING ok"), "{s}");
+    assert!(
+        s.contains("QUEUES ok"),
+        "the refused checkpoint took from the socketpair's queues:\n{s}"
+    );
     let mut b = [0u8; 5];
     tc.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     tc.read_exact(&mut b).unwrap();

@@ -15,8 +15,11 @@
  *     and a last line "VERDICT ok" or "VERDICT bad".
  *   sockets LOG refuse PORT PATH LPORT
  *     fd 3: a TCP connection to 127.0.0.1:PORT; fd 4: a Unix stream connection to PATH (both
- *     the test's listeners); fd 5: a TCP listener on 127.0.0.1:LPORT, left unaccepted.
- *     Logs READY; on SIGUSR1 writes "ping\n" to fds 3 and 4 and logs "PING ok" (or failed). */
+ *     the test's listeners); fd 5: a TCP listener on 127.0.0.1:LPORT, left unaccepted; fds 6,
+ *     7: a seqpacket socketpair with three messages queued each way.
+ *     Logs READY; on SIGUSR1 writes "ping\n" to fds 3 and 4 and logs "PING ok" (or failed),
+ *     the first time also reads the socketpair's queues (as serve does) and logs
+ *     "QUEUES ok" or "QUEUES bad". */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -285,6 +288,13 @@ static int refuse(int port, const char *path, int lport) {
     place(u, 4);
     a4.sin_port = htons(lport);
     place(listen_on(AF_INET, SOCK_STREAM, &a4, sizeof a4, 4), 5);
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET, 0, sv) != 0)
+        die("socketpair");
+    place(sv[0], 6);
+    place(sv[1], 7);
+    fill(6, 7);
+    int drained = 0;
     fprintf(logf, "READY\n");
     fflush(logf);
     for (;;) {
@@ -293,6 +303,12 @@ static int refuse(int port, const char *path, int lport) {
         go = 0;
         int ok = write(3, "ping\n", 5) == 5 && write(4, "ping\n", 5) == 5;
         fprintf(logf, "PING %s\n", ok ? "ok" : "failed");
+        if (!drained) {
+            drained = 1;
+            drain(7, 0, 0, "seqpacket a->b");
+            drain(6, 1, 0, "seqpacket b->a");
+            fprintf(logf, "QUEUES %s\n", bad ? "bad" : "ok");
+        }
         fflush(logf);
     }
 }
