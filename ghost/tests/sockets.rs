@@ -29,6 +29,40 @@ fn free_port() -> u16 {
     }
 }
 
+/// The listen backlog of TCP listener `fd` of `pid`, from TCP_INFO (tcpi_sacked) on a copy of
+/// the fd (/proc/net/tcp does not show it).
+fn backlog(pid: i32, fd: i32) -> u32 {
+    // SAFETY: pidfd_open/pidfd_getfd/getsockopt with valid arguments; fds closed below.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
+        assert!(
+            pidfd >= 0,
+            "pidfd_open: {}",
+            std::io::Error::last_os_error()
+        );
+        let copy = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32;
+        assert!(
+            copy >= 0,
+            "pidfd_getfd: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut info = [0u8; 104];
+        let mut len = info.len() as libc::socklen_t;
+        let r = libc::getsockopt(
+            copy,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr() as *mut libc::c_void,
+            &mut len,
+        );
+        libc::close(copy);
+        libc::close(pidfd);
+        assert_eq!(r, 0, "TCP_INFO");
+        assert_eq!(info[0], 10, "fd {fd} is not listening");
+        u32::from_ne_bytes([info[28], info[29], info[30], info[31]])
+    }
+}
+
 fn restart(img: &Path, err: &Path) {
     let ok = Command::new(krg())
         .args(["restart", img.to_str().unwrap(), "--detach"])
@@ -114,6 +148,8 @@ fn listeners_and_socketpairs_come_back_with_their_addresses_and_queues() {
     restart(&img, &d.path().join("restart.err"));
     let pids = pids_of(&prog);
     assert_eq!(pids.len(), 1, "one restored process: {pids:?}");
+    assert_eq!(backlog(pids[0], 3), 7, "backlog of the tcp4 listener");
+    assert_eq!(backlog(pids[0], 4), 3, "backlog of the tcp6 listener");
     // SAFETY: signalling the test program.
     unsafe { libc::kill(pids[0], libc::SIGUSR1) };
     wait_for(&log, "ACCEPTING", 20, |s| {
