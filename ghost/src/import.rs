@@ -913,6 +913,9 @@ fn plan_fds(
     // Socketpair ends made so far, by socket inode; each end is handed to the first fd
     // that uses it (which keeps it open until the child has it), the others share it.
     let mut pair_ends: Vec<(u64, RawFd, Option<File>)> = Vec::new();
+    // Sockets made so far (inode, fd): the other fds of a socket share it (a second bind of
+    // the same address would fail).
+    let mut socks: Vec<(u64, RawFd)> = Vec::new();
     for f in &meta.fds {
         let cloexec = f.flags & libc::O_CLOEXEC as u32 != 0;
         if let Some(&(_, src)) = opts.inherit_fds.iter().find(|(t, _)| *t == f.fd) {
@@ -1062,7 +1065,20 @@ fn plan_fds(
             }
             FdRestore::Socket => {
                 let s = f.socket.as_ref().ok_or_else(|| missing_record(f, "socket"))?;
-                crate::sockets::make_socket(s, f.flags).map_err(|e| {
+                if let Some(&(_, raw)) = socks.iter().find(|(i, _)| *i == s.inode) {
+                    out.push(FdPlan {
+                        target: f.fd,
+                        src: raw,
+                        cloexec,
+                        _owned: None,
+                    });
+                    continue;
+                }
+                let made = crate::sockets::make_socket(s, f.flags);
+                if let Ok(m) = &made {
+                    socks.push((s.inode, m.as_raw_fd()));
+                }
+                made.map_err(|e| {
                     format!(
                         "fd {} ({}) cannot be made again: {e} (or hand one in with `--inherit-fd {}=YOUR_FD`)",
                         f.fd, f.path, f.fd

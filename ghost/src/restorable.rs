@@ -529,6 +529,31 @@ fn plan_fds(
             )));
         }
     }
+    // A socketpair end is made again with its peer: one whose other end is not made again
+    // (dropped, external) would come back connected to nothing.
+    let pair_socks: Vec<u64> = fds
+        .iter()
+        .filter(|f| f.restore == FdRestore::SocketPair as i32)
+        .filter_map(|f| f.socket.as_ref().map(|s| s.inode))
+        .collect();
+    fds.retain(|f| {
+        let Some(s) = f.socket.as_ref().filter(|_| f.restore == FdRestore::SocketPair as i32)
+        else {
+            return true;
+        };
+        if pair_socks.contains(&s.peer_inode) {
+            return true;
+        }
+        problems.push(Problem {
+            fd: Some(f.fd),
+            what: format!(
+                "fd {}: {}, one end of a socketpair of the process, whose other end (socket:[{}]) is to be dropped or handed in: it would come back connected to nothing; drop or hand in this end as well, or keep both",
+                f.fd, f.path, s.peer_inode
+            ),
+            hint: None,
+        });
+        false
+    });
     fds.sort_by_key(|f| f.fd);
     problems.sort_by_key(|p| p.fd);
     // A socket's queue is carried by its lowest fd; the other fds of it are the same socket.

@@ -7,7 +7,7 @@
  *     fd 7: Unix seqpacket listener on the abstract name NAME
  *     fd 8, 9: a seqpacket socketpair; fd 10, 11: a stream socketpair; fd 12, 13: a
  *     datagram socketpair (12 non-blocking). In each pair three messages of different sizes
- *     are queued in each direction.
+ *     are queued in each direction. fd 14 is a dup of fd 3, fd 15 of fd 9.
  *     Logs READY, then waits for SIGUSR1; then checks every address (getsockname), option
  *     and flag, reads the queued messages (in order, intact, boundaries kept, nothing more),
  *     logs ACCEPTING, accepts one connection on each listener and a datagram on the UDP
@@ -214,6 +214,8 @@ static int serve(int port, const char *path, const char *aname) {
         fill(8 + 2 * i, 9 + 2 * i);
     }
     fcntl(12, F_SETFL, O_NONBLOCK);
+    if (dup2(3, 14) != 14 || dup2(9, 15) != 15)
+        die("dup2");
     for (int fd = 3; fd <= 7; fd++)
         save_name(fd);
     fprintf(logf, "READY\n");
@@ -238,6 +240,11 @@ static int serve(int port, const char *path, const char *aname) {
     struct stat st;
     check(stat(path, &st) == 0 && S_ISSOCK(st.st_mode) && (st.st_mode & 0777) == 0660, "unix path file",
           "mode %o", st.st_mode);
+    struct stat s3, s14, s9, s15;
+    check(fstat(3, &s3) == 0 && fstat(14, &s14) == 0 && s3.st_ino == s14.st_ino, "dup of tcp4 listener",
+          "fd 14 is another socket than fd 3");
+    check(fstat(9, &s9) == 0 && fstat(15, &s15) == 0 && s9.st_ino == s15.st_ino, "dup of socketpair end",
+          "fd 15 is another socket than fd 9");
     flags(3, "tcp4 flags", 1, 0);
     flags(4, "tcp6 flags", 0, 1);
     flags(5, "udp flags", 1, 0);
