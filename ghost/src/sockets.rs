@@ -655,9 +655,22 @@ pub(crate) fn make_socket(st: &SocketState, flags: u32) -> io::Result<File> {
             clear_stale(p)?;
         }
         bind_raw(raw, &st.bound).map_err(|e| {
+            // The connections the dead process closed first stay in TIME_WAIT for up to 60 s
+            // with its listener's SO_REUSEADDR (children inherit it): without it, the kernel
+            // refuses a bind beside them, as it would to the program restarting itself.
+            let tcp = st.family != libc::AF_UNIX && st.sotype == libc::SOCK_STREAM;
+            let hint = if tcp && e.raw_os_error() == Some(libc::EADDRINUSE) {
+                if st.reuseaddr {
+                    " (another socket listens there: stop it to restart)"
+                } else {
+                    " (another socket listens there, or connections the process closed are still in TIME_WAIT, which a socket without SO_REUSEADDR cannot bind beside: retry within a minute)"
+                }
+            } else {
+                ""
+            };
             io::Error::new(
                 e.kind(),
-                format!("binding {}: {e}", describe_addr(&st.bound)),
+                format!("binding {}: {e}{hint}", describe_addr(&st.bound)),
             )
         })?;
         if let (Some(p), true) = (&path, st.path_mode != 0) {

@@ -165,6 +165,52 @@ fn listeners_and_socketpairs_come_back_with_their_addresses_and_queues() {
     );
     let oks = s.lines().filter(|l| l.starts_with("OK ")).count();
     assert!(oks >= 34, "not every check ran ({oks}):\n{s}");
+    // The process closed the connections it accepted first, which left its port in
+    // TIME_WAIT: a restart now cannot bind the tcp4 listener, which has no SO_REUSEADDR
+    // (nor could the program itself); it is refused before any process is created, saying
+    // why and when to retry.
+    let tw = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let hex_port = format!(":{port:04X} ");
+    assert!(
+        tw.lines()
+            .any(|l| l.contains(&hex_port) && l.split_whitespace().nth(3) == Some("06")),
+        "no TIME_WAIT connection on port {port}: the second restart would test nothing"
+    );
+    let out = checkpoint(pids[0], &img, &["--kill"]);
+    assert!(out.status.success(), "second checkpoint: {}", stderr(&out));
+    for _ in 0..100 {
+        if !alive(pids[0]) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let err = d.path().join("restart2.err");
+    let ok = Command::new(krg())
+        .args(["restart", img.to_str().unwrap(), "--detach"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .status()
+        .unwrap()
+        .success();
+    let e = read(&err);
+    assert!(!ok, "bound beside TIME_WAIT without SO_REUSEADDR: {e}");
+    for want in [
+        "no process was created",
+        "fd 3 (socket:[",
+        &format!("binding 127.0.0.1:{port}"),
+        "TIME_WAIT",
+        "retry within a minute",
+    ] {
+        assert!(
+            e.contains(want),
+            "the restart refusal does not say {want:?}: {e}"
+        );
+    }
+    assert!(
+        pids_of(&prog).is_empty(),
+        "a refused restart left a process"
+    );
 }
 
 #[test]

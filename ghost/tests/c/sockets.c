@@ -1,7 +1,8 @@
 /* Test program for sockets across a checkpoint and restart.
  *   sockets LOG serve PORT PATH NAME
- *     fd 3: TCP listener on 127.0.0.1:PORT (SO_REUSEADDR, backlog 7, non-blocking)
- *     fd 4: TCP listener on [::1]:PORT (IPV6_V6ONLY, SO_REUSEPORT, backlog 3, close-on-exec)
+ *     fd 3: TCP listener on 127.0.0.1:PORT (no SO_REUSEADDR, backlog 7, non-blocking)
+ *     fd 4: TCP listener on [::1]:PORT (IPV6_V6ONLY, SO_REUSEPORT, SO_REUSEADDR, backlog 3,
+ *     close-on-exec)
  *     fd 5: UDP socket bound to 127.0.0.1:PORT (non-blocking)
  *     fd 6: Unix stream listener at PATH (mode 0660)
  *     fd 7: Unix seqpacket listener on the abstract name NAME
@@ -157,9 +158,8 @@ static int listen_on(int family, int type, const void *addr, socklen_t len, int 
     if (s < 0)
         die("socket");
     int one = 1;
-    if (family == AF_INET && (type & 0xf) == SOCK_STREAM)
-        setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     if (family == AF_INET6) {
+        setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
         setsockopt(s, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
         setsockopt(s, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
     }
@@ -228,10 +228,10 @@ static int serve(int port, const char *path, const char *aname) {
     same_name(5, "udp address");
     same_name(6, "unix path address");
     same_name(7, "unix abstract address");
-    check(opt(3, SOL_SOCKET, SO_REUSEADDR) == 1 && opt(3, SOL_SOCKET, SO_ACCEPTCONN) == 1, "tcp4 options",
+    check(opt(3, SOL_SOCKET, SO_REUSEADDR) == 0 && opt(3, SOL_SOCKET, SO_ACCEPTCONN) == 1, "tcp4 options",
           "SO_REUSEADDR %d SO_ACCEPTCONN %d", opt(3, SOL_SOCKET, SO_REUSEADDR), opt(3, SOL_SOCKET, SO_ACCEPTCONN));
     check(opt(4, IPPROTO_IPV6, IPV6_V6ONLY) == 1 && opt(4, SOL_SOCKET, SO_REUSEPORT) == 1 &&
-              opt(4, SOL_SOCKET, SO_REUSEADDR) == 0,
+              opt(4, SOL_SOCKET, SO_REUSEADDR) == 1,
           "tcp6 options", "V6ONLY %d REUSEPORT %d REUSEADDR %d", opt(4, IPPROTO_IPV6, IPV6_V6ONLY),
           opt(4, SOL_SOCKET, SO_REUSEPORT), opt(4, SOL_SOCKET, SO_REUSEADDR));
     check(opt(5, SOL_SOCKET, SO_TYPE) == SOCK_DGRAM, "udp type", "SO_TYPE %d", opt(5, SOL_SOCKET, SO_TYPE));
