@@ -678,6 +678,15 @@ pub(crate) fn make_socket(st: &SocketState, flags: u32) -> io::Result<File> {
             std::fs::set_permissions(p, std::fs::Permissions::from_mode(st.path_mode))?;
         }
     }
+    if st.listen_backlog.is_some() && st.reuseport && listening_here(&st.bound) {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!(
+                "{} has a listener already (SO_REUSEPORT would let this one take a share of its connections): stop it to restart",
+                describe_addr(&st.bound)
+            ),
+        ));
+    }
     if let Some(backlog) = st.listen_backlog {
         // SAFETY: listen(2) on our socket.
         if unsafe { libc::listen(raw, backlog) } != 0 {
@@ -692,6 +701,29 @@ pub(crate) fn make_socket(st: &SocketState, flags: u32) -> io::Result<File> {
         }
     }
     crate::import::own_fd(file_into_raw(file) as libc::c_long, flags)
+}
+
+/// Whether a TCP socket listens on exactly the inet address `addr` (raw sockaddr), from
+/// /proc/net/tcp{,6}: each 32-bit word of the address in host order, then the port.
+fn listening_here(addr: &[u8]) -> bool {
+    let family = addr
+        .get(..2)
+        .map(|f| u16::from_ne_bytes([f[0], f[1]]) as i32);
+    let (table, ip) = match (family, addr.get(4..8), addr.get(8..24)) {
+        (Some(libc::AF_INET), Some(ip), _) => ("tcp", ip),
+        (Some(libc::AF_INET6), _, Some(ip)) => ("tcp6", ip),
+        _ => return false,
+    };
+    let mut want: String = ip
+        .chunks(4)
+        .map(|w| format!("{:08X}", u32::from_ne_bytes([w[0], w[1], w[2], w[3]])))
+        .collect();
+    want.push_str(&format!(":{:04X}", u16::from_be_bytes([addr[2], addr[3]])));
+    let text = std::fs::read_to_string(format!("/proc/self/net/{table}")).unwrap_or_default();
+    text.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.get(1) == Some(&want.as_str()) && f.get(3) == Some(&"0A")
+    })
 }
 
 fn file_into_raw(f: File) -> RawFd {

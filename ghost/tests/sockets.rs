@@ -259,6 +259,7 @@ fn a_checkpoint_leaving_the_process_running_takes_nothing_and_a_restart_beside_i
         "no process was created",
         &format!("binding 127.0.0.1:{port}"),
         "in use by another process",
+        &format!("[::1]:{port} has a listener already (SO_REUSEPORT"),
     ] {
         assert!(
             e.contains(want),
