@@ -163,8 +163,8 @@ pub fn export_process(
     // restart could rebuild everything; a refusal releases the process untouched. The fd
     // list (with each fd's restore method) is what goes into the image: a frozen process
     // cannot open or close fds.
-    let mut fds = restorable::survey(pid, &opts.fds, tracking::find_uffd(pid).map(|(fd, _)| fd))?
-        .into_fds(pid)?;
+    let skip = tracking::find_uffd(pid).map(|(fd, _)| fd);
+    let mut fds = restorable::survey(pid, &opts.fds, skip, true)?.into_fds(pid)?;
     let carried = read_fd_contents(pid, &mut fds)?;
     let regs = sys::get_regs(pid)?;
     guard.regs = Some(regs);
@@ -652,8 +652,9 @@ fn file_id(pid: i32, m: &MapLine) -> Result<FileId> {
 }
 
 /// Reads what fds carry into the image, in fd order (see [`crate::image::Fd::stored_bytes`]):
-/// the contents of deleted files (recording their exact size) and the bytes buffered in
-/// internal pipes (recording them and each pipe's capacity). The process is frozen: nothing
+/// the contents of deleted files (recording their exact size), the bytes buffered in
+/// internal pipes (recording them and each pipe's capacity) and the messages queued in
+/// socketpair ends (peeked, their lengths recorded by the survey). The process is frozen: nothing
 /// changes them meanwhile (short of another process holding the same file or pipe, which a
 /// checkpoint of one process cannot freeze).
 fn read_fd_contents(pid: i32, fds: &mut [crate::image::Fd]) -> Result<Vec<Vec<u8>>> {
@@ -681,6 +682,20 @@ fn read_fd_contents(pid: i32, fds: &mut [crate::image::Fd]) -> Result<Vec<Vec<u8
             }
             d.size = content.len() as u64;
             out.push(content);
+        }
+        if let Some(s) = f.socket.as_ref().filter(|s| s.queued > 0) {
+            if pidfd.is_none() {
+                pidfd = Some(sys::pidfd_open(pid)?);
+            }
+            let Some(pidfd) = &pidfd else { continue };
+            let content = crate::sockets::peek_queue(pidfd, f.fd, s).map_err(|e| {
+                GhostError::Unsupported(format!(
+                    "the queue of socket fd {} of process {pid}: {e}",
+                    f.fd
+                ))
+            })?;
+            out.push(content);
+            continue;
         }
         let read_end = restorable::reads(f.flags);
         if let Some(p) = f.pipe.as_mut() {

@@ -5,7 +5,8 @@
 //! meta            ProcessImage (prost)
 //! pages           contents of the stored pages, in the order of Mapping.runs, then, in fd
 //!                 order, what fds carry (Fd::stored_bytes: a deleted-but-open file, the
-//!                 bytes buffered in a pipe), each padded to whole pages
+//!                 bytes buffered in a pipe, the messages queued in a socketpair end),
+//!                 each padded to whole pages
 //! trailer (40 B)  blake3(header ‖ meta ‖ pages) | end magic "KRGGEND\0"
 //! ```
 //!
@@ -26,10 +27,11 @@ pub const END_MAGIC: &[u8; 8] = b"KRGGEND\0";
 /// Format version written by this crate; images with a higher version are refused.
 /// Version 2 records how every fd is restored ([`Fd::restore`]); version 1 images are still
 /// read, their fds taken the way version 1 restored them ([`Fd::restore_method`]). The event
-/// and timer fd methods ([`FdRestore::EventFd`] and on) and their state fields were added
-/// within version 2: a reader that predates them refuses such an fd as an unknown restore
-/// method (asking for a newer krg) rather than misreading it, and images without them read
-/// as before. Version 3 adds the threads other than the main one ([`ProcessImage::threads`])
+/// and timer fd methods ([`FdRestore::EventFd`] and on, the socket ones included) and their
+/// state fields were added within version 2: a reader that predates them refuses such an fd
+/// as an unknown restore method (asking for a newer krg) rather than misreading it (one that
+/// predates the socket methods refuses an image with socketpair queues even earlier, as
+/// damaged: it cannot account for their bytes), and images without them read as before. Version 3 adds the threads other than the main one ([`ProcessImage::threads`])
 /// and every thread's clear_child_tid: a version 2 reader would silently restore only the
 /// main thread, so it must refuse such an image; images of versions 1 and 2 have no other
 /// threads and restore as before.
@@ -399,6 +401,62 @@ pub enum FdRestore {
     /// An inotify instance ([`Fd::inotify`]): made again with its watches, each on the path
     /// its inode had at checkpoint and with its watch descriptor number.
     Inotify = 11,
+    /// A TCP, UDP or Unix socket, unbound, bound or listening ([`Fd::socket`]): made again,
+    /// bound at its address with its options, listening with its backlog, a UDP one
+    /// connected again to its peer address.
+    Socket = 12,
+    /// One end of a Unix socketpair whose both ends the process holds ([`Fd::socket`]): the
+    /// pair is made again, each end with the messages that were queued to it.
+    SocketPair = 13,
+}
+
+/// A socket, as [`FdRestore::Socket`] and [`FdRestore::SocketPair`] rebuild it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SocketState {
+    /// Inode of the socket: fds with the same one are one socket.
+    #[prost(uint64, tag = "1")]
+    pub inode: u64,
+    /// AF_INET, AF_INET6 or AF_UNIX.
+    #[prost(int32, tag = "2")]
+    pub family: i32,
+    /// SOCK_STREAM, SOCK_DGRAM or SOCK_SEQPACKET.
+    #[prost(int32, tag = "3")]
+    pub sotype: i32,
+    /// The protocol (IPPROTO_TCP, IPPROTO_UDP, 0).
+    #[prost(int32, tag = "4")]
+    pub protocol: i32,
+    /// The address it is bound to, as getsockname gave it (a raw sockaddr); empty: unbound.
+    #[prost(bytes = "vec", tag = "5")]
+    pub bound: Vec<u8>,
+    /// The listen backlog, if it listens.
+    #[prost(int32, optional, tag = "6")]
+    pub listen_backlog: Option<i32>,
+    /// A UDP socket's connected peer (raw sockaddr); empty: not connected.
+    #[prost(bytes = "vec", tag = "7")]
+    pub connected_to: Vec<u8>,
+    /// SO_REUSEADDR.
+    #[prost(bool, tag = "8")]
+    pub reuseaddr: bool,
+    /// SO_REUSEPORT.
+    #[prost(bool, tag = "9")]
+    pub reuseport: bool,
+    /// IPV6_V6ONLY (AF_INET6).
+    #[prost(bool, tag = "10")]
+    pub v6only: bool,
+    /// The other end of a socketpair.
+    #[prost(uint64, tag = "11")]
+    pub peer_inode: u64,
+    /// Lengths of the messages queued to be read from this end (a stream: one piece); the
+    /// bytes follow in the page data, carried by the first fd of the socket.
+    #[prost(uint32, repeated, tag = "12")]
+    pub messages: Vec<u32>,
+    /// Bytes of [`SocketState::messages`] stored in the page data (0 on the other fds of
+    /// the socket).
+    #[prost(uint64, tag = "13")]
+    pub queued: u64,
+    /// Permission bits of the socket file of a path-bound Unix socket.
+    #[prost(uint32, tag = "14")]
+    pub path_mode: u32,
 }
 
 /// One watch of an inotify instance.
@@ -569,13 +627,19 @@ pub struct Fd {
     /// For [`FdRestore::Inotify`].
     #[prost(message, optional, tag = "13")]
     pub inotify: Option<InotifyState>,
+    /// For [`FdRestore::Socket`] and [`FdRestore::SocketPair`].
+    #[prost(message, optional, tag = "14")]
+    pub socket: Option<SocketState>,
 }
 
 impl Fd {
-    /// Bytes this fd carries in the page data (a deleted file's contents, a pipe's buffer).
+    /// Bytes this fd carries in the page data (a deleted file's contents, a pipe's buffer, a
+    /// socketpair end's queue).
     pub fn stored_bytes(&self) -> u64 {
         let deleted = self.deleted.as_ref().map_or(0, |d| d.size);
-        deleted.saturating_add(self.pipe.as_ref().map_or(0, |p| p.buffered))
+        deleted
+            .saturating_add(self.pipe.as_ref().map_or(0, |p| p.buffered))
+            .saturating_add(self.socket.as_ref().map_or(0, |s| s.queued))
     }
 
     /// How a restart rebuilds this fd. Images of format 1 did not record it: their pipes,

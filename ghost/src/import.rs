@@ -910,6 +910,12 @@ fn plan_fds(
     let mut recreated: Vec<(i32, File)> = Vec::new();
     // Internal pipes made so far.
     let mut pipes: Vec<MadePipe> = Vec::new();
+    // Socketpair ends made so far, by socket inode; each end is handed to the first fd
+    // that uses it (which keeps it open until the child has it), the others share it.
+    let mut pair_ends: Vec<(u64, RawFd, Option<File>)> = Vec::new();
+    // Sockets made so far (inode, fd): the other fds of a socket share it (a second bind of
+    // the same address would fail).
+    let mut socks: Vec<(u64, RawFd)> = Vec::new();
     for f in &meta.fds {
         let cloexec = f.flags & libc::O_CLOEXEC as u32 != 0;
         if let Some(&(_, src)) = opts.inherit_fds.iter().find(|(t, _)| *t == f.fd) {
@@ -1057,6 +1063,51 @@ fn plan_fds(
                 make_inotify(w, f.flags)
                     .map_err(|e| format!("fd {} (inotify) cannot be made again: {e}", f.fd))
             }
+            FdRestore::Socket => {
+                let s = f.socket.as_ref().ok_or_else(|| missing_record(f, "socket"))?;
+                if let Some(&(_, raw)) = socks.iter().find(|(i, _)| *i == s.inode) {
+                    out.push(FdPlan {
+                        target: f.fd,
+                        src: raw,
+                        cloexec,
+                        _owned: None,
+                    });
+                    continue;
+                }
+                let made = crate::sockets::make_socket(s, f.flags);
+                if let Ok(m) = &made {
+                    socks.push((s.inode, m.as_raw_fd()));
+                }
+                made.map_err(|e| {
+                    format!(
+                        "fd {} ({}) cannot be made again: {e} (or hand one in with `--inherit-fd {}=YOUR_FD`)",
+                        f.fd, f.path, f.fd
+                    )
+                })
+            }
+            FdRestore::SocketPair => {
+                let s = f.socket.as_ref().ok_or_else(|| missing_record(f, "socket"))?;
+                if !pair_ends.iter().any(|(i, _, _)| *i == s.inode) {
+                    let (a, b) = make_socketpair(meta, s, contents).map_err(|e| {
+                        GhostError::Restore {
+                            step: format!("make the socketpair of fd {} again", f.fd),
+                            msg: e.to_string(),
+                        }
+                    })?;
+                    pair_ends.push((s.inode, a.as_raw_fd(), Some(a)));
+                    pair_ends.push((s.peer_inode, b.as_raw_fd(), Some(b)));
+                }
+                let Some(end) = pair_ends.iter_mut().find(|(i, _, _)| *i == s.inode) else {
+                    continue;
+                };
+                out.push(FdPlan {
+                    target: f.fd,
+                    src: end.1,
+                    cloexec,
+                    _owned: end.2.take(),
+                });
+                continue;
+            }
             FdRestore::Unrecorded => Err(format!("fd {} records no restore method", f.fd)),
         };
         match opened {
@@ -1078,6 +1129,41 @@ fn plan_fds(
     Ok(out)
 }
 
+/// The socketpair of socket `s` made again: (the end for `s`, the end for its peer), each
+/// refilled with what was queued to it and with the flags of its first fd.
+fn make_socketpair(
+    meta: &image::ProcessImage,
+    s: &image::SocketState,
+    contents: &[(i32, &[u8])],
+) -> std::io::Result<(File, File)> {
+    let first = |inode: u64| {
+        meta.fds
+            .iter()
+            .find(|g| g.socket.as_ref().is_some_and(|t| t.inode == inode))
+    };
+    let queue = |g: &image::Fd| {
+        contents
+            .iter()
+            .find(|(fd, _)| *fd == g.fd)
+            .map(|c| c.1)
+            .unwrap_or_default()
+    };
+    let (fa, fb) = match (first(s.inode), first(s.peer_inode)) {
+        (Some(a), Some(b)) => (a, b),
+        _ => {
+            return Err(std::io::Error::other(format!(
+                "the image lacks an end of the socketpair socket:[{}]",
+                s.inode
+            )))
+        }
+    };
+    let (sa, sb) = match (&fa.socket, &fb.socket) {
+        (Some(sa), Some(sb)) => (sa, sb),
+        _ => return Err(std::io::Error::other("socketpair end without its record")),
+    };
+    crate::sockets::make_pair(sa, queue(fa), fa.flags, sb, queue(fb), fb.flags)
+}
+
 fn missing_record(f: &image::Fd, what: &str) -> GhostError {
     GhostError::BadImage(format!(
         "fd {} is an {what} without its recorded state",
@@ -1087,7 +1173,7 @@ fn missing_record(f: &image::Fd, what: &str) -> GhostError {
 
 /// Takes ownership of the descriptor a syscall returned (or its error) and gives it the
 /// O_NONBLOCK of the recorded `flags`; close-on-exec is set when it is placed in the child.
-fn own_fd(r: libc::c_long, flags: u32) -> std::io::Result<File> {
+pub(crate) fn own_fd(r: libc::c_long, flags: u32) -> std::io::Result<File> {
     if r < 0 {
         return Err(std::io::Error::last_os_error());
     }

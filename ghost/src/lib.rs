@@ -27,9 +27,12 @@
 //!   Files deleted while open and pipes whose both ends the process holds are saved with
 //!   their contents.
 //!
-//! Limits: no children; no itimers/POSIX timers, SysV IPC, inotify/epoll/eventfd
-//! fds; pipes and sockets on fds 0-2 take the importer's own stdio, other sockets and pipes
-//! to the outside are refused unless dropped or external; the restoring host must run the
+//!   Sockets bound or listening (TCP, UDP, Unix) are bound again at restart; Unix socketpairs
+//!   whose both ends the process holds come back with their queued messages.
+//!
+//! Limits: no children; no itimers/POSIX timers, SysV IPC; pipes and sockets on fds 0-2 take the
+//! importer's own stdio; pipes to the outside, TCP connections and Unix sockets connected to
+//! another process are refused unless dropped or external; the restoring host must run the
 //! same kernel (same vDSO) on a CPU with the same XSAVE features.
 //! Needs root (or CAP_SYS_PTRACE + CAP_CHECKPOINT_RESTORE).
 
@@ -41,6 +44,7 @@ mod import;
 mod procfs;
 mod rao;
 mod restorable;
+mod sockets;
 mod sys;
 mod threads;
 pub mod tracking;

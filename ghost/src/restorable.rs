@@ -17,6 +17,16 @@
 //! An inotify fd's watches are resolved to paths through their file handles
 //! ([`inotify_state`]); unread events refuse it.
 //!
+//! Sockets at fd 3 and up are looked at by [`crate::sockets::inspect`] ([`socket_restore`]):
+//! TCP, UDP (IPv4, IPv6) and Unix sockets that are unbound, bound or listening are made
+//! again at their address with their options ([`FdRestore::Socket`]); a Unix socketpair
+//! whose both ends the process holds, with the messages queued in each direction
+//! ([`FdRestore::SocketPair`]). Refused: a TCP connection, a Unix socket whose peer is in
+//! another process (named in the message), a listener with connections waiting to be
+//! accepted, data queued on a UDP or unconnected datagram socket, a shut-down socket, fds in
+//! flight, a socket another process holds too, or a process in another network namespace.
+//! Sockets on 0-2 are the restorer's stdio, like pipes and terminals.
+//!
 //! The caller can resolve an fd problem with an [`FdPolicy`]: restore the fd as /dev/null
 //! ([`FdChoice::DevNull`], `krg checkpoint --drop FD`) or have it handed in at restart
 //! ([`FdChoice::External`], `krg checkpoint --external FD`, then
@@ -30,7 +40,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use crate::error::{GhostError, Result};
 use crate::image::{
     DeletedFile, EpollState, EpollTarget, EventFdState, Fd, FdKind, FdRestore, InotifyState,
-    InotifyWatch, MapKind, PipeEnd, SignalFdState, TimerFdState,
+    InotifyWatch, MapKind, PipeEnd, SignalFdState, SocketState, TimerFdState,
 };
 use crate::procfs::{self, MapLine};
 
@@ -172,7 +182,12 @@ impl Survey {
 /// process by export (the authoritative check) and on a running one by
 /// [`check_restorable`] (an early answer that needs no freeze). Errors only if /proc cannot
 /// be read or `policy` names an fd the process does not have.
-pub(crate) fn survey(pid: i32, policy: &FdPolicy, skip: Option<i32>) -> Result<Survey> {
+pub(crate) fn survey(
+    pid: i32,
+    policy: &FdPolicy,
+    skip: Option<i32>,
+    frozen: bool,
+) -> Result<Survey> {
     let comm = procfs::read_to_string(pid, "comm")
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
@@ -188,7 +203,7 @@ pub(crate) fn survey(pid: i32, policy: &FdPolicy, skip: Option<i32>) -> Result<S
             problems.push(p);
         }
     }
-    let (fds, fd_problems) = plan_fds(pid, policy, skip, &maps)?;
+    let (fds, fd_problems) = plan_fds(pid, policy, skip, &maps, frozen)?;
     problems.extend(fd_problems);
     Ok(Survey {
         comm,
@@ -209,7 +224,7 @@ pub fn check_restorable(pid: i32, policy: &FdPolicy) -> Result<()> {
         });
     }
     let skip = crate::tracking::find_uffd(pid).map(|(fd, _)| fd);
-    survey(pid, policy, skip)?.into_fds(pid).map(|_| ())
+    survey(pid, policy, skip, false)?.into_fds(pid).map(|_| ())
 }
 
 /// Children are not captured: a restarted parent would find none to wait for.
@@ -363,6 +378,7 @@ fn plan_fds(
     policy: &FdPolicy,
     skip: Option<i32>,
     maps: &[MapLine],
+    frozen: bool,
 ) -> Result<(Vec<Fd>, Vec<Problem>)> {
     let dir = format!("/proc/{pid}/fd");
     let rd = fs::read_dir(&dir).map_err(|e| GhostError::sys(format!("listing {dir}"), pid, e))?;
@@ -394,7 +410,18 @@ fn plan_fds(
             .flatten()
             .map(|m| Held::File(m.dev(), m.ino()))
     };
+    // Sockets (not on 0-2, which are the caller's stdio) are made again too.
+    let own_socks: Vec<u64> = listed
+        .iter()
+        .filter_map(|(_, t, _, _)| socket_inode(t))
+        .collect();
     let mut wanted: Vec<Held> = internal.iter().map(|&i| Held::Pipe(i)).collect();
+    wanted.extend(
+        listed
+            .iter()
+            .filter(|(fd, _, _, _)| *fd > 2 && policy.get(*fd).is_none())
+            .filter_map(|(_, t, _, _)| socket_inode(t).map(Held::Socket)),
+    );
     wanted.extend(
         listed
             .iter()
@@ -406,15 +433,19 @@ fn plan_fds(
         seen.push(fd);
         let held = pipe_inode(&target)
             .map(Held::Pipe)
+            .or_else(|| socket_inode(&target).filter(|_| fd > 2).map(Held::Socket))
             .or_else(|| deleted_file(fd, &target));
         if let Some((_, other)) = held
             .and_then(|h| shared.iter().find(|(s, _)| *s == h))
             .filter(|_| policy.get(fd).is_none())
         {
             let what = if target.starts_with("pipe:") {
-                "a pipe whose both ends are in the process"
+                "a pipe whose both ends are in the process".to_string()
+            } else if let Some(ino) = socket_inode(&target) {
+                let desc = describe_socket(pid, ino).unwrap_or_else(|| "socket".into());
+                format!("a {desc}")
             } else {
-                "a deleted file"
+                "a deleted file".to_string()
             };
             problems.push(Problem {
                 fd: Some(fd),
@@ -437,7 +468,13 @@ fn plan_fds(
             });
             continue;
         }
-        match fd_restore(pid, fd, &target, flags, policy, maps, &internal) {
+        let ctx = Context {
+            maps,
+            internal_pipes: &internal,
+            own_socks: &own_socks,
+            frozen,
+        };
+        match fd_restore(pid, fd, &target, flags, policy, &ctx) {
             Ok((restore, object)) => fds.push(Fd {
                 fd,
                 kind: fd_kind(&target) as i32,
@@ -468,6 +505,10 @@ fn plan_fds(
                     KernelObject::Epoll(e) => Some(e.clone()),
                     _ => None,
                 },
+                socket: match &object {
+                    KernelObject::Socket(s) => Some(s.clone()),
+                    _ => None,
+                },
                 inotify: match object {
                     KernelObject::Inotify(i) => Some(i),
                     _ => None,
@@ -488,8 +529,42 @@ fn plan_fds(
             )));
         }
     }
+    // A socketpair end is made again with its peer: one whose other end is not made again
+    // (dropped, external) would come back connected to nothing.
+    let pair_socks: Vec<u64> = fds
+        .iter()
+        .filter(|f| f.restore == FdRestore::SocketPair as i32)
+        .filter_map(|f| f.socket.as_ref().map(|s| s.inode))
+        .collect();
+    fds.retain(|f| {
+        let Some(s) = f.socket.as_ref().filter(|_| f.restore == FdRestore::SocketPair as i32)
+        else {
+            return true;
+        };
+        if pair_socks.contains(&s.peer_inode) {
+            return true;
+        }
+        problems.push(Problem {
+            fd: Some(f.fd),
+            what: format!(
+                "fd {}: {}, one end of a socketpair of the process, whose other end (socket:[{}]) is to be dropped or handed in: it would come back connected to nothing; drop or hand in this end as well, or keep both",
+                f.fd, f.path, s.peer_inode
+            ),
+            hint: None,
+        });
+        false
+    });
     fds.sort_by_key(|f| f.fd);
     problems.sort_by_key(|p| p.fd);
+    // A socket's queue is carried by its lowest fd; the other fds of it are the same socket.
+    let mut carried: Vec<u64> = Vec::new();
+    for s in fds.iter_mut().filter_map(|f| f.socket.as_mut()) {
+        if carried.contains(&s.inode) {
+            s.queued = 0;
+        } else {
+            carried.push(s.inode);
+        }
+    }
     // Deleted files: the size and mode to save, and which fds are one file (the lowest fd of
     // a file carries its content, the others point to it). Export reads the contents.
     let mut firsts: Vec<((u64, u64), i32)> = Vec::new();
@@ -519,6 +594,22 @@ fn pipe_inode(target: &str) -> Option<u64> {
         .strip_prefix("pipe:[")
         .and_then(|r| r.strip_suffix(']'))
         .and_then(|n| n.parse().ok())
+}
+
+/// The inode of a `socket:[N]` link.
+fn socket_inode(target: &str) -> Option<u64> {
+    target
+        .strip_prefix("socket:[")
+        .and_then(|r| r.strip_suffix(']'))
+        .and_then(|n| n.parse().ok())
+}
+
+/// "process N (comm)" of a process other than `pid` that holds socket `ino`.
+pub(crate) fn holder_of_socket(pid: i32, ino: u64) -> Option<String> {
+    held_elsewhere(pid, &[Held::Socket(ino)])
+        .into_iter()
+        .next()
+        .map(|(_, who)| who)
 }
 
 /// Whether an fd with these open flags reads (else it writes) a pipe.
@@ -554,6 +645,8 @@ enum Held {
     Pipe(u64),
     /// A deleted file, by (device, inode).
     File(u64, u64),
+    /// A socket, by inode.
+    Socket(u64),
 }
 
 /// The things among `wanted` that a process other than `pid` also holds, each with one such
@@ -593,6 +686,9 @@ fn held_elsewhere(pid: i32, wanted: &[Held]) -> Vec<(Held, String)> {
             let target = target.to_string_lossy();
             let held = match pipe_inode(&target) {
                 Some(i) => Held::Pipe(i),
+                None if socket_inode(&target).is_some() => {
+                    Held::Socket(socket_inode(&target).unwrap_or_default())
+                }
                 None if target.ends_with(" (deleted)") => match fs::metadata(fd.path()) {
                     Ok(m) => Held::File(m.dev(), m.ino()),
                     Err(_) => continue,
@@ -639,6 +735,17 @@ const PROC_SUPER_MAGIC: i64 = 0x9fa0;
 /// (it is read while the process is frozen, and held in memory).
 pub(crate) const DELETED_FILE_MAX: u64 = 256 << 20;
 
+/// What the decision for one fd depends on besides the fd itself.
+struct Context<'a> {
+    maps: &'a [MapLine],
+    /// Pipes whose both ends the process holds.
+    internal_pipes: &'a [u64],
+    /// Inodes of the sockets the process holds.
+    own_socks: &'a [u64],
+    /// The process is stopped (export), not running (check_restorable).
+    frozen: bool,
+}
+
 /// THE decision: how a restart rebuilds fd `fd` of `pid` (`target` is its /proc link, `flags`
 /// its open flags), or why it cannot. Import implements exactly the [`FdRestore`] methods,
 /// so whatever this returns `Ok` for, a restart can do.
@@ -648,8 +755,7 @@ fn fd_restore(
     target: &str,
     flags: u32,
     policy: &FdPolicy,
-    maps: &[MapLine],
-    internal_pipes: &[u64],
+    ctx: &Context<'_>,
 ) -> std::result::Result<(FdRestore, KernelObject), String> {
     match policy.get(fd) {
         Some(FdChoice::DevNull) => return Ok((FdRestore::DevNull, KernelObject::Plain)),
@@ -661,7 +767,32 @@ fn fd_restore(
         let what = what.trim_start_matches('[').trim_end_matches(']');
         return anon_restore(pid, fd, what, policy);
     }
-    file_restore(pid, fd, target, flags, maps, internal_pipes).map(|r| (r, KernelObject::Plain))
+    // Sockets on 0-2 are the caller's stdio (file_restore); the others are made again.
+    if let Some(ino) = socket_inode(target).filter(|_| fd > 2) {
+        return socket_restore(pid, fd, ino, ctx);
+    }
+    file_restore(pid, fd, target, flags, ctx.maps, ctx.internal_pipes)
+        .map(|r| (r, KernelObject::Plain))
+}
+
+/// [`fd_restore`] for socket `ino`, see [`crate::sockets`].
+fn socket_restore(
+    pid: i32,
+    fd: i32,
+    ino: u64,
+    ctx: &Context<'_>,
+) -> std::result::Result<(FdRestore, KernelObject), String> {
+    let desc = describe_socket(pid, ino).unwrap_or_else(|| "(protocol not identified)".into());
+    let same_netns = fs::read_link(format!("/proc/{pid}/ns/net")).ok()
+        == fs::read_link("/proc/self/ns/net").ok();
+    if !same_netns {
+        return Err(format!(
+            "socket:[{ino}] {desc}: the process is in another network namespace than krg, which a restart would not recreate"
+        ));
+    }
+    crate::sockets::inspect(pid, fd, ino, ctx.own_socks, ctx.frozen)
+        .map(|(r, s)| (r, KernelObject::Socket(s)))
+        .map_err(|why| format!("socket:[{ino}] {desc}: {why}"))
 }
 
 /// [`fd_restore`] for what is not an anonymous-inode object.
@@ -696,17 +827,8 @@ fn file_restore(
         if stdio {
             return Ok(FdRestore::CallerStdio);
         }
-        let (desc, why) = inode
-            .parse::<u64>()
-            .ok()
-            .and_then(|ino| describe_socket(pid, ino))
-            .unwrap_or_else(|| {
-                (
-                    "(protocol not identified)".into(),
-                    "sockets are not restored",
-                )
-            });
-        return Err(format!("socket:[{inode}] {desc}: {why}"));
+        // Only 0-2 come here (see fd_restore).
+        return Err(format!("socket:[{inode}]: not restored on fd {fd}"));
     }
     if !target.starts_with('/') {
         return Err(format!(
@@ -813,6 +935,7 @@ enum KernelObject {
     SignalFd(SignalFdState),
     Epoll(EpollState),
     Inotify(InotifyState),
+    Socket(SocketState),
 }
 
 /// How an anonymous-inode fd (`anon_inode:[what]`) is rebuilt, with the state it is rebuilt
@@ -1212,9 +1335,9 @@ fn on_procfs(path: &str) -> bool {
     unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == PROC_SUPER_MAGIC }
 }
 
-/// (description, why it is not restored) of socket inode `ino`, from the tables of the
-/// process's network namespace.
-fn describe_socket(pid: i32, ino: u64) -> Option<(String, &'static str)> {
+/// Description of socket inode `ino` (protocol, addresses, state), from the tables of the
+/// process's network namespace, for messages.
+fn describe_socket(pid: i32, ino: u64) -> Option<String> {
     for (table, proto) in [
         ("tcp", "TCP"),
         ("tcp6", "TCP"),
@@ -1244,14 +1367,14 @@ fn describe_socket(pid: i32, ino: u64) -> Option<(String, &'static str)> {
                 == Some(ino)
         });
         if found {
-            return Some((format!("{proto} socket"), "sockets are not restored"));
+            return Some(format!("{proto} socket"));
         }
     }
     None
 }
 
 /// A line of /proc/net/{tcp,tcp6,udp,udp6} if it is socket `ino`.
-fn inet_line(line: &str, ino: u64, proto: &str) -> Option<(String, &'static str)> {
+fn inet_line(line: &str, ino: u64, proto: &str) -> Option<String> {
     let f: Vec<&str> = line.split_whitespace().collect();
     if f.get(9)?.parse::<u64>().ok()? != ino {
         return None;
@@ -1261,25 +1384,13 @@ fn inet_line(line: &str, ino: u64, proto: &str) -> Option<(String, &'static str)
     let state = u8::from_str_radix(f.get(3)?, 16).ok()?;
     let unbound = |a: &std::net::SocketAddr| a.port() == 0 && a.ip().is_unspecified();
     Some(if proto == "TCP" && state == 0x0A {
-        (
-            format!("TCP listening on {local}"),
-            "listening sockets are not re-bound at restart yet",
-        )
+        format!("TCP listening on {local}")
     } else if proto == "TCP" {
-        (
-            format!("TCP {local} -> {remote} ({})", tcp_state(state)),
-            "a connection cannot be re-established with its peer by a restart",
-        )
+        format!("TCP {local} -> {remote} ({})", tcp_state(state))
     } else if unbound(&remote) {
-        (
-            format!("UDP bound to {local}"),
-            "UDP sockets are not re-bound at restart yet",
-        )
+        format!("UDP bound to {local}")
     } else {
-        (
-            format!("UDP {local} -> {remote}"),
-            "UDP sockets are not re-bound at restart yet",
-        )
+        format!("UDP {local} -> {remote}")
     })
 }
 
@@ -1324,7 +1435,7 @@ fn inet_addr(s: &str) -> Option<std::net::SocketAddr> {
 }
 
 /// A line of /proc/net/unix if it is socket `ino`.
-fn unix_line(line: &str, ino: u64) -> Option<(String, &'static str)> {
+fn unix_line(line: &str, ino: u64) -> Option<String> {
     let f: Vec<&str> = line.split_whitespace().collect();
     if f.get(6)?.parse::<u64>().ok()? != ino {
         return None;
@@ -1342,17 +1453,13 @@ fn unix_line(line: &str, ino: u64) -> Option<(String, &'static str)> {
         None => "unnamed".into(),
     };
     // __SO_ACCEPTCON in the flags marks a listening socket.
-    let desc = if flags & 0x1_0000 != 0 {
+    Some(if flags & 0x1_0000 != 0 {
         format!("Unix {ty} socket listening {name}")
     } else if state == 3 {
-        format!("Unix {ty} socket, connected, {name} (a socketpair or a connection)")
+        format!("Unix {ty} socket, connected, {name}")
     } else {
         format!("Unix {ty} socket, {name}")
-    };
-    Some((
-        desc,
-        "Unix sockets (their peer and queued messages) are not restored yet",
-    ))
+    })
 }
 
 #[cfg(test)]
@@ -1438,17 +1545,17 @@ mod tests {
     #[test]
     fn tcp_lines_are_described_with_addresses_and_state() {
         let l = "   1: 0100007F:D4F4 0200000A:0050 01 00000000:00000000 00:00000000 00000000     0        0 3673 1 0000000000000000 20 4 1 130 146";
-        let (d, _) = inet_line(l, 3673, "TCP").unwrap();
+        let d = inet_line(l, 3673, "TCP").unwrap();
         assert_eq!(d, "TCP 127.0.0.1:54516 -> 10.0.0.2:80 (ESTABLISHED)");
         assert!(inet_line(l, 3674, "TCP").is_none());
         let l = "   0: 00000000:07E8 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1070 1";
         assert_eq!(
-            inet_line(l, 1070, "TCP").unwrap().0,
+            inet_line(l, 1070, "TCP").unwrap(),
             "TCP listening on 0.0.0.0:2024"
         );
         let l6 = "   0: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 77 1";
         assert_eq!(
-            inet_line(l6, 77, "TCP").unwrap().0,
+            inet_line(l6, 77, "TCP").unwrap(),
             "TCP listening on [::1]:8080"
         );
     }
@@ -1458,11 +1565,10 @@ mod tests {
         let pair = "00000000eebbe3db: 00000003 00000000 00000000 0001 03  3665";
         assert!(unix_line(pair, 3665)
             .unwrap()
-            .0
             .contains("stream socket, connected, unnamed"));
         let listen = "0000000012345678: 00000002 00000000 00010000 0001 01 4000 /run/x.sock";
         assert_eq!(
-            unix_line(listen, 4000).unwrap().0,
+            unix_line(listen, 4000).unwrap(),
             "Unix stream socket listening at /run/x.sock"
         );
     }
