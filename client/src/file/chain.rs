@@ -1,7 +1,8 @@
-//! Writes of replicated chunks down the replica chain: the first live member forwards to
-//! the others; members that fail leave the epoch.
+//! Calls down a replicated chunk's replica chain (writes, truncates): the first live member
+//! forwards to the others; members that fail leave the epoch.
 
 use super::*;
+use kerfs_proto::ChunkChainReply;
 
 impl FileHandle {
     /// Writes one chunk's dirty extents; returns the chunk's end offset written. EC shards
@@ -28,8 +29,7 @@ impl FileHandle {
         Ok(ext.end())
     }
 
-    /// One extent to a replicated chunk: first live member, the others as its chain; if the
-    /// first fails, the next live member becomes first.
+    /// One extent to a replicated chunk, down its chain (see [`FileHandle::chain_call`]).
     pub(super) async fn write_replicated(
         &self,
         idx: u64,
@@ -38,6 +38,47 @@ impl FileHandle {
         durability: Durability,
     ) -> ClientResult<()> {
         let sync = durability == Durability::Disk;
+        let what = format!(
+            "the write (offset {off}, {} bytes); the data is not stored",
+            data.len()
+        );
+        self.chain_call(idx, &what, |first, version, fresh, chain| {
+            let header = ChunkWriteHeader {
+                chunk_id: first.chunk_id,
+                version,
+                offset: off,
+                length: 0,
+                chain,
+                sync,
+                create: fresh,
+                shard_index: 0,
+            };
+            let data = data.clone();
+            async move { self.inner.pool.write(&first.address, header, data).await }
+        })
+        .await?;
+        self.update_epoch(idx, |e| {
+            e.created = true;
+            // A flushed write also flushed what came before it on the chunk.
+            e.unsynced = !sync;
+        });
+        let ep = self.epoch(idx)?;
+        if ep.alive_count() < ep.members.len() && !ep.no_spare {
+            self.replace_lost(idx).await;
+        }
+        Ok(())
+    }
+
+    /// The one loop of calls down a replicated chunk's chain (writes and truncates): the
+    /// first live member of the epoch is called with the others as its chain; members the
+    /// reply reports failed leave the epoch, and when the first fails (or the reply has no
+    /// success) the next live member becomes first. Done once a member took it; EIO
+    /// (ENOSPC when the servers said disk full) when none did, naming `what` failed.
+    pub(super) async fn chain_call<F, Fut>(&self, idx: u64, what: &str, call: F) -> ClientResult<()>
+    where
+        F: Fn(ChunkPlacement, u64, bool, Vec<String>) -> Fut,
+        Fut: std::future::Future<Output = Result<ChunkChainReply, RpcError>>,
+    {
         let ino = self.inner.ino;
         let mut failures = Vec::new();
         let mut no_space = false;
@@ -48,59 +89,35 @@ impl FileHandle {
                 return Err(ClientError::Io {
                     errno: if no_space { libc::ENOSPC } else { libc::EIO },
                     message: format!(
-                        "file {ino}: chunk {idx} (offset {off}, {} bytes): no replica took the write ({}); the data is not stored. Check the chunk servers (`kerfsctl`) and their disks",
-                        data.len(),
+                        "file {ino}: chunk {idx}: no replica took {what} ({}). Check the chunk servers (`kerfsctl status`) and their disks",
                         failures.join("; ")
                     ),
                 });
             };
             let p = &ep.members[first];
-            let header = ChunkWriteHeader {
-                chunk_id: p.chunk_id,
-                version: ep.version,
-                offset: off,
-                length: 0,
-                chain: live[1..]
-                    .iter()
-                    .map(|&i| ep.members[i].address.clone())
-                    .collect(),
-                sync,
-                create: ep.fresh,
-                shard_index: 0,
-            };
-            match self
-                .inner
-                .pool
-                .write(&p.address, header, data.clone())
-                .await
-            {
+            let chain = live[1..]
+                .iter()
+                .map(|&i| ep.members[i].address.clone())
+                .collect();
+            match call(p.clone(), ep.version, ep.fresh, chain).await {
                 Ok(reply) => {
                     self.update_epoch(idx, |e| {
-                        e.created = true;
-                        // A flushed write also flushed what came before it on the chunk.
-                        e.unsynced = !sync;
                         for (n, &i) in live.iter().enumerate() {
-                            let ok = reply.replicas.get(n).is_some_and(|r| r.ok);
-                            if !ok {
+                            if !reply.replicas.get(n).is_some_and(|r| r.ok) {
                                 e.drop_member(i);
                             }
                         }
                     });
                     if !reply.all_ok {
-                        warn!(ino, chunk = idx, replicas = ?reply.replicas, "chain write incomplete; failed replicas leave the epoch");
+                        warn!(ino, chunk = idx, replicas = ?reply.replicas, "chain call incomplete; failed replicas leave the epoch");
                     }
-                    let ep = self.epoch(idx)?;
-                    if ep.alive_count() == 0 {
-                        failures.push(format!(
-                            "{}: chain reply without a successful replica",
-                            p.address
-                        ));
-                        continue;
+                    if self.epoch(idx)?.alive_count() > 0 {
+                        return Ok(());
                     }
-                    if ep.alive_count() < ep.members.len() && !ep.no_spare {
-                        self.replace_lost(idx).await;
-                    }
-                    return Ok(());
+                    failures.push(format!(
+                        "{}: chain reply without a successful replica",
+                        p.address
+                    ));
                 }
                 Err(e) => {
                     if e.is_auth() {
@@ -110,7 +127,7 @@ impl FileHandle {
                         )));
                     }
                     no_space |= e.is_no_space();
-                    warn!(ino, chunk = idx, server = %p.address, error = %e, "write to first replica failed; trying the next");
+                    warn!(ino, chunk = idx, server = %p.address, error = %e, "call to the first replica failed; trying the next");
                     failures.push(format!("{}: {e}", p.address));
                     self.update_epoch(idx, |ep| ep.drop_member(first));
                 }

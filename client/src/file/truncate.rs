@@ -122,50 +122,20 @@ impl FileHandle {
                     ep.alive_count()
                 )));
             }
-        } else {
-            let mut failures = Vec::new();
-            loop {
-                let ep = self.epoch(idx)?;
-                if ep.fresh && !ep.created {
-                    break; // never written: nothing on the servers to cut
-                }
-                let live: Vec<usize> = (0..ep.members.len()).filter(|&i| ep.alive[i]).collect();
-                let Some(&first) = live.first() else {
-                    return Err(eio(format!(
-                        "file {ino}: chunk {idx}: no replica could be truncated ({}); check the chunk servers",
-                        failures.join("; ")
-                    )));
-                };
-                let p = &ep.members[first];
+        } else if !self.epoch(idx).map(|ep| ep.fresh && !ep.created)? {
+            // (A fresh chunk never written has nothing on the servers to cut.)
+            let what = format!("the truncate to {len} bytes");
+            self.chain_call(idx, &what, |first, version, _fresh, chain| {
                 let req = ChunkTruncateRequest {
-                    chunk_id: p.chunk_id,
-                    version: ep.version,
+                    chunk_id: first.chunk_id,
+                    version,
                     length: len,
-                    chain: live[1..]
-                        .iter()
-                        .map(|&i| ep.members[i].address.clone())
-                        .collect(),
+                    chain,
                     sync: true,
                 };
-                match self.inner.pool.truncate(&p.address, req).await {
-                    Ok(reply) => {
-                        self.update_epoch(idx, |e| {
-                            for (n, &i) in live.iter().enumerate() {
-                                if !reply.replicas.get(n).is_some_and(|r| r.ok) {
-                                    e.drop_member(i);
-                                }
-                            }
-                        });
-                        if self.epoch(idx)?.alive_count() > 0 {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        failures.push(format!("{}: {e}", p.address));
-                        self.update_epoch(idx, |ep| ep.drop_member(first));
-                    }
-                }
-            }
+                async move { self.inner.pool.truncate(&first.address, req).await }
+            })
+            .await?;
         }
         let ep = self.epoch(idx)?;
         self.commit(
