@@ -10,6 +10,8 @@
 //!
 //! [`admin`] answers an operator's questions (cluster health, chunk servers, where a file's
 //! copies are) as typed values that the admin CLI prints as text or JSON.
+//!
+//! [`members`] grows and shrinks the metadata group (add, remove, leader transfer).
 
 pub mod admin;
 mod chunks;
@@ -17,6 +19,7 @@ pub mod ec;
 mod error;
 mod file;
 mod meta;
+pub mod members;
 
 pub use error::{ClientError, ClientResult};
 pub use file::{DataClient, DataConfig, Durability, FileHandle};
