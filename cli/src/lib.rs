@@ -97,7 +97,10 @@ pub fn parse_member(item: &str) -> Result<(u64, String)> {
         anyhow::bail!("node id 0 is reserved; number nodes from 1");
     }
     let addr = addr.trim();
-    if addr.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+    if addr
+        .rsplit_once(':')
+        .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+    {
         anyhow::bail!("{addr:?} (node {id}) is not HOST:PORT");
     }
     Ok((id, addr.to_string()))

@@ -18,8 +18,8 @@ mod chunks;
 pub mod ec;
 mod error;
 mod file;
-mod meta;
 pub mod members;
+mod meta;
 
 pub use error::{ClientError, ClientResult};
 pub use file::{DataClient, DataConfig, Durability, FileHandle};

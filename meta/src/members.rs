@@ -82,7 +82,9 @@ pub enum Refused {
         left: usize,
         quorum: usize,
     },
-    #[error("node {0} is the leader; move leadership first (`kerfsctl meta transfer-leader OTHER`)")]
+    #[error(
+        "node {0} is the leader; move leadership first (`kerfsctl meta transfer-leader OTHER`)"
+    )]
     RemoveLeader(u64),
     #[error("node {0} is a learner; it must be promoted to voter before it can lead")]
     TransferToLearner(u64),
@@ -147,9 +149,10 @@ pub fn plan(view: &GroupView, op: &members_request::Op) -> Result<Plan, Refused>
                 return Err(Refused::ZeroId);
             }
             if add.addr.parse::<std::net::SocketAddr>().is_err()
-                && add.addr.rsplit_once(':').is_none_or(|(h, p)| {
-                    h.is_empty() || p.parse::<u16>().is_err()
-                })
+                && add
+                    .addr
+                    .rsplit_once(':')
+                    .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
             {
                 return Err(Refused::BadAddr(add.addr.clone()));
             }
@@ -294,7 +297,10 @@ mod tests {
             cc.changes[0].get_change_type(),
             ConfChangeType::AddLearnerNode
         );
-        assert_eq!(rec.addrs.get(&4).map(String::as_str), Some("127.0.0.1:7004"));
+        assert_eq!(
+            rec.addrs.get(&4).map(String::as_str),
+            Some("127.0.0.1:7004")
+        );
         assert_eq!(rec.addrs.len(), 4);
     }
 
@@ -389,8 +395,14 @@ mod tests {
     fn bad_adds_are_refused_with_what_to_fix() {
         let v = view(3);
         assert_eq!(plan(&v, &add(0, 7009)), Err(Refused::ZeroId));
-        assert!(matches!(plan(&v, &add(2, 7009)), Err(Refused::AlreadyMember(2, _))));
-        assert!(matches!(plan(&v, &add(4, 7002)), Err(Refused::AddrTaken { id: 2, .. })));
+        assert!(matches!(
+            plan(&v, &add(2, 7009)),
+            Err(Refused::AlreadyMember(2, _))
+        ));
+        assert!(matches!(
+            plan(&v, &add(4, 7002)),
+            Err(Refused::AddrTaken { id: 2, .. })
+        ));
         let bad = Op::Add(MemberAdd {
             id: 4,
             addr: "nohost".into(),

@@ -202,7 +202,9 @@ pub async fn run(
         }
     };
     let self_removed = engine.get(KEY_REMOVED)?.is_some()
-        || record.as_ref().is_some_and(|r| r.removed.contains(&config.id));
+        || record
+            .as_ref()
+            .is_some_and(|r| r.removed.contains(&config.id));
     let self_addr = peer_addrs
         .get(&config.id)
         .cloned()
@@ -414,7 +416,10 @@ async fn peer_sender(
         });
         match client.send(req).await {
             Ok(ack) if ack.get_ref().removed => {
-                warn!(peer, "peer says this node was removed from the metadata group");
+                warn!(
+                    peer,
+                    "peer says this node was removed from the metadata group"
+                );
                 let _ = events.send(Event::Removed);
                 for _ in 0..snapshots {
                     let _ = events.send(Event::SnapshotReport(peer, false));
@@ -738,7 +743,9 @@ impl Driver {
     fn handle_event(&mut self, ev: Event) {
         match ev {
             Event::Raft(from, from_addr, msgs) => {
-                if !self.peers.contains_key(&from) && !from_addr.is_empty() && from != self.config.id
+                if !self.peers.contains_key(&from)
+                    && !from_addr.is_empty()
+                    && from != self.config.id
                 {
                     // A node that joined knows nobody until its snapshot: answer the leader
                     // at the address it gave.

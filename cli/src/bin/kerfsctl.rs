@@ -361,16 +361,22 @@ async fn meta(ctx: &Ctx, command: MetaCmd) -> Result<()> {
             let (id, addr) = kerfs_cli::parse_member(&member)?;
             let mut last = None;
             let json = ctx.json;
-            members::add(&ctx.client, id, &addr, Duration::from_secs(wait_secs), |v| {
-                let matched = v.get(id).map_or(0, |m| m.matched);
-                if !json && last != Some(matched) {
-                    eprintln!(
-                        "learner {id}: log at {matched} of the leader's {}",
-                        v.last_index
-                    );
-                    last = Some(matched);
-                }
-            })
+            members::add(
+                &ctx.client,
+                id,
+                &addr,
+                Duration::from_secs(wait_secs),
+                |v| {
+                    let matched = v.get(id).map_or(0, |m| m.matched);
+                    if !json && last != Some(matched) {
+                        eprintln!(
+                            "learner {id}: log at {matched} of the leader's {}",
+                            v.last_index
+                        );
+                        last = Some(matched);
+                    }
+                },
+            )
             .await
             .with_context(|| format!("adding metadata node {id}"))?
         }
