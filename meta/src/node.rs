@@ -514,7 +514,9 @@ impl MetaNode {
             return;
         }
         match MemberRecord::decode(entry.context.as_ref()) {
-            Ok(rec) => state.put(crate::members::K_MEMBERS.to_vec(), rec.encode_to_vec()),
+            // The proposer's bytes, not a re-encoding: prost encodes a map in hash order,
+            // which differs between processes, and every replica must store the same bytes.
+            Ok(_) => state.put(crate::members::K_MEMBERS.to_vec(), entry.context.to_vec()),
             // Only authenticated peers propose: a bug, skipped the same way everywhere.
             Err(e) => {
                 warn!(index = entry.index, error = %e, "undecodable membership record, skipped")

@@ -255,6 +255,7 @@ pub async fn run(
         self_addr: self_addr.clone(),
         shared: shared.clone(),
         conf_epoch_seen: 0,
+        members: BTreeMap::new(),
         peers: HashMap::new(),
         peer_addrs: BTreeMap::new(),
         metrics: metrics.clone(),
@@ -615,6 +616,9 @@ struct Driver {
     shared: Arc<Shared>,
     /// The node's conf epoch the peers were last set up for.
     conf_epoch_seen: u64,
+    /// The members: the replicated record, or --peers before any change. `peer_addrs` adds
+    /// the addresses learned from senders (a joining node's leader) for routing only.
+    members: BTreeMap<u64, String>,
     peers: HashMap<u64, mpsc::UnboundedSender<Message>>,
     peer_addrs: BTreeMap<u64, String>,
     metrics: Arc<MetaMetrics>,
@@ -746,6 +750,8 @@ impl Driver {
                 if !self.peers.contains_key(&from)
                     && !from_addr.is_empty()
                     && from != self.config.id
+                    && !self.members.contains_key(&from)
+                    && !lock(&self.shared.removed).contains(&from)
                 {
                     // A node that joined knows nobody until its snapshot: answer the leader
                     // at the address it gave.
@@ -846,7 +852,8 @@ impl Driver {
             }
             self.spawn_sender(peer, addr.clone());
         }
-        self.peer_addrs = addrs;
+        self.peer_addrs = addrs.clone();
+        self.members = addrs;
     }
 
     fn spawn_sender(&mut self, peer: u64, addr: String) {
@@ -923,7 +930,7 @@ impl Driver {
             matched: self.node.progress().into_iter().collect(),
             last_index: self.node.last_index(),
             change_pending: self.node.conf_change_pending(),
-            addrs: self.peer_addrs.clone(),
+            addrs: self.members.clone(),
             removed: lock(&self.shared.removed).clone(),
         }
     }
@@ -1260,7 +1267,7 @@ impl Driver {
             leader_id: leader,
             leader_addr: self.peer_addrs.get(&leader).cloned().unwrap_or_default(),
             peers: self
-                .peer_addrs
+                .members
                 .iter()
                 .map(|(id, addr)| PeerStatus {
                     id: *id,
