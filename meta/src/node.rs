@@ -527,8 +527,9 @@ impl MetaNode {
     fn maybe_compact(&mut self) -> Result<(), NodeError> {
         let store = self.raw.store();
         let applied = store.applied();
-        let due = applied.saturating_sub(store.snapshot_index()) > self.config.compact_after;
-        if !due && !(self.compact_now && applied > store.snapshot_index()) {
+        let due = applied.saturating_sub(store.snapshot_index()) > self.config.compact_after
+            || (self.compact_now && applied > store.snapshot_index());
+        if !due {
             return Ok(());
         }
         self.compact_now = false;
