@@ -82,6 +82,13 @@ pub enum Refused {
         left: usize,
         quorum: usize,
     },
+    #[error("promoting node {id} would make {voters} voters with {live} live, fewer than a quorum of {quorum}: start the voters that are down first")]
+    PromoteQuorum {
+        id: u64,
+        live: usize,
+        voters: usize,
+        quorum: usize,
+    },
     #[error(
         "node {0} is the leader; move leadership first (`kerfsctl meta transfer-leader OTHER`)"
     )]
@@ -94,9 +101,10 @@ impl Refused {
     pub fn errno(&self) -> i32 {
         match self {
             Refused::Pending(_) | Refused::Behind { .. } => libc::EBUSY,
-            Refused::Quorum { .. } | Refused::LastVoter(_) | Refused::RemoveLeader(_) => {
-                libc::EPERM
-            }
+            Refused::Quorum { .. }
+            | Refused::PromoteQuorum { .. }
+            | Refused::LastVoter(_)
+            | Refused::RemoveLeader(_) => libc::EPERM,
             Refused::NotMember(_) => libc::ENOENT,
             Refused::AlreadyMember(..) | Refused::AddrTaken { .. } => libc::EEXIST,
             _ => libc::EINVAL,
@@ -193,6 +201,23 @@ pub fn plan(view: &GroupView, op: &members_request::Op) -> Result<Plan, Refused>
             let behind = view.last_index.saturating_sub(matched);
             if behind > CATCH_UP_SLACK {
                 return Err(Refused::Behind { id: p.id, behind });
+            }
+            // A bigger group needs a bigger quorum: the voters that are down must not be
+            // what it then lacks (the caught-up learner counts as live).
+            let voters = view.voters.len() + 1;
+            let live = view
+                .voters
+                .iter()
+                .filter(|v| view.active.contains(v))
+                .count()
+                + 1;
+            if live < quorum(voters) {
+                return Err(Refused::PromoteQuorum {
+                    id: p.id,
+                    live,
+                    voters,
+                    quorum: quorum(voters),
+                });
             }
             Ok(Plan::Change(
                 single(ConfChangeType::AddNode, p.id),
@@ -343,6 +368,28 @@ mod tests {
             plan(&v, &Op::Promote(MemberPromote { id: 2 })),
             Err(Refused::NotLearner(2))
         );
+    }
+
+    #[test]
+    fn a_promotion_that_would_leave_too_few_live_voters_is_refused() {
+        // 3 voters with 2 down: promoting makes 4 voters, 2 live, quorum 3.
+        let mut v = view(3);
+        v.active.remove(&2);
+        v.active.remove(&3);
+        v.learners.insert(4);
+        v.matched.insert(4, 100);
+        let promote = Op::Promote(MemberPromote { id: 4 });
+        assert!(matches!(
+            plan(&v, &promote),
+            Err(Refused::PromoteQuorum {
+                live: 2,
+                voters: 4,
+                quorum: 3,
+                ..
+            })
+        ));
+        v.active.insert(2);
+        assert!(plan(&v, &promote).is_ok(), "3 live of 4");
     }
 
     #[test]
