@@ -920,6 +920,27 @@ async fn metadata_group_grows_to_five_and_shrinks_to_three_under_a_create_storm(
             .contains("installing snapshot from leader"),
         "node 4 caught up without a snapshot"
     );
+    // `kerfsctl status` given only node 1 lists all five members with their roles.
+    let (_, out, err) = cluster.kerfsctl(Some(cluster.addr(1)), &["--json", "status"])?;
+    let status: serde_json::Value = serde_json::from_str(&out).context(err)?;
+    let mut listed: Vec<(u64, String)> = status["meta"]
+        .as_array()
+        .context("status lists no metadata members")?
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_u64().unwrap_or(0),
+                m["role"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    listed.sort();
+    ensure!(
+        listed.iter().map(|m| m.0).collect::<Vec<_>>() == vec![1, 2, 3, 4, 5]
+            && listed.iter().filter(|m| m.1 == "leader").count() == 1
+            && listed.iter().filter(|m| m.1 == "follower").count() == 4,
+        "status should list 5 members, one leader: {listed:?}"
+    );
 
     info!("step 2: move leadership to node 4");
     ctl_ok(&cluster, &["meta", "transfer-leader", "4"])?;
@@ -1032,6 +1053,32 @@ async fn membership_changes_that_would_lose_quorum_are_refused() -> Result<()> {
     admin
         .create_file(ROOT_INO, b"still-writable", 0o644)
         .await?;
+
+    // A node that is never started is added: it stays a learner, the add times out saying
+    // what to check, a second add is refused while that one is in progress, and removing
+    // the learner gives it up.
+    let nowhere = format!("7=127.0.0.1:{}", kerfs_tests::free_port()?);
+    let (code, _, err) = cluster.kerfsctl(None, &["meta", "add", &nowhere, "--wait-secs", "2"])?;
+    ensure!(
+        code == 1 && err.contains("did not catch up") && err.contains("--join"),
+        "an add of a node that never runs: exit {code}: {err}"
+    );
+    let (_, roles) = members_of(&cluster)?;
+    ensure!(
+        roles.get(&7).map(String::as_str) == Some("learner"),
+        "{roles:?}"
+    );
+    let other = format!("8=127.0.0.1:{}", kerfs_tests::free_port()?);
+    let (code, _, err) = cluster.kerfsctl(None, &["meta", "add", &other])?;
+    ensure!(
+        code == 1 && err.contains("in progress"),
+        "a second add while one is pending: exit {code}: {err}"
+    );
+    ctl_ok(&cluster, &["meta", "remove", "7"])?;
+    ensure!(
+        members_of(&cluster)? == before,
+        "giving the add up left the group changed"
+    );
 
     // Removing the node that is down is allowed: the two left are both live.
     ctl_ok(&cluster, &["meta", "remove", &down.to_string()])?;

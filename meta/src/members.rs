@@ -42,7 +42,7 @@ pub struct GroupView {
     pub leader: u64,
     pub voters: BTreeSet<u64>,
     pub learners: BTreeSet<u64>,
-    /// Voters heard from within the last election timeout (the leader included).
+    /// Members heard from within the last election timeout (the leader included).
     pub active: BTreeSet<u64>,
     /// Last index known to match the leader's log, per member.
     pub matched: BTreeMap<u64, u64>,
@@ -71,6 +71,8 @@ pub enum Refused {
     NotMember(u64),
     #[error("node {0} is not a learner; only a node added with `kerfsctl meta add` is promoted")]
     NotLearner(u64),
+    #[error("learner {0} has not answered the leader yet; check that `kerfsd meta --id {0} --join` runs at the address given and that the leader can reach it")]
+    NotHeard(u64),
     #[error("learner {id} is {behind} entries behind the leader (at most {CATCH_UP_SLACK} for a promotion); check that it runs and that the leader can reach it, then retry")]
     Behind { id: u64, behind: u64 },
     #[error("node {0} is the last voter of the metadata group; it cannot be removed")]
@@ -100,7 +102,7 @@ pub enum Refused {
 impl Refused {
     pub fn errno(&self) -> i32 {
         match self {
-            Refused::Pending(_) | Refused::Behind { .. } => libc::EBUSY,
+            Refused::Pending(_) | Refused::Behind { .. } | Refused::NotHeard(_) => libc::EBUSY,
             Refused::Quorum { .. }
             | Refused::PromoteQuorum { .. }
             | Refused::LastVoter(_)
@@ -198,6 +200,11 @@ pub fn plan(view: &GroupView, op: &members_request::Op) -> Result<Plan, Refused>
                 });
             }
             let matched = view.matched.get(&p.id).copied().unwrap_or(0);
+            // In a short log even a learner that never answered is "close": it must have
+            // acknowledged something (its snapshot at least) and be heard from now.
+            if matched == 0 || !view.active.contains(&p.id) {
+                return Err(Refused::NotHeard(p.id));
+            }
             let behind = view.last_index.saturating_sub(matched);
             if behind > CATCH_UP_SLACK {
                 return Err(Refused::Behind { id: p.id, behind });
@@ -338,6 +345,7 @@ mod tests {
         // An unpromoted learner is an add in progress: no second add.
         let mut v = view(3);
         v.learners.insert(4);
+        v.active.insert(4);
         v.matched.insert(4, 100);
         v.addrs.insert(4, "127.0.0.1:7004".into());
         assert!(matches!(plan(&v, &add(5, 7005)), Err(Refused::Pending(_))));
@@ -350,8 +358,20 @@ mod tests {
     fn a_learner_is_promoted_only_when_caught_up() {
         let mut v = view(3);
         v.learners.insert(4);
-        v.matched.insert(4, 100 - CATCH_UP_SLACK - 1);
         let promote = Op::Promote(MemberPromote { id: 4 });
+        assert_eq!(
+            plan(&v, &promote),
+            Err(Refused::NotHeard(4)),
+            "never answered"
+        );
+        v.matched.insert(4, 90);
+        assert_eq!(
+            plan(&v, &promote),
+            Err(Refused::NotHeard(4)),
+            "not heard lately"
+        );
+        v.active.insert(4);
+        v.matched.insert(4, 100 - CATCH_UP_SLACK - 1);
         assert_eq!(
             plan(&v, &promote),
             Err(Refused::Behind {
@@ -377,6 +397,7 @@ mod tests {
         v.active.remove(&2);
         v.active.remove(&3);
         v.learners.insert(4);
+        v.active.insert(4);
         v.matched.insert(4, 100);
         let promote = Op::Promote(MemberPromote { id: 4 });
         assert!(matches!(

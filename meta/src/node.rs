@@ -212,17 +212,17 @@ impl MetaNode {
         self.raw.store().last()
     }
 
-    /// Voters the leader heard from recently (itself included); empty on a follower.
-    pub fn active_voters(&self) -> Vec<u64> {
+    /// Voters and learners the leader heard from recently (itself included); empty on a
+    /// follower.
+    pub fn active_members(&self) -> Vec<u64> {
         if !self.is_leader() {
             return Vec::new();
         }
-        let voters = self.voters();
         self.raw
             .raft
             .prs()
             .iter()
-            .filter(|(id, pr)| voters.contains(id) && (**id == self.config.id || pr.recent_active))
+            .filter(|(id, pr)| **id == self.config.id || pr.recent_active)
             .map(|(id, _)| *id)
             .collect()
     }

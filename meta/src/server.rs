@@ -926,7 +926,7 @@ impl Driver {
             leader: self.config.id,
             voters,
             learners,
-            active: self.node.active_voters().into_iter().collect(),
+            active: self.node.active_members().into_iter().collect(),
             matched: self.node.progress().into_iter().collect(),
             last_index: self.node.last_index(),
             change_pending: self.node.conf_change_pending(),
@@ -953,7 +953,7 @@ impl Driver {
                 addr: addr.clone(),
                 role: role.into(),
                 matched: view.matched.get(id).copied().unwrap_or(0),
-                active: view.active.contains(id) || view.learners.contains(id),
+                active: view.active.contains(id),
             });
         }
         MembersReport {
