@@ -942,9 +942,24 @@ async fn metadata_group_grows_to_five_and_shrinks_to_three_under_a_create_storm(
         "status should list 5 members, one leader: {listed:?}"
     );
 
-    info!("step 2: move leadership to node 4");
+    info!("step 2: move leadership to node 4 while a reader pinned to the old leader reads");
+    let mut pinned_config = cluster.client_config();
+    pinned_config.addrs = vec![cluster.addr(leader).to_string()];
+    let pinned = MetaClient::connect(pinned_config).await?;
+    for _ in 0..50 {
+        pinned.getattr(dir.ino).await?;
+    }
+    let started = Instant::now();
     ctl_ok(&cluster, &["meta", "transfer-leader", "4"])?;
+    info!(took = ?started.elapsed(), "leadership moved");
     wait_role(&cluster, &admin, 4, "leader", Duration::from_secs(1)).await?;
+    // The old leader's lease ended with the transfer: a read through it sees a create
+    // acknowledged by the new leader.
+    admin.create_file(dir.ino, b"after-transfer", 0o644).await?;
+    pinned
+        .lookup(dir.ino, b"after-transfer")
+        .await
+        .with_context(|| format!("a read through the old leader {leader} after the transfer"))?;
 
     info!("step 3: remove nodes 1 and 2");
     for id in [1u64, 2] {

@@ -723,6 +723,11 @@ impl Driver {
                 self.dispatch(out);
             }
             self.sync_membership();
+            if self.node.transferring_to().is_some() {
+                // However the transfer began (ours, or a MsgTransferLeader from a peer), the
+                // lease is over for this term: the transferee may campaign inside it.
+                self.lease.void_term(self.node.term());
+            }
             self.serve_applied_reads();
             self.on_role_change();
             self.update_metrics();
