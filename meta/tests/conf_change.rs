@@ -56,11 +56,7 @@ impl Group {
     }
 
     fn open(&mut self, id: u64, voters: Vec<u64>) {
-        let engine = self
-            .engines
-            .entry(id)
-            .or_insert_with(MemEngine::new)
-            .clone();
+        let engine = self.engines.entry(id).or_default().clone();
         let engine: Arc<dyn Engine> = Arc::new(engine);
         let node =
             MetaNode::open(config(id, voters), engine, Namespace::default()).expect("open node");
