@@ -1,6 +1,7 @@
 //! The metadata service as a cluster of real `kerfsd meta` processes on loopback: election,
 //! concurrent clients, kill -9 of the leader, snapshot catch-up, full restart, the cluster
-//! key, bad input, metrics and client-session expiry. Each test narrates its steps.
+//! key, bad input, metrics, client-session expiry, and membership changes (`kerfsctl meta
+//! add/remove/transfer-leader`: growing, shrinking, refusals). Each test narrates its steps.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};

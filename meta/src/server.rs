@@ -2,6 +2,11 @@
 //! gRPC services (`Meta` for clients, `Raft` for peers), the peer transport and the metrics
 //! endpoint.
 //!
+//! Membership: the peers a node sends to are the replicated membership record's (or
+//! `--peers` before any change), re-read after every applied conf change; a joining node
+//! answers its leader at the address the leader's batches carry until its snapshot brings
+//! the record. Membership requests (the `Members` rpc) are judged by [`crate::members`].
+//!
 //! The driver thread batches: it drains every queued event (raft messages, proposals,
 //! reads) before handling one Ready, so many concurrent proposals share one durable write,
 //! and many concurrent reads share one ReadIndex round.
