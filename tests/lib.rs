@@ -73,6 +73,8 @@ pub struct MetaProc {
     pub metrics_addr: String,
     pub data: PathBuf,
     pub log: PathBuf,
+    /// Started with `--join` (added to the running group later) instead of `--peers`.
+    pub join: bool,
     child: Option<Child>,
 }
 
@@ -142,6 +144,7 @@ impl MetaCluster {
                     metrics_addr,
                     data: dir.path().join(format!("meta{id}")),
                     log: dir.path().join(format!("meta{id}.log")),
+                    join: false,
                     child: None,
                 },
             );
@@ -174,9 +177,13 @@ impl MetaCluster {
             .ok_or_else(|| anyhow!("no node {id}"))?;
         let mut cmd = Command::new(&self.kerfsd);
         cmd.arg("meta")
-            .args(["--id", &id.to_string(), "--listen", &node.addr])
-            .args(["--peers", &self.peers])
-            .arg("--data")
+            .args(["--id", &id.to_string(), "--listen", &node.addr]);
+        if node.join {
+            cmd.arg("--join");
+        } else {
+            cmd.args(["--peers", &self.peers]);
+        }
+        cmd.arg("--data")
             .arg(&node.data)
             .arg("--key-file")
             .arg(&self.key_file)
@@ -196,6 +203,47 @@ impl MetaCluster {
         info!(node = id, pid = child.id(), addr = %node.addr, "started metadata node");
         node.child = Some(child);
         Ok(())
+    }
+
+    /// Starts node `id` with `--join` (empty data directory, no peers), to be added with
+    /// `kerfsctl meta add`; returns its address.
+    pub fn start_joining(&mut self, id: u64) -> Result<String> {
+        ensure!(!self.nodes.contains_key(&id), "node {id} exists already");
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        self.nodes.insert(
+            id,
+            MetaProc {
+                id,
+                addr: addr.clone(),
+                metrics_addr: format!("127.0.0.1:{}", free_port()?),
+                data: self.dir.path().join(format!("meta{id}")),
+                log: self.dir.path().join(format!("meta{id}.log")),
+                join: true,
+                child: None,
+            },
+        );
+        self.spawn(id)?;
+        Ok(addr)
+    }
+
+    /// Runs `kerfsctl --meta ADDRS ARGS` against this cluster (every node's address, or
+    /// `meta` when given); returns its exit code, standard output and standard error,
+    /// whatever the code.
+    pub fn kerfsctl(&self, meta: Option<&str>, args: &[&str]) -> Result<(i32, String, String)> {
+        let out = Command::new(bin_path("kerfsctl")?)
+            .arg("--meta")
+            .arg(meta.map_or_else(|| self.addrs().join(","), str::to_string))
+            .arg("--key-file")
+            .arg(&self.key_file)
+            .args(["--timeout", "5"])
+            .args(args)
+            .output()
+            .context("running kerfsctl")?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
     }
 
     pub fn addrs(&self) -> Vec<String> {
@@ -779,24 +827,11 @@ pub fn expected_hash(seed: u8, size: u64) -> blake3::Hash {
 /// Runs `kerfsctl ARGS` against `cluster`; returns its exit code and standard output
 /// (whatever the code: status answers with 3, 4 and 5 too).
 pub fn kerfsctl(cluster: &KerfsCluster, args: &[&str]) -> Result<(i32, String)> {
-    let out = Command::new(bin_path("kerfsctl")?)
-        .arg("--meta")
-        .arg(cluster.meta.addrs().join(","))
-        .arg("--key-file")
-        .arg(&cluster.meta.key_file)
-        .args(["--timeout", "5"])
-        .args(args)
-        .output()
-        .context("running kerfsctl")?;
-    let code = out.status.code().unwrap_or(-1);
+    let (code, stdout, stderr) = cluster.meta.kerfsctl(None, args)?;
     if code == 1 || code == 2 {
-        bail!(
-            "kerfsctl {args:?} failed (exit {code}): {}{}",
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
+        bail!("kerfsctl {args:?} failed (exit {code}): {stderr}{stdout}");
     }
-    Ok((code, String::from_utf8_lossy(&out.stdout).into_owned()))
+    Ok((code, stdout))
 }
 
 /// [`kerfsctl`] with `--json`, its output parsed.

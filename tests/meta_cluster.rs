@@ -1,6 +1,7 @@
 //! The metadata service as a cluster of real `kerfsd meta` processes on loopback: election,
 //! concurrent clients, kill -9 of the leader, snapshot catch-up, full restart, the cluster
-//! key, bad input, metrics and client-session expiry. Each test narrates its steps.
+//! key, bad input, metrics, client-session expiry, and membership changes (`kerfsctl meta
+//! add/remove/transfer-leader`: growing, shrinking, refusals). Each test narrates its steps.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -328,6 +329,7 @@ async fn wrong_or_missing_cluster_key_is_refused_and_changes_nothing() -> Result
         .send(kerfs_proto::RaftBatch {
             from: 9,
             messages: vec![vec![1, 2, 3]],
+            from_addr: String::new(),
         })
         .await
         .unwrap_err();
@@ -420,6 +422,7 @@ async fn bad_input_gets_clean_errors_and_nothing_half_applied() -> Result<()> {
         .send(kerfs_proto::RaftBatch {
             from: 2,
             messages: vec![vec![0xff; 64]],
+            from_addr: String::new(),
         })
         .await
         .unwrap_err();
@@ -828,5 +831,275 @@ async fn only_sync_waits_for_a_disk_flush() -> Result<()> {
         synced >= 50.0,
         "50 syncs flushed the log only {synced} times"
     );
+    Ok(())
+}
+
+/// Runs `kerfsctl ARGS` against every node of `cluster` and requires success.
+fn ctl_ok(cluster: &MetaCluster, args: &[&str]) -> Result<String> {
+    let (code, out, err) = cluster.kerfsctl(None, args)?;
+    ensure!(code == 0, "kerfsctl {args:?} exited {code}: {err}{out}");
+    Ok(out)
+}
+
+/// `kerfsctl --json meta members`: (leader, id -> role).
+fn members_of(cluster: &MetaCluster) -> Result<(u64, BTreeMap<u64, String>)> {
+    let out = ctl_ok(cluster, &["--json", "meta", "members"])?;
+    let v: serde_json::Value = serde_json::from_str(&out).context(out.clone())?;
+    let leader = v["leader"].as_u64().context("no leader in members")?;
+    let mut roles = BTreeMap::new();
+    for m in v["members"].as_array().context("no members")? {
+        roles.insert(
+            m["id"].as_u64().context("member id")?,
+            m["role"].as_str().unwrap_or_default().to_string(),
+        );
+    }
+    Ok((leader, roles))
+}
+
+/// Waits until node `id` reports `role` in its own status.
+async fn wait_role(
+    cluster: &MetaCluster,
+    client: &MetaClient,
+    id: u64,
+    role: &str,
+    timeout: Duration,
+) -> Result<kerfs_proto::StatusReply> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let status = client.node_status(cluster.addr(id)).await;
+        if let Ok(s) = &status {
+            if s.role == role {
+                return Ok(s.clone());
+            }
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "node {id} is not {role} after {timeout:?}: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The metadata group grows from 3 to 5 nodes and shrinks back to 3 (a different 3) while
+/// clients create files: each new node starts with `--join`, is added with `kerfsctl meta
+/// add` (learner, snapshot, promotion), leadership moves to a new node with `meta
+/// transfer-leader`, and two original nodes are removed with `meta remove`. No acknowledged
+/// create is lost, the nodes' digests agree, the removed nodes refuse clients saying why,
+/// and an original node restarted with its old `--peers` comes back with the new membership.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metadata_group_grows_to_five_and_shrinks_to_three_under_a_create_storm() -> Result<()> {
+    init_tracing();
+    let mut cluster = MetaCluster::start(MetaClusterOptions {
+        compact_after: 500,
+        ..Default::default()
+    })?;
+    let admin = cluster.client().await?;
+    cluster.wait_leader(&admin, Duration::from_secs(10)).await?;
+    let dir = admin.mkdir(ROOT_INO, b"storm", 0o755).await?;
+    let storm = CreateStorm::start(&cluster, dir.ino, 3, false).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    info!("step 1: start nodes 4 and 5 with --join and add them one at a time");
+    for id in [4u64, 5] {
+        let addr = cluster.start_joining(id)?;
+        wait_role(&cluster, &admin, id, "joining", Duration::from_secs(10)).await?;
+        let started = Instant::now();
+        let member = format!("{id}={addr}");
+        ctl_ok(&cluster, &["meta", "add", &member, "--wait-secs", "60"])?;
+        info!(id, took = ?started.elapsed(), acked = storm.acked_count(), "node added");
+        wait_role(&cluster, &admin, id, "follower", Duration::from_secs(10)).await?;
+    }
+    let (leader, roles) = members_of(&cluster)?;
+    ensure!(roles.len() == 5, "5 members expected: {roles:?}");
+    ensure!(
+        roles.values().filter(|r| *r == "voter").count() == 4 && roles[&leader] == "leader",
+        "4 voters and a leader expected: {roles:?}"
+    );
+    ensure!(
+        cluster
+            .log_of(4)
+            .contains("installing snapshot from leader"),
+        "node 4 caught up without a snapshot"
+    );
+    // `kerfsctl status` given only node 1 lists all five members with their roles.
+    let (_, out, err) = cluster.kerfsctl(Some(cluster.addr(1)), &["--json", "status"])?;
+    let status: serde_json::Value = serde_json::from_str(&out).context(err)?;
+    let mut listed: Vec<(u64, String)> = status["meta"]
+        .as_array()
+        .context("status lists no metadata members")?
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_u64().unwrap_or(0),
+                m["role"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    listed.sort();
+    ensure!(
+        listed.iter().map(|m| m.0).collect::<Vec<_>>() == vec![1, 2, 3, 4, 5]
+            && listed.iter().filter(|m| m.1 == "leader").count() == 1
+            && listed.iter().filter(|m| m.1 == "follower").count() == 4,
+        "status should list 5 members, one leader: {listed:?}"
+    );
+
+    info!("step 2: move leadership to node 4 while a reader pinned to the old leader reads");
+    let mut pinned_config = cluster.client_config();
+    pinned_config.addrs = vec![cluster.addr(leader).to_string()];
+    let pinned = MetaClient::connect(pinned_config).await?;
+    for _ in 0..50 {
+        pinned.getattr(dir.ino).await?;
+    }
+    let started = Instant::now();
+    ctl_ok(&cluster, &["meta", "transfer-leader", "4"])?;
+    info!(took = ?started.elapsed(), "leadership moved");
+    wait_role(&cluster, &admin, 4, "leader", Duration::from_secs(1)).await?;
+    // The old leader's lease ended with the transfer: a read through it sees a create
+    // acknowledged by the new leader.
+    admin.create_file(dir.ino, b"after-transfer", 0o644).await?;
+    pinned
+        .lookup(dir.ino, b"after-transfer")
+        .await
+        .with_context(|| format!("a read through the old leader {leader} after the transfer"))?;
+
+    info!("step 3: remove nodes 1 and 2");
+    for id in [1u64, 2] {
+        ctl_ok(&cluster, &["meta", "remove", &id.to_string()])?;
+    }
+    let (leader, roles) = members_of(&cluster)?;
+    ensure!(leader == 4, "leader moved off 4: {roles:?}");
+    ensure!(
+        roles.keys().copied().collect::<Vec<_>>() == vec![3, 4, 5],
+        "members should be 3, 4, 5: {roles:?}"
+    );
+
+    info!("step 4: the removed nodes refuse clients, saying why");
+    for id in [1u64, 2] {
+        wait_role(&cluster, &admin, id, "removed", Duration::from_secs(15)).await?;
+        let mut config =
+            MetaClientConfig::new(vec![cluster.addr(id).to_string()], cluster.key.clone());
+        config.deadline = Duration::from_secs(1);
+        let alone = MetaClient::connect_lazily(config)?;
+        let err = alone
+            .getattr(ROOT_INO)
+            .await
+            .err()
+            .context("a removed node served a read")?;
+        ensure!(
+            err.to_string().contains("removed from the metadata group"),
+            "the refusal does not say why: {err}"
+        );
+    }
+
+    info!("step 5: stop the storm; every acknowledged create is there");
+    let (acked, attempted) = storm.finish().await?;
+    info!(acked = acked.len(), attempted, "storm over");
+    ensure!(
+        acked.len() > 50,
+        "too few creates acknowledged: {}",
+        acked.len()
+    );
+    let listed = names_of(&admin.readdir_all(dir.ino).await?);
+    let lost: Vec<_> = acked.difference(&listed).collect();
+    ensure!(lost.is_empty(), "acknowledged creates lost: {lost:?}");
+    cluster.stop(1)?;
+    cluster.stop(2)?;
+    let digests = cluster
+        .converged_digests(&admin, Duration::from_secs(20))
+        .await?;
+    ensure!(digests.len() == 3, "3 digests expected: {digests:?}");
+    assert_all_equal(&digests)?;
+
+    info!("step 6: node 3, restarted with its old --peers, comes back with the new membership");
+    cluster.stop(3)?;
+    cluster.restart(3)?;
+    let status = wait_role(&cluster, &admin, 3, "follower", Duration::from_secs(15)).await?;
+    let peers: Vec<u64> = status.peers.iter().map(|p| p.id).collect();
+    ensure!(
+        peers == vec![3, 4, 5],
+        "node 3 restarted with peers {peers:?}"
+    );
+    admin.create_file(dir.ino, b"after-restart", 0o644).await?;
+    let digests = cluster
+        .converged_digests(&admin, Duration::from_secs(20))
+        .await?;
+    assert_all_equal(&digests)?;
+    Ok(())
+}
+
+/// Membership changes that would hurt the group are refused and change nothing: removing a
+/// voter when the rest would have no live quorum, removing the leader, adding an existing id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn membership_changes_that_would_lose_quorum_are_refused() -> Result<()> {
+    init_tracing();
+    let mut cluster = MetaCluster::start(MetaClusterOptions::default())?;
+    let admin = cluster.client().await?;
+    let leader = cluster.wait_leader(&admin, Duration::from_secs(10)).await?;
+    let others: Vec<u64> = (1..=3).filter(|i| *i != leader).collect();
+    let (down, live) = (others[0], others[1]);
+    cluster.stop(down)?;
+    // Let the leader notice it is gone (check_quorum marks peers inactive each timeout).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let before = members_of(&cluster)?;
+    let (code, out, err) = cluster.kerfsctl(None, &["meta", "remove", &live.to_string()])?;
+    ensure!(
+        code == 1,
+        "remove of a live voter with one down was not refused: {out}{err}"
+    );
+    ensure!(
+        err.contains("quorum"),
+        "the refusal does not say why: {err}"
+    );
+    let (code, _, err) = cluster.kerfsctl(None, &["meta", "remove", &leader.to_string()])?;
+    ensure!(
+        code == 1 && err.contains("transfer-leader"),
+        "leader removal: {err}"
+    );
+    let (code, _, err) =
+        cluster.kerfsctl(None, &["meta", "add", &format!("{live}=127.0.0.1:1")])?;
+    ensure!(
+        code == 1 && err.contains("already a member"),
+        "re-add: {err}"
+    );
+    ensure!(
+        members_of(&cluster)? == before,
+        "a refused change changed the group"
+    );
+    admin
+        .create_file(ROOT_INO, b"still-writable", 0o644)
+        .await?;
+
+    // A node that is never started is added: it stays a learner, the add times out saying
+    // what to check, a second add is refused while that one is in progress, and removing
+    // the learner gives it up.
+    let nowhere = format!("7=127.0.0.1:{}", kerfs_tests::free_port()?);
+    let (code, _, err) = cluster.kerfsctl(None, &["meta", "add", &nowhere, "--wait-secs", "2"])?;
+    ensure!(
+        code == 1 && err.contains("did not catch up") && err.contains("--join"),
+        "an add of a node that never runs: exit {code}: {err}"
+    );
+    let (_, roles) = members_of(&cluster)?;
+    ensure!(
+        roles.get(&7).map(String::as_str) == Some("learner"),
+        "{roles:?}"
+    );
+    let other = format!("8=127.0.0.1:{}", kerfs_tests::free_port()?);
+    let (code, _, err) = cluster.kerfsctl(None, &["meta", "add", &other])?;
+    ensure!(
+        code == 1 && err.contains("in progress"),
+        "a second add while one is pending: exit {code}: {err}"
+    );
+    ctl_ok(&cluster, &["meta", "remove", "7"])?;
+    ensure!(
+        members_of(&cluster)? == before,
+        "giving the add up left the group changed"
+    );
+
+    // Removing the node that is down is allowed: the two left are both live.
+    ctl_ok(&cluster, &["meta", "remove", &down.to_string()])?;
+    let (_, roles) = members_of(&cluster)?;
+    ensure!(roles.len() == 2 && !roles.contains_key(&down), "{roles:?}");
+    admin.create_file(ROOT_INO, b"two-voters", 0o644).await?;
     Ok(())
 }

@@ -84,6 +84,28 @@ fn config_files() -> Vec<std::path::PathBuf> {
 }
 
 /// The key a daemon uses, created (0600) where it is looked for when missing.
+/// Parses one metadata member `ID=HOST:PORT` (`kerfsd meta --peers`, `kerfsctl meta add`).
+pub fn parse_member(item: &str) -> Result<(u64, String)> {
+    let (id, addr) = item
+        .split_once('=')
+        .ok_or_else(|| anyhow::anyhow!("{item:?} is not ID=HOST:PORT"))?;
+    let id: u64 = id
+        .trim()
+        .parse()
+        .with_context(|| format!("node id {id:?} is not a number"))?;
+    if id == 0 {
+        anyhow::bail!("node id 0 is reserved; number nodes from 1");
+    }
+    let addr = addr.trim();
+    if addr
+        .rsplit_once(':')
+        .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+    {
+        anyhow::bail!("{addr:?} (node {id}) is not HOST:PORT");
+    }
+    Ok((id, addr.to_string()))
+}
+
 pub fn daemon_key(flag: Option<&Path>) -> Result<(ClusterKey, std::path::PathBuf)> {
     let path = auth::key_path(flag);
     let key = ClusterKey::load_or_create(&path)

@@ -47,6 +47,8 @@ pub struct MetaMember {
     pub address: String,
     /// None when the node did not answer (then `error` says why).
     pub id: Option<u64>,
+    /// "leader", "follower" (a voter), "learner" (added, catching up), "joining" (started
+    /// with --join, not added yet), "removed", or "unreachable".
     pub role: String,
     pub term: u64,
     pub commit_index: u64,
@@ -129,20 +131,33 @@ const FULL_WARN: f64 = 0.90;
 /// asked is itself part of the answer.
 pub async fn cluster_health(client: &MetaClient, addrs: &[String]) -> ClusterHealth {
     let mut meta = Vec::new();
-    for addr in addrs {
-        meta.push(match client.node_status(addr).await {
-            Ok(s) => MetaMember {
-                address: addr.clone(),
-                id: Some(s.id),
-                role: s.role,
-                term: s.term,
-                commit_index: s.commit_index,
-                applied_index: s.applied_index,
-                first_index: s.first_index,
-                leader_id: s.leader_id,
-                leader_address: s.leader_addr,
-                error: None,
-            },
+    // The members the nodes know of are asked too (one added after `addrs` was written
+    // down); a removed node stays listed only if it was given.
+    let mut queue: Vec<String> = addrs.to_vec();
+    let mut i = 0;
+    while i < queue.len() {
+        let addr = queue[i].clone();
+        i += 1;
+        meta.push(match client.node_status(&addr).await {
+            Ok(s) => {
+                for p in &s.peers {
+                    if !p.addr.is_empty() && !queue.contains(&p.addr) {
+                        queue.push(p.addr.clone());
+                    }
+                }
+                MetaMember {
+                    address: addr.clone(),
+                    id: Some(s.id),
+                    role: s.role,
+                    term: s.term,
+                    commit_index: s.commit_index,
+                    applied_index: s.applied_index,
+                    first_index: s.first_index,
+                    leader_id: s.leader_id,
+                    leader_address: s.leader_addr,
+                    error: None,
+                }
+            }
             Err(e) => MetaMember {
                 address: addr.clone(),
                 id: None,

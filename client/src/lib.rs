@@ -10,6 +10,8 @@
 //!
 //! [`admin`] answers an operator's questions (cluster health, chunk servers, where a file's
 //! copies are) as typed values that the admin CLI prints as text or JSON.
+//!
+//! [`members`] grows and shrinks the metadata group (add, remove, leader transfer).
 
 pub mod admin;
 mod chunks;
@@ -17,6 +19,7 @@ mod deferred;
 pub mod ec;
 mod error;
 mod file;
+pub mod members;
 mod meta;
 
 pub use error::{ClientError, ClientResult};

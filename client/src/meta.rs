@@ -17,8 +17,8 @@ use kerfs_proto::auth::{ClientAuth, ClusterKey};
 use kerfs_proto::meta_client::MetaClient as MetaGrpc;
 use kerfs_proto::{
     command, meta_response, read_op, Attr, Caller, Command, DirEntry, FileKind, FsStats, MakeNode,
-    MetaResponse, ReadOp, ReadRequest, Reply, StatusReply, StatusRequest, WriteRequest,
-    MAX_MESSAGE_BYTES,
+    MembersRequest, MetaResponse, ReadOp, ReadRequest, Reply, StatusReply, StatusRequest,
+    WriteRequest, MAX_MESSAGE_BYTES,
 };
 
 use crate::error::{ClientError, ClientResult};
@@ -285,6 +285,18 @@ impl MetaClient {
         self.call(move |mut g| {
             let req = req.clone();
             async move { g.read(req).await }
+        })
+        .await
+    }
+
+    /// A metadata-membership request, served by the leader (followed through redirects).
+    /// Returns the reply whatever its errno (see [`check`]); its `members` is the leader's
+    /// view of the group.
+    pub async fn members(&self, op: kerfs_proto::members_request::Op) -> ClientResult<Reply> {
+        let req = MembersRequest { op: Some(op) };
+        self.call(move |mut g| {
+            let req = req.clone();
+            async move { g.members(req).await }
         })
         .await
     }

@@ -8,9 +8,12 @@
 //! elected before T + (election_ticks - 1) ticks on the peers' clocks (the first tick may
 //! come right after the reset). The lease ends earlier than that, by [`LEASE_CLOCK_MARGIN`],
 //! to absorb differences between the nodes' clock rates. It is void as soon as the term or
-//! the voters differ from those of the round that confirmed it. A leader transfer
-//! (`MsgTimeoutNow`) would make a peer campaign inside the lease; KerFS never transfers
-//! leadership.
+//! the voters differ from those of the round that confirmed it (a membership change voids
+//! it: the quorum that confirmed it was of the old voters). A leader transfer
+//! (`MsgTimeoutNow`) makes the transferee campaign at once, inside the lease, and the peers
+//! vote for it whatever they last heard: so a leader that starts a transfer voids its lease
+//! for the rest of its term ([`Lease::void_term`]), before it sends anything, and serves
+//! reads only through ReadIndex rounds until the term ends.
 //!
 //! raft-rs's own `ReadOnlyOption::LeaseBased` is not used: it trusts leadership until the
 //! leader's next quorum check, which can come up to two election timeouts after the quorum
@@ -38,6 +41,8 @@ pub struct Lease {
     renewal: Option<(u64, Instant)>,
     /// A read was served from the lease since the last renewal started.
     used: bool,
+    /// No lease in this term (a leader transfer began in it).
+    void_term: Option<u64>,
 }
 
 impl Lease {
@@ -49,6 +54,7 @@ impl Lease {
             held: None,
             renewal: None,
             used: false,
+            void_term: None,
         }
     }
 
@@ -59,10 +65,11 @@ impl Lease {
     /// Whether a leader in `term` with `voters` may serve a read at `now` without a round.
     /// Counts the read as a use of the lease (worth renewing).
     pub fn serve(&mut self, now: Instant, term: u64, voters: &[u64]) -> bool {
-        let ok = self
-            .held
-            .as_ref()
-            .is_some_and(|h| now < h.until && h.term == term && h.voters == voters);
+        let ok = self.void_term != Some(term)
+            && self
+                .held
+                .as_ref()
+                .is_some_and(|h| now < h.until && h.term == term && h.voters == voters);
         if ok {
             self.used = true;
         }
@@ -71,6 +78,9 @@ impl Lease {
 
     /// A quorum answered the heartbeats of a round that started at `started` in `term`.
     pub fn confirmed(&mut self, started: Instant, term: u64, voters: Vec<u64>) {
+        if self.void_term == Some(term) {
+            return;
+        }
         let until = started + self.len;
         if self
             .held
@@ -118,6 +128,13 @@ impl Lease {
         }
     }
 
+    /// A leader transfer starts in `term`: no lease holds in it from now on, and no round
+    /// confirms one (a round started before the transfer proves nothing after it).
+    pub fn void_term(&mut self, term: u64) {
+        self.void_term = Some(term);
+        self.clear();
+    }
+
     /// Leadership was lost: nothing of the lease survives it.
     pub fn clear(&mut self) {
         self.held = None;
@@ -161,6 +178,28 @@ mod tests {
             !lease.serve(soon, 3, &[1, 2, 3]),
             "cleared on losing leadership"
         );
+    }
+
+    #[test]
+    fn a_leader_transfer_voids_the_lease_for_the_rest_of_the_term() {
+        let t0 = Instant::now();
+        let mut lease = Lease::new(TICK, 10);
+        lease.confirmed(t0, 3, vec![1, 2, 3]);
+        let soon = t0 + Duration::from_millis(10);
+        assert!(lease.serve(soon, 3, &[1, 2, 3]));
+        lease.void_term(3);
+        assert!(
+            !lease.serve(soon, 3, &[1, 2, 3]),
+            "the transferee may lead before the lease ends"
+        );
+        lease.confirmed(soon, 3, vec![1, 2, 3]);
+        assert!(
+            !lease.serve(soon, 3, &[1, 2, 3]),
+            "a round answered during the transfer gives no new lease in that term"
+        );
+        // A later term (this node elected again) has its own lease.
+        lease.confirmed(soon, 5, vec![1, 2, 3]);
+        assert!(lease.serve(soon, 5, &[1, 2, 3]));
     }
 
     #[test]

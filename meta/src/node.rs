@@ -15,7 +15,7 @@ use raft::prelude::*;
 use raft::{ReadOnlyOption, StateRole};
 use tracing::{debug, info, warn};
 
-use kerfs_proto::{Command, ReadOp, Reply, Timespec};
+use kerfs_proto::{Command, MemberRecord, ReadOp, Reply, Timespec};
 
 use crate::namespace::{Namespace, SweepsDue};
 use crate::raft_log::LogStore;
@@ -89,6 +89,13 @@ pub struct MetaNode {
     config: NodeConfig,
     /// Log writes flushed to disk before going on (see `handle_ready_sending`).
     log_syncs: u64,
+    /// A conf change was applied since the last compaction: compact at once, so that a node
+    /// joining with an empty log is sent a snapshot (which carries the configuration and
+    /// the members' addresses) rather than entries from index 1 (replayed over an empty
+    /// configuration, they would give it a wrong one).
+    compact_now: bool,
+    /// Bumped on every applied conf change, so the server knows to reconnect its peers.
+    conf_epoch: u64,
 }
 
 impl MetaNode {
@@ -133,6 +140,8 @@ impl MetaNode {
             namespace,
             config,
             log_syncs: 0,
+            compact_now: false,
+            conf_epoch: 0,
         })
     }
 
@@ -162,6 +171,67 @@ impl MetaNode {
         };
         self.raw.propose(context, cmd.encode_to_vec())?;
         Ok(())
+    }
+
+    /// Proposes a membership change, with the membership record after it as the entry's
+    /// context (applied into the state machine with the change itself).
+    pub fn propose_conf_change(
+        &mut self,
+        cc: ConfChangeV2,
+        record: &MemberRecord,
+    ) -> Result<(), NodeError> {
+        self.raw.propose_conf_change(record.encode_to_vec(), cc)?;
+        Ok(())
+    }
+
+    /// Starts raft's leader transfer to `to` (leader only; ignored by raft otherwise).
+    pub fn transfer_leader(&mut self, to: u64) {
+        self.raw.transfer_leader(to);
+    }
+
+    /// The voter a leader transfer is under way to, if any.
+    pub fn transferring_to(&self) -> Option<u64> {
+        self.raw.raft.lead_transferee
+    }
+
+    /// A conf change was proposed (or is in the log) and is not applied yet.
+    pub fn conf_change_pending(&self) -> bool {
+        self.raw.raft.has_pending_conf()
+    }
+
+    pub fn learners(&self) -> Vec<u64> {
+        self.raw.store().conf_state().learners.clone()
+    }
+
+    /// Counts applied conf changes (and installed snapshots) since start.
+    pub fn conf_epoch(&self) -> u64 {
+        self.conf_epoch
+    }
+
+    pub fn last_index(&self) -> u64 {
+        self.raw.store().last()
+    }
+
+    /// Voters and learners the leader heard from recently (itself included); empty on a
+    /// follower.
+    pub fn active_members(&self) -> Vec<u64> {
+        if !self.is_leader() {
+            return Vec::new();
+        }
+        self.raw
+            .raft
+            .prs()
+            .iter()
+            .filter(|(id, pr)| **id == self.config.id || pr.recent_active)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// The membership record in the applied state (None before any membership change).
+    pub fn member_record(&self) -> Result<Option<MemberRecord>, NodeError> {
+        let engine = self.raw.store().engine();
+        let view = SpaceView::new(engine.as_ref(), space::STATE);
+        Ok(crate::members::load(&view)?)
     }
 
     /// Asks for a ReadIndex; the answer comes back in [`ReadyOutput::reads`] with `ctx`.
@@ -303,6 +373,7 @@ impl MetaNode {
                 "installing snapshot from leader"
             );
             self.raw.mut_store().install_snapshot(&snap)?;
+            self.conf_epoch += 1;
         }
 
         for rs in rd.take_read_states() {
@@ -399,12 +470,14 @@ impl MetaNode {
                     cc.merge_from_bytes(&entry.data)
                         .map_err(raft::Error::CodecError)?;
                     conf_state = Some(self.raw.apply_conf_change(&cc)?);
+                    self.conf_applied(&entry, &mut state);
                 }
                 EntryType::EntryConfChangeV2 => {
                     let mut cc = ConfChangeV2::default();
                     cc.merge_from_bytes(&entry.data)
                         .map_err(raft::Error::CodecError)?;
                     conf_state = Some(self.raw.apply_conf_change(&cc)?);
+                    self.conf_applied(&entry, &mut state);
                 }
             }
         }
@@ -432,12 +505,34 @@ impl MetaNode {
         Ok(())
     }
 
+    /// A conf change entry was applied: its context (the membership record after it) goes
+    /// into the state machine with it.
+    fn conf_applied(&mut self, entry: &Entry, state: &mut Overlay) {
+        self.conf_epoch += 1;
+        self.compact_now = true;
+        if entry.context.is_empty() {
+            return;
+        }
+        match MemberRecord::decode(entry.context.as_ref()) {
+            // The proposer's bytes, not a re-encoding: prost encodes a map in hash order,
+            // which differs between processes, and every replica must store the same bytes.
+            Ok(_) => state.put(crate::members::K_MEMBERS.to_vec(), entry.context.to_vec()),
+            // Only authenticated peers propose: a bug, skipped the same way everywhere.
+            Err(e) => {
+                warn!(index = entry.index, error = %e, "undecodable membership record, skipped")
+            }
+        }
+    }
+
     fn maybe_compact(&mut self) -> Result<(), NodeError> {
         let store = self.raw.store();
         let applied = store.applied();
-        if applied.saturating_sub(store.snapshot_index()) <= self.config.compact_after {
+        let due = applied.saturating_sub(store.snapshot_index()) > self.config.compact_after
+            || (self.compact_now && applied > store.snapshot_index());
+        if !due {
             return Ok(());
         }
+        self.compact_now = false;
         // compact() writes durably, which also makes the applied state durable first.
         self.raw.mut_store().compact(applied)?;
         info!(node = self.config.id, index = applied, "compacted raft log");

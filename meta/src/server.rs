@@ -2,6 +2,11 @@
 //! gRPC services (`Meta` for clients, `Raft` for peers), the peer transport and the metrics
 //! endpoint.
 //!
+//! Membership: the peers a node sends to are the replicated membership record's (or
+//! `--peers` before any change), re-read after every applied conf change; a joining node
+//! answers its leader at the address the leader's batches carry until its snapshot brings
+//! the record. Membership requests (the `Members` rpc) are judged by [`crate::members`].
+//!
 //! The driver thread batches: it drains every queued event (raft messages, proposals,
 //! reads) before handling one Ready, so many concurrent proposals share one durable write,
 //! and many concurrent reads share one ReadIndex round.
@@ -9,9 +14,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use protobuf::Message as _;
@@ -26,12 +31,14 @@ use kerfs_proto::meta_server::{Meta, MetaServer};
 use kerfs_proto::raft_client::RaftClient;
 use kerfs_proto::raft_server::{Raft, RaftServer};
 use kerfs_proto::{
-    command, meta_response, read_op, Command, ExpireChunkServers, ExpireClients, ListChunkServers,
-    MetaResponse, NotLeader, PeerStatus, RaftAck, RaftBatch, ReadOp, ReadRequest, RepairChunks,
-    RepairStatus, Reply, StatusReply, StatusRequest, Timespec, WriteRequest, MAX_MESSAGE_BYTES,
+    command, members_request, meta_response, read_op, Command, ExpireChunkServers, ExpireClients,
+    ListChunkServers, MemberInfo, MembersReport, MembersRequest, MetaResponse, NotLeader,
+    PeerStatus, RaftAck, RaftBatch, ReadOp, ReadRequest, RepairChunks, RepairStatus, Reply,
+    StatusReply, StatusRequest, Timespec, WriteRequest, MAX_MESSAGE_BYTES,
 };
 
 use crate::lease::Lease;
+use crate::members::{GroupView, Plan};
 use crate::metrics::MetaMetrics;
 use crate::namespace::{Namespace, NamespaceConfig};
 use crate::node::{MetaNode, NodeConfig, NodeError, ReadyOutput};
@@ -50,7 +57,7 @@ pub enum ServerError {
         found: String,
         expected: u64,
     },
-    #[error("this node's id {0} is not in --peers; list every metadata node, this one included")]
+    #[error("this node's id {0} is not in --peers; list every metadata node, this one included (or start it with --join and add it with `kerfsctl meta add`)")]
     NotAPeer(u64),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -70,8 +77,13 @@ pub enum ServerError {
 pub struct ServerConfig {
     pub id: u64,
     pub listen: SocketAddr,
-    /// Every metadata node (this one included): id -> address clients and peers dial.
+    /// Every metadata node (this one included): id -> address clients and peers dial. Only
+    /// seeds a new group: once a membership change was applied, the replicated membership
+    /// record wins (a restarted node comes back with the membership it last knew).
     pub peers: BTreeMap<u64, String>,
+    /// Start with no configuration and wait to be added (`kerfsctl meta add`): the leader
+    /// sends this node a snapshot with the group's state and membership.
+    pub join: bool,
     pub data_dir: PathBuf,
     pub key: ClusterKey,
     pub metrics_listen: Option<SocketAddr>,
@@ -130,6 +142,7 @@ impl ServerConfig {
             id,
             listen,
             peers,
+            join: false,
             data_dir,
             key,
             metrics_listen: None,
@@ -149,7 +162,11 @@ impl ServerConfig {
 type ReplyTx = oneshot::Sender<Result<MetaResponse, Status>>;
 
 enum Event {
-    Raft(Vec<Message>),
+    /// Messages from peer `.0`, which says it is reached at `.1`.
+    Raft(u64, String, Vec<Message>),
+    Members(members_request::Op, ReplyTx),
+    /// A peer told us we were removed from the group.
+    Removed,
     Propose(Command, ReplyTx),
     Read(ReadOp, bool, ReplyTx),
     Status(oneshot::Sender<StatusReply>),
@@ -163,16 +180,49 @@ pub async fn run(
     config: ServerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    if !config.peers.contains_key(&config.id) {
-        return Err(ServerError::NotAPeer(config.id));
-    }
     let engine = open_data_dir(&config)?;
     let metrics = Arc::new(MetaMetrics::default());
     metrics.node_id.store(config.id, Ordering::Relaxed);
+    let record = crate::members::load(&crate::store::SpaceView::new(
+        engine.as_ref(),
+        crate::store::space::STATE,
+    ))?;
+    // Precedence: the replicated membership record (written by the first membership change)
+    // over --peers, which only seeds a new group.
+    let peer_addrs: BTreeMap<u64, String> = match &record {
+        Some(rec) => {
+            let addrs: BTreeMap<u64, String> =
+                rec.addrs.iter().map(|(k, v)| (*k, v.clone())).collect();
+            if !config.peers.is_empty() && addrs != config.peers {
+                info!(node = config.id, members = ?addrs, "membership from the replicated record; --peers is ignored");
+            }
+            addrs
+        }
+        None if config.join => config.peers.clone(),
+        None => {
+            if !config.peers.contains_key(&config.id) {
+                return Err(ServerError::NotAPeer(config.id));
+            }
+            config.peers.clone()
+        }
+    };
+    let self_removed = engine.get(KEY_REMOVED)?.is_some()
+        || record
+            .as_ref()
+            .is_some_and(|r| r.removed.contains(&config.id));
+    let self_addr = peer_addrs
+        .get(&config.id)
+        .cloned()
+        .unwrap_or_else(|| config.listen.to_string());
 
     let node_config = NodeConfig {
         id: config.id,
-        voters: config.peers.keys().copied().collect(),
+        // A joining node starts with no configuration; the leader's snapshot brings it.
+        voters: if config.join && record.is_none() {
+            Vec::new()
+        } else {
+            config.peers.keys().copied().collect()
+        },
         election_ticks: config.election_ticks,
         election_jitter: true,
         heartbeat_ticks: config.heartbeat_ticks,
@@ -192,30 +242,27 @@ pub async fn run(
 
     let (events_tx, events_rx) = std_mpsc::channel::<Event>();
 
-    // One sender task per peer; the driver hands them messages without blocking.
-    let mut peer_txs = HashMap::new();
-    for (&peer, addr) in &config.peers {
-        if peer == config.id {
-            continue;
-        }
-        let (tx, rx) = mpsc::unbounded_channel();
-        peer_txs.insert(peer, tx);
-        tokio::spawn(peer_sender(
-            config.id,
-            peer,
-            addr.clone(),
-            config.key.client_auth(),
-            rx,
-            events_tx.clone(),
-        ));
-    }
-
-    let driver = Driver {
+    let shared = Arc::new(Shared {
+        self_removed: AtomicBool::new(self_removed),
+        removed: Mutex::new(
+            record
+                .as_ref()
+                .map(|r| r.removed.iter().copied().collect())
+                .unwrap_or_default(),
+        ),
+    });
+    let mut driver = Driver {
         node,
         engine,
         events: events_rx,
-        peers: peer_txs,
-        peer_addrs: config.peers.clone(),
+        events_tx: events_tx.clone(),
+        runtime: tokio::runtime::Handle::current(),
+        self_addr: self_addr.clone(),
+        shared: shared.clone(),
+        conf_epoch_seen: 0,
+        members: BTreeMap::new(),
+        peers: HashMap::new(),
+        peer_addrs: BTreeMap::new(),
         metrics: metrics.clone(),
         pending_writes: HashMap::new(),
         read_queue: Vec::new(),
@@ -227,6 +274,8 @@ pub async fn run(
         config: config.clone(),
         last_role: StateRole::Follower,
     };
+    // One sender task per peer; the driver hands them messages without blocking.
+    driver.set_peers(peer_addrs);
     let driver_thread = std::thread::Builder::new()
         .name(format!("meta-driver-{}", config.id))
         .spawn(move || driver.run())
@@ -243,6 +292,8 @@ pub async fn run(
 
     let service = MetaService {
         events: events_tx.clone(),
+        shared,
+        id: config.id,
     };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -324,6 +375,7 @@ fn open_data_dir(config: &ServerConfig) -> Result<Arc<dyn Engine>, ServerError> 
 /// Sends raft messages to one peer, batching whatever queued up while the last RPC ran.
 async fn peer_sender(
     from: u64,
+    from_addr: String,
     peer: u64,
     addr: String,
     auth: ClientAuth,
@@ -358,13 +410,27 @@ async fn peer_sender(
             .iter()
             .map(|m| m.write_to_bytes().unwrap_or_default())
             .collect();
-        let mut req = Request::new(RaftBatch { from, messages });
+        let mut req = Request::new(RaftBatch {
+            from,
+            messages,
+            from_addr: from_addr.clone(),
+        });
         req.set_timeout(if snapshots > 0 {
             Duration::from_secs(60)
         } else {
             Duration::from_secs(2)
         });
         match client.send(req).await {
+            Ok(ack) if ack.get_ref().removed => {
+                warn!(
+                    peer,
+                    "peer says this node was removed from the metadata group"
+                );
+                let _ = events.send(Event::Removed);
+                for _ in 0..snapshots {
+                    let _ = events.send(Event::SnapshotReport(peer, false));
+                }
+            }
             Ok(_) => {
                 if failing {
                     info!(peer, %addr, "peer reachable again");
@@ -390,12 +456,38 @@ async fn peer_sender(
     }
 }
 
+/// Where this node stands in the group, shared by the driver and the gRPC services.
+struct Shared {
+    /// This node was removed from the group: it serves no client.
+    self_removed: AtomicBool,
+    /// Nodes removed from the group (from the replicated record): their raft messages are
+    /// answered with `removed`, which is how a removed node that missed its own removal
+    /// learns of it.
+    removed: Mutex<std::collections::BTreeSet<u64>>,
+}
+
+/// The key (raft space) recording that this node was removed, so a restart keeps refusing.
+const KEY_REMOVED: &[u8] = b"Rremoved";
+
 #[derive(Clone)]
 struct MetaService {
     events: std_mpsc::Sender<Event>,
+    shared: Arc<Shared>,
+    id: u64,
 }
 
 impl MetaService {
+    /// Refuses client requests on a node removed from the group.
+    fn serving(&self) -> Result<(), Status> {
+        if self.shared.self_removed.load(Ordering::Relaxed) {
+            return Err(Status::failed_precondition(format!(
+                "metadata node {} was removed from the metadata group and serves nothing; use the other members (`kerfsctl meta members`), stop this node, and wipe its data directory before adding it back",
+                self.id
+            )));
+        }
+        Ok(())
+    }
+
     async fn ask(
         &self,
         make: impl FnOnce(ReplyTx) -> Event,
@@ -417,6 +509,7 @@ impl MetaService {
 #[tonic::async_trait]
 impl Meta for MetaService {
     async fn write(&self, req: Request<WriteRequest>) -> Result<Response<MetaResponse>, Status> {
+        self.serving()?;
         let Some(cmd) = req.into_inner().command else {
             return Err(Status::invalid_argument("write request without a command"));
         };
@@ -436,6 +529,7 @@ impl Meta for MetaService {
     }
 
     async fn read(&self, req: Request<ReadRequest>) -> Result<Response<MetaResponse>, Status> {
+        self.serving()?;
         let req = req.into_inner();
         let Some(op) = req.op else {
             return Err(Status::invalid_argument(
@@ -457,12 +551,28 @@ impl Meta for MetaService {
             .map(Response::new)
             .map_err(|_| Status::unavailable("metadata node is shutting down"))
     }
+
+    async fn members(
+        &self,
+        req: Request<MembersRequest>,
+    ) -> Result<Response<MetaResponse>, Status> {
+        self.serving()?;
+        let Some(op) = req.into_inner().op else {
+            return Err(Status::invalid_argument(
+                "membership request without an operation",
+            ));
+        };
+        self.ask(|tx| Event::Members(op, tx)).await
+    }
 }
 
 #[tonic::async_trait]
 impl Raft for MetaService {
     async fn send(&self, req: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
         let batch = req.into_inner();
+        if lock(&self.shared.removed).contains(&batch.from) {
+            return Ok(Response::new(RaftAck { removed: true }));
+        }
         let mut msgs = Vec::with_capacity(batch.messages.len());
         for bytes in &batch.messages {
             let m = Message::parse_from_bytes(bytes).map_err(|e| {
@@ -474,9 +584,9 @@ impl Raft for MetaService {
             msgs.push(m);
         }
         self.events
-            .send(Event::Raft(msgs))
+            .send(Event::Raft(batch.from, batch.from_addr, msgs))
             .map_err(|_| Status::unavailable("metadata node is shutting down"))?;
-        Ok(Response::new(RaftAck {}))
+        Ok(Response::new(RaftAck { removed: false }))
     }
 }
 
@@ -494,10 +604,26 @@ struct ReadRound {
     voters: Vec<u64>,
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic elsewhere cannot leave a set of ids half-updated: keep going with it.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 struct Driver {
     node: MetaNode,
     engine: Arc<dyn Engine>,
     events: std_mpsc::Receiver<Event>,
+    /// For the sender tasks of peers that join later.
+    events_tx: std_mpsc::Sender<Event>,
+    runtime: tokio::runtime::Handle,
+    /// How peers reach this node (sent with every batch).
+    self_addr: String,
+    shared: Arc<Shared>,
+    /// The node's conf epoch the peers were last set up for.
+    conf_epoch_seen: u64,
+    /// The members: the replicated record, or --peers before any change. `peer_addrs` adds
+    /// the addresses learned from senders (a joining node's leader) for routing only.
+    members: BTreeMap<u64, String>,
     peers: HashMap<u64, mpsc::UnboundedSender<Message>>,
     peer_addrs: BTreeMap<u64, String>,
     metrics: Arc<MetaMetrics>,
@@ -601,6 +727,12 @@ impl Driver {
                     .handle_ready_sending(|msgs| send_to_peers(peers, msgs))?;
                 self.dispatch(out);
             }
+            self.sync_membership();
+            if self.node.transferring_to().is_some() {
+                // However the transfer began (ours, or a MsgTransferLeader from a peer), the
+                // lease is over for this term: the transferee may campaign inside it.
+                self.lease.void_term(self.node.term());
+            }
             self.serve_applied_reads();
             self.on_role_change();
             self.update_metrics();
@@ -624,7 +756,19 @@ impl Driver {
 
     fn handle_event(&mut self, ev: Event) {
         match ev {
-            Event::Raft(msgs) => {
+            Event::Raft(from, from_addr, msgs) => {
+                if !self.peers.contains_key(&from)
+                    && !from_addr.is_empty()
+                    && from != self.config.id
+                    && !self.members.contains_key(&from)
+                    && !lock(&self.shared.removed).contains(&from)
+                {
+                    // A node that joined knows nobody until its snapshot: answer the leader
+                    // at the address it gave.
+                    info!(peer = from, addr = %from_addr, "learned a peer's address from its messages");
+                    self.peer_addrs.insert(from, from_addr.clone());
+                    self.spawn_sender(from, from_addr);
+                }
                 let guard = Instant::now() < self.vote_guard_until;
                 for m in msgs {
                     if guard
@@ -674,6 +818,10 @@ impl Driver {
             Event::Status(tx) => {
                 let _ = tx.send(self.status());
             }
+            Event::Members(op, tx) => {
+                let _ = tx.send(Ok(self.members(op)));
+            }
+            Event::Removed => self.mark_removed(),
             Event::Unreachable(peer) => self.node.report_unreachable(peer),
             Event::SnapshotReport(peer, ok) => self.node.report_snapshot(peer, ok),
             Event::Shutdown => {}
@@ -700,6 +848,167 @@ impl Driver {
         self.maybe_renew_lease(now);
     }
 
+    /// Starts a sender task for each peer in `addrs` and drops those of peers not in it
+    /// (their tasks end with their channels).
+    fn set_peers(&mut self, addrs: BTreeMap<u64, String>) {
+        self.peers
+            .retain(|id, _| addrs.contains_key(id) || *id == self.node.leader_id());
+        for (&peer, addr) in &addrs {
+            if peer == self.config.id {
+                continue;
+            }
+            if self.peer_addrs.get(&peer) == Some(addr) && self.peers.contains_key(&peer) {
+                continue;
+            }
+            self.spawn_sender(peer, addr.clone());
+        }
+        self.peer_addrs = addrs.clone();
+        self.members = addrs;
+    }
+
+    fn spawn_sender(&mut self, peer: u64, addr: String) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.peers.insert(peer, tx);
+        self.runtime.spawn(peer_sender(
+            self.config.id,
+            self.self_addr.clone(),
+            peer,
+            addr,
+            self.config.key.client_auth(),
+            rx,
+            self.events_tx.clone(),
+        ));
+    }
+
+    /// After a conf change (or a snapshot) was applied: reach the members of the new
+    /// record, void the lease (its quorum was of the old voters), and notice our own removal.
+    fn sync_membership(&mut self) {
+        let epoch = self.node.conf_epoch();
+        if epoch == self.conf_epoch_seen {
+            return;
+        }
+        self.conf_epoch_seen = epoch;
+        self.lease.clear();
+        let record = match self.node.member_record() {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                error!(error = %e, "cannot read the membership record");
+                return;
+            }
+        };
+        let addrs: BTreeMap<u64, String> =
+            record.addrs.iter().map(|(k, v)| (*k, v.clone())).collect();
+        info!(node = self.config.id, members = ?addrs, voters = ?self.node.voters(), learners = ?self.node.learners(), "membership changed");
+        *lock(&self.shared.removed) = record.removed.iter().copied().collect();
+        let me = self.config.id;
+        let gone = record.removed.contains(&me);
+        self.set_peers(addrs);
+        if gone {
+            self.mark_removed();
+        }
+    }
+
+    /// This node is out of the group: persist it (a restart keeps refusing) and send every
+    /// waiting client elsewhere.
+    fn mark_removed(&mut self) {
+        if self.shared.self_removed.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        warn!(
+            node = self.config.id,
+            "this node was removed from the metadata group; it now refuses clients"
+        );
+        let mut batch = crate::store::WriteBatch::default();
+        batch.put(KEY_REMOVED.to_vec(), vec![1]);
+        if let Err(e) = self.engine.write(batch, true) {
+            error!(error = %e, "cannot record the removal");
+        }
+        self.lease.clear();
+        self.fail_all("this metadata node was removed from the metadata group; use the others");
+    }
+
+    /// What the leader sees of the group, for judging a membership request.
+    fn group_view(&self) -> GroupView {
+        let voters = self.node.voters().into_iter().collect();
+        let learners = self.node.learners().into_iter().collect();
+        GroupView {
+            leader: self.config.id,
+            voters,
+            learners,
+            active: self.node.active_members().into_iter().collect(),
+            matched: self.node.progress().into_iter().collect(),
+            last_index: self.node.last_index(),
+            change_pending: self.node.conf_change_pending(),
+            addrs: self.members.clone(),
+            removed: lock(&self.shared.removed).clone(),
+        }
+    }
+
+    fn members_report(&self) -> MembersReport {
+        let view = self.group_view();
+        let mut members = Vec::new();
+        for (id, addr) in &view.addrs {
+            let role = if *id == self.config.id {
+                "leader"
+            } else if view.learners.contains(id) {
+                "learner"
+            } else if view.voters.contains(id) {
+                "voter"
+            } else {
+                continue;
+            };
+            members.push(MemberInfo {
+                id: *id,
+                addr: addr.clone(),
+                role: role.into(),
+                matched: view.matched.get(id).copied().unwrap_or(0),
+                active: view.active.contains(id),
+            });
+        }
+        MembersReport {
+            leader_id: self.config.id,
+            term: self.node.term(),
+            last_index: view.last_index,
+            commit_index: self.node.commit_index(),
+            members,
+            change_pending: view.change_pending,
+            transferring_to: self.node.transferring_to().unwrap_or(0),
+        }
+    }
+
+    /// Serves a membership request (leader only): judged by [`crate::members::plan`], then
+    /// proposed; the caller polls the report to see it applied.
+    fn members(&mut self, op: members_request::Op) -> MetaResponse {
+        if !self.node.is_leader() {
+            return self.not_leader();
+        }
+        let mut reply = Reply::default();
+        match crate::members::plan(&self.group_view(), &op) {
+            Err(refused) => {
+                reply.errno = refused.errno();
+                reply.message = refused.to_string();
+            }
+            Ok(Plan::Nothing) => {}
+            Ok(Plan::Transfer(to)) => {
+                // From here on this leader serves no lease read in this term: the transferee
+                // campaigns at once, inside the lease the peers gave us.
+                self.lease.void_term(self.node.term());
+                info!(node = self.config.id, to, "leader transfer started");
+                self.node.transfer_leader(to);
+            }
+            Ok(Plan::Change(cc, record)) => {
+                info!(node = self.config.id, change = ?cc.changes, "proposing a membership change");
+                if let Err(e) = self.node.propose_conf_change(cc, &record) {
+                    reply.errno = libc::EAGAIN;
+                    reply.message = format!("the change was not proposed ({e}); retry");
+                }
+            }
+        }
+        reply.members = Some(self.members_report());
+        reply_response(reply)
+    }
+
     fn begin_round(&mut self, now: Instant, reads: Vec<PendingRead>) -> u64 {
         let ctx = self.next_read_ctx;
         self.next_read_ctx += 1;
@@ -723,6 +1032,9 @@ impl Driver {
     /// ReadIndex round.
     fn lease_read_index(&mut self, now: Instant) -> Option<u64> {
         if self.config.read_mode != ReadMode::Lease || !self.node.is_leader() {
+            return None;
+        }
+        if self.node.transferring_to().is_some() {
             return None;
         }
         if !self.lease.serve(now, self.node.term(), &self.node.voters()) {
@@ -945,21 +1257,37 @@ impl Driver {
         } else {
             HashMap::new()
         };
+        let learners = self.node.learners();
+        let role = if self.shared.self_removed.load(Ordering::Relaxed) {
+            "removed".to_string()
+        } else if learners.contains(&self.config.id) {
+            "learner".to_string()
+        } else if self.node.voters().is_empty() && learners.is_empty() {
+            "joining".to_string()
+        } else {
+            format!("{:?}", self.node.role()).to_lowercase()
+        };
         StatusReply {
             id: self.config.id,
-            role: format!("{:?}", self.node.role()).to_lowercase(),
+            role,
+            last_index: self.node.last_index(),
             term: self.node.term(),
             commit_index: self.node.commit_index(),
             applied_index: self.node.applied_index(),
             leader_id: leader,
             leader_addr: self.peer_addrs.get(&leader).cloned().unwrap_or_default(),
             peers: self
-                .peer_addrs
+                .members
                 .iter()
                 .map(|(id, addr)| PeerStatus {
                     id: *id,
                     addr: addr.clone(),
                     matched: matched.get(id).copied().unwrap_or(0),
+                    role: if learners.contains(id) {
+                        "learner".into()
+                    } else {
+                        "voter".into()
+                    },
                 })
                 .collect(),
             first_index: self.node.first_index(),

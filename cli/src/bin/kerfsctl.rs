@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 
 use kerfs_client::admin::{self, ClusterHealth, CopyState, FileChunks, Health};
+use kerfs_client::members;
 use kerfs_client::{ClientError, DataClient, MetaClient, MetaClientConfig};
 use kerfs_proto::{read_op, Attr, FileKind};
 
@@ -80,6 +81,11 @@ enum Cmd {
         #[command(subcommand)]
         command: NodeCmd,
     },
+    /// The metadata group: list its members, add one, remove one, move leadership.
+    Meta {
+        #[command(subcommand)]
+        command: MetaCmd,
+    },
     /// Copy a local file into KerFS (through the client library, not a mount).
     Put { local: PathBuf, path: String },
     /// Copy a KerFS file to a local file ("-" for stdout).
@@ -134,6 +140,36 @@ enum NodeCmd {
     /// Take chunk server ID out of the cluster. Refused while it holds copies the cluster
     /// needs (drain it first) or, when down, the last copy of anything.
     Remove { id: u64 },
+}
+
+#[derive(Subcommand)]
+enum MetaCmd {
+    /// The members with their role (leader, voter, learner) and how far each log matches
+    /// the leader's.
+    Members,
+    /// Add the node ID at HOST:PORT, started with `kerfsd meta --id ID --listen HOST:PORT
+    /// --join`: it joins as a learner, catches up (from a snapshot), and is promoted to
+    /// voter; waits for all of it, showing progress.
+    Add {
+        /// ID=HOST:PORT
+        member: String,
+        /// Give up waiting after this many seconds (run it again to keep waiting).
+        #[arg(long, default_value_t = 300)]
+        wait_secs: u64,
+    },
+    /// Remove node ID from the group. Refused if the others would not keep a quorum of
+    /// live voters, for the last voter, and for the leader (transfer leadership first).
+    Remove {
+        id: u64,
+        #[arg(long, default_value_t = 60)]
+        wait_secs: u64,
+    },
+    /// Make voter ID the leader; waits until it leads.
+    TransferLeader {
+        id: u64,
+        #[arg(long, default_value_t = 30)]
+        wait_secs: u64,
+    },
 }
 
 /// What every command works with.
@@ -238,6 +274,7 @@ async fn run(cli: Cli) -> Result<u8> {
             ec,
             chunk_size,
         } => layout(&ctx, &path, replicas, ec, chunk_size).await?,
+        Cmd::Meta { command } => meta(&ctx, command).await?,
     }
     Ok(0)
 }
@@ -313,6 +350,75 @@ fn print_status(h: &ClusterHealth) {
         println!(
             "        draining {} servers: {} chunks still to move (`kerfsctl node drain ID` for one)",
             c.draining_servers, c.to_move
+        );
+    }
+}
+
+async fn meta(ctx: &Ctx, command: MetaCmd) -> Result<()> {
+    let view = match command {
+        MetaCmd::Members => members::members(&ctx.client).await?,
+        MetaCmd::Add { member, wait_secs } => {
+            let (id, addr) = kerfs_cli::parse_member(&member)?;
+            let mut last = None;
+            let json = ctx.json;
+            members::add(
+                &ctx.client,
+                id,
+                &addr,
+                Duration::from_secs(wait_secs),
+                |v| {
+                    let matched = v.get(id).map_or(0, |m| m.matched);
+                    if !json && last != Some(matched) {
+                        eprintln!(
+                            "learner {id}: log at {matched} of the leader's {}",
+                            v.last_index
+                        );
+                        last = Some(matched);
+                    }
+                },
+            )
+            .await
+            .with_context(|| format!("adding metadata node {id}"))?
+        }
+        MetaCmd::Remove { id, wait_secs } => {
+            members::remove(&ctx.client, id, Duration::from_secs(wait_secs))
+                .await
+                .with_context(|| format!("removing metadata node {id}"))?
+        }
+        MetaCmd::TransferLeader { id, wait_secs } => {
+            members::transfer_leader(&ctx.client, id, Duration::from_secs(wait_secs))
+                .await
+                .with_context(|| format!("moving leadership to metadata node {id}"))?
+        }
+    };
+    ctx.show(&view, print_members)
+}
+
+fn print_members(v: &members::Members) {
+    println!(
+        "leader {} (term {}), last index {}, commit {}{}",
+        v.leader,
+        v.term,
+        v.last_index,
+        v.commit_index,
+        if v.change_pending {
+            ", a membership change is pending"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "{:<4} {:<22} {:<8} {:>9} {:>6}",
+        "id", "address", "role", "matched", "active"
+    );
+    for m in &v.members {
+        println!(
+            "{:<4} {:<22} {:<8} {:>9} {:>6}",
+            m.id,
+            m.address,
+            m.role,
+            m.matched,
+            if m.active { "yes" } else { "no" }
         );
     }
 }

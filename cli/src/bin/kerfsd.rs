@@ -24,6 +24,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run one metadata node (3 or 5 per cluster).
+    #[command(after_help = "A new group: start every node with the same --peers. \
+                  Growing a running group: start the new node with --join (no --peers, an empty --data), \
+                  then run `kerfsctl meta add ID=HOST:PORT`; it joins as a learner, gets the state from \
+                  the leader, and becomes a voter once caught up. Shrinking: `kerfsctl meta remove ID`; \
+                  the removed node then refuses every client. Membership precedence on restart: the \
+                  membership replicated in --data (written by the first `meta add`/`meta remove`) wins \
+                  over --peers, which only seeds a new group.")]
     Meta(MetaArgs),
     /// Run one chunk server (one per disk or node).
     Chunk(ChunkArgs),
@@ -78,7 +85,7 @@ fn config_file<T: Default + serde::de::DeserializeOwned>(path: Option<&Path>) ->
 #[derive(Args, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct MetaArgs {
-    /// TOML file with any of these settings (flags win): id, listen, peers, data,
+    /// TOML file with any of these settings (flags win): id, listen, peers, join, data,
     /// key_file, metrics, compact_after, tick_ms, chunk_server_timeout_ms, read_mode,
     /// flush_ms.
     #[arg(long)]
@@ -90,9 +97,17 @@ struct MetaArgs {
     /// Address to listen on, e.g. 127.0.0.1:7001.
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// Every metadata node, this one included: ID=HOST:PORT,ID=HOST:PORT,...
-    #[arg(long)]
+    /// Every metadata node of a new group, this one included: ID=HOST:PORT,ID=HOST:PORT,...
+    /// Only seeds the group: once a membership change (`kerfsctl meta add/remove`) was
+    /// applied, the membership replicated in the data directory wins and --peers is ignored.
+    #[arg(long, conflicts_with = "join")]
     peers: Option<String>,
+    /// Join an existing group instead of starting one: start with no peers and wait until
+    /// `kerfsctl meta add ID=HOST:PORT` (HOST:PORT being --listen) adds this node; the
+    /// leader then sends it the whole state. Give it an empty --data directory.
+    #[arg(long)]
+    #[serde(default)]
+    join: bool,
     /// Data directory (created 0700).
     #[arg(long)]
     data: Option<PathBuf>,
@@ -160,16 +175,8 @@ fn main() -> Result<()> {
 fn parse_peers(list: &str) -> Result<BTreeMap<u64, String>> {
     let mut peers = BTreeMap::new();
     for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let (id, addr) = item
-            .split_once('=')
-            .ok_or_else(|| anyhow!("peer {item:?} is not ID=HOST:PORT"))?;
-        let id: u64 = id
-            .parse()
-            .with_context(|| format!("peer id {id:?} is not a number"))?;
-        if id == 0 {
-            bail!("peer id 0 is reserved; number nodes from 1");
-        }
-        if peers.insert(id, addr.to_string()).is_some() {
+        let (id, addr) = kerfs_cli::parse_member(item).context("--peers")?;
+        if peers.insert(id, addr).is_some() {
             bail!("peer id {id} appears twice in --peers");
         }
     }
@@ -189,13 +196,13 @@ fn run_meta(flags: MetaArgs) -> Result<()> {
         .listen
         .or(file.listen)
         .ok_or_else(|| anyhow!("--listen is required"))?;
-    let peers = parse_peers(
-        flags
-            .peers
-            .as_deref()
-            .or(file.peers.as_deref())
-            .ok_or_else(|| anyhow!("--peers is required"))?,
-    )?;
+    let join = flags.join || file.join;
+    let peers = match flags.peers.as_deref().or(file.peers.as_deref()) {
+        Some(list) if !join => parse_peers(list)?,
+        Some(_) => bail!("--join and --peers exclude each other: a joining node learns its peers from the leader"),
+        None if join => BTreeMap::new(),
+        None => bail!("--peers is required (or --join, to be added to a running group with `kerfsctl meta add`)"),
+    };
     let data = flags
         .data
         .or(file.data)
@@ -205,6 +212,7 @@ fn run_meta(flags: MetaArgs) -> Result<()> {
     tracing::info!(key = %key_path.display(), "using cluster key");
 
     let mut config = ServerConfig::new(id, listen, peers, data, key);
+    config.join = join;
     config.metrics_listen = flags.metrics.or(file.metrics);
     if let Some(c) = flags.compact_after.or(file.compact_after) {
         config.compact_after = c;

@@ -33,6 +33,7 @@ use super::{Fail, R};
 use crate::store::{KvRead, Overlay};
 
 pub const K_COUNTERS: &[u8] = b"M";
+// `P` is the metadata group's membership record (`crate::members::K_MEMBERS`).
 pub const P_INODE: u8 = b'I';
 pub const P_DIRENT: u8 = b'D';
 pub const P_COOKIE: u8 = b'C';
