@@ -27,8 +27,12 @@
 //!   Files deleted while open and pipes whose both ends the process holds are saved with
 //!   their contents.
 //!
-//! Limits: no children; no itimers/POSIX timers, SysV IPC, inotify/epoll/eventfd
-//! fds; pipes and sockets on fds 0-2 take the importer's own stdio, other sockets and pipes
+//! * [`ipc`] captures System V IPC objects (message queues, semaphore arrays, shared memory
+//!   segments) and restores them with the same key and id; they live beside the processes,
+//!   not in a ghost image.
+//!
+//! Limits: no children; no itimers/POSIX timers, SysV shared memory attached to the process,
+//! inotify/epoll/eventfd fds; pipes and sockets on fds 0-2 take the importer's own stdio, other sockets and pipes
 //! to the outside are refused unless dropped or external; the restoring host must run the
 //! same kernel (same vDSO) on a CPU with the same XSAVE features.
 //! Needs root (or CAP_SYS_PTRACE + CAP_CHECKPOINT_RESTORE).
@@ -38,6 +42,7 @@ mod error;
 mod export;
 pub mod image;
 mod import;
+pub mod ipc;
 mod procfs;
 mod rao;
 mod restorable;
