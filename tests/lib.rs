@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -1054,4 +1054,128 @@ pub fn flip_bits_in_chunk_files(data_dir: &Path) -> Result<usize> {
         }
     }
     Ok(n)
+}
+
+// ---- krg and the C test programs (checkpoint tests) ----
+
+/// Builds tests/c/NAME.c into `dir` (the test programs of the checkpoint tests).
+pub fn build(dir: &Path, name: &str) -> Result<PathBuf> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("c/{name}.c"));
+    let out = dir.join(name);
+    let st = Command::new("gcc")
+        .args(["-O2", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .context("gcc must be installed to build the test programs")?;
+    ensure!(st.success(), "gcc failed on {}", src.display());
+    Ok(out)
+}
+
+/// The contents of a text file (empty if it cannot be read).
+pub fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+/// Waits until `pred(contents of log)` holds.
+pub fn wait_log(log: &Path, what: &str, secs: u64, pred: impl Fn(&str) -> bool) -> Result<String> {
+    let t = Instant::now();
+    loop {
+        let s = read(log);
+        if pred(&s) {
+            return Ok(s);
+        }
+        if t.elapsed() > Duration::from_secs(secs) {
+            let tail: String = s.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
+            bail!(
+                "timed out waiting for {what} in {}; last lines: {tail}",
+                log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends `sig` to `pid`.
+pub fn signal(pid: i32, sig: i32) {
+    // SAFETY: kill(2) on a process this test created.
+    unsafe { libc::kill(pid, sig) };
+}
+
+/// A `krg` command that finds the cluster through the environment, as a user's would.
+pub fn krg_cmd(cluster: &KerfsCluster) -> Result<Command> {
+    let mut c = Command::new(bin_path("krg")?);
+    c.env("KERFS_META", cluster.meta.addrs().join(","))
+        .env("KERFS_KEY_FILE", &cluster.meta.key_file)
+        .env_remove("RUST_LOG");
+    Ok(c)
+}
+
+/// Runs `krg ARGS` (see [`krg_cmd`]) and logs what it said.
+pub fn krg(cluster: &KerfsCluster, args: &[&str]) -> Result<Output> {
+    let out = krg_cmd(cluster)?.args(args).stdin(Stdio::null()).output()?;
+    info!(
+        ?args,
+        status = ?out.status,
+        stderr = %String::from_utf8_lossy(&out.stderr),
+        "krg"
+    );
+    Ok(out)
+}
+
+/// [`krg`] that must succeed; returns its stdout and stderr.
+pub fn krg_ok(cluster: &KerfsCluster, args: &[&str]) -> Result<String> {
+    let out = krg(cluster, args)?;
+    ensure!(
+        out.status.success(),
+        "krg {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+/// `krg restart ADDR --detach` in a mount namespace of its own: another "node" with its own
+/// client, sharing only the cluster. Its stderr goes to a file, not a pipe: a restored
+/// process whose stdio cannot be reopened takes krg's, and would hold a pipe open forever.
+pub fn restart_elsewhere(cluster: &KerfsCluster, addr: &str) -> Result<Output> {
+    let err = tempfile::NamedTempFile::new()?;
+    let status = Command::new("unshare")
+        .args(["-m", "--"])
+        .arg(bin_path("krg")?)
+        .args(["restart", addr, "--detach"])
+        .env("KERFS_META", cluster.meta.addrs().join(","))
+        .env("KERFS_KEY_FILE", &cluster.meta.key_file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(err.reopen()?)
+        .status()?;
+    let stderr = std::fs::read(err.path())?;
+    info!(addr, ?status, stderr = %String::from_utf8_lossy(&stderr), "krg restart");
+    Ok(Output {
+        status,
+        stdout: Vec::new(),
+        stderr,
+    })
+}
+
+/// PIDs of live processes running `prog`.
+pub fn pids_of(prog: &Path) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z") && !s.contains(") X"))
+            .unwrap_or(false);
+        if alive
+            && std::fs::read_link(format!("/proc/{pid}/exe"))
+                .ok()
+                .as_deref()
+                == Some(prog)
+        {
+            out.push(pid);
+        }
+    }
+    out
 }

@@ -44,7 +44,7 @@ pub struct Manifest {
     /// One entry per checkpointed process.
     #[prost(message, repeated, tag = "6")]
     pub processes: Vec<ProcessEntry>,
-    /// IPC objects (semaphore arrays, message queues, shared memory); filled by a later issue.
+    /// System V IPC objects (message queues, semaphore arrays, shared memory segments).
     #[prost(message, repeated, tag = "7")]
     pub ipc: Vec<IpcSnapshot>,
     /// Files copied into the version (`--copy-files`).
@@ -92,10 +92,12 @@ pub struct PageRefRun {
     pub count: u64,
 }
 
-/// An IPC object snapshot (reserved for the IPC issue).
+/// A System V IPC object of the version. Its snapshot is a file of its own under
+/// `versions/<N>/ipc/`, a `kerfs_ghost::ipc` image holding that one object (checksummed), so
+/// that a version's manifest stays small however large its shared memory segments are.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct IpcSnapshot {
-    /// "sem", "msg" or "shm".
+    /// "sem", "msg" or "shm" (`kerfs_ghost::ipc::IpcKind::short`).
     #[prost(string, tag = "1")]
     pub kind: String,
     /// The IPC key.
@@ -168,6 +170,9 @@ pub struct Stats {
     /// the process nor hashed, referenced where that version has them.
     #[prost(uint64, tag = "8")]
     pub reused_pages: u64,
+    /// Bytes of the System V IPC snapshots.
+    #[prost(uint64, tag = "9")]
+    pub ipc_bytes: u64,
 }
 
 impl Stats {

@@ -13,6 +13,8 @@
 //! * [`Store::open_version`] → [`OpenVersion::reader`]: the `GhostReader` that re-assembles
 //!   the original image, every page checked against its pack index, each distinct page
 //!   read once however many image pages share its content.
+//! * [`Checkpoint::add_ipc`] stores System V IPC objects (`kerfs_ghost::ipc` snapshots) in the
+//!   version; [`OpenVersion::ipc_objects`] reads them back, checked.
 //! * [`Store::gc`] with a [`Retention`]: removes old versions and unreferenced packs, safe
 //!   against a checkpoint being written at the same time.
 //!

@@ -221,6 +221,67 @@ impl OpenVersion {
         Ok(())
     }
 
+    /// The System V IPC objects of the version, each checked (its image's checksum, and that
+    /// it is the object the manifest names); restore them with `kerfs_ghost::ipc::restore`.
+    pub async fn ipc_objects(&self) -> Result<Vec<kerfs_ghost::ipc::SysvObject>> {
+        if self.manifest.ipc.is_empty() {
+            return Ok(Vec::new());
+        }
+        let v = self.version();
+        let vrel = format!("versions/{v}");
+        let dir = self
+            .store
+            .meta()
+            .lookup(self.store.versions, v.to_string().as_bytes())
+            .await
+            .map_err(cluster("looking up", &self.store.sub(&vrel)))?;
+        let ipc_rel = format!("{vrel}/ipc");
+        let ipc = self
+            .store
+            .meta()
+            .lookup(dir.ino, b"ipc")
+            .await
+            .map_err(cluster("looking up", &self.store.sub(&ipc_rel)))?;
+        let mut out = Vec::with_capacity(self.manifest.ipc.len());
+        for s in &self.manifest.ipc {
+            let rel = format!("{ipc_rel}/{}", s.stored);
+            let path = self.store.sub(&rel);
+            let a = self
+                .store
+                .meta()
+                .lookup(ipc.ino, s.stored.as_bytes())
+                .await
+                .map_err(cluster("looking up", &path))?;
+            let bytes = self.store.read_file(a.ino, a.size, &rel).await?;
+            let damaged = |msg: String| CkptError::Damaged {
+                object: path.clone(),
+                msg,
+            };
+            let objs = kerfs_ghost::ipc::decode_image(&bytes, &format!("kerfs:{path}"))
+                .map_err(|e| damaged(e.to_string()))?;
+            let [o] = <[_; 1]>::try_from(objs).map_err(|objs| {
+                damaged(format!(
+                    "holds {} objects where one was expected",
+                    objs.len()
+                ))
+            })?;
+            if o.kind().short() != s.kind
+                || i64::from(o.key()) != s.key
+                || i64::from(o.id()) != s.id
+            {
+                return Err(damaged(format!(
+                    "holds {} where the manifest names {} id {} key {}",
+                    o.describe(),
+                    s.kind,
+                    s.id,
+                    s.key
+                )));
+            }
+            out.push(o);
+        }
+        Ok(out)
+    }
+
     /// Closes the pack handles.
     pub async fn close(self) {
         for p in self.packs {

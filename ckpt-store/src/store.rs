@@ -6,6 +6,7 @@
 //!   packs/<id>.idx         blake3 of each page of the pack (written once the pack is durable)
 //!   versions/<N>/manifest  one committed version (see `format`)
 //!   versions/<N>/files/    files copied with --copy-files
+//!   versions/<N>/ipc/      System V IPC objects (`krg ipc checkpoint`, `krg checkpoint --ipc`)
 //!   versions/.partial-<N>  a version being written (or left by a killed krg)
 //!   versions/.deleted-<N>-<r>  a version being removed
 //!   writers/<id>           one marker per live checkpoint writer (heartbeat in its mtime)
@@ -97,6 +98,8 @@ pub struct VersionInfo {
     pub created_unix_ms: u64,
     /// Number of processes.
     pub processes: usize,
+    /// Number of System V IPC objects.
+    pub ipc_objects: usize,
     /// What writing it cost.
     pub stats: Stats,
 }
@@ -425,6 +428,7 @@ impl Store {
                 version: v,
                 created_unix_ms: m.created_unix_ms,
                 processes: m.processes.len(),
+                ipc_objects: m.ipc.len(),
                 stats: m.stats.unwrap_or_default(),
             });
         }

@@ -26,7 +26,8 @@ use tracing::{debug, warn};
 
 use crate::error::{cluster, CkptError, Result};
 use crate::format::{
-    decode_index, encode_index, CopiedFile, Manifest, PageRefRun, ProcessEntry, Stats, PAGE,
+    decode_index, encode_index, CopiedFile, IpcSnapshot, Manifest, PageRefRun, ProcessEntry, Stats,
+    PAGE,
 };
 use crate::store::{
     errno_of, host_name, now_ms, pack_rel, random_hex, Store, GC_LOCK, HEARTBEAT, MANIFEST, PACKS,
@@ -101,6 +102,9 @@ pub struct Checkpoint {
     processes: Vec<ProcessEntry>,
     files: Vec<CopiedFile>,
     files_ino: Option<u64>,
+    ipc: Vec<IpcSnapshot>,
+    ipc_ino: Option<u64>,
+    ipc_bytes: u64,
     started: Instant,
     page_bytes: u64,
     image_bytes: u64,
@@ -212,6 +216,9 @@ impl Store {
             processes: Vec::new(),
             files: Vec::new(),
             files_ino: None,
+            ipc: Vec::new(),
+            ipc_ino: None,
+            ipc_bytes: 0,
             started,
             page_bytes: 0,
             image_bytes: 0,
@@ -867,6 +874,40 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// Stores System V IPC objects in the version, each in a file of its own under
+    /// `ipc/`; a restart creates them again ([`crate::OpenVersion::ipc_objects`]).
+    pub async fn add_ipc(&mut self, objects: &[kerfs_ghost::ipc::SysvObject]) -> Result<()> {
+        let ipc_rel = format!("{VERSIONS}/{}/ipc", self.partial);
+        for o in objects {
+            let ipc_ino = match self.ipc_ino {
+                Some(i) => i,
+                None => {
+                    let a = self
+                        .store
+                        .meta()
+                        .mkdir(self.partial_ino, b"ipc", 0o755)
+                        .await
+                        .map_err(cluster("creating", &self.store.sub(&ipc_rel)))?;
+                    self.ipc_ino = Some(a.ino);
+                    a.ino
+                }
+            };
+            let stored = format!("{}", self.ipc.len());
+            let bytes = kerfs_ghost::ipc::encode_image(std::slice::from_ref(o));
+            self.store
+                .write_file(ipc_ino, &stored, &bytes, &format!("{ipc_rel}/{stored}"))
+                .await?;
+            self.ipc_bytes += bytes.len() as u64;
+            self.ipc.push(IpcSnapshot {
+                kind: o.kind().short().to_string(),
+                key: i64::from(o.key()),
+                id: i64::from(o.id()),
+                stored,
+            });
+        }
+        Ok(())
+    }
+
     /// Makes the version durable and visible: closes the pack (durable on every replica)
     /// and writes its index, writes the manifest, then renames `.partial-N` to `N`.
     pub async fn commit(mut self) -> Result<CommitReport> {
@@ -890,6 +931,7 @@ impl Checkpoint {
             elapsed_ms: self.started.elapsed().as_millis() as u64,
             file_bytes: self.files.iter().map(|f| f.size).sum(),
             reused_pages: state.reused_pages,
+            ipc_bytes: self.ipc_bytes,
         };
         let manifest = Manifest {
             version: self.version,
@@ -898,7 +940,7 @@ impl Checkpoint {
             host: host_name(),
             packs: state.packs.clone(),
             processes: std::mem::take(&mut self.processes),
-            ipc: Vec::new(),
+            ipc: std::mem::take(&mut self.ipc),
             files: std::mem::take(&mut self.files),
             comm_logs: Vec::new(),
             stats: Some(stats),

@@ -30,9 +30,14 @@
 //!   Sockets bound or listening (TCP, UDP, Unix) are bound again at restart; Unix socketpairs
 //!   whose both ends the process holds come back with their queued messages.
 //!
-//! Limits: no children; no itimers/POSIX timers, SysV IPC; pipes and sockets on fds 0-2 take the
-//! importer's own stdio; pipes to the outside, TCP connections and Unix sockets connected to
-//! another process are refused unless dropped or external; the restoring host must run the
+//! * [`ipc`] captures System V IPC objects (message queues, semaphore arrays, shared memory
+//!   segments) and restores them with the same key and id; they live beside the processes,
+//!   not in a ghost image.
+//!
+//! Limits: no children; no itimers/POSIX timers, SysV shared memory attached to the process;
+//! pipes and sockets on fds 0-2 take the importer's own stdio; pipes to the outside, TCP
+//! connections and Unix sockets connected to another process are refused unless dropped or
+//! external; the restoring host must run the
 //! same kernel (same vDSO) on a CPU with the same XSAVE features.
 //! Needs root (or CAP_SYS_PTRACE + CAP_CHECKPOINT_RESTORE).
 
@@ -41,6 +46,7 @@ mod error;
 mod export;
 pub mod image;
 mod import;
+pub mod ipc;
 mod procfs;
 mod rao;
 mod restorable;

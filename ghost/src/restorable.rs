@@ -321,7 +321,7 @@ pub(crate) fn map_kind(pid: i32, m: &MapLine) -> std::result::Result<Option<MapK
         _ if p.starts_with("/SYSV") && p.ends_with(" (deleted)") => return Err(refuse(
             "System V shared memory; restored it would be a private copy, cut off from the segment"
                 .into(),
-            "System V IPC checkpoint is not supported yet; detach it (shmdt) first",
+            "a process with System V shared memory attached cannot be checkpointed yet; detach it (shmdt) first (the segment itself is saved with `krg ipc checkpoint -M ID` or `krg checkpoint --ipc M:ID`)",
         )),
         _ if !p.starts_with('/') => {
             return Err(refuse(

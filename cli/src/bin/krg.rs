@@ -6,7 +6,9 @@
 //!
 //! Checkpoints go to a local FILE or to a checkpoint store in the cluster
 //! (`kerfs:/ckpt/myapp`, see kerfs-ckpt), written through the client library; `krg ls`,
-//! `krg rm` and `krg gc` manage a store's versions. Cluster work runs on a tokio runtime
+//! `krg rm` and `krg gc` manage a store's versions. `krg ipc checkpoint|restart` does the same
+//! for System V IPC objects (kerfs_ghost::ipc), which `krg checkpoint --ipc` also stores in
+//! the version of a process. Cluster work runs on a tokio runtime
 //! while ptrace stays on the main thread; before krg forks a PID namespace init the runtime
 //! is shut down, so the fork happens in a single-threaded process.
 
@@ -18,6 +20,7 @@ use clap::{Args, Parser, Subcommand};
 use kerfs_ckpt::{Retention, Store, StoreAddr};
 use kerfs_client::{DataClient, MetaClient, MetaClientConfig};
 use kerfs_ghost as ghost;
+use kerfs_ghost::ipc::{IpcKind, IpcRef, SysvObject};
 
 #[derive(Parser)]
 #[command(
@@ -83,8 +86,16 @@ enum Cmd {
         kill: bool,
         #[command(flatten)]
         fds: FdArgs,
+        /// Also store these System V IPC objects in the version, captured while the process
+        /// is stopped: m:ID (message queue), s:ID (semaphore array), M:ID (shared memory
+        /// segment), comma-separated or repeated. `krg restart` of the version creates them
+        /// again (same keys and ids) before the process. Needs a kerfs:/PATH destination.
+        #[arg(long = "ipc", value_name = "m:ID,s:ID,M:ID", value_delimiter = ',')]
+        ipc: Vec<IpcRef>,
     },
-    /// Restart a process from an image, in a fresh PID namespace with its old PID.
+    /// Restart a process from an image, in a fresh PID namespace with its old PID. The
+    /// System V IPC objects of a version (`krg checkpoint --ipc`) are created first; the
+    /// restart is refused, with nothing created, if their keys or ids are taken.
     Restart {
         /// Image file, or kerfs:/PATH[@VERSION] (latest version by default).
         file: String,
@@ -148,6 +159,12 @@ enum Cmd {
         #[arg(long, value_parser = kerfs_ckpt::parse_duration)]
         max_age: Option<std::time::Duration>,
     },
+    /// Checkpoint and restart System V IPC objects (message queues, semaphore arrays, shared
+    /// memory segments) with their keys, ids, owners, modes and contents.
+    Ipc {
+        #[command(subcommand)]
+        cmd: IpcCmd,
+    },
     /// Stop a process (SIGSTOP) and wait until it is stopped.
     Freeze {
         /// PID.
@@ -157,6 +174,47 @@ enum Cmd {
     Unfreeze {
         /// PID.
         pid: i32,
+    },
+}
+
+/// `krg ipc ...`
+#[derive(Subcommand)]
+enum IpcCmd {
+    /// Save System V IPC objects to an image file or to a new version of a checkpoint store
+    /// (kerfs:/PATH), leaving them as they are: messages are copied, not received. Give
+    /// several -m/-s/-M to save several objects together. Stop the processes using them
+    /// first (`krg freeze`) for a consistent picture. SEM_UNDO adjustments belong to the
+    /// processes that made them and are not saved here.
+    #[command(
+        after_help = "Example: krg ipc checkpoint -m 32768 -s 5 -M 98305 --to kerfs:/ckpt/ipc
+         krg ipc restart kerfs:/ckpt/ipc"
+    )]
+    Checkpoint {
+        /// A message queue: every message, in order, with its type; its msg_qbytes. Repeatable.
+        #[arg(short = 'm', long = "msg", value_name = "ID", value_parser = clap::value_parser!(i32).range(0..))]
+        msg: Vec<i32>,
+        /// A semaphore array: its values. Repeatable.
+        #[arg(short = 's', long = "sem", value_name = "ID", value_parser = clap::value_parser!(i32).range(0..))]
+        sem: Vec<i32>,
+        /// A shared memory segment: its size and contents (pages in memory that are not all
+        /// zero). Repeatable.
+        #[arg(short = 'M', long = "shm", value_name = "ID", value_parser = clap::value_parser!(i32).range(0..))]
+        shm: Vec<i32>,
+        /// Image file, or checkpoint store kerfs:/PATH (a new version).
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+    /// Create the objects of an image file or a store version again, with the same keys,
+    /// ids, owners (uid/gid), modes and contents (needs root: ids are chosen through
+    /// /proc/sys/kernel/*_next_id). Refused, with nothing created, if an object with one of
+    /// their keys or ids exists, or if the image is damaged.
+    Restart {
+        /// Image file, or kerfs:/PATH[@VERSION] (latest version by default).
+        from: String,
+        #[command(flatten)]
+        cluster: ClusterArgs,
     },
 }
 
@@ -237,6 +295,7 @@ fn run(cli: Cli) -> Result<i32> {
             stop,
             kill,
             fds,
+            ipc,
         } => {
             let after = if kill {
                 ghost::After::Kill
@@ -255,10 +314,14 @@ fn run(cli: Cli) -> Result<i32> {
                 (None, Some(name)) => format!("kerfs:/ckpt/{name}"),
                 (None, None) => bail!("give --to FILE or --to kerfs:/PATH"),
             };
+            if !ipc.is_empty() && !to.starts_with("kerfs:") {
+                bail!("--ipc needs a kerfs:/PATH destination (an image file holds one process); save the objects beside it with `krg ipc checkpoint ... --to FILE`");
+            }
             let fds = fds.policy()?;
             // Refused before any file, version or freeze is made; the export decides again
             // on the frozen process (the authoritative check).
             ghost::check_restorable(pid, &fds)?;
+            ghost::ipc::check_capture(&ipc)?;
             if to.starts_with("kerfs:") {
                 let job = StoreCheckpoint {
                     pid,
@@ -269,6 +332,7 @@ fn run(cli: Cli) -> Result<i32> {
                     periodic,
                     track_writes: !no_track_writes,
                     fds,
+                    ipc,
                 };
                 return cmd_checkpoint_store(&job, &cluster);
             }
@@ -304,15 +368,15 @@ fn run(cli: Cli) -> Result<i32> {
             detach,
             inherit_fd,
         } => {
-            let (images, source) = if file.starts_with("kerfs:") {
+            let (images, ipc, source) = if file.starts_with("kerfs:") {
                 load_from_store(&StoreAddr::parse(&file)?, &cluster)?
             } else {
                 let mut r = ghost::FileReader::open(&file)?;
                 let img = ghost::load_image(&mut r)
                     .with_context(|| format!("cannot restart from {file}"))?;
-                (vec![img], file.clone())
+                (vec![img], Vec::new(), file.clone())
             };
-            cmd_restart(&images, &source, detach, inherit_fd)
+            cmd_restart(&images, &ipc, &source, detach, inherit_fd)
         }
         Cmd::Ls { store, cluster } => cmd_ls(&StoreAddr::parse(&store)?, &cluster),
         Cmd::Rm { version, cluster } => {
@@ -362,6 +426,29 @@ fn run(cli: Cli) -> Result<i32> {
             .policy()?;
             cmd_migrate(pid, &dest, fds)
         }
+        Cmd::Ipc {
+            cmd:
+                IpcCmd::Checkpoint {
+                    msg,
+                    sem,
+                    shm,
+                    to,
+                    cluster,
+                },
+        } => {
+            let refs: Vec<IpcRef> = [
+                (IpcKind::Msg, msg),
+                (IpcKind::Sem, sem),
+                (IpcKind::Shm, shm),
+            ]
+            .into_iter()
+            .flat_map(|(kind, ids)| ids.into_iter().map(move |id| IpcRef { kind, id }))
+            .collect();
+            cmd_ipc_checkpoint(&refs, &to, &cluster)
+        }
+        Cmd::Ipc {
+            cmd: IpcCmd::Restart { from, cluster },
+        } => cmd_ipc_restart(&from, &cluster),
         Cmd::Freeze { pid } => {
             ghost::freeze(pid).with_context(|| format!("freezing pid {pid}"))?;
             Ok(0)
@@ -411,6 +498,7 @@ struct StoreCheckpoint {
     periodic: Option<std::time::Duration>,
     track_writes: bool,
     fds: ghost::FdPolicy,
+    ipc: Vec<IpcRef>,
 }
 
 fn cmd_checkpoint_store(job: &StoreCheckpoint, cluster: &ClusterArgs) -> Result<i32> {
@@ -518,11 +606,12 @@ fn checkpoint_once(
         None => None,
     };
     // A checkpoint-and-kill stops the process and kills it only once the version is
-    // committed: if anything fails before, it is resumed. Files are copied while the process
-    // is stopped, so they match the memory image (file offsets included).
+    // committed: if anything fails before, it is resumed. Files are copied and IPC objects
+    // captured while the process is stopped, so they match the memory image (file offsets
+    // included).
     let export_after = match job.after {
         ghost::After::Kill => ghost::After::Stop,
-        ghost::After::LeaveRunning if job.copy_files => ghost::After::Stop,
+        ghost::After::LeaveRunning if job.copy_files || !job.ipc.is_empty() => ghost::After::Stop,
         a => a,
     };
     let stopped_by_us = export_after == ghost::After::Stop && job.after != ghost::After::Stop;
@@ -579,6 +668,18 @@ fn checkpoint_once(
             return Err(anyhow!(e)).context("--copy-files failed; nothing was published");
         }
     }
+    if !job.ipc.is_empty() {
+        let stored = match ghost::ipc::capture_all(&job.ipc) {
+            Ok(objs) => rt.block_on(ck.add_ipc(&objs)).map_err(anyhow::Error::from),
+            Err(e) => Err(anyhow!(e)),
+        };
+        if let Err(e) = stored {
+            rt.block_on(ck.abort());
+            resume();
+            return Err(e)
+                .context("--ipc failed; nothing was published (the process was left running)");
+        }
+    }
     if job.after == ghost::After::LeaveRunning {
         // Memory and files are captured: the process may go on while the version commits.
         resume();
@@ -604,7 +705,7 @@ fn checkpoint_once(
     }
     let s = commit.stats;
     eprintln!(
-        "krg: checkpointed pid {pid} to {}@{}: image {:.1} MiB, {:.1} MiB read, {:.1} MiB unchanged since the last version, {:.1} MiB new, {} pages deduplicated, {} zero pages, dedup {:.1}x, {} files copied, in {:.3} s",
+        "krg: checkpointed pid {pid} to {}@{}: image {:.1} MiB, {:.1} MiB read, {:.1} MiB unchanged since the last version, {:.1} MiB new, {} pages deduplicated, {} zero pages, dedup {:.1}x, {} files copied, {} System V IPC objects, in {:.3} s",
         store.addr(),
         commit.version,
         rep.image_bytes as f64 / 1048576.0,
@@ -615,6 +716,7 @@ fn checkpoint_once(
         s.zero_pages,
         s.dedup_ratio(),
         files.len(),
+        job.ipc.len(),
         t.elapsed().as_secs_f64()
     );
     Ok(())
@@ -703,16 +805,26 @@ impl TrackingState {
     }
 }
 
-/// Loads every process image of a version (and puts its copied files back).
+/// Loads every process image and System V IPC object of a version (and puts its copied files
+/// back).
 fn load_from_store(
     addr: &StoreAddr,
     cluster: &ClusterArgs,
-) -> Result<(Vec<ghost::LoadedImage>, String)> {
+) -> Result<(Vec<ghost::LoadedImage>, Vec<SysvObject>, String)> {
     let rt = runtime()?;
     let res = (|| {
         let store = rt.block_on(open_store(cluster, &addr.path, false))?;
         let version = rt.block_on(store.open_version(addr.version))?;
         let source = format!("{}@{}", store.addr(), version.version());
+        if version.manifest.processes.is_empty() && !version.manifest.ipc.is_empty() {
+            bail!(
+                "{source} holds no process, only {} System V IPC objects: restore them with `krg ipc restart {source}`",
+                version.manifest.ipc.len()
+            );
+        }
+        let ipc = rt
+            .block_on(version.ipc_objects())
+            .with_context(|| format!("cannot restart from {source}"))?;
         rt.block_on(version.restore_files())?;
         let mut images = Vec::new();
         for i in 0..version.manifest.processes.len() {
@@ -732,7 +844,7 @@ fn load_from_store(
         if images.is_empty() {
             bail!("{source} holds no process");
         }
-        Ok((images, source))
+        Ok((images, ipc, source))
     })();
     // The restart forks a PID namespace init next: no runtime thread may be left.
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
@@ -746,10 +858,11 @@ fn cmd_ls(addr: &StoreAddr, cluster: &ClusterArgs) -> Result<i32> {
         let versions = store.versions().await?;
         let packs = store.pack_bytes().await?;
         println!(
-            "{:>7}  {:<19}  {:>5}  {:>10}  {:>10}  {:>10}  {:>6}  {:>8}",
+            "{:>7}  {:<19}  {:>5}  {:>4}  {:>10}  {:>10}  {:>10}  {:>6}  {:>8}",
             "VERSION",
             "CREATED (UTC)",
             "PROCS",
+            "IPC",
             "IMAGE MiB",
             "READ MiB",
             "NEW MiB",
@@ -758,10 +871,11 @@ fn cmd_ls(addr: &StoreAddr, cluster: &ClusterArgs) -> Result<i32> {
         );
         for v in &versions {
             println!(
-                "{:>7}  {:<19}  {:>5}  {:>10.1}  {:>10.1}  {:>10.1}  {:>5.1}x  {:>8.3}",
+                "{:>7}  {:<19}  {:>5}  {:>4}  {:>10.1}  {:>10.1}  {:>10.1}  {:>5.1}x  {:>8.3}",
                 v.version,
                 utc(v.created_unix_ms),
                 v.processes,
+                v.ipc_objects,
                 v.stats.image_bytes as f64 / 1048576.0,
                 v.stats.read_bytes() as f64 / 1048576.0,
                 v.stats.new_bytes as f64 / 1048576.0,
@@ -1023,6 +1137,7 @@ fn cmd_run(cmd: &[String], app: Option<&str>) -> Result<i32> {
 
 fn cmd_restart(
     images: &[ghost::LoadedImage],
+    ipc: &[SysvObject],
     file: &str,
     detach: bool,
     inherit: Vec<(i32, RawFd)>,
@@ -1040,15 +1155,32 @@ fn cmd_restart(
     };
     // Before the namespace init is forked: a restart that cannot succeed creates nothing.
     ghost::check_import(img, &opts).with_context(|| format!("cannot restart from {file}"))?;
-    new_pid_namespace()?;
-    let init = spawn_ns_init()?;
+    ghost::ipc::check_restore(ipc).with_context(|| format!("cannot restart from {file}"))?;
+    // The IPC objects exist before the process that uses them runs; they go again if it
+    // cannot be restored.
+    let made = ghost::ipc::restore(ipc).with_context(|| format!("cannot restart from {file}"))?;
+    let undo = |e: anyhow::Error| {
+        ghost::ipc::remove_all(&made);
+        if made.is_empty() {
+            e
+        } else {
+            e.context("the System V IPC objects this restart had created were removed")
+        }
+    };
+    new_pid_namespace().map_err(undo)?;
+    let init = spawn_ns_init().map_err(undo)?;
     let rep = match ghost::import_image(img, &opts) {
         Ok(rep) => rep,
         Err(e) => {
             kill_and_reap(init);
-            return Err(anyhow!(e)).with_context(|| format!("restart from {file} failed"));
+            return Err(undo(
+                anyhow!(e).context(format!("restart from {file} failed")),
+            ));
         }
     };
+    for o in ipc {
+        eprintln!("krg: restored {}: {}", o.describe(), o.summary());
+    }
     eprintln!(
         "krg: restored {} as pid {} (pid {} in its own PID namespace)",
         img.meta.comm, rep.pid, rep.image_pid
@@ -1059,6 +1191,109 @@ fn cmd_restart(
     let code = wait_status(rep.pid)?;
     kill_and_reap(init);
     Ok(code)
+}
+
+/// `krg ipc checkpoint`.
+fn cmd_ipc_checkpoint(refs: &[IpcRef], to: &str, cluster: &ClusterArgs) -> Result<i32> {
+    if refs.is_empty() {
+        bail!("name the objects to save: -m ID (message queue), -s ID (semaphore array), -M ID (shared memory segment); `ipcs` lists them");
+    }
+    let t = Instant::now();
+    // Refused before a version is claimed or a file written.
+    ghost::ipc::check_capture(refs)?;
+    let show = |objs: &[SysvObject]| {
+        for o in objs {
+            eprintln!("krg: saved {}: {}", o.describe(), o.summary());
+        }
+    };
+    if to.starts_with("kerfs:") {
+        let addr = StoreAddr::parse(to)?;
+        if addr.version.is_some() {
+            bail!(
+                "a checkpoint makes a new version: give kerfs:{} without @VERSION",
+                addr.path
+            );
+        }
+        let rt = runtime()?;
+        return rt.block_on(async {
+            let store = open_store(cluster, &addr.path, true).await?;
+            let mut ck = store.begin_checkpoint().await?;
+            let version = ck.version();
+            let stored = match ghost::ipc::capture_all(refs) {
+                Ok(objs) => ck
+                    .add_ipc(&objs)
+                    .await
+                    .map(|_| objs)
+                    .map_err(anyhow::Error::from),
+                Err(e) => Err(anyhow!(e)),
+            };
+            let objs = match stored {
+                Ok(o) => o,
+                Err(e) => {
+                    ck.abort().await;
+                    return Err(e).with_context(|| {
+                        format!(
+                            "IPC checkpoint to {}@{version} failed; nothing was published",
+                            store.addr()
+                        )
+                    });
+                }
+            };
+            let commit = ck.commit().await?;
+            show(&objs);
+            eprintln!(
+                "krg: checkpointed {} System V IPC objects to {}@{} ({:.1} KiB) in {:.3} s",
+                objs.len(),
+                store.addr(),
+                commit.version,
+                commit.stats.ipc_bytes as f64 / 1024.0,
+                t.elapsed().as_secs_f64()
+            );
+            Ok(0)
+        });
+    }
+    let objs = ghost::ipc::capture_all(refs)?;
+    let bytes = ghost::ipc::write_image_file(std::path::Path::new(to), &objs)?;
+    show(&objs);
+    eprintln!(
+        "krg: checkpointed {} System V IPC objects to {to} ({:.1} KiB) in {:.3} s",
+        objs.len(),
+        bytes as f64 / 1024.0,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(0)
+}
+
+/// `krg ipc restart`.
+fn cmd_ipc_restart(from: &str, cluster: &ClusterArgs) -> Result<i32> {
+    let (objs, source) = if from.starts_with("kerfs:") {
+        let addr = StoreAddr::parse(from)?;
+        let rt = runtime()?;
+        rt.block_on(async {
+            let store = open_store(cluster, &addr.path, false).await?;
+            let version = store.open_version(addr.version).await?;
+            let source = format!("{}@{}", store.addr(), version.version());
+            let objs = version.ipc_objects().await;
+            version.close().await;
+            Ok::<_, anyhow::Error>((
+                objs.with_context(|| format!("cannot restart from {source}"))?,
+                source,
+            ))
+        })?
+    } else {
+        (
+            ghost::ipc::read_image_file(std::path::Path::new(from))?,
+            from.to_string(),
+        )
+    };
+    if objs.is_empty() {
+        bail!("{source} holds no System V IPC object");
+    }
+    ghost::ipc::restore(&objs).with_context(|| format!("cannot restart from {source}"))?;
+    for o in &objs {
+        eprintln!("krg: restored {}: {}", o.describe(), o.summary());
+    }
+    Ok(0)
 }
 
 fn kill_and_reap(pid: i32) {
