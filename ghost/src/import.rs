@@ -534,6 +534,9 @@ fn rebuild(
             tracing::warn!(pid, resource = rl.resource, "could not restore an rlimit");
         }
     }
+    // The process was forked from the restorer and would go by its name in ps, top and the
+    // kernel's messages.
+    set_name(&remote, &put, &meta.comm)?;
     // 9. The other threads, with their TIDs, while the trampoline is still there to inject
     // their syscalls; they stay stopped until the main thread is done.
     crate::threads::recreate(&remote, &put, meta, threads)?;
@@ -579,6 +582,30 @@ pub(crate) fn altstack_bytes(ss: &image::AltStack) -> Vec<u8> {
 /// Queues `pending` signals again, injected in the thread group leader `remote` (whose PID in
 /// its namespace is `me`): to the process, or, with `tid`, to that thread. Sent by the process
 /// to itself, so any si_code is accepted.
+/// Names the thread that `remote` runs in (prctl PR_SET_NAME, injected: /proc/PID/comm can
+/// be written only from within the process). An empty name (an old image) leaves it alone.
+pub(crate) fn set_name(
+    remote: &Remote,
+    put: &dyn Fn(u64, &[u8]) -> Result<u64>,
+    name: &str,
+) -> Result<()> {
+    if name.is_empty() {
+        return Ok(());
+    }
+    let mut b = name.as_bytes().to_vec();
+    b.truncate(15); // TASK_COMM_LEN - 1
+    b.push(0);
+    let p = put(0, &b)?;
+    remote
+        .call_ok(
+            "prctl(PR_SET_NAME)",
+            libc::SYS_prctl,
+            [libc::PR_SET_NAME as u64, p, 0, 0, 0, 0],
+        )
+        .map_err(step_err("set the command name"))?;
+    Ok(())
+}
+
 pub(crate) fn requeue(
     remote: &Remote,
     put: &dyn Fn(u64, &[u8]) -> Result<u64>,

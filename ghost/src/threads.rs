@@ -296,10 +296,7 @@ pub(crate) fn recreate(
         // Queued by the thread group leader: a thread sending to itself is refused
         // kernel-generated si_codes (its TID is not the TGID).
         crate::import::requeue(main, put, me, Some(t.tid as u64), &t.pending)?;
-        if !t.comm.is_empty() {
-            // A name that cannot be set only costs ps output; the thread runs the same.
-            let _ = fs::write(format!("/proc/{}/task/{host}/comm", main.pid), &t.comm);
-        }
+        crate::import::set_name(&remote, put, &t.comm)?;
         let regs = sys::regs_from_bytes(&t.regs).ok_or_else(|| {
             GhostError::BadImage(format!("registers of thread {} are damaged", t.tid))
         })?;

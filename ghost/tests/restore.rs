@@ -20,6 +20,7 @@ fn counter_scenario(prog: &Path, dir: &Path, heap_mb: usize) {
     );
     let pid = child.id() as i32;
     wait_for(&log, "first counters", 60, |s| counters(s).len() >= 5);
+    let comm = read(Path::new(&format!("/proc/{pid}/comm")));
     let img = dir.join("img");
     let mut w = FileWriter::create(&img).unwrap();
     let rep = export_process(
@@ -50,6 +51,11 @@ fn counter_scenario(prog: &Path, dir: &Path, heap_mb: usize) {
         "the PID of the dead original is free and must be taken back"
     );
     assert_eq!(imp.pid, pid);
+    assert_eq!(
+        read(Path::new(&format!("/proc/{pid}/comm"))),
+        comm,
+        "the restored process goes by its own name, not the restorer's"
+    );
     let after = wait_for(&log, "counting after restart", 30, |s| {
         counters(s).len() >= before.len() + 10
     });

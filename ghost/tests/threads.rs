@@ -12,8 +12,8 @@ use std::process::{Command, Stdio};
 /// Tasks the pool works through: a few seconds, so that the checkpoint lands mid-work.
 const TASKS: &str = "600";
 
-/// TIDs of `pid`'s threads in its own PID namespace.
-fn ns_tids(pid: i32) -> BTreeSet<i32> {
+/// TIDs of `pid`'s threads in its own PID namespace, with their names.
+fn ns_tids(pid: i32) -> BTreeSet<(i32, String)> {
     let mut out = BTreeSet::new();
     for e in std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
@@ -26,7 +26,8 @@ fn ns_tids(pid: i32) -> BTreeSet<i32> {
             .and_then(|l| l.split_whitespace().last())
             .and_then(|p| p.parse().ok())
         {
-            out.insert(t);
+            let name = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+            out.insert((t, name.trim().to_string()));
         }
     }
     out
@@ -109,7 +110,7 @@ fn thread_pool_checkpointed_mid_work_finishes_with_the_same_result_and_tids() {
     assert_eq!(
         ns_tids(pids[0]),
         before,
-        "every thread is back under its TID"
+        "every thread is back under its TID and its name"
     );
     let s = wait_for(&log, "the result after restart", 120, |s| {
         s.contains("TIDS ")

@@ -6,7 +6,8 @@
  * result depends only on its task number, so the final RESULT line is the same whatever the
  * scheduling and however often the process was checkpointed and restarted. Every worker
  * notes gettid() when it starts and checks it after every task and at the end: the log
- * gets "TIDS OK" only if no thread ever saw its TID change.
+ * gets "TIDS OK" only if no thread ever saw its TID change. Workers are named worker-N
+ * (for the check that thread names come back).
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -55,6 +56,9 @@ static uint64_t work(int n) {
 static void *worker(void *arg) {
     long w = (long)arg;
     pid_t mine = gettid();
+    char name[16];
+    snprintf(name, sizeof name, "worker-%ld", w);
+    pthread_setname_np(pthread_self(), name);
     pthread_mutex_lock(&mu);
     logline("TID %ld %d\n", w, (int)mine);
     pthread_mutex_unlock(&mu);
