@@ -247,6 +247,43 @@ fn supplementary_groups_count(top: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A chmod through a descriptor that a process still holds open for writing (tar's way) is
+/// answered by the mount and sent with the file's next commit; another user's open on the
+/// same mount meanwhile is checked by the cluster too and must find the new mode, and
+/// another mount must find it once the file is closed.
+fn chmod_of_an_open_file_holds_for_other_users_before_close(
+    top: &Path,
+    other_top: &Path,
+) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let f = p(top, "held");
+    let (uid, gid, groups) = User::Root.ids();
+    let mut holder = Command::new(env!("CARGO_BIN_EXE_as-user"))
+        .args([uid.to_string(), gid.to_string(), groups.to_string()])
+        .args(["hold", &f, "tarred", "644"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting the holder")?;
+    let mut out = BufReader::new(holder.stdout.take().context("holder stdout")?);
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    ensure!(line.trim() == "ready", "holder: {line:?}");
+    let read = as_user(User::Nobody, "read", &[&f]);
+    drop(holder.stdin.take());
+    line.clear();
+    out.read_line(&mut line)?;
+    holder.wait()?;
+    ensure!(line.trim() == "ok", "the holder's close: {line:?}");
+    ensure!(
+        read? == "ok tarred",
+        "nobody could not read a file chmodded 644 through a descriptor still open"
+    );
+    let o = format!("{}/held", other_top.display());
+    expect(User::Nobody, "read", &[&o], "ok tarred")?;
+    Ok(())
+}
+
 /// The attribute timeout of the mounts here (the default): how stale another mount's
 /// view of a mode may be.
 const ATTR_TIMEOUT: Duration = Duration::from_secs(1);
@@ -308,6 +345,8 @@ async fn mode_bits_hold_whatever_the_kernel_caches() -> Result<()> {
         supplementary_groups_count(&top).context("supplementary groups")?;
         other_mounts_chmod_holds_within_attr_timeout(&top, &other_top)
             .context("chmod on another mount")?;
+        chmod_of_an_open_file_holds_for_other_users_before_close(&top, &other_top)
+            .context("chmod of a file held open")?;
         Ok(())
     })
     .await;

@@ -804,6 +804,12 @@ impl KerFs {
     /// it has cached of the file (`FOPEN_KEEP_CACHE`).
     pub async fn open(&self, caller: &Caller, ino: u64, flags: i32) -> FsResult<(u64, bool)> {
         let ino = self.to_cluster(ino);
+        // The cluster checks the open against the file's mode and owner: attribute changes
+        // this mount still holds for its next commit must be there first.
+        let slot = self.slots.lock().await.get(&ino).map(|s| s.handle.clone());
+        if let Some(data) = slot.filter(|d| d.has_deferred()) {
+            data.flush().await?;
+        }
         let (a, handle) = self.as_caller(caller).open(ino, flags as u32).await?;
         if a.kind != FileKind::Regular as i32 {
             // Device nodes, FIFOs and sockets are opened by the kernel itself; directories

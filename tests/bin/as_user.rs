@@ -9,7 +9,7 @@
 //! `mkfifo P OCTAL`, `stat P` (type, mode, uid, gid, size of regular files), `chmod P OCTAL`,
 //! `chown P UID GID` (-1 keeps), `truncate P SIZE`, `link FROM TO`, `symlink TARGET P`,
 //! `unlink P`, `rmdir P`, `rename FROM TO`, `list P` (sorted names), `access P MASK`
-//! (r/w/x letters), `utime P` (now).
+//! (r/w/x letters), `utime P` (now), `hold P DATA OCTAL` (see [`hold`]).
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -167,6 +167,7 @@ fn run(op: &str, args: &[String]) -> Result<String, String> {
         "mkfifo" => outcome(unsafe { libc::mkfifo(c_path(a(0)?)?.as_ptr(), octal(a(1)?)?) }),
         "stat" => stat_line(a(0)?)?,
         "chmod" => outcome(unsafe { libc::chmod(c_path(a(0)?)?.as_ptr(), octal(a(1)?)?) }),
+        "hold" => hold(a(0)?, a(1)?, octal(a(2)?)?)?,
         "chown" => {
             let id = |s: &str| -> Result<u32, String> {
                 if s == "-1" {
@@ -215,6 +216,40 @@ fn run(op: &str, args: &[String]) -> Result<String, String> {
         }),
         _ => return Err(format!("unknown operation {op:?}")),
     })
+}
+
+/// `hold P DATA OCTAL`: creates P (0600), writes DATA and fchmods it to OCTAL the way tar
+/// does, prints `ready`, and keeps it open until stdin ends; the result line is the close's.
+/// Other processes' calls meanwhile see a file held open by a process that is not their
+/// parent (a child would close its inherited copy, which flushes the file).
+fn hold(p: &str, data: &str, mode: libc::mode_t) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let c = c_path(p)?;
+    // SAFETY: valid path; plain integer flags.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+            0o600,
+        )
+    };
+    if fd < 0 {
+        return Ok(outcome(fd));
+    }
+    // SAFETY: fd is ours; the buffer is valid for its length.
+    let wrote = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+    if wrote < 0 {
+        return Ok(outcome(-1));
+    }
+    // SAFETY: fd is ours.
+    if unsafe { libc::fchmod(fd, mode) } < 0 {
+        return Ok(outcome(-1));
+    }
+    println!("ready");
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    // SAFETY: fd is ours, closed once.
+    Ok(outcome(unsafe { libc::close(fd) }))
 }
 
 /// Becomes `uid`/`gid` with `groups`, for good (real, effective and saved ids).
