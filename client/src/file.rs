@@ -295,10 +295,15 @@ impl State {
     /// Meta reported the file's attributes: they are the handle's, with the changes
     /// deferred since (not in meta's answer) applied.
     fn note_attr(&mut self, mut a: Attr) {
-        for set in self.deferred.iter().filter_map(|d| d.set.as_ref()) {
-            deferred::apply(&mut a, set);
-        }
+        self.apply_deferred(&mut a);
         self.attr = Some(a);
+    }
+
+    /// `a` with the changes waiting for the next commit applied.
+    fn apply_deferred(&self, a: &mut Attr) {
+        for set in self.deferred.iter().filter_map(|d| d.set.as_ref()) {
+            deferred::apply(a, set);
+        }
     }
 }
 
@@ -397,13 +402,7 @@ impl FileHandle {
     /// Applies the changes waiting for the next commit to `a`, the file's attributes as
     /// meta reports them (which does not know them yet).
     pub fn overlay_deferred(&self, a: &mut Attr) {
-        for set in lock(&self.inner.state)
-            .deferred
-            .iter()
-            .filter_map(|d| d.set.as_ref())
-        {
-            deferred::apply(a, set);
-        }
+        lock(&self.inner.state).apply_deferred(a);
     }
 
     fn check_open(&self) -> ClientResult<()> {

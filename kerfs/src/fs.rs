@@ -329,18 +329,16 @@ impl KerFs {
             || req.gid.is_some()
             || req.atime.is_some()
             || req.mtime.is_some();
-        if s.size.is_none() && changes_attrs {
-            if let Some(mut a) = self.defer_setattr(caller, &req).await {
+        let slot = self.data_handle(ino).await;
+        if let Some(data) = slot.as_ref().filter(|_| s.size.is_none() && changes_attrs) {
+            if let Some(mut a) = self.defer_setattr(data, caller, &req) {
                 self.overlay_open_state(&mut a).await;
                 return Ok(self.file_attr(&a));
             }
         }
-        let slot = self.slots.lock().await.get(&ino).map(|s| s.handle.clone());
-        if let Some(data) = slot.as_ref().filter(|d| d.has_deferred()) {
-            // Earlier changes wait for the commit; this one must not overtake them (a
-            // deferred chown after a direct chmod u+s would drop the bit).
-            data.flush().await?;
-        }
+        // Earlier changes wait for the commit; this one must not overtake them (a deferred
+        // chown after a direct chmod u+s would drop the bit).
+        self.flush_deferred(slot.as_ref()).await?;
         let truncated = match s.size {
             Some(size) => Some(self.truncate(caller, ino, size, file.as_deref()).await?),
             None => None,
@@ -367,17 +365,30 @@ impl KerFs {
     /// command of their own; see `kerfs_client::FileHandle::defer_setattr`). Only on a
     /// `default_permissions` mount, where the kernel has already refused what the mode bits
     /// refuse; `None` when the change must go to the cluster now.
-    async fn defer_setattr(&self, caller: &Caller, req: &kerfs_proto::SetAttr) -> Option<Attr> {
+    fn defer_setattr(
+        &self,
+        data: &FileHandle,
+        caller: &Caller,
+        req: &kerfs_proto::SetAttr,
+    ) -> Option<Attr> {
         if !self.config.default_permissions || !self.open_for_writing(req.ino) {
             return None;
         }
-        let slot = self
-            .slots
-            .lock()
-            .await
-            .get(&req.ino)
-            .map(|s| s.handle.clone())?;
-        slot.defer_setattr(Some(caller.clone()), *req)
+        data.defer_setattr(Some(caller.clone()), *req)
+    }
+
+    /// The data handle of `ino` in this mount, if some descriptor has it open.
+    async fn data_handle(&self, ino: u64) -> Option<FileHandle> {
+        self.slots.lock().await.get(&ino).map(|s| s.handle.clone())
+    }
+
+    /// Sends the attribute changes `data` holds for its next commit (with any buffered
+    /// writes): before a cluster command that must see them.
+    async fn flush_deferred(&self, data: Option<&FileHandle>) -> FsResult<()> {
+        match data.filter(|d| d.has_deferred()) {
+            Some(d) => Ok(d.flush().await?),
+            None => Ok(()),
+        }
     }
 
     /// A setattr with nothing in it: chown(f, -1, -1), or what is left of the kernel's
@@ -806,10 +817,8 @@ impl KerFs {
         let ino = self.to_cluster(ino);
         // The cluster checks the open against the file's mode and owner: attribute changes
         // this mount still holds for its next commit must be there first.
-        let slot = self.slots.lock().await.get(&ino).map(|s| s.handle.clone());
-        if let Some(data) = slot.filter(|d| d.has_deferred()) {
-            data.flush().await?;
-        }
+        self.flush_deferred(self.data_handle(ino).await.as_ref())
+            .await?;
         let (a, handle) = self.as_caller(caller).open(ino, flags as u32).await?;
         if a.kind != FileKind::Regular as i32 {
             // Device nodes, FIFOs and sockets are opened by the kernel itself; directories
