@@ -330,10 +330,15 @@ async fn fsync_through_the_mount_flushes_the_metadata_log() -> Result<()> {
 }
 
 /// One file finished the way tar x, cp -a and rsync finish it: written through a new
-/// descriptor, then futimens (explicit mtime), fchown and fchmod on that descriptor, then
-/// close. Returns what fstat said between the last change and the close.
-fn write_like_tar(path: &Path, data: &[u8], mtime: i64, uid: u32, mode: u32) -> Result<libc::stat> {
-    use std::os::fd::AsRawFd;
+/// descriptor, then futimens (explicit mtime, atime left alone), fchown and fchmod on that
+/// descriptor, then close. Returns what fstat said between the last change and the close.
+fn write_like_tar(
+    path: &Path,
+    data: &[u8],
+    mtime: i64,
+    uid: u32,
+    mode: u32,
+) -> Result<std::fs::Metadata> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = OpenOptions::new()
         .write(true)
@@ -342,41 +347,20 @@ fn write_like_tar(path: &Path, data: &[u8], mtime: i64, uid: u32, mode: u32) -> 
         .open(path)
         .with_context(|| format!("creating {}", path.display()))?;
     f.write_all(data)?;
-    let fd = f.as_raw_fd();
-    let times = [
-        libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_OMIT,
-        },
-        libc::timespec {
-            tv_sec: mtime,
-            tv_nsec: 0,
-        },
-    ];
-    // SAFETY: fd is open for the duration of the calls; the buffers outlive them.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    let rc = unsafe {
-        let mut rc = libc::futimens(fd, times.as_ptr());
-        if rc == 0 {
-            rc = libc::fchown(fd, uid, uid);
-        }
-        if rc == 0 {
-            rc = libc::fchmod(fd, mode);
-        }
-        if rc == 0 {
-            rc = libc::fstat(fd, &mut st);
-        }
-        rc
-    };
-    if rc != 0 {
-        bail!(
-            "futimens/fchown/fchmod/fstat of {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        );
-    }
+    let changed = (|| {
+        f.set_modified(unix_time(mtime))?;
+        std::os::unix::fs::fchown(&f, Some(uid), Some(uid))?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        f.metadata()
+    })();
+    let st =
+        changed.with_context(|| format!("futimens/fchown/fchmod/fstat of {}", path.display()))?;
     drop(f);
     Ok(st)
+}
+
+fn unix_time(sec: i64) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + Duration::from_secs(sec as u64)
 }
 
 /// The attribute changes tar makes on a file it holds open cost no metadata command of
@@ -415,11 +399,11 @@ async fn attribute_changes_of_an_open_file_travel_with_its_close() -> Result<()>
             mode,
         )?;
         ensure!(
-            (st.st_mode & 0o7777, st.st_uid, st.st_mtime) == (mode, 2000 + i, 1_000_000 + i as i64),
+            (st.mode() & 0o7777, st.uid(), st.mtime()) == (mode, 2000 + i, 1_000_000 + i as i64),
             "fstat before close of f{i}: mode {:o} uid {} mtime {}",
-            st.st_mode & 0o7777,
-            st.st_uid,
-            st.st_mtime
+            st.mode() & 0o7777,
+            st.uid(),
+            st.mtime()
         );
     }
     let per_file = (proposals()? - before) / f64::from(FILES);
@@ -460,21 +444,9 @@ async fn attribute_changes_of_an_open_file_travel_with_its_close() -> Result<()>
     info!("a write after futimens marks the file modified again");
     let later = ra.join("x/later");
     {
-        use std::os::fd::AsRawFd;
         let mut f = File::create(&later)?;
         f.write_all(b"first")?;
-        let times = [
-            libc::timespec {
-                tv_sec: 0,
-                tv_nsec: libc::UTIME_OMIT,
-            },
-            libc::timespec {
-                tv_sec: 1_000,
-                tv_nsec: 0,
-            },
-        ];
-        // SAFETY: the descriptor is open; the array outlives the call.
-        ensure!(unsafe { libc::futimens(f.as_raw_fd(), times.as_ptr()) } == 0);
+        f.set_modified(unix_time(1_000))?;
         f.write_all(b" and second")?;
     }
     let m = std::fs::metadata(rb.join("x/later"))?;
@@ -488,9 +460,9 @@ async fn attribute_changes_of_an_open_file_travel_with_its_close() -> Result<()>
     info!("a set-user-ID chmod through an open descriptor reaches the cluster as it is");
     let st = write_like_tar(&ra.join("x/suid"), b"#!/bin/sh\n", 5_000_000, 0, 0o4755)?;
     ensure!(
-        st.st_mode & 0o7777 == 0o4755,
+        st.mode() & 0o7777 == 0o4755,
         "fstat: {:o}",
-        st.st_mode & 0o7777
+        st.mode() & 0o7777
     );
     let m = std::fs::metadata(rb.join("x/suid"))?;
     ensure!(
