@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use kerfs_tests::*;
 
 /// One test at a time: each runs a cluster, and the next ids are one per IPC namespace.
@@ -142,24 +142,15 @@ fn ipcrm(ids: Ids) -> Result<()> {
 
 /// Resident bytes of segment `id` (/proc/sysvipc/shm's rss column).
 fn shm_rss(id: i32) -> Result<u64> {
-    let text = read(Path::new("/proc/sysvipc/shm"));
-    let mut lines = text.lines();
-    let head: Vec<&str> = lines
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
-    let col = head
-        .iter()
-        .position(|h| *h == "rss")
+    let t = kerfs_ghost::ipc::ProcTable::read("shm")?;
+    let col = t
+        .column(&["rss"])
         .context("/proc/sysvipc/shm has no rss column")?;
-    for l in lines {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        if f.get(1).and_then(|v| v.parse::<i32>().ok()) == Some(id) {
-            return Ok(f[col].parse()?);
-        }
-    }
-    bail!("segment {id} is not in /proc/sysvipc/shm")
+    let id_col = t
+        .column(&["shmid"])
+        .context("/proc/sysvipc/shm has no shmid column")?;
+    t.lookup(id_col, id, col)
+        .with_context(|| format!("segment {id} is not in /proc/sysvipc/shm"))
 }
 
 /// `krg ARGS` that must fail; returns its stderr.

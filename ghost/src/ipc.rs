@@ -701,19 +701,55 @@ impl Drop for Attached {
     }
 }
 
+/// One of /proc/sysvipc/{msg,sem,shm}: a header line of column names, then one line of
+/// values per object.
+pub struct ProcTable {
+    columns: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl ProcTable {
+    /// Reads `/proc/sysvipc/KIND` ("msg", "sem" or "shm").
+    pub fn read(kind: &str) -> io::Result<ProcTable> {
+        let text = fs::read_to_string(format!("/proc/sysvipc/{kind}"))?;
+        let mut lines = text.lines();
+        let split = |l: &str| l.split_whitespace().map(str::to_string).collect();
+        let columns = lines.next().map(split).unwrap_or_default();
+        Ok(ProcTable {
+            columns,
+            rows: lines.map(split).collect(),
+        })
+    }
+
+    /// The index of the first column named one of `names`.
+    pub fn column(&self, names: &[&str]) -> Option<usize> {
+        self.columns
+            .iter()
+            .position(|c| names.contains(&c.as_str()))
+    }
+
+    /// Column `col` of every row, parsed (None where it is missing or does not parse).
+    pub fn values<T: FromStr>(&self, col: usize) -> impl Iterator<Item = Option<T>> + '_ {
+        self.rows
+            .iter()
+            .map(move |r| r.get(col).and_then(|v| v.parse().ok()))
+    }
+
+    /// Column `col` of the row whose column `key_col` is `key`.
+    pub fn lookup<T: FromStr>(&self, key_col: usize, key: i32, col: usize) -> Option<T> {
+        self.rows
+            .iter()
+            .find(|r| r.get(key_col).and_then(|v| v.parse::<i32>().ok()) == Some(key))?
+            .get(col)?
+            .parse()
+            .ok()
+    }
+}
+
 /// Bytes of segment `id` in swap, from /proc/sysvipc/shm (None if it cannot be told).
 fn shm_swapped(id: i32) -> Option<u64> {
-    let text = fs::read_to_string("/proc/sysvipc/shm").ok()?;
-    let mut lines = text.lines();
-    let head: Vec<&str> = lines.next()?.split_whitespace().collect();
-    let id_col = head.iter().position(|h| *h == "shmid")?;
-    let swap_col = head.iter().position(|h| *h == "swap")?;
-    lines
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|f| f.get(id_col).and_then(|v| v.parse::<i32>().ok()) == Some(id))?
-        .get(swap_col)?
-        .parse()
-        .ok()
+    let t = ProcTable::read("shm").ok()?;
+    t.lookup(t.column(&["shmid"])?, id, t.column(&["swap"])?)
 }
 
 fn capture_shm(r: IpcRef) -> Result<SysvShmSegment> {
@@ -769,33 +805,23 @@ fn capture_shm(r: IpcRef) -> Result<SysvShmSegment> {
 /// Keys and ids of the objects of one kind that exist now (from /proc/sysvipc).
 fn existing(kind: IpcKind) -> Result<Vec<(i32, i32)>> {
     let path = format!("/proc/sysvipc/{}", kind.short());
-    let text = fs::read_to_string(&path).map_err(|source| IpcError::Io {
+    let t = ProcTable::read(kind.short()).map_err(|source| IpcError::Io {
         what: "reading".into(),
         path: path.clone(),
         source,
     })?;
-    let mut lines = text.lines();
-    let head: Vec<&str> = lines
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
-    let key_col = head.iter().position(|h| *h == "key");
-    let id_col = head
-        .iter()
-        .position(|h| matches!(*h, "msqid" | "semid" | "shmid"));
-    let (Some(key_col), Some(id_col)) = (key_col, id_col) else {
+    let (Some(key_col), Some(id_col)) =
+        (t.column(&["key"]), t.column(&["msqid", "semid", "shmid"]))
+    else {
         return Err(IpcError::Io {
             what: "reading".into(),
             path,
             source: io::Error::other("unexpected header (no key or id column)"),
         });
     };
-    Ok(lines
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            Some((f.get(key_col)?.parse().ok()?, f.get(id_col)?.parse().ok()?))
-        })
+    Ok(t.values::<i32>(key_col)
+        .zip(t.values::<i32>(id_col))
+        .filter_map(|(k, i)| Some((k?, i?)))
         .collect())
 }
 
