@@ -113,22 +113,31 @@ fn talk_to(port: u16, path: &Path, name: &str) {
     let _ = (t4, t6, up);
 }
 
-#[test]
-fn listeners_and_socketpairs_come_back_with_their_addresses_and_queues() {
-    require_root();
-    let d = tempfile::tempdir().unwrap();
-    let prog = build(d.path(), "sockets", &[]);
+/// The sockets program in `serve` mode, set up and listening.
+struct Served {
+    prog: std::path::PathBuf,
+    _reap: Reaper,
+    child: std::process::Child,
+    log: std::path::PathBuf,
+    path: std::path::PathBuf,
+    port: u16,
+    /// Its abstract Unix socket name: `tag` and this test process's pid.
+    name: String,
+}
+
+/// Builds the sockets program in `d` and starts it serving; returns once it is READY.
+fn serve(d: &Path, tag: &str) -> Served {
+    let prog = build(d, "sockets", &[]);
     let _reap = Reaper(prog.clone());
-    let (log, path) = (d.path().join("log"), d.path().join("srv.sock"));
+    let (log, path) = (d.join("log"), d.join("srv.sock"));
     let port = free_port();
-    let name = format!("krg-test-{}", std::process::id());
-    let port_s = port.to_string();
-    let mut child = spawn(
+    let name = format!("{tag}{}", std::process::id());
+    let child = spawn(
         &prog,
         &[
             log.to_str().unwrap(),
             "serve",
-            &port_s,
+            &port.to_string(),
             path.to_str().unwrap(),
             &name,
         ],
@@ -137,6 +146,30 @@ fn listeners_and_socketpairs_come_back_with_their_addresses_and_queues() {
         s.contains("READY") || s.contains("SETUP")
     });
     assert!(s.contains("READY"), "{s}");
+    Served {
+        prog,
+        _reap,
+        child,
+        log,
+        path,
+        port,
+        name,
+    }
+}
+
+#[test]
+fn listeners_and_socketpairs_come_back_with_their_addresses_and_queues() {
+    require_root();
+    let d = tempfile::tempdir().unwrap();
+    let Served {
+        prog,
+        _reap,
+        mut child,
+        log,
+        path,
+        port,
+        name,
+    } = serve(d.path(), "krg-test-");
     let img = d.path().join("img");
     let out = checkpoint(child.id() as i32, &img, &["--kill"]);
     assert!(out.status.success(), "checkpoint: {}", stderr(&out));
@@ -217,28 +250,16 @@ fn listeners_and_socketpairs_come_back_with_their_addresses_and_queues() {
 fn a_checkpoint_leaving_the_process_running_takes_nothing_and_a_restart_beside_it_is_refused() {
     require_root();
     let d = tempfile::tempdir().unwrap();
-    let prog = build(d.path(), "sockets", &[]);
-    let _reap = Reaper(prog.clone());
-    let (log, path) = (d.path().join("log"), d.path().join("srv.sock"));
-    let port = free_port();
-    let name = format!("krg-test-run-{}", std::process::id());
-    let port_s = port.to_string();
-    let child = spawn(
-        &prog,
-        &[
-            log.to_str().unwrap(),
-            "serve",
-            &port_s,
-            path.to_str().unwrap(),
-            &name,
-        ],
-    );
-    let _child = child;
+    let Served {
+        prog,
+        _reap,
+        child: _child,
+        log,
+        path,
+        port,
+        name,
+    } = serve(d.path(), "krg-test-run-");
     let pid = _child.id() as i32;
-    let s = wait_for(&log, "READY", 10, |s| {
-        s.contains("READY") || s.contains("SETUP")
-    });
-    assert!(s.contains("READY"), "{s}");
     let img = d.path().join("img");
     let out = checkpoint(pid, &img, &[]);
     assert!(out.status.success(), "checkpoint: {}", stderr(&out));
