@@ -168,12 +168,8 @@ impl OpenVersion {
         }
     }
 
-    /// Writes the version's copied files back to their original paths.
-    pub async fn restore_files(&self) -> Result<()> {
-        use std::os::unix::fs::PermissionsExt;
-        if self.manifest.files.is_empty() {
-            return Ok(());
-        }
+    /// Directory `versions/N/NAME` of this version: its attributes and its path in the store.
+    async fn version_dir(&self, name: &str) -> Result<(kerfs_proto::Attr, String)> {
         let v = self.version();
         let vrel = format!("versions/{v}");
         let dir = self
@@ -182,17 +178,25 @@ impl OpenVersion {
             .lookup(self.store.versions, v.to_string().as_bytes())
             .await
             .map_err(cluster("looking up", &self.store.sub(&vrel)))?;
-        let files = self
+        let rel = format!("{vrel}/{name}");
+        let sub = self
             .store
             .meta()
-            .lookup(dir.ino, b"files")
+            .lookup(dir.ino, name.as_bytes())
             .await
-            .map_err(cluster(
-                "looking up",
-                &self.store.sub(&format!("{vrel}/files")),
-            ))?;
+            .map_err(cluster("looking up", &self.store.sub(&rel)))?;
+        Ok((sub, rel))
+    }
+
+    /// Writes the version's copied files back to their original paths.
+    pub async fn restore_files(&self) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        if self.manifest.files.is_empty() {
+            return Ok(());
+        }
+        let (files, files_rel) = self.version_dir("files").await?;
         for f in &self.manifest.files {
-            let rel = format!("{vrel}/files/{}", f.stored);
+            let rel = format!("{files_rel}/{}", f.stored);
             let a = self
                 .store
                 .meta()
@@ -227,21 +231,7 @@ impl OpenVersion {
         if self.manifest.ipc.is_empty() {
             return Ok(Vec::new());
         }
-        let v = self.version();
-        let vrel = format!("versions/{v}");
-        let dir = self
-            .store
-            .meta()
-            .lookup(self.store.versions, v.to_string().as_bytes())
-            .await
-            .map_err(cluster("looking up", &self.store.sub(&vrel)))?;
-        let ipc_rel = format!("{vrel}/ipc");
-        let ipc = self
-            .store
-            .meta()
-            .lookup(dir.ino, b"ipc")
-            .await
-            .map_err(cluster("looking up", &self.store.sub(&ipc_rel)))?;
+        let (ipc, ipc_rel) = self.version_dir("ipc").await?;
         let mut out = Vec::with_capacity(self.manifest.ipc.len());
         for s in &self.manifest.ipc {
             let rel = format!("{ipc_rel}/{}", s.stored);
